@@ -1,0 +1,281 @@
+"""The proximal subproblem every optimizer reduces to (SPEC sections 2-5).
+
+For one parameter tensor, with a diagonal preconditioner ``d > 0``::
+
+    minimize over w:   sum_i ( 1/2 d_i w_i^2 - z_i w_i )  +  tau * psi(w)
+
+`solve_subproblem` returns the minimizer and how many iterations each group
+took. Everything is plain torch, computed in the dtype of ``z`` (fp32 for
+fp32/bf16/fp16 parameters, fp64 for fp64), one tensor at a time.
+
+The reference favours being obviously right over being fast: its iterative
+loops stop when every group has converged, which reads a flag back to the
+host. The fused backends run the same iterations without doing that.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .groups import group_max, group_min, group_norm, group_size, group_sum, group_weights, normalize_dims
+
+REGULARIZERS = ("none", "l1", "group_lasso", "nuclear")
+SOLVERS = ("exact", "pg")
+PG_STOPS = ("inexact", "rtol")
+
+#: Newton on the secular equation converges quadratically from the right;
+#: this cap is never reached in practice (SPEC section 4: ~8 steps at d spread 1e6).
+NEWTON_MAX_ITERS = 50
+
+
+def newton_tolerance(dtype: torch.dtype) -> float:
+    """Relative change of sigma under which the Newton solve stops."""
+    return 4.0 * torch.finfo(dtype).eps
+
+
+def inexact_tolerance(pg_eps: float, step: int) -> float:
+    """The paper's summable schedule ``eps_t = eps_0 * t^-0.6`` (sum of eps_t^2 < inf)."""
+    return pg_eps * float(step) ** -0.6
+
+
+# ---------------------------------------------------------------------------
+# Closed-form proximal operators (scalar step)
+# ---------------------------------------------------------------------------
+
+def soft_threshold(y: torch.Tensor, thr) -> torch.Tensor:
+    """prox of ``thr * ||.||_1``: ``sign(y) * max(|y| - thr, 0)``."""
+    return torch.sign(y) * torch.clamp(y.abs() - thr, min=0)
+
+
+def group_soft_threshold(y: torch.Tensor, thr, dims: Tuple[int, ...]) -> torch.Tensor:
+    """prox of ``thr * sum_g ||y_g||``: shrink every group's norm by ``thr``.
+
+    ``thr`` may be a number or a tensor broadcastable to the group norms.
+    """
+    norm = group_norm(y, dims)
+    scale = torch.clamp(norm - thr, min=0) / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return y * scale
+
+
+def singular_value_threshold(y: torch.Tensor, thr) -> torch.Tensor:
+    """prox of ``thr * ||Y||_*`` on the matrix ``y.reshape(y.shape[0], -1)``."""
+    mat = y.reshape(y.shape[0], -1)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    s = torch.clamp(s - thr, min=0)
+    return ((u * s.unsqueeze(-2)) @ vh).reshape(y.shape)
+
+
+def prox_scalar(y: torch.Tensor, thr: float, regularizer: str, dims: Tuple[int, ...],
+                reweight: bool) -> torch.Tensor:
+    """``prox_{thr * psi}(y)``: the whole subproblem when ``d`` is one scalar.
+
+    With ``d`` scalar, minimizing ``1/2 d ||w||^2 - <z, w> + tau psi(w)`` is
+    ``prox_{(tau/d) psi}(z/d)``; RMDA and ProxSGD use this directly.
+    """
+    if regularizer == "none" or thr == 0:
+        return y
+    if regularizer == "l1":
+        return soft_threshold(y, thr)
+    if regularizer == "group_lasso":
+        return group_soft_threshold(y, thr * group_weights(y.shape, dims, reweight), dims)
+    if regularizer == "nuclear":
+        return singular_value_threshold(y, thr)
+    raise ValueError(f"unknown regularizer {regularizer!r}")
+
+
+# ---------------------------------------------------------------------------
+# Exact solves with a diagonal preconditioner (SPEC section 4)
+# ---------------------------------------------------------------------------
+
+def exact_l1(z: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
+    """Closed form of the l1 subproblem: ``sign(z) * max(|z| - tau, 0) / d``."""
+    return soft_threshold(z, tau) / d
+
+
+def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
+                      dims: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Solve the group-lasso subproblem with threshold ``T = thr`` for every group.
+
+    Returns ``(w, newton_iterations_per_group)``.
+
+    A group with ``||z_g|| <= T`` is exactly zero. Otherwise
+    ``w_g = z_g / (d_g + sigma)`` with ``sigma`` the root of the concave
+    ``phi(sigma) = 1/||z_g/(d_g+sigma)|| - sigma/T``; Newton from the upper
+    bound ``T max(d_g) / (||z_g|| - T)`` decreases monotonically to the root.
+    When ``max(d_g) == min(d_g)`` that bound is the root (group soft-threshold)
+    and no iteration is taken.
+    """
+    znorm = group_norm(z, dims)
+    iters = torch.zeros(znorm.shape, dtype=torch.int32, device=z.device)
+    if thr == 0:
+        return z / d, iters
+    active = znorm > thr
+    excess = torch.where(active, znorm - thr, torch.ones_like(znorm))
+    dmax, dmin = group_max(d, dims), group_min(d, dims)
+    sigma = thr * dmax / excess
+    done = ~active | (dmax == dmin)
+    tol = newton_tolerance(z.dtype)
+    for _ in range(NEWTON_MAX_ITERS):
+        if bool(done.all()):
+            break
+        denom = d + sigma
+        q = z / denom
+        r = group_norm(q, dims)
+        phi = 1.0 / r - sigma / thr
+        dphi = group_sum(q * q / denom, dims) / r ** 3 - 1.0 / thr
+        # Right of the root phi < 0 and phi' < 0, so delta > 0; a computed
+        # delta <= 0 means phi is at its rounding floor: sigma is the root.
+        delta = phi / dphi
+        step = ~done
+        sigma = torch.where(step, sigma - torch.clamp(delta, min=0), sigma)
+        iters += step.to(torch.int32)
+        done = done | (delta <= tol * sigma)
+    w = torch.where(active, z / (d + sigma), torch.zeros_like(z))
+    return w, iters
+
+
+def kkt_residual(w: torch.Tensor, z: torch.Tensor, d: torch.Tensor, thr: float,
+                 dims: Tuple[int, ...]) -> torch.Tensor:
+    """Per-group optimality residual of the group-lasso subproblem, relative to ``||z_g||``.
+
+    Nonzero group: ``||d*w - z + T w/||w|| || / ||z_g||``.
+    Zero group: ``max(||z_g|| - T, 0) / ||z_g||`` (0 iff ``0`` is optimal).
+    """
+    wn = group_norm(w, dims)
+    zn = group_norm(z, dims)
+    safe_wn = torch.where(wn > 0, wn, torch.ones_like(wn))
+    res_nz = group_norm(d * w - z + thr * w / safe_wn, dims)
+    res_zero = torch.clamp(zn - thr, min=0)
+    res = torch.where(wn > 0, res_nz, res_zero)
+    return res / torch.where(zn > 0, zn, torch.ones_like(zn))
+
+
+# ---------------------------------------------------------------------------
+# Proximal gradient (SPEC section 5, the paper's Algorithm 2)
+# ---------------------------------------------------------------------------
+
+def proximal_gradient(z: torch.Tensor, d: torch.Tensor, x0: torch.Tensor, *,
+                      prox: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      penalty: Callable[[torch.Tensor], torch.Tensor],
+                      theta: torch.Tensor, gdims: Tuple[int, ...],
+                      frozen: Optional[torch.Tensor], max_iters: int, stop: str,
+                      eps_t: float, rtol: float,
+                      anchor: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run ``Z <- prox_theta(Z - theta * (d*Z - z))`` from ``x0``, per group.
+
+    ``theta = 1/max(d_g)`` is shaped like the group norms over ``gdims``;
+    ``prox(Y, theta)`` is the regularizer's prox with step ``theta``;
+    ``penalty(Z)`` is ``tau * psi(Z)`` (used only by the ``rtol`` rule);
+    ``frozen`` marks groups already known to be exactly zero (screened).
+
+    Stopping, ``stop="inexact"`` (the paper's eq. 7): group ``g`` stops once
+    ``s_g = (1/theta - d) * (Z_j - Z_{j+1})``, an element of the subdifferential
+    of the objective at ``Z_{j+1}``, has ``||s_g|| <= eps_t * sqrt(|g| / n)``;
+    together the groups then satisfy ``||s|| <= eps_t``.
+    ``stop="rtol"`` (the authors' rule): the whole tensor stops when the
+    objective, written around ``anchor`` as the authors write it,
+    ``<d*a - z, Z - a> + 1/2 <Z - a, d (Z - a)> + tau psi(Z)``, decreases by
+    less than ``rtol * (|Q| + 1)``, after at least two iterations.
+
+    Returns ``(Z, iterations_per_group)``.
+    """
+    n = z.numel()
+    shape = theta.shape
+    iters = torch.zeros(shape, dtype=torch.int32, device=z.device)
+    active = torch.ones(shape, dtype=torch.bool, device=z.device)
+    if frozen is not None:
+        active &= ~frozen
+    zeros = torch.zeros_like(z)
+    Z = torch.where(active, x0, zeros)
+    if n == 0:
+        return Z, iters
+    a = zeros if anchor is None else anchor
+
+    def objective(w):
+        diff = w - a
+        return float((diff * (d * a - z)).sum() + 0.5 * (d * diff * diff).sum() + penalty(w))
+
+    gsize = n // shape.numel()
+    tol_g = eps_t * math.sqrt(gsize / n)
+    previous = objective(Z) if stop == "rtol" else None
+    for j in range(max_iters):
+        if not bool(active.any()):
+            break
+        Znew = prox(Z - theta * (d * Z - z), theta)
+        Znew = torch.where(active, Znew, Z)
+        iters += active.to(torch.int32)
+        if stop == "inexact":
+            s = (1.0 / theta - d) * (Z - Znew)
+            active &= group_norm(s, gdims) > tol_g
+            Z = Znew
+        else:
+            Z = Znew
+            current = objective(Z)
+            if j > 0 and (previous - current) / (abs(current) + 1.0) < rtol:
+                break
+            previous = current
+    return Z, iters
+
+
+# ---------------------------------------------------------------------------
+# The one entry point
+# ---------------------------------------------------------------------------
+
+def solve_subproblem(z: torch.Tensor, d: torch.Tensor, tau: float, *, regularizer: str,
+                     dims: Tuple[int, ...], reweight: bool = True, solver: str = "exact",
+                     x0: Optional[torch.Tensor] = None, anchor: Optional[torch.Tensor] = None,
+                     max_iters: int = 100, pg_stop: str = "inexact", eps_t: float = 1e-3,
+                     rtol: float = 1e-8) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Minimize ``sum(1/2 d w^2 - z w) + tau * psi(w)`` for one tensor.
+
+    ``dims`` are the normalized group dims (group_lasso only). ``x0`` is PG's
+    warm start (the current weights). Returns ``(w, iterations)``:
+    iterations per group for group_lasso (Newton steps for ``exact``, PG steps
+    for ``pg``), one count for the whole tensor for PG on l1/nuclear, and
+    ``None`` for closed forms.
+
+    ``nuclear`` has no closed form with a non-scalar ``d``: it always runs PG
+    with an SVD per iteration, whatever ``solver`` says.
+    """
+    if regularizer == "none" or tau == 0 or z.numel() == 0:
+        return z / d, None
+    if regularizer == "l1" and solver == "exact":
+        return exact_l1(z, d, tau), None
+    if regularizer == "group_lasso" and solver == "exact":
+        return exact_group_lasso(z, d, tau * group_weights(z.shape, dims, reweight), dims)
+
+    if x0 is None:
+        raise ValueError("the pg solver needs a warm start x0")
+    common = dict(max_iters=max_iters, stop=pg_stop, eps_t=eps_t, rtol=rtol, anchor=anchor)
+    if regularizer == "group_lasso":
+        thr = tau * group_weights(z.shape, dims, reweight)
+        theta = 1.0 / group_max(d, dims)
+        return proximal_gradient(
+            z, d, x0, theta=theta, gdims=dims, frozen=group_norm(z, dims) <= thr,
+            prox=lambda y, th: group_soft_threshold(y, th * thr, dims),
+            penalty=lambda w: thr * group_norm(w, dims).sum(), **common)
+    whole = tuple(range(z.dim()))
+    theta = 1.0 / group_max(d, whole)
+    if regularizer == "l1":
+        return proximal_gradient(
+            z, d, x0, theta=theta, gdims=whole, frozen=None,
+            prox=lambda y, th: soft_threshold(y, th * tau),
+            penalty=lambda w: tau * w.abs().sum(), **common)
+    if regularizer == "nuclear":
+        return proximal_gradient(
+            z, d, x0, theta=theta, gdims=whole, frozen=None,
+            prox=lambda y, th: singular_value_threshold(y, (th * tau).reshape(())),
+            penalty=lambda w: tau * torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord="nuc"),
+            **common)
+    raise ValueError(f"unknown regularizer {regularizer!r}")
+
+
+__all__ = [
+    "REGULARIZERS", "SOLVERS", "PG_STOPS", "NEWTON_MAX_ITERS", "newton_tolerance",
+    "inexact_tolerance", "soft_threshold", "group_soft_threshold", "singular_value_threshold",
+    "prox_scalar", "exact_l1", "exact_group_lasso", "kkt_residual", "proximal_gradient",
+    "solve_subproblem", "normalize_dims", "group_size",
+]

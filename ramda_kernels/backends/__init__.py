@@ -1,0 +1,110 @@
+"""Backend registry: which implementation runs the math, and why one cannot.
+
+Every backend module exposes ``ramda``, ``rmda``, ``proxadamw`` and
+``proxsgd`` with exactly the signatures of ``ramda_ref.functional`` and a
+``why_unavailable(device) -> Optional[str]`` that says why it cannot run on
+that device here (``None`` when it can). Importing this package never fails
+for lack of a compiled extension or of triton: a backend module that cannot
+import is recorded with its error and raised only when asked for by name.
+
+``auto`` picks, per call, the first available backend of
+``AUTO_ORDER[device.type]``; the order for CUDA follows the benchmarks
+(bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+BACKENDS: Tuple[str, ...] = ("reference", "triton", "cpu", "cuda")
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+_MODULES = {
+    "reference": "ramda_kernels.backends.reference",
+    "triton": "ramda_kernels.backends.triton_backend",
+    "cpu": "ramda_kernels.backends.cpu",
+    "cuda": "ramda_kernels.backends.cuda",
+}
+_loaded: Dict[str, ModuleType] = {}
+_import_errors: Dict[str, BaseException] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why."""
+
+
+def check_name(name: str) -> None:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"Invalid backend: {name!r} (expected 'auto' or one of {BACKENDS})")
+
+
+def _module(name: str) -> Optional[ModuleType]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _import_errors:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as e:  # ImportError, or a compiled module failing to load
+        _import_errors[name] = e
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def why_unavailable(name: str, device: torch.device | str) -> Optional[str]:
+    """``None`` if backend ``name`` can run on ``device`` here, else the reason."""
+    check_name(name)
+    device = torch.device(device)
+    mod = _module(name)
+    if mod is None:
+        err = _import_errors[name]
+        return f"failed to import: {type(err).__name__}: {err}"
+    return mod.why_unavailable(device)
+
+
+def resolve(name: str, device: torch.device | str) -> str:
+    """The concrete backend that ``name`` means for tensors on ``device``.
+
+    Raises `BackendUnavailableError` (with the saved import or build error)
+    when a backend asked for by name cannot run there.
+    """
+    check_name(name)
+    device = torch.device(device)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if why_unavailable(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def get(name: str, device: torch.device | str) -> ModuleType:
+    """The module implementing backend ``name`` (after `resolve`) for ``device``."""
+    return _module(resolve(name, device))
+
+
+def info() -> Dict[str, Dict[str, Optional[str]]]:
+    """For every backend and device type: ``None`` if it runs, else why not."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    table = {}
+    for name in BACKENDS:
+        table[name] = {dev: why_unavailable(name, dev) for dev in devices}
+        if "cuda" not in devices:
+            table[name]["cuda"] = "no CUDA device visible to torch"
+    return table
+
+
+__all__ = ["BACKENDS", "AUTO_ORDER", "BackendUnavailableError", "check_name", "why_unavailable",
+           "resolve", "get", "info"]

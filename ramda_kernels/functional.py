@@ -1,0 +1,37 @@
+"""One functional entry per optimizer, shared by every backend.
+
+``ramda_kernels.functional.ramda(..., backend="auto")`` takes exactly the
+arguments of ``ramda_ref.functional.ramda`` (see there for the math and the
+conventions) plus ``backend``, and runs them on the chosen implementation.
+"""
+
+from __future__ import annotations
+
+from . import backends
+
+
+def _device_of(params):
+    return params[0].device if params else "cpu"
+
+
+def _dispatch(name: str, params, backend: str):
+    return getattr(backends.get(backend, _device_of(params)), name)
+
+
+def ramda(params, *args, backend: str = "auto", **kwargs):
+    return _dispatch("ramda", params, backend)(params, *args, **kwargs)
+
+
+def rmda(params, *args, backend: str = "auto", **kwargs):
+    return _dispatch("rmda", params, backend)(params, *args, **kwargs)
+
+
+def proxadamw(params, *args, backend: str = "auto", **kwargs):
+    return _dispatch("proxadamw", params, backend)(params, *args, **kwargs)
+
+
+def proxsgd(params, *args, backend: str = "auto", **kwargs):
+    return _dispatch("proxsgd", params, backend)(params, *args, **kwargs)
+
+
+__all__ = ["ramda", "rmda", "proxadamw", "proxsgd"]

@@ -1,0 +1,48 @@
+"""The optimizers users import: the reference classes plus a ``backend`` choice.
+
+Validation, state and bookkeeping are the reference's (``ramda_ref.optim``);
+only the function that runs the math changes. ``backend`` is an attribute of
+the optimizer, not a param-group key, so a state dict saved with one backend
+loads into an optimizer using another.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ramda_ref
+
+from . import backends, functional
+
+
+class _BackendChoice:
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        backends.check_name(backend)
+        self.backend = backend
+        super().__init__(*args, **kwargs)
+        if backend != "auto":
+            devices = {p.device for g in self.param_groups for p in g["params"]}
+            for device in devices:
+                backends.resolve(backend, device)
+
+    def _functional(self, name):
+        return functools.partial(getattr(functional, name), backend=self.backend)
+
+
+class RAMDA(_BackendChoice, ramda_ref.RAMDA):
+    __doc__ = ramda_ref.RAMDA.__doc__
+
+
+class RMDA(_BackendChoice, ramda_ref.RMDA):
+    __doc__ = ramda_ref.RMDA.__doc__
+
+
+class ProxAdamW(_BackendChoice, ramda_ref.ProxAdamW):
+    __doc__ = ramda_ref.ProxAdamW.__doc__
+
+
+class ProxSGD(_BackendChoice, ramda_ref.ProxSGD):
+    __doc__ = ramda_ref.ProxSGD.__doc__
+
+
+__all__ = ["RAMDA", "RMDA", "ProxAdamW", "ProxSGD"]
