@@ -180,7 +180,8 @@ class ProxOptimizer(torch.optim.Optimizer):
                                        f"the parameter's {tuple(p.shape)}")
                 if g.device != p.device:
                     raise RuntimeError(f"{name}: gradient is on {g.device}, parameter on {p.device}")
-                by_device.setdefault(g.device, []).append((name, g))
+                if g.numel():  # an empty tensor has no inf-norm, and nothing to check
+                    by_device.setdefault(g.device, []).append((name, g))
                 items.append(p)
             work.append(items)
         for device, named in by_device.items():
