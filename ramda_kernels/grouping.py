@@ -1,0 +1,270 @@
+"""Param groups for structured sparsity, built from a model (SPEC section 3).
+
+``group_parameters(model)`` walks the model and gives each parameter the
+grouping the RAMDA paper uses:
+
+=====================  ==========================  =====================================
+module                 ``conv=`` / ``linear=``     ``dims`` of the weight (one group per)
+=====================  ==========================  =====================================
+Conv1d / 2d / 3d       ``"channel"`` (default)     ``(0, 2[, 3[, 4]])`` (input channel)
+                       ``"filter"``                ``(1, 2[, 3[, 4]])`` (output channel)
+ConvTranspose1d/2d/3d  ``"channel"`` (default)     ``(1, 2[, 3[, 4]])`` (input channel)
+                       ``"filter"``                ``(0, 2[, 3[, 4]])`` (output channel)
+Linear                 ``"input"`` (default)       ``(0,)`` (input feature)
+                       ``"output"``                ``(1,)`` (output neuron)
+=====================  ==========================  =====================================
+
+Biases, normalization layers, embeddings and every other parameter are left
+unregularized (``regularizer="none"``). ``"input"`` is accepted as a synonym
+of ``"channel"`` and ``"output"`` of ``"filter"`` (and the other way round),
+so one word can set both kinds.
+
+Overrides
+---------
+``overrides`` maps a key to a setting; the key is a module type or an
+``fnmatch`` pattern:
+
+* a module type (matched with ``isinstance``, the most derived class that
+  has an entry wins) or a pattern matching the module's qualified name
+  selects that module's ``weight`` (or, for a module without one, all of its
+  own parameters);
+* a pattern that matches a parameter's qualified name but not its module's
+  name selects that parameter, e.g. ``"*.bias"`` or ``"fc2.weight"``.
+
+The setting is ``None`` (unregularized), a grouping word (``"channel"``,
+``"filter"``, ``"input"``, ``"output"``) or a dict of param-group keys
+(``dims``/``dim``, ``view``, ``regularizer``, ``lambda_``, ``reweight``, any
+optimizer hyperparameter); a dict with ``dims`` and no ``regularizer`` turns
+group lasso on. Settings apply in the order type, module-name patterns,
+parameter-name patterns (patterns in the dict's order), later ones updating
+earlier ones::
+
+    group_parameters(model, lambda_=1e-3, overrides={
+        "fc2": None,                                   # last layer unregularized
+        torch.nn.Linear: "output",                     # other Linears output-wise
+        "attn.*": {"dims": (1, 2), "view": (16, -1, 1024)},   # one group per head
+    })
+
+Parameters with the same settings land in one param group; every group
+carries ``param_names`` (a key torch optimizers accept) so that errors and
+reports can name parameters. A parameter shared by several modules is
+grouped once, under its first name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ramda_ref.groups import grouped_view, normalize_dims
+from ramda_ref.prox import REGULARIZERS
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Every word means "one group per input ..." or "one group per output ...".
+_SIDES = {"channel": "in", "input": "in", "filter": "out", "output": "out"}
+GROUPINGS = tuple(_SIDES)
+
+
+def _grouping_dims(module: nn.Module, kind: str, weight: torch.Tensor) -> Tuple[int, ...]:
+    """``dims`` that give one group per input (``kind`` in channel/input) or
+    per output (filter/output) slice of ``module``'s weight."""
+    if kind not in _SIDES:
+        raise ValueError(f"Invalid grouping: {kind!r} (expected one of {GROUPINGS})")
+    side = _SIDES[kind]
+    spatial = tuple(range(2, weight.dim()))
+    if isinstance(module, _CONV_T):  # weight [in, out/groups, *kernel]
+        return ((1,) if side == "in" else (0,)) + spatial
+    if isinstance(module, (*_CONV, nn.Linear)):  # weight [out, in/groups, *kernel]
+        return ((0,) if side == "in" else (1,)) + spatial
+    raise ValueError(f"grouping {kind!r} needs a Linear or convolution module, "
+                     f"got {type(module).__name__}; give 'dims' instead")
+
+
+def _primary(module: nn.Module) -> List[str]:
+    """Local names of the parameters a module-level setting applies to."""
+    own = [n for n, _ in module.named_parameters(recurse=False)]
+    return ["weight"] if "weight" in own else own
+
+
+def _type_setting(module: nn.Module, overrides: Dict[Any, Any]):
+    for cls in type(module).__mro__:
+        if cls in overrides:
+            return [overrides[cls]]
+    return []
+
+
+def _apply(settings: Dict[str, Any], value, module: nn.Module, p: torch.Tensor,
+           name: str) -> Dict[str, Any]:
+    if value is None:
+        return {"regularizer": "none"}
+    if isinstance(value, str):
+        if p is not getattr(module, "weight", None):
+            raise ValueError(f"parameter {name!r}: a grouping word applies to a module's weight; "
+                             f"give 'dims' instead")
+        try:
+            dims = _grouping_dims(module, value, p)
+        except ValueError as e:
+            raise ValueError(f"parameter {name!r}: {e}") from None
+        return {**{k: v for k, v in settings.items() if k not in ("dims", "view")},
+                "regularizer": "group_lasso", "dims": dims}
+    if isinstance(value, dict):
+        value = dict(value)
+        if "dim" in value:
+            if "dims" in value:
+                raise ValueError(f"parameter {name!r}: give either 'dims' or its alias 'dim', not both")
+            value["dims"] = value.pop("dim")
+        if "params" in value or "param_names" in value:
+            raise ValueError(f"parameter {name!r}: an override cannot set 'params' or 'param_names'")
+        out = {**settings, **value}
+        if "dims" in value and "regularizer" not in value:
+            out["regularizer"] = "group_lasso"
+        return out
+    raise ValueError(f"parameter {name!r}: invalid override {value!r} "
+                     f"(expected None, a grouping word or a dict of param-group keys)")
+
+
+def _hashable(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v
+
+
+def _finish(settings: Dict[str, Any], regularizer: str, lambda_: Optional[float],
+            p: torch.Tensor, name: str) -> Dict[str, Any]:
+    """Fill in the global regularizer and lambda_, drop keys that mean nothing
+    for the result, and check the grouping fits the tensor."""
+    s = dict(settings)
+    if s.get("regularizer", "none") != "none" and "regularizer" not in s.get("_explicit", ()):
+        s["regularizer"] = regularizer
+    s.pop("_explicit", None)
+    reg = s.get("regularizer", "none")
+    if reg not in REGULARIZERS:
+        raise ValueError(f"parameter {name!r}: invalid regularizer {reg!r} (expected one of {REGULARIZERS})")
+    if reg != "group_lasso":
+        s.pop("dims", None)
+        s.pop("view", None)
+    if reg == "none":
+        s.pop("lambda_", None)
+        s.pop("reweight", None)
+        return s
+    if lambda_ is not None and "lambda_" not in s:
+        s["lambda_"] = lambda_
+    if isinstance(p, nn.parameter.UninitializedParameter):
+        raise ValueError(f"parameter {name!r} is not initialized yet (lazy module): "
+                         f"run one forward pass before grouping")
+    if p.dim() == 0:
+        raise ValueError(f"parameter {name!r}: regularizer {reg!r} needs a tensor with at least one dimension")
+    if reg == "group_lasso":
+        if s.get("view") is not None:
+            s["view"] = tuple(int(v) for v in s["view"])
+        try:
+            viewed = grouped_view(p.detach(), s.get("view"))
+        except RuntimeError as e:
+            raise ValueError(f"parameter {name!r}: cannot view shape {tuple(p.shape)} as {s['view']}: {e}") from None
+        try:
+            s["dims"] = normalize_dims(s.get("dims"), viewed.dim())
+        except ValueError as e:
+            raise ValueError(f"parameter {name!r} (shape {tuple(viewed.shape)}): invalid dims "
+                             f"{s.get('dims')!r}: {e}") from None
+    return s
+
+
+def group_parameters(model: nn.Module, lambda_: Optional[float] = None, *,
+                     regularizer: str = "group_lasso", conv: str = "channel",
+                     linear: str = "input", overrides: Optional[Dict[Any, Any]] = None,
+                     **hparams) -> List[Dict[str, Any]]:
+    """Param groups for ``model``: structured groups for Conv and Linear weights,
+    the rest unregularized (see the module docstring for the table and overrides).
+
+    ``lambda_`` goes into every regularized group (``None`` leaves it to the
+    optimizer's own ``lambda_`` argument); ``regularizer`` (``"group_lasso"``,
+    ``"l1"``, ``"nuclear"`` or ``"none"``) replaces group lasso on every
+    parameter that would be regularized, unless an override names its own;
+    ``hparams`` (``lr``, ``momentum``, ...) go into every group. Returns a
+    list of dicts to pass to any optimizer of this package.
+    """
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"Invalid regularizer: {regularizer!r} (expected one of {REGULARIZERS})")
+    for arg, kind in (("conv", conv), ("linear", linear)):
+        if kind not in _SIDES:
+            raise ValueError(f"Invalid {arg} grouping: {kind!r} (expected one of {GROUPINGS})")
+    if lambda_ is not None and not (isinstance(lambda_, (int, float)) and not isinstance(lambda_, bool)
+                                    and 0.0 <= lambda_ < float("inf")):
+        raise ValueError(f"Invalid lambda_ value: {lambda_!r} (expected a finite number >= 0)")
+    if "params" in hparams or "param_names" in hparams:
+        raise ValueError("'params' and 'param_names' are filled in by group_parameters")
+    if "dim" in hparams or "dims" in hparams or "view" in hparams:
+        raise ValueError("give 'dims'/'view' per parameter through overrides, not for the whole model")
+    overrides = dict(overrides or {})
+    for key in overrides:
+        if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
+            raise ValueError(f"Invalid override key {key!r} (expected a module type or a name pattern)")
+    patterns = [k for k in overrides if isinstance(k, str)]
+    used = set()
+
+    groups: Dict[Any, Dict[str, Any]] = {}
+    seen = set()
+    for mname, module in model.named_modules():
+        primary = _primary(module)
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{mname}.{local}" if mname else local
+            settings: Dict[str, Any] = {"regularizer": "none"}
+            if local == "weight" and isinstance(module, (*_CONV, *_CONV_T, nn.Linear)):
+                kind = linear if isinstance(module, nn.Linear) else conv
+                settings = {"regularizer": "group_lasso", "dims": _grouping_dims(module, kind, p)}
+            chosen = []
+            if local in primary:
+                chosen += _type_setting(module, overrides)
+                mpats = [k for k in patterns if fnmatch.fnmatchcase(mname, k)]
+                chosen += [overrides[k] for k in mpats]
+                used.update(mpats)
+            ppats = [k for k in patterns
+                     if fnmatch.fnmatchcase(name, k) and not fnmatch.fnmatchcase(mname, k)]
+            chosen += [overrides[k] for k in ppats]
+            used.update(ppats)
+            explicit = set()
+            for value in chosen:
+                settings = _apply(settings, value, module, p, name)
+                if isinstance(value, dict) and "regularizer" in value:
+                    explicit.add("regularizer")
+                elif value is None or isinstance(value, str):
+                    explicit.discard("regularizer")
+            if regularizer == "none" and "regularizer" not in explicit:
+                settings = {"regularizer": "none"}
+            settings["_explicit"] = explicit
+            settings = _finish(settings, regularizer, lambda_, p, name)
+            settings = {**hparams, **settings}
+            key = _hashable(settings)
+            group = groups.setdefault(key, {"params": [], "param_names": [], **settings})
+            group["params"].append(p)
+            group["param_names"].append(name)
+    unused = [k for k in patterns if k not in used]
+    if unused:
+        raise ValueError(f"override pattern(s) {unused} select no parameter (a pattern matching a "
+                         f"module name selects that module's own weight: use 'name.*' for the "
+                         f"modules inside a container)")
+    return list(groups.values())
+
+
+def named_parameters_of(groups: Iterable[Dict[str, Any]]) -> List[Tuple[str, torch.Tensor, Dict[str, Any]]]:
+    """``(name, parameter, group)`` for every parameter of ``groups``; names
+    come from ``param_names`` or are ``param_groups[i][j]``."""
+    out = []
+    for gi, group in enumerate(groups):
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        names = group.get("param_names") or [f"param_groups[{gi}][{i}]" for i in range(len(params))]
+        out.extend((n, p, group) for n, p in zip(names, params))
+    return out
+
+
+__all__ = ["group_parameters", "GROUPINGS", "named_parameters_of"]
