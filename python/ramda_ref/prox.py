@@ -109,7 +109,7 @@ def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
     and no iteration is taken.
     """
     znorm = group_norm(z, dims)
-    iters = torch.zeros(znorm.shape, dtype=torch.int32, device=z.device)
+    iters = torch.zeros_like(znorm, dtype=torch.int32)
     if thr == 0:
         return z / d, iters
     active = znorm > thr
@@ -184,8 +184,8 @@ def proximal_gradient(z: torch.Tensor, d: torch.Tensor, x0: torch.Tensor, *,
     """
     n = z.numel()
     shape = theta.shape
-    iters = torch.zeros(shape, dtype=torch.int32, device=z.device)
-    active = torch.ones(shape, dtype=torch.bool, device=z.device)
+    iters = torch.zeros_like(theta, dtype=torch.int32)
+    active = torch.ones_like(theta, dtype=torch.bool)
     if frozen is not None:
         active &= ~frozen
     zeros = torch.zeros_like(z)
