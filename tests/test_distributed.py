@@ -1,0 +1,181 @@
+"""Data-parallel training gives the parameters of one process on the global batch.
+
+Two CPU processes with gloo: each takes half of every global batch, DDP
+averages the gradients, and each rank's optimizer must end where a single
+process that saw the whole batch ends (up to the all-reduce's summation order).
+"""
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")
+
+STEPS = 4
+GLOBAL_BATCH = 8
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 5))
+
+
+def _optimizer(name, model):
+    import ramda_kernels as rk
+    groups = rk.group_parameters(model, lambda_=0.05)
+    cls = {"ramda": rk.RAMDA, "proxadamw": rk.ProxAdamW}[name]
+    return cls(groups, backend="reference")
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(STEPS, GLOBAL_BATCH, 2, 8, 8, generator=g)
+    ys = torch.randn(STEPS, GLOBAL_BATCH, 5, generator=g)
+    return xs, ys
+
+
+def _train(model, opt, xs, ys):
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, world, port, name, out_path):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = _optimizer(name, model)
+        xs, ys = _data()
+        shard = GLOBAL_BATCH // world
+        local = slice(rank * shard, (rank + 1) * shard)
+        params = _train(ddp, opt, xs[:, local], ys[:, local])
+        if rank == 0:
+            torch.save(params, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["ramda", "proxadamw"])
+def test_ddp_matches_single_process(tmp_path, name):
+    out = tmp_path / "ddp.pt"
+    mp.start_processes(_worker, args=(2, _free_port(), name, str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    ddp_params = torch.load(out)
+    model = _model()
+    single = _train(model, _optimizer(name, model), *_data())
+    zero_channels = 0
+    for i, (a, b) in enumerate(zip(ddp_params, single)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"parameter {i}: {m}")
+        if a.dim() == 4:
+            zero_channels += int((a.abs().sum(dim=(0, 2, 3)) == 0).sum())
+    # the comparison covers structure too: both runs zero the same channels
+    assert zero_channels == sum(int((b.abs().sum(dim=(0, 2, 3)) == 0).sum()) for b in single if b.dim() == 4)
+
+
+# --------------------------------------------------------------------------
+# FSDP2: parameters are DTensor shards (Shard(0)). Groups inside a shard
+# (output-wise, dims=(1,)) stay local; groups spanning shards (input-wise,
+# dims=(0,)) need their norms reduced across ranks, which the DTensor
+# reductions in the reference do. Checkpoints go through
+# torch.distributed.checkpoint.
+# --------------------------------------------------------------------------
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+
+
+def _mlp_optimizer(model, dims, lam=0.03):
+    import ramda_kernels as rk
+    return rk.RAMDA([{"params": [model[0].weight, model[2].weight], "dims": dims, "lambda_": lam},
+                     {"params": [model[0].bias, model[2].bias]}], lr=0.1, momentum=1.0,
+                    backend="reference")
+
+
+def _mlp_data(steps):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(steps)]
+
+
+def _mlp_train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _fsdp_worker(rank, world, port, dims, ckpt_dir, out_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        batches = _mlp_data(6)
+        model = _mlp()
+        fully_shard(model)
+        opt = _mlp_optimizer(model, dims)
+        _mlp_train(model, opt, batches[:3])
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+        _mlp_train(model, opt, batches[3:])
+        straight = [p.full_tensor().detach().clone() for p in model.parameters()]
+
+        resumed = _mlp()
+        fully_shard(resumed)
+        opt2 = _mlp_optimizer(resumed, dims)
+        _mlp_train(resumed, opt2, batches[:1])  # create state so the load has somewhere to go
+        msd2, osd2 = get_state_dict(resumed, opt2)
+        state = {"model": msd2, "optim": osd2}
+        dcp.load(state, checkpoint_id=ckpt_dir)
+        set_state_dict(resumed, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _mlp_train(resumed, opt2, batches[3:])
+        again = [p.full_tensor().detach().clone() for p in resumed.parameters()]
+        if rank == 0:
+            torch.save({"straight": straight, "resumed": again}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dims", [(0,), (1,)], ids=["spanning-shards", "inside-shard"])
+def test_fsdp2_matches_unsharded_and_resumes_from_dcp(tmp_path, dims):
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    out = tmp_path / "fsdp.pt"
+    mp.start_processes(_fsdp_worker, args=(2, _free_port(), dims, str(tmp_path / "ckpt"), str(out)),
+                       nprocs=2, join=True, start_method="spawn")
+    got = torch.load(out)
+    model = _mlp()
+    _mlp_train(model, _mlp_optimizer(model, dims), _mlp_data(6))
+    want = [p.detach() for p in model.parameters()]
+    zero_groups = 0
+    for i, (a, b, c) in enumerate(zip(got["straight"], got["resumed"], want)):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=lambda m: f"sharded param {i}: {m}")
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=lambda m: f"resumed param {i}: {m}")
+        if c.dim() == 2:
+            zero_groups += int((c.norm(dim=dims) == 0).sum())
+            assert torch.equal(a.norm(dim=dims) == 0, c.norm(dim=dims) == 0)
+    assert zero_groups > 0, "lambda_ should zero some groups so that structure is compared"
