@@ -1,0 +1,478 @@
+"""Physically smaller dense models from structured-sparse ones, with equal outputs.
+
+Group lasso with channel-wise Conv / input-wise Linear groups (SPEC section 3)
+zeroes whole *input* slices of a layer: ``conv.weight[:, c] == 0`` or
+``linear.weight[:, j] == 0``. Such a slice means the layer ignores unit ``c`` of
+its input, i.e. output unit ``c`` of the layer that produced it. `compact_model`
+removes those units:
+
+    An output unit (channel / neuron) of a producer layer is removed when EVERY
+    consumer of that unit has an all-zero weight slice for it. The producer's
+    weight row and bias entry, the unit's slice in per-channel layers on the way
+    (BatchNorm, PReLU, depthwise convolutions) and the consumers' zero input
+    slices go with it; nothing that is removed ever reaches the output, so the
+    outputs stay equal (up to fp32 summation order).
+
+Which layers consume a unit comes from Torch-Pruning's `DependencyGraph`: a
+pruning group rooted at a producer's output channels lists every coupled layer
+with the indices it touches, which covers flatten (a conv channel feeding
+``H*W`` Linear features is removed only if all of them are unused), residual
+adds (every producer of the sum and every consumer of it are coupled) and
+concatenation. ``root_idxs`` maps each touched index back to the root unit, so a
+unit is removable iff every in-channel item with that root index is zero.
+
+Units are never removed when
+
+* they reach a model output (the output layer's outputs and anything summed or
+  concatenated into an output are kept; the network input is never pruned:
+  it has no producer);
+* the group passes through an operation that mixes units (LayerNorm,
+  GroupNorm, embeddings, attention, LSTMs, custom layers, unknown functional
+  ops, a reduction over the unit dimension) or feeds a grouped (not depthwise)
+  convolution: the group is skipped and the reason reported;
+* they are the last unit of their group: a zero-width layer is kept one unit
+  wide (its consumers' slices are zero, so the unit is harmless).
+
+Left out: filter-wise / output-wise zero groups (a zero weight ROW makes the
+unit constant, ``act(bias)``; removing it would need the constant folded into
+the next layer's bias, which is exact only for Linear -> Linear, not across a
+zero-padded convolution). They are kept, and `CompactionReport` counts them as
+``constant_units``.
+
+The result is checked by running both models (`verify`); the command
+``ramda-kernels compact`` refuses to save a model whose outputs differ.
+
+Saving and loading: `save_compact` writes the state_dict of the small model
+with Torch-Pruning's pruning history (which units were removed, layer by layer)
+and the example input shape; `load_compact` rebuilds the task's model, replays
+the history on it and loads the weights, so nothing is unpickled as code
+(``torch.load(..., weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+FORMAT = "ramda_kernels.compact/1"
+
+# Functional ops that act on each unit separately (elementwise, or pooling over
+# space); a group through any other traced op is left alone. Names are autograd
+# node names without the "Backward<N>" suffix.
+_PER_UNIT_OPS = frozenset("""
+    Relu Relu6 Gelu Silu Mish Sigmoid Tanh LeakyRelu Elu Selu Celu Hardtanh Hardswish
+    Hardsigmoid Softplus Threshold Clamp ClampMin ClampMax Abs Neg Exp Log Sqrt Rsqrt Pow
+    Add Sub Mul Div NativeDropout Dropout Clone ToCopy T Transpose Identity
+    MaxPool1DWithIndices MaxPool2DWithIndices MaxPool3DWithIndices MaxPool2D MaxPool1D
+    AvgPool1D AvgPool2D AvgPool3D AdaptiveAvgPool1D AdaptiveAvgPool2D AdaptiveAvgPool3D
+    AdaptiveMaxPool1D AdaptiveMaxPool2D AdaptiveMaxPool3D UpsampleNearest2D UpsampleBilinear2D
+""".split())
+# Reductions are per unit only when they leave the unit dimension (1) alone.
+_REDUCTIONS = frozenset(("Mean", "Sum", "Amax", "Amin", "Max", "Min"))
+
+
+@dataclasses.dataclass
+class LayerChange:
+    """Output units (channels / neurons) of one Conv or Linear layer before and after."""
+
+    name: str
+    kind: str
+    units_before: int
+    units_after: int
+
+
+@dataclasses.dataclass
+class CompactionReport:
+    """What `compact_model` removed, and what it measured.
+
+    ``flops`` are multiply-adds of Conv / Linear layers per input sample;
+    ``seconds`` the median wall time of one pass over the evaluation inputs
+    (filled in by `verify` / `measure`, ``None`` until then).
+    """
+
+    layers: List[LayerChange]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    #: groups that were not touched, with the reason (a unit-mixing op, an output, ...)
+    skipped: List[str] = dataclasses.field(default_factory=list)
+    #: removable units kept so that no layer becomes zero-wide
+    kept_last_units: int = 0
+    #: units whose producer weight row is all zero (constant output): kept, see module doc
+    constant_units: int = 0
+    seconds_before: Optional[float] = None
+    seconds_after: Optional[float] = None
+    max_abs_diff: Optional[float] = None
+    accuracy_before: Optional[float] = None
+    accuracy_after: Optional[float] = None
+
+    @property
+    def units_removed(self) -> int:
+        return sum(c.units_before - c.units_after for c in self.layers)
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["units_removed"] = self.units_removed
+        return d
+
+    def table(self) -> str:
+        """Before / after rows: parameters, FLOPs, time, and units per layer."""
+
+        def ratio(a, b):
+            return f"{b / a:6.1%}" if a else "-"
+
+        def secs(x):
+            return "-" if x is None else f"{1e3 * x:.2f} ms"
+
+        rows = [("", "before", "after", "after/before"),
+                ("parameters", str(self.params_before), str(self.params_after),
+                 ratio(self.params_before, self.params_after)),
+                ("MACs / sample", str(self.flops_before), str(self.flops_after),
+                 ratio(self.flops_before, self.flops_after))]
+        if self.seconds_before is not None and self.seconds_after is not None:
+            rows.append(("CPU time (eval set)", secs(self.seconds_before), secs(self.seconds_after),
+                         ratio(self.seconds_before, self.seconds_after)))
+        if self.accuracy_before is not None and self.accuracy_after is not None:
+            rows.append(("test accuracy", f"{100 * self.accuracy_before:.2f}%",
+                         f"{100 * self.accuracy_after:.2f}%", ""))
+        for c in self.layers:
+            rows.append((f"{c.name} ({c.kind} outputs)", str(c.units_before), str(c.units_after),
+                         ratio(c.units_before, c.units_after)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
+
+
+class CompactionError(RuntimeError):
+    """The compacted model does not reproduce the original (or cannot be built)."""
+
+
+# ---------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example_inputs) -> int:
+    """Multiply-adds of every Conv / Linear per sample, from the shapes of one
+    forward pass on ``example_inputs`` (batch dimension first)."""
+    total = [0]
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            total[0] += output.numel() * module.in_features
+        else:  # _ConvNd: every output element takes in/groups * prod(kernel) products
+            k = 1
+            for s in module.kernel_size:
+                k *= s
+            if module.transposed:  # every input element scatters into out/groups * prod(kernel)
+                total[0] += inputs[0].numel() * (module.out_channels // module.groups) * k
+            else:
+                total[0] += output.numel() * (module.in_channels // module.groups) * k
+        return None
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    was_training = model.training
+    model.eval()
+    try:
+        _forward(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    n = _batch_size(example_inputs)
+    return total[0] // max(n, 1)
+
+
+def _forward(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _batch_size(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    first = next(iter(inputs.values() if isinstance(inputs, dict) else inputs))
+    return first.shape[0]
+
+
+# ---------------------------------------------------------------------------
+# Compaction
+# ---------------------------------------------------------------------------
+
+def _op_name(grad_fn) -> str:
+    return re.sub(r"Backward\d*$", "", grad_fn.name()) if grad_fn is not None else "?"
+
+
+def _in_slice_zero(module: nn.Module, idx: int) -> bool:
+    """Is ``module``'s weight slice for input unit ``idx`` all zero?"""
+    w = module.weight.detach()
+    if isinstance(module, nn.Linear):
+        return not bool(w[:, idx].any())
+    if module.transposed:  # ConvTranspose weight [in, out/groups, *kernel]
+        return not bool(w[idx].any())
+    return not bool(w[:, idx].any())  # Conv weight [out, in/groups, *kernel]
+
+
+def _out_row_zero(module: nn.Module, idx: int) -> bool:
+    w = module.weight.detach()
+    row = w[:, idx] if isinstance(module, nn.modules.conv._ConvNd) and module.transposed else w[idx]
+    return not bool(row.any())
+
+
+def _why_not_per_unit(tp, dg, node) -> Optional[str]:
+    """``None`` if the traced node treats each unit separately, else why not."""
+    T = tp.ops.OPTYPE
+    if node.type in (T.CONV, T.LINEAR, T.BN, T.PRELU, T.DEPTHWISE_CONV, T.IN, T.CONCAT, T.SPLIT,
+                     T.RESHAPE, T.SLICE):
+        return None
+    if node.type == T.ELEMENTWISE:
+        op = _op_name(node.grad_fn)
+        if op in _PER_UNIT_OPS:
+            return None
+        if op in _REDUCTIONS and dg._2d_4d:
+            dims = getattr(node.grad_fn, "_saved_dim", None)
+            if dims is not None:
+                dims = [dims] if isinstance(dims, int) else list(dims)
+                if dims and all(d >= 2 for d in dims):  # [N, C, *spatial] pooled over space
+                    return None
+        return f"passes through {op}, which may mix units"
+    if node.type == T.OUTPUT:
+        return "reaches a model output"
+    return f"passes through {node.type.name} ({node.name}), which mixes units"
+
+
+def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_size: int = 512,
+                  atol: float = 1e-5, rtol: float = 1e-5, repeats: int = 0,
+                  labels: Optional[torch.Tensor] = None) -> Tuple[nn.Module, CompactionReport]:
+    """A copy of ``model`` without the units no consumer uses, and a `CompactionReport`.
+
+    ``example_inputs`` (a tensor, tuple or dict, batch first) is traced once to
+    find which layers consume which units; ``model`` itself is not modified.
+    With ``eval_inputs`` the two models are also compared (`verify`, raising
+    `CompactionError` beyond ``atol``/``rtol``) and, with ``repeats > 0``,
+    timed (`measure`); ``labels`` adds test accuracy to the report.
+    The small model carries ``small._compact_history`` (Torch-Pruning's pruning
+    history) for `save_compact`.
+    """
+    import torch_pruning as tp
+
+    T = tp.ops.OPTYPE
+    small = copy.deepcopy(model)
+    was_training = model.training
+    small.eval()
+    params_before = count_params(model)
+    flops_before = count_flops(model, example_inputs)
+    captured: List[torch.Tensor] = []
+
+    def keep_outputs(out):
+        captured.extend(o for o in tp.utils.flatten_as_list(out) if isinstance(o, torch.Tensor))
+        return out
+
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs,
+                                                   output_transform=keep_outputs, verbose=False)
+    output_fns = {o.grad_fn for o in captured if o.grad_fn is not None}
+    # A layer whose output IS a model output (an output computed after it, e.g.
+    # logits * 2, is an OUTPUT node that ends up in the layer's group instead).
+    protected = {m for m, node in dg.module2node.items() if node.grad_fn in output_fns}
+    names = {m: n for n, m in small.named_modules()}
+
+    before = {m: dg.get_out_channels(m) for m in dg.module2node
+              if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    skipped: List[str] = []
+    kept_last = constant = 0
+    roots = [m for m in list(dg.module2node) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    visited = set()
+    for root in roots:
+        if root in visited:
+            continue
+        pruner = dg.get_pruner_of_module(root)
+        n_out = pruner.get_out_channels(root)
+        group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(n_out)))
+        producers: Dict[int, List[Tuple[nn.Module, int]]] = {}
+        consumers: Dict[int, List[Tuple[nn.Module, int]]] = {}
+        reason = None
+        labels_of = []
+        for item in group.items:
+            node, handler = item.dep.target, item.dep.handler
+            if dg.is_out_channel_pruning_fn(handler) and node.type in (T.CONV, T.LINEAR):
+                visited.add(node.module)
+                labels_of.append(names.get(node.module, str(node.module)))
+                for idx, r in zip(item.idxs, item.root_idxs):
+                    producers.setdefault(r, []).append((node.module, idx))
+                if node.module in protected:
+                    reason = reason or "is a model output"
+            why = _why_not_per_unit(tp, dg, node)
+            if why:
+                reason = reason or why
+            if dg.is_in_channel_pruning_fn(handler) and node.type in (T.CONV, T.LINEAR):
+                m = node.module
+                if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
+                    reason = reason or f"feeds the grouped convolution {names.get(m, m)}"
+                    continue
+                for idx, r in zip(item.idxs, item.root_idxs):
+                    consumers.setdefault(r, []).append((m, idx))
+        label = "+".join(dict.fromkeys(labels_of)) or names.get(root, str(root))
+        if reason:
+            skipped.append(f"{label}: {reason}")
+            continue
+        if not consumers:
+            skipped.append(f"{label}: no Conv/Linear consumes its output")
+            continue
+        removable = [r for r in range(n_out)
+                     if r in consumers and all(_in_slice_zero(m, i) for m, i in consumers[r])]
+        if len(removable) == n_out:
+            removable = removable[1:]
+            kept_last += 1
+        # Units that stay but whose producers' weight rows are all zero are
+        # constants (see "Left out" in the module docstring).
+        rem = set(removable)
+        constant += sum(1 for r in range(n_out) if r not in rem and r in producers and
+                        all(_out_row_zero(m, i) for m, i in producers[r]))
+        if removable:
+            dg.get_pruning_group(root, pruner.prune_out_channels, removable).prune()
+
+    layers = [LayerChange(name, type(m).__name__, before[m], dg.get_out_channels(m))
+              for name, m in small.named_modules() if m in before]
+    small.train(was_training)
+    small._compact_history = [list(h) for h in dg.pruning_history()]
+    report = CompactionReport(layers=layers, params_before=params_before,
+                              params_after=count_params(small), flops_before=flops_before,
+                              flops_after=count_flops(small, example_inputs), skipped=skipped,
+                              kept_last_units=kept_last, constant_units=constant)
+    if eval_inputs is not None:
+        verify(model, small, eval_inputs, report, batch_size=batch_size, atol=atol, rtol=rtol,
+               labels=labels)
+        if repeats > 0:
+            report.seconds_before, report.seconds_after = measure([model, small], eval_inputs,
+                                                                  batch_size, repeats)
+    return small, report
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def verify(original: nn.Module, small: nn.Module, x: torch.Tensor,
+           report: Optional[CompactionReport] = None, *, batch_size: int = 512,
+           atol: float = 1e-5, rtol: float = 1e-5, labels: Optional[torch.Tensor] = None) -> float:
+    """Run both models on ``x`` (in eval mode, in batches) and raise
+    `CompactionError` unless ``|small - original| <= atol + rtol*|original|``
+    everywhere. Returns the largest absolute difference (also put in ``report``)."""
+    a, b = _outputs(original, x, batch_size), _outputs(small, x, batch_size)
+    if a.shape != b.shape:
+        raise CompactionError(f"output shape changed: {tuple(a.shape)} -> {tuple(b.shape)}")
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    if report is not None:
+        report.max_abs_diff = diff
+        if labels is not None:
+            report.accuracy_before = float((a.argmax(1) == labels).float().mean())
+            report.accuracy_after = float((b.argmax(1) == labels).float().mean())
+    try:
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+    except AssertionError as e:
+        raise CompactionError("the compacted model's outputs differ from the original's: "
+                              + " ".join(str(e).split())) from None
+    return diff
+
+
+@torch.no_grad()
+def measure(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 512,
+            repeats: int = 20) -> List[float]:
+    """Median seconds of one inference pass over ``x`` in batches, per model.
+
+    The models take turns within each repeat (after one warm-up pass each), so
+    that load from other processes on the machine falls on all of them alike.
+    """
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        times: List[List[float]] = [[] for _ in models]
+        for i in range(repeats + 1):
+            for k, model in enumerate(models):
+                start = time.perf_counter()
+                for j in range(0, len(x), batch_size):
+                    model(x[j:j + batch_size])
+                if i:
+                    times[k].append(time.perf_counter() - start)
+        return [statistics.median(t) for t in times]
+    finally:
+        for m, training in zip(models, states):
+            m.train(training)
+
+
+# ---------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------
+
+def save_compact(path: str, small: nn.Module, *, task: str, example_shape: Sequence[int],
+                 report: Optional[CompactionReport] = None) -> None:
+    """Write ``small`` as plain data: its state_dict, shapes, the pruning history
+    that produced it from ``task``'s model and the input shape used to trace it."""
+    history = getattr(small, "_compact_history", None)
+    if history is None:
+        raise ValueError("save_compact needs a model returned by compact_model")
+    torch.save({"format": FORMAT, "task": task, "example_shape": list(example_shape),
+                "pruning_history": history,
+                "shapes": {k: list(v.shape) for k, v in small.state_dict().items()},
+                "state_dict": small.state_dict(),
+                "report": report.as_dict() if report is not None else None}, path)
+
+
+def load_compact(path: str, model_fn: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    """The compacted model saved by `save_compact` (``ramda-kernels compact``'s
+    ``compact.pt``), in eval mode::
+
+        from ramda_kernels.compact import load_compact
+        model = load_compact("runs/digits-convnet/compact/compact.pt")
+
+    The task's model (or ``model_fn()``) is built, the pruning history is
+    replayed on it through a Torch-Pruning dependency graph traced with zeros
+    of the saved input shape, and the weights are loaded strictly.
+    """
+    import torch_pruning as tp
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a compacted model written by ramda_kernels (format {FORMAT})")
+    if model_fn is None:
+        from ramda_kernels import tasks
+
+        task = tasks.get(blob["task"])
+        if task is None:
+            raise ValueError(f"{path}: unknown task {blob['task']!r}")
+        model_fn = task.model
+    model = model_fn()
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(model, torch.zeros(blob["example_shape"]),
+                                                   verbose=False)
+    dg.load_pruning_history([tuple(h) for h in blob["pruning_history"]])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+__all__ = ["compact_model", "CompactionReport", "CompactionError", "LayerChange", "verify",
+           "measure", "count_params", "count_flops", "save_compact", "load_compact"]
