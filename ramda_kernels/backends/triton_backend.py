@@ -1,0 +1,418 @@
+"""Triton backend: one fused kernel launch per (call, parameter dtype, gradient dtype).
+
+Same functions and signatures as ``ramda_ref.functional``; the kernel is
+``ramda_kernels.triton_kernels.step.fused_step_kernel`` (see NOTE: [Triton
+tiling] there). Per call, the host side only builds a cache key from the
+tensors' addresses, shapes, strides and dtypes and launches; everything else
+(metadata tables on the device, tile shapes, which tensors take the kernel)
+is built once per key and cached (see `_plan`). Nothing in a step reads a
+device value back to the host.
+
+NOTE: [Triton fallbacks]
+These tensors go to ``ramda_ref.functional`` instead of the kernel, in the
+same call (their entries in the returned list are the reference's):
+
+* regularizer ``nuclear`` (an SVD per PG iteration, not a kernel's job) and
+  ``pg_stop="rtol"`` (a whole-tensor objective per iteration, the authors'
+  parity rule): the whole call;
+* fp64 parameters or gradients (state is fp64 there), state that is not fp32;
+* a gradient or state tensor whose strides differ from its parameter's
+  (``layout.same_layout``), or that lives on another device;
+* for the elementwise paths, a parameter that is not dense
+  (``layout.is_dense``); for grouped paths, a layout with more than
+  ``MAX_BLOCKS`` kept or reduced blocks after merging.
+
+The returned list holds ``None`` for every tensor the kernel handled: the
+fused path does not report per-group iteration counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ramda_ref import functional as _ref
+from ramda_ref.groups import grouped_view, normalize_dims
+from ramda_ref.prox import inexact_tolerance, newton_tolerance
+
+from ..layout import group_layout, is_dense, same_layout
+
+try:
+    import triton
+
+    from ..triton_kernels import step as _K
+    _IMPORT_ERROR: Optional[BaseException] = None
+    #: triton picks the interpreter when the kernel is decorated, so ask the kernel.
+    INTERPRETED = type(_K.fused_step_kernel).__name__ == "InterpretedFunction"
+except Exception as e:  # ImportError, or a triton build that cannot initialize
+    _K = None
+    _IMPORT_ERROR = e
+    INTERPRETED = False
+
+Tensors = List[torch.Tensor]
+
+#: Elements per program (``BG * BE``); tests shrink these to exercise the
+#: multi-chunk paths on small tensors. Part of the cache key.
+TILE = int(os.environ.get("RAMDA_TRITON_TILE", "2048"))
+#: Largest chunk of one group (``BE``).
+MAX_BLOCK_E = int(os.environ.get("RAMDA_TRITON_BLOCK_E", "2048"))
+#: Groups per tile when some tensor of the launch has adjacent groups ("columns").
+COLUMN_GROUPS = 32
+#: How many launch plans to keep (distinct tensor lists / layouts).
+CACHE_SIZE = 64
+
+_OPT = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
+_REG_NONE, _REG_L1, _REG_GROUP = 0, 1, 2
+_SOLVER = {"exact": 0, "pg": 1}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ITAB_WIDTH = 9 + 4 * 4
+_MAX_BLOCKS = 4
+_COL_BLOCKS = 9
+
+
+def why_unavailable(device: torch.device) -> Optional[str]:
+    """``None`` when the kernel can run on ``device`` here, else the reason."""
+    device = torch.device(device)
+    if _K is None:
+        return f"triton is not importable: {type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+    if device.type == "cpu":
+        if INTERPRETED:
+            return None
+        return ("triton runs CPU tensors only under TRITON_INTERPRET=1 "
+                "(set before triton kernels are imported)")
+    if device.type == "cuda":
+        if INTERPRETED:
+            return "triton was imported with TRITON_INTERPRET=1, which runs CPU tensors only"
+        if not torch.cuda.is_available():
+            return "no CUDA device visible to torch"
+        return None
+    return f"triton backend does not run on device type {device.type!r}"
+
+
+# ---------------------------------------------------------------------------
+# Plans: everything a launch needs, built once per cache key
+# ---------------------------------------------------------------------------
+
+class _Launch:
+    """One kernel launch: device tables plus constexprs."""
+
+    __slots__ = ("items", "itab", "ftab", "scratch", "grid", "constexprs", "num_warps")
+
+    def __init__(self, items, itab, ftab, scratch, grid, constexprs, num_warps):
+        self.items, self.itab, self.ftab, self.scratch = items, itab, ftab, scratch
+        self.grid, self.constexprs, self.num_warps = grid, constexprs, num_warps
+
+
+class _Plan:
+    __slots__ = ("launches", "fallback")
+
+    def __init__(self, launches: List[_Launch], fallback: List[int]):
+        self.launches = launches
+        self.fallback = fallback
+
+
+_cache: "OrderedDict[tuple, _Plan]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Drop every cached plan (their device tables and scratch buffers)."""
+    _cache.clear()
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pad(blocks: Sequence[int], fill: int) -> List[int]:
+    return list(blocks) + [fill] * (_MAX_BLOCKS - len(blocks))
+
+
+def _blocks_fit(lay) -> bool:
+    return len(lay.kept_sizes) <= _MAX_BLOCKS and len(lay.red_sizes) <= _MAX_BLOCKS
+
+
+def _extent(x: torch.Tensor) -> int:
+    """Elements spanned in memory from ``x.data_ptr()`` (largest offset + 1)."""
+    return 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
+
+
+def _kernel_ok(p, g, states, flat: bool, device_ok: Callable[[torch.device], bool]) -> bool:
+    """Can the kernel take this tensor? See NOTE: [Triton fallbacks]."""
+    if p.dtype not in _KERNEL_DTYPES or g.dtype not in _KERNEL_DTYPES:
+        return False
+    if not device_ok(p.device):
+        return False
+    for t in (g, *states):
+        if t.device != p.device or not same_layout(p, t):
+            return False
+    if any(s.dtype != torch.float32 for s in states):
+        return False
+    if flat and not is_dense(p):
+        return False
+    return True
+
+
+def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat: bool,
+                scalar_d: bool, amsgrad: bool, dims, view, reweight: bool) -> _Plan:
+    device_cache: Dict[torch.device, bool] = {}
+
+    def device_ok(dev):
+        if dev not in device_cache:
+            device_cache[dev] = why_unavailable(dev) is None
+        return device_cache[dev]
+
+    fallback: List[int] = []
+    buckets: Dict[tuple, List[tuple]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        st = [s[i] for s in states]
+        if p.numel() == 0:
+            continue
+        if not _kernel_ok(p, g, st, flat, device_ok):
+            fallback.append(i)
+            continue
+        lay = None
+        if not flat:
+            pv = grouped_view(p, view)
+            gdims = (normalize_dims(dims, pv.dim()) if reg == _REG_GROUP
+                     else tuple(range(pv.dim())))  # PG on l1: the whole tensor is one group
+            lay = group_layout(pv.shape, pv.stride(), gdims)
+            if not _blocks_fit(lay):
+                fallback.append(i)
+                continue
+        buckets.setdefault((p.device, p.dtype, g.dtype), []).append((i, p, g, st, lay))
+
+    launches = []
+    for (device, pdt, gdt), entries in buckets.items():
+        launches.append(_build_launch(opt, entries, device, pdt, gdt, reg=reg, solver=solver,
+                                      flat=flat, scalar_d=scalar_d, amsgrad=amsgrad,
+                                      reweight=reweight))
+    return _Plan(launches, fallback)
+
+
+def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d, amsgrad,
+                  reweight) -> _Launch:
+    n_state = len(entries[0][3])
+    if flat:
+        bg = min(_np2(max(p.numel() for _, p, _, _, _ in entries)), _np2(TILE))
+        be, one_chunk, nkb, nrb = 1, True, 1, 1
+    else:
+        max_gs = max(lay.group_size for *_, lay in entries)
+        max_ng = max(lay.n_groups for *_, lay in entries)
+        rows = all(lay.inner_reduced for *_, lay in entries)
+        if rows:
+            be = min(_np2(max_gs), _np2(MAX_BLOCK_E))
+            bg = max(1, min(_np2(TILE) // be, _np2(max_ng)))
+        else:
+            bg = min(_np2(max_ng), COLUMN_GROUPS, _np2(TILE))
+            be = min(_np2(max_gs), _np2(MAX_BLOCK_E), max(1, _np2(TILE) // bg))
+        one_chunk = max_gs <= be
+        nkb = max(1, max(len(lay.kept_sizes) for *_, lay in entries))
+        nrb = max(1, max(len(lay.red_sizes) for *_, lay in entries))
+
+    need_scratch = not flat and not one_chunk and solver == 1 and not scalar_d
+    itab, ftab, items = [], [], []
+    scratch_len = 0
+    for row, (i, p, g, st, lay) in enumerate(entries):
+        ptrs = [s.data_ptr() for s in st] + [0] * (3 - n_state)
+        n = p.numel()
+        if flat:
+            n_groups, gsize = n, 1
+            blocks = [1] * (4 * _MAX_BLOCKS)
+            cg, tol_share = 1.0, 1.0
+        else:
+            n_groups, gsize = lay.n_groups, lay.group_size
+            blocks = (_pad(lay.kept_sizes, 1) + _pad(lay.kept_strides, 0)
+                      + _pad(lay.red_sizes, 1) + _pad(lay.red_strides, 0))
+            cg = math.sqrt(gsize) if (reweight and reg == _REG_GROUP) else 1.0
+            tol_share = math.sqrt(gsize / n)
+        itab.append([p.data_ptr(), g.data_ptr(), *ptrs, n, n_groups, gsize, scratch_len, *blocks])
+        ftab.append([cg, tol_share])
+        if need_scratch:
+            scratch_len += _extent(p)
+        items.extend((row, start) for start in range(0, n_groups, bg))
+
+    itab_t = torch.tensor(itab, dtype=torch.int64, device=device)
+    ftab_t = torch.tensor(ftab, dtype=torch.float32, device=device)
+    items_t = torch.tensor(items, dtype=torch.int64, device=device).reshape(-1)
+    scratch = torch.empty(max(scratch_len, 1), dtype=torch.float32, device=device)
+    constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
+                      AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
+                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d)
+    num_warps = 8 if bg * be >= 1024 else 4
+    return _Launch(items_t, itab_t, ftab_t, scratch, (len(items),), constexprs, num_warps)
+
+
+def _tl_dtype(dt: torch.dtype):
+    import triton.language as tl
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
+
+
+def _launch(launch: _Launch, scalars: Tuple) -> None:
+    """The only place a kernel is launched (tests count calls to it)."""
+    _K.fused_step_kernel[launch.grid](launch.items, launch.itab, launch.ftab, launch.scratch,
+                                      *scalars, num_warps=launch.num_warps, **launch.constexprs)
+
+
+def _signature(params, grads, states) -> tuple:
+    sig = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        st = [s[i] for s in states]
+        sig.append((p.data_ptr(), g.data_ptr(), p.shape, p.stride(), g.stride(), p.dtype, g.dtype,
+                    p.device, g.device, tuple((s.data_ptr(), s.stride(), s.dtype, s.device) for s in st)))
+    return tuple(sig)
+
+
+def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool, amsgrad: bool,
+         dims, view, reweight: bool, scalars: Tuple, reference: Callable) -> List[Optional[torch.Tensor]]:
+    """Run one call: cached plan, one launch per dtype bucket, reference for the rest."""
+    n = len(params)
+    opt = _OPT[name]
+    scalar_d = name in ("rmda", "proxsgd")
+    if not flat and reg == _REG_GROUP:
+        dims_key = dims if not isinstance(dims, list) else tuple(dims)
+    else:
+        dims_key = None
+    key = (opt, reg, solver, flat, amsgrad, dims_key, None if view is None else tuple(view),
+           reweight, TILE, MAX_BLOCK_E, COLUMN_GROUPS, len(states), _signature(params, grads, states))
+    plan = _cache.get(key)
+    if plan is None:
+        plan = _build_plan(opt, params, grads, states, reg=reg, solver=solver, flat=flat,
+                           scalar_d=scalar_d, amsgrad=amsgrad, dims=dims, view=view,
+                           reweight=reweight)
+        _cache[key] = plan
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    for launch in plan.launches:
+        _launch(launch, scalars)
+    out: List[Optional[torch.Tensor]] = [None] * n
+    if plan.fallback:
+        idx = plan.fallback
+        res = reference([params[i] for i in idx], [grads[i] for i in idx],
+                        *[[s[i] for i in idx] for s in states])
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out
+
+
+def _subset_reference(fn: Callable, **kwargs) -> Callable:
+    return lambda *lists: fn(*lists, **kwargs)
+
+
+def _mode(regularizer: str, solver: str, tau: float, scalar_d: bool) -> Tuple[int, int, bool]:
+    """(regularizer code, solver code, flat) for a call whose threshold is ``tau``."""
+    if regularizer == "none" or tau == 0:
+        return _REG_NONE, 0, True
+    if regularizer == "l1":
+        if scalar_d or solver == "exact":
+            return _REG_L1, 0, True
+        return _REG_L1, 1, False
+    return _REG_GROUP, (0 if scalar_d else _SOLVER[solver]), False
+
+
+def _needs_reference(regularizer: str, solver: str, pg_stop: str, tau: float) -> bool:
+    """Whole call to the reference: see NOTE: [Triton fallbacks]."""
+    if regularizer == "nuclear" and tau != 0:
+        return True
+    return (regularizer in ("l1", "group_lasso") and solver == "pg" and pg_stop == "rtol"
+            and tau != 0)
+
+
+# ---------------------------------------------------------------------------
+# The four functionals (signatures of ramda_ref.functional)
+# ---------------------------------------------------------------------------
+
+def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors,
+          grad_sum_sqs: Tensors, *, step: int, alpha: float, lr: float, momentum: float,
+          epsilon: float, lambda_: float, regularizer: str, dims, view, reweight: bool,
+          solver: str, max_iters: int, rtol: float, pg_stop: str, pg_eps: float
+          ) -> List[Optional[torch.Tensor]]:
+    """RAMDA step, fused; math as ``ramda_ref.functional.ramda``."""
+    kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, epsilon=epsilon,
+                  lambda_=lambda_, regularizer=regularizer, dims=dims, view=view,
+                  reweight=reweight, solver=solver, max_iters=max_iters, rtol=rtol,
+                  pg_stop=pg_stop, pg_eps=pg_eps)
+    tau = alpha * lambda_
+    if _needs_reference(regularizer, solver, pg_stop, tau):
+        return _ref.ramda(params, grads, initial_points, grad_sums, grad_sum_sqs, **kwargs)
+    reg, solv, flat = _mode(regularizer, solver, tau, False)
+    s = lr * math.sqrt(step)
+    scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
+               s, epsilon, 1.0 - momentum, momentum, 0.0, 0.0, 0.0, 0.0)
+    return _run("ramda", params, grads, [initial_points, grad_sums, grad_sum_sqs], reg=reg,
+                solver=solv, flat=flat, amsgrad=False, dims=dims, view=view, reweight=reweight,
+                scalars=scalars, reference=_subset_reference(_ref.ramda, **kwargs))
+
+
+def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors, *,
+         step: int, alpha: float, lr: float, momentum: float, lambda_: float, regularizer: str,
+         dims, view, reweight: bool) -> List[Optional[torch.Tensor]]:
+    """RMDA step, fused; math as ``ramda_ref.functional.rmda``."""
+    kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, lambda_=lambda_,
+                  regularizer=regularizer, dims=dims, view=view, reweight=reweight)
+    beta = math.sqrt(step)
+    thr = alpha * lambda_ / beta
+    if _needs_reference(regularizer, "exact", "inexact", thr):
+        return _ref.rmda(params, grads, initial_points, grad_sums, **kwargs)
+    reg, solv, flat = _mode(regularizer, "exact", thr, True)
+    scalars = (thr, 0.0, 0.0, 1, lr * math.sqrt(step), beta, 1.0 - momentum, momentum,
+               0.0, 0.0, 0.0, 0.0)
+    return _run("rmda", params, grads, [initial_points, grad_sums], reg=reg, solver=solv,
+                flat=flat, amsgrad=False, dims=dims, view=view, reweight=reweight,
+                scalars=scalars, reference=_subset_reference(_ref.rmda, **kwargs))
+
+
+def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+              max_exp_avg_sqs: Tensors, *, step: int, lr: float, beta1: float, beta2: float,
+              epsilon: float, weight_decay: float, amsgrad: bool, lambda_: float,
+              regularizer: str, dims, view, reweight: bool, solver: str, max_iters: int,
+              rtol: float, pg_stop: str, pg_eps: float) -> List[Optional[torch.Tensor]]:
+    """ProxAdamW step, fused; math as ``ramda_ref.functional.proxadamw``."""
+    kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                  weight_decay=weight_decay, amsgrad=amsgrad, lambda_=lambda_,
+                  regularizer=regularizer, dims=dims, view=view, reweight=reweight,
+                  solver=solver, max_iters=max_iters, rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps)
+    tau = lr * lambda_
+    if _needs_reference(regularizer, solver, pg_stop, tau):
+        return _ref.proxadamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kwargs)
+    reg, solv, flat = _mode(regularizer, solver, tau, False)
+    bias1 = 1.0 - beta1 ** step
+    bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
+               1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, bias2_sqrt,
+               epsilon, lr / bias1)
+    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    return _run("proxadamw", params, grads, states, reg=reg, solver=solv, flat=flat,
+                amsgrad=bool(amsgrad), dims=dims, view=view, reweight=reweight, scalars=scalars,
+                reference=_ref_adamw_subset(kwargs, amsgrad))
+
+
+def _ref_adamw_subset(kwargs, amsgrad: bool) -> Callable:
+    def run(params, grads, m, v, *vmax):
+        return _ref.proxadamw(params, grads, m, v, list(vmax[0]) if amsgrad else [], **kwargs)
+    return run
+
+
+def proxsgd(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, step: int,
+            lr: float, momentum: float, lambda_: float, regularizer: str, dims, view,
+            reweight: bool) -> List[Optional[torch.Tensor]]:
+    """ProxSGD step, fused; math as ``ramda_ref.functional.proxsgd``."""
+    kwargs = dict(step=step, lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
+                  dims=dims, view=view, reweight=reweight)
+    thr = lr * lambda_
+    if _needs_reference(regularizer, "exact", "inexact", thr):
+        return _ref.proxsgd(params, grads, momentum_buffers, **kwargs)
+    reg, solv, flat = _mode(regularizer, "exact", thr, True)
+    scalars = (thr, 0.0, 0.0, 1, 1.0 - momentum, momentum, lr, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return _run("proxsgd", params, grads, [momentum_buffers], reg=reg, solver=solv, flat=flat,
+                amsgrad=False, dims=dims, view=view, reweight=reweight, scalars=scalars,
+                reference=_subset_reference(_ref.proxsgd, **kwargs))
+
+
+__all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable", "clear_cache", "TILE",
+           "MAX_BLOCK_E", "INTERPRETED"]
