@@ -366,13 +366,18 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
+    """Every output tensor of ``model`` on ``x``, batches concatenated."""
+    import torch_pruning as tp
+
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        parts = [tp.utils.flatten_as_list(model(x[i:i + batch_size]))
+                 for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
+    return [torch.cat(outs) for outs in zip(*parts)]
 
 
 def verify(original: nn.Module, small: nn.Module, x: torch.Tensor,
@@ -380,21 +385,24 @@ def verify(original: nn.Module, small: nn.Module, x: torch.Tensor,
            atol: float = 1e-5, rtol: float = 1e-5, labels: Optional[torch.Tensor] = None) -> float:
     """Run both models on ``x`` (in eval mode, in batches) and raise
     `CompactionError` unless ``|small - original| <= atol + rtol*|original|``
-    everywhere. Returns the largest absolute difference (also put in ``report``)."""
-    a, b = _outputs(original, x, batch_size), _outputs(small, x, batch_size)
-    if a.shape != b.shape:
-        raise CompactionError(f"output shape changed: {tuple(a.shape)} -> {tuple(b.shape)}")
-    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    for every element of every output tensor. Returns the largest absolute
+    difference (also put in ``report``)."""
+    outs_a, outs_b = _outputs(original, x, batch_size), _outputs(small, x, batch_size)
+    if [o.shape for o in outs_a] != [o.shape for o in outs_b]:
+        raise CompactionError(f"output shapes changed: {[tuple(o.shape) for o in outs_a]} -> "
+                              f"{[tuple(o.shape) for o in outs_b]}")
+    diff = max((float((a - b).abs().max()) for a, b in zip(outs_a, outs_b) if a.numel()), default=0.0)
     if report is not None:
         report.max_abs_diff = diff
-        if labels is not None:
-            report.accuracy_before = float((a.argmax(1) == labels).float().mean())
-            report.accuracy_after = float((b.argmax(1) == labels).float().mean())
-    try:
-        torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
-    except AssertionError as e:
-        raise CompactionError("the compacted model's outputs differ from the original's: "
-                              + " ".join(str(e).split())) from None
+        if labels is not None and outs_a:  # the first output is taken as the logits
+            report.accuracy_before = float((outs_a[0].argmax(1) == labels).float().mean())
+            report.accuracy_after = float((outs_b[0].argmax(1) == labels).float().mean())
+    for k, (a, b) in enumerate(zip(outs_a, outs_b)):
+        try:
+            torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+        except AssertionError as e:
+            raise CompactionError(f"the compacted model's output {k} differs from the original's: "
+                                  + " ".join(str(e).split())) from None
     return diff
 
 

@@ -1,0 +1,254 @@
+"""``compact_model`` / ``ramda-kernels compact``: smaller models with equal outputs.
+
+Zero groups are set by hand so that the expected sizes can be counted on paper:
+a channel-wise zero group ``conv2.weight[:, c]`` removes output channel ``c`` of
+conv1; input-wise zero groups of fc1 remove a conv2 channel only when all
+``2*2`` features it feeds through flatten are zero; an input-wise zero group
+``fc2.weight[:, j]`` removes neuron ``j`` of fc1.
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ramda_kernels import cli, tasks
+from ramda_kernels.compact import CompactionError, compact_model, load_compact, verify
+
+ATOL = 1e-5
+
+
+def _convnet(seed=0):
+    torch.manual_seed(seed)
+    return tasks.get("digits-convnet").model()
+
+
+def _inputs(shape, n=64, seed=1):
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same_outputs(a, b, x):
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), atol=ATOL, rtol=1e-5)
+
+
+def _convnet_params(c1, c2, hidden):
+    """Parameter count of DigitsConvNet with c1/c2 channels and ``hidden`` neurons."""
+    return ((1 * 9 + 1) * c1 + (c1 * 9 + 1) * c2 + (c2 * 4 + 1) * hidden + (hidden + 1) * 10)
+
+
+def test_param_count_formula_matches_task_model():
+    assert sum(p.numel() for p in _convnet().parameters()) == _convnet_params(32, 64, 128)
+
+
+def test_convnet_zero_groups_are_removed_exactly():
+    model = _convnet()
+    conv2_zero = [0, 3, 4, 17, 31]     # conv2 channel-wise groups -> conv1 channels
+    fc1_zero_channels = [2, 5, 63]     # all 4 flattened features -> conv2 channels
+    fc1_partial = 10                   # 3 of its 4 features zero: channel stays
+    fc2_zero = [1, 2, 50, 127]         # fc2 input-wise groups -> fc1 neurons
+    with torch.no_grad():
+        model.conv2.weight[:, conv2_zero] = 0
+        for c in fc1_zero_channels:
+            model.fc1.weight[:, 4 * c:4 * c + 4] = 0
+        model.fc1.weight[:, 4 * fc1_partial:4 * fc1_partial + 3] = 0
+        model.fc2.weight[:, fc2_zero] = 0
+    x = _inputs((1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+
+    c1, c2, h = 32 - len(conv2_zero), 64 - len(fc1_zero_channels), 128 - len(fc2_zero)
+    assert (small.conv1.out_channels, small.conv2.in_channels) == (c1, c1)
+    assert (small.conv2.out_channels, small.fc1.in_features) == (c2, 4 * c2)
+    assert (small.fc1.out_features, small.fc2.in_features, small.fc2.out_features) == (h, h, 10)
+    expected = _convnet_params(c1, c2, h)
+    assert sum(p.numel() for p in small.parameters()) == expected
+    assert (report.params_before, report.params_after) == (_convnet_params(32, 64, 128), expected)
+    assert report.units_removed == len(conv2_zero) + len(fc1_zero_channels) + len(fc2_zero)
+    # MACs per sample: conv 8x8 and 4x4 outputs, 3x3 kernels.
+    assert report.flops_after == 64 * c1 * 9 + 16 * c2 * c1 * 9 + 4 * c2 * h + h * 10
+    assert report.max_abs_diff is not None and report.max_abs_diff <= ATOL
+    _assert_same_outputs(model, small, x)
+    for k, v in model.state_dict().items():  # the original is left alone
+        assert torch.equal(v, before[k]), k
+    # The kept slices are the original's: conv1 keeps the channels not zeroed in conv2.
+    keep1 = [c for c in range(32) if c not in conv2_zero]
+    torch.testing.assert_close(small.conv1.weight, model.conv1.weight[keep1], atol=0, rtol=0)
+
+
+def test_model_without_zero_groups_keeps_its_size():
+    model = _convnet(seed=3)
+    x = _inputs((1, 8, 8))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert report.params_after == report.params_before == _convnet_params(32, 64, 128)
+    assert report.units_removed == 0
+    assert [(c.units_before, c.units_after) for c in report.layers] == [(32, 32), (64, 64), (128, 128), (10, 10)]
+    _assert_same_outputs(model, small, x)
+
+
+def test_output_layer_and_network_input_are_never_pruned():
+    torch.manual_seed(0)
+    model = tasks.get("digits-mlp").model()
+    with torch.no_grad():
+        model.fc1.weight[:, :20] = 0        # input-wise groups of fc1 = pixels: the network input
+        model.fc3.weight[3] = 0             # a whole output row of the last layer
+        model.fc3.bias[3] = 0
+        model.fc3.weight[:, [0, 7]] = 0     # fc3 input-wise -> fc2 neurons 0 and 7
+    x = _inputs((64,))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert small.fc1.in_features == 64 and small.fc3.out_features == 10
+    assert (small.fc2.out_features, small.fc3.in_features) == (62, 62)
+    _assert_same_outputs(model, small, x)
+
+
+def test_all_unused_units_keep_one():
+    model = _convnet()
+    with torch.no_grad():
+        model.fc2.weight.zero_()
+    x = _inputs((1, 8, 8))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert small.fc1.out_features == 1 and report.kept_last_units == 1
+    _assert_same_outputs(model, small, x)
+
+
+class _ResNetish(nn.Module):
+    """BatchNorm, a residual add (conv0 and conv1 outputs coupled), a global mean
+    pool and an output computed after the last layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.conv0(x)))
+        h = h + torch.relu(self.bn1(self.conv1(h)))
+        return self.fc(torch.relu(self.mid(h)).mean((2, 3))) * 2.0
+
+
+def test_residual_channel_needs_every_consumer_zero():
+    torch.manual_seed(0)
+    model = _ResNetish()
+    with torch.no_grad():
+        for bn in (model.bn0, model.bn1):  # non-trivial running statistics
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        # Channel 2 of the residual stream: read by conv1 and mid -> removable.
+        model.conv1.weight[:, 2] = 0
+        model.mid.weight[:, 2] = 0
+        # Channel 5: only mid ignores it, conv1 still reads it -> stays.
+        model.mid.weight[:, 5] = 0
+        # fc ignores mid's channel 4 -> removable.
+        model.fc.weight[:, 4] = 0
+    x = _inputs((3, 6, 6))
+    small, _ = compact_model(model, x[:2], eval_inputs=x)
+    assert (small.conv0.out_channels, small.bn0.num_features, small.conv1.out_channels,
+            small.bn1.num_features, small.mid.in_channels) == (7, 7, 7, 7, 7)
+    assert (small.mid.out_channels, small.fc.in_features, small.fc.out_features) == (5, 5, 5)
+    _assert_same_outputs(model, small, x)
+
+
+class _WithLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+def test_units_mixed_by_layernorm_are_kept():
+    torch.manual_seed(0)
+    model = _WithLayerNorm()
+    with torch.no_grad():
+        model.fc2.weight[:, :4] = 0  # unused by fc2, but LayerNorm's statistics use them
+    x = _inputs((8,))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert small.fc1.out_features == 16
+    assert any(s.startswith("fc1") for s in report.skipped), report.skipped
+    _assert_same_outputs(model, small, x)
+
+
+def test_verify_notices_a_wrong_model():
+    model = _convnet()
+    with torch.no_grad():
+        model.conv2.weight[:, :4] = 0
+    x = _inputs((1, 8, 8))
+    small, _ = compact_model(model, x[:2])
+    with torch.no_grad():
+        small.fc2.bias[0] += 1e-4  # above atol + rtol*|logit| for these small logits
+    with pytest.raises(CompactionError, match="differs"):
+        verify(model, small, x)
+
+
+def _write_checkpoint(path, model, task="digits-convnet"):
+    """A checkpoint in ``ramda-kernels train``'s format (config dict + state_dict)."""
+    torch.save({"config": {"task": task, "optimizer": "ramda", "epochs": 1},
+                "torch": torch.__version__, "model": model.state_dict(), "final": {}}, path)
+
+
+def test_command_end_to_end(tmp_path, capsys):
+    model = _convnet()
+    with torch.no_grad():
+        model.conv2.weight[:, [1, 2]] = 0
+        model.fc2.weight[:, [0, 5, 6]] = 0
+    ckpt = tmp_path / "ramda.pt"
+    _write_checkpoint(ckpt, model)
+    out = tmp_path / "small"
+    assert cli.main(["compact", str(ckpt), "--out", str(out), "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "MACs" in printed and "CPU time" in printed
+    assert sorted(os.listdir(out)) == ["compact.json", "compact.pt"]
+    import json
+
+    report = json.loads((out / "compact.json").read_text())
+    assert report["params_after"] == _convnet_params(30, 64, 125)
+    assert report["params_before"] == _convnet_params(32, 64, 128)
+    assert report["seconds_before"] > 0 and report["seconds_after"] > 0
+    small = load_compact(str(out / "compact.pt"))
+    assert sum(p.numel() for p in small.parameters()) == _convnet_params(30, 64, 125)
+    _assert_same_outputs(model, small, tasks.get("digits-convnet").load().x_test)
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "unknown-task", "no-model"])
+def test_command_bad_checkpoint_is_one_line(tmp_path, capsys, case):
+    path = tmp_path / "ckpt.pt"
+    if case == "garbage":
+        path.write_text("not a checkpoint")
+    elif case == "unknown-task":
+        _write_checkpoint(path, _convnet(), task="no-such-task")
+    elif case == "no-model":
+        torch.save({"config": {"task": "digits-convnet"}}, path)
+    assert cli.main(["compact", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("ramda-kernels compact: error: ") and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+class _TwoOutputs(nn.Module):
+    """Returns fc1's output itself as well as the logits computed from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return h, self.fc2(torch.relu(h))
+
+
+def test_units_of_a_returned_tensor_are_kept():
+    torch.manual_seed(0)
+    model = _TwoOutputs()
+    with torch.no_grad():
+        model.fc2.weight[:, :4] = 0  # unused by fc2, but returned to the caller
+    x = _inputs((8,))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert small.fc1.out_features == 16
+    assert "fc1: is a model output" in report.skipped
