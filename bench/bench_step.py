@@ -636,12 +636,15 @@ def parse_args(argv=None):
                    help="max_iters of the nuclear-norm PG solve (SVD per iteration; default 10)")
     p.add_argument("--pg-cap", type=int, help="PG iteration cap of the solver study")
     p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: torch's; 1 with --quick on a CPU, where a shared "
-                        "machine's load makes multi-threaded timings meaningless)")
+                   help="torch CPU threads (default: torch's; 1 with --quick or --preset on a CPU, where "
+                        "a shared machine's load makes multi-threaded timings meaningless)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=HERE,
                    help="where results.csv, RESULTS.md and the PNG go (default bench/)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--merge", type=Path, metavar="DIR",
+                   help="only fold DIR's results.csv, RESULTS.md sections and plots (e.g. a GPU "
+                        "machine's $OUT from bench/gpu_check.sh) into --out-dir, then exit")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing configurations")
     args = p.parse_args(argv)
 
@@ -663,7 +666,7 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.budget = args.budget if args.budget is not None else (0.15 if quick else 0.5)
     args.ref_pg_reps = args.ref_pg_reps or (1 if quick else 3)
-    if args.threads is None and args.quick and not cuda:
+    if args.threads is None and quick and not cuda:
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -685,6 +688,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge is not None:
+        for line in report.merge(args.merge, args.out_dir):
+            print(line)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device visible to torch", file=sys.stderr)

@@ -83,6 +83,31 @@ def write_device_section(path: Path, device: str, body: str) -> None:
     path.write_text(text)
 
 
+def merge(src: Path, dst: Path) -> List[str]:
+    """Fold a results folder (e.g. a GPU machine's $OUT) into ``dst``: its CSV rows
+    are appended, its device sections replace those of ``dst/RESULTS.md``, its
+    plots are copied. Returns what was done, one line each."""
+    import shutil
+
+    done = []
+    if (src / "results.csv").exists():
+        with (src / "results.csv").open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            append_csv(dst / "results.csv", rows, reader.fieldnames or [])
+        done.append(f"{len(rows)} rows appended to {dst / 'results.csv'}")
+    if (src / "RESULTS.md").exists():
+        text = (src / "RESULTS.md").read_text()
+        for m in re.finditer(r"<!-- device: (.*?) -->\n(.*?)\n<!-- end device: \1 -->", text, re.S):
+            write_device_section(dst / "RESULTS.md", m.group(1), m.group(2))
+            done.append(f"section {m.group(1)!r} written to {dst / 'RESULTS.md'}")
+    for png in sorted(src.glob("*.png")):
+        if png.resolve() != (dst / png.name).resolve():
+            shutil.copyfile(png, dst / png.name)
+            done.append(f"copied {png.name}")
+    return done
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "device"
 
@@ -133,5 +158,5 @@ def plot_step_time(path: Path, device: str, series: Dict[str, List[tuple]],
     return None
 
 
-__all__ = ["MD_HEADER", "append_csv", "markdown_table", "write_device_section", "slug",
+__all__ = ["MD_HEADER", "append_csv", "markdown_table", "write_device_section", "merge", "slug",
            "plot_step_time"]

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build, GPU tests, validate, benchmarks; short table last.
+#
+#   bash bench/gpu_check.sh                 # from the repository root, on the GPU machine
+#   bash bench/gpu_check.sh --device cpu --skip-build   # dry run of the non-GPU parts
+#
+# Works offline on the device image (Python 3.12, its own torch and triton):
+# nothing is downloaded, the package is installed with --no-deps
+# --no-build-isolation. Every stage has a timeout and the whole run is kept
+# under RAMDA_CHECK_TOTAL seconds (default 560, inside the 600 s a call may
+# run). Logs, the CSV, RESULTS.md and the plot go to $OUT (default
+# bench/out); at most 8 files, as the device tool brings back.
+#
+# Knobs: RAMDA_CHECK_TOTAL, RAMDA_CHECK_T_BUILD (200), RAMDA_CHECK_T_TESTS (100),
+# RAMDA_CHECK_T_VALIDATE (90), RAMDA_CHECK_T_BENCH (150); VALIDATE_ARGS (default
+# --quick), BENCH_ARGS (extra arguments for bench/bench_step.py), PYTEST_K (default
+# "cuda or triton or gpu"); RAMDA_BENCH_COMMIT names the commit when .git is absent.
+# Merge the results here afterwards with:
+#   python bench/bench_step.py --merge <folder holding results.csv, RESULTS.md, *.png>
+
+set -u
+START=$(date +%s)
+DEVICE=cuda
+SKIP_BUILD=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE="$2"; shift 2 ;;
+        --skip-build) SKIP_BUILD=1; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 2
+OUT=${OUT:-$ROOT/bench/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+TOTAL=${RAMDA_CHECK_TOTAL:-560}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+STATUS=()
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# Seconds a stage may take: its cap, or what is left of TOTAL (minus 10 s to finish up).
+budget() {
+    local cap=$1 left=$(( TOTAL - ($(date +%s) - START) - 10 ))
+    [ "$left" -lt "$cap" ] && cap=$left
+    [ "$cap" -lt 1 ] && cap=1
+    echo "$cap"
+}
+
+# stage NAME CAP LOG CMD...: run CMD under a timeout, log to LOG, record the outcome.
+stage() {
+    local name=$1 cap log=$3 t0 rc
+    cap=$(budget "$2")
+    shift 3
+    t0=$(date +%s)
+    echo "== $name (timeout ${cap}s): $*" | tee -a "$log" >&2
+    timeout --kill-after=5 "$cap" "$@" >>"$log" 2>&1
+    rc=$?
+    local what="rc=$rc"
+    [ $rc -eq 0 ] && what="ok"
+    [ "$name" = tests ] && [ $rc -eq 5 ] && what="no tests selected"
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMEOUT after ${cap}s"
+    STATUS+=("$(printf '%-10s %-22s %4ss  %s' "$name" "$what" "$(( $(date +%s) - t0 ))" "$(basename "$log")")")
+    return $rc
+}
+
+say "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') device=$DEVICE out=$OUT"
+command -v nvidia-smi >/dev/null && nvidia-smi -L 2>&1 | tee -a "$SUMMARY"
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as e:
+    tv = f"none ({type(e).__name__})"
+print(f"python {platform.python_version()}  torch {torch.__version__} (CUDA {torch.version.cuda})  triton {tv}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name}: cc {p.major}.{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+EOF
+
+# -- 1. build (only for the card present: RAMDA_CUDA_ARCHS is read by tools/build_extension.py)
+if [ "$SKIP_BUILD" = 1 ]; then
+    STATUS+=("build      skipped (--skip-build)")
+else
+    ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f'{c[0]}{c[1]}' if c else '')" 2>/dev/null)
+    export MAX_JOBS=${MAX_JOBS:-16}
+    if [ -n "$ARCH" ]; then export RAMDA_CUDA_ARCHS=${RAMDA_CUDA_ARCHS:-$ARCH}; else export RAMDA_SKIP_CUDA_BUILD=${RAMDA_SKIP_CUDA_BUILD:-1}; fi
+    echo "RAMDA_CUDA_ARCHS=${RAMDA_CUDA_ARCHS:-} RAMDA_SKIP_CUDA_BUILD=${RAMDA_SKIP_CUDA_BUILD:-} MAX_JOBS=$MAX_JOBS" >> "$OUT/build.log"
+    if ! stage build "${RAMDA_CHECK_T_BUILD:-200}" "$OUT/build.log" \
+            "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . ; then
+        stage build-inplace "$(budget "${RAMDA_CHECK_T_BUILD:-200}")" "$OUT/build.log" \
+            "$PY" setup.py build_ext --inplace
+    fi
+    [ -f ramda_kernels/_build_info.json ] && { echo "build info:"; cat ramda_kernels/_build_info.json; echo; } >> "$SUMMARY"
+fi
+"$PY" -m ramda_kernels info 2>&1 | tee -a "$SUMMARY" | sed 's/^/  /' >&2
+
+# -- 2. GPU tests (whatever test files exist; selected by name)
+K=${PYTEST_K:-cuda or triton or gpu}
+stage tests "${RAMDA_CHECK_T_TESTS:-100}" "$OUT/tests.log" \
+    "$PY" -m pytest -q -p no:cacheprovider tests -k "$K"
+TESTS_LINE=$(grep -E "passed|failed|error|deselected|no tests ran" "$OUT/tests.log" | tail -1)
+
+# -- 3. every fast backend against the reference
+# shellcheck disable=SC2086
+stage validate "${RAMDA_CHECK_T_VALIDATE:-90}" "$OUT/validate.log" \
+    "$PY" -m ramda_kernels validate --device "$DEVICE" ${VALIDATE_ARGS:---quick} --failures-only
+VALIDATE_LINE=$(grep -E "cases in|cases pass|cannot run|no CUDA" "$OUT/validate.log" | tr '\n' ';')
+
+# -- 4. benchmarks: RAMDA + group lasso exact fp32 on resnet50 and gpt2-medium vs fused AdamW,
+#       copy bandwidth, reference-PG on resnet50, small solver and scaling sweeps
+SETS=""
+[ "$DEVICE" = cpu ] && SETS="--sets convnet"
+# shellcheck disable=SC2086
+stage bench "${RAMDA_CHECK_T_BENCH:-150}" "$OUT/bench.log" \
+    "$PY" bench/bench_step.py --device "$DEVICE" --preset gpu-check $SETS --out-dir "$OUT" ${BENCH_ARGS:-}
+
+# -- the short table, last
+{
+    echo
+    echo "== stages ($(( $(date +%s) - START ))s in all)"
+    printf '%s\n' "${STATUS[@]}"
+    echo "tests:    ${TESTS_LINE:-see tests.log}"
+    echo "validate: ${VALIDATE_LINE:-see validate.log}"
+    echo
+    # the bench's copy line and step table (its markdown, from "Copy bandwidth" to the solver section)
+    awk '/^Copy bandwidth/{p=1} /^### Solver/{p=0} p' "$OUT/bench.log" | grep -E "^(Copy|\|)"
+} | tee -a "$SUMMARY"
+exit 0
