@@ -16,11 +16,16 @@ same call (their entries in the returned list are the reference's):
   ``pg_stop="rtol"`` (a whole-tensor objective per iteration, the authors'
   parity rule): the whole call;
 * fp64 parameters or gradients (state is fp64 there), state that is not fp32;
-* a gradient or state tensor whose strides differ from its parameter's
-  (``layout.same_layout``), or that lives on another device;
+* a state tensor whose strides differ from its parameter's
+  (``layout.same_layout``), or a gradient or state on another device;
 * for the elementwise paths, a parameter that is not dense
   (``layout.is_dense``); for grouped paths, a layout with more than
   ``MAX_BLOCKS`` kept or reduced blocks after merging.
+
+A gradient whose strides differ from its parameter's (say a contiguous
+gradient of a channels_last weight) is not a fallback: the plan keeps a
+staging buffer in the parameter's layout and copies the gradient into it
+before the launch (one extra copy per such tensor and step).
 
 The returned list holds ``None`` for every tensor the kernel handled: the
 fused path does not report per-group iteration counts.
@@ -108,11 +113,16 @@ class _Launch:
 
 
 class _Plan:
-    __slots__ = ("launches", "fallback")
+    """Launches of one call signature, the tensors left to the reference, and
+    the gradient staging buffers (index, buffer) refreshed before the launches."""
 
-    def __init__(self, launches: List[_Launch], fallback: List[int]):
+    __slots__ = ("launches", "fallback", "staged")
+
+    def __init__(self, launches: List[_Launch], fallback: List[int],
+                 staged: List[Tuple[int, torch.Tensor]]):
         self.launches = launches
         self.fallback = fallback
+        self.staged = staged
 
 
 _cache: "OrderedDict[tuple, _Plan]" = OrderedDict()
@@ -144,9 +154,9 @@ def _kernel_ok(p, g, states, flat: bool, device_ok: Callable[[torch.device], boo
     """Can the kernel take this tensor? See NOTE: [Triton fallbacks]."""
     if p.dtype not in _KERNEL_DTYPES or g.dtype not in _KERNEL_DTYPES:
         return False
-    if not device_ok(p.device):
+    if not device_ok(p.device) or g.device != p.device:
         return False
-    for t in (g, *states):
+    for t in states:
         if t.device != p.device or not same_layout(p, t):
             return False
     if any(s.dtype != torch.float32 for s in states):
@@ -166,6 +176,7 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         return device_cache[dev]
 
     fallback: List[int] = []
+    staged: List[Tuple[int, torch.Tensor]] = []
     buckets: Dict[tuple, List[tuple]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         st = [s[i] for s in states]
@@ -174,6 +185,9 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         if not _kernel_ok(p, g, st, flat, device_ok):
             fallback.append(i)
             continue
+        if not same_layout(p, g):
+            g = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=p.device)
+            staged.append((i, g))
         lay = None
         if not flat:
             pv = grouped_view(p, view)
@@ -190,7 +204,7 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         launches.append(_build_launch(opt, entries, device, pdt, gdt, reg=reg, solver=solver,
                                       flat=flat, scalar_d=scalar_d, amsgrad=amsgrad,
                                       reweight=reweight))
-    return _Plan(launches, fallback)
+    return _Plan(launches, fallback, staged)
 
 
 def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d, amsgrad,
@@ -288,6 +302,8 @@ def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool,
             _cache.popitem(last=False)
     else:
         _cache.move_to_end(key)
+    for i, buf in plan.staged:
+        buf.copy_(grads[i])
     for launch in plan.launches:
         _launch(launch, scalars)
     out: List[Optional[torch.Tensor]] = [None] * n

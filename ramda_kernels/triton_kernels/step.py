@@ -137,6 +137,17 @@ def _newton_step(sq, sq2, sigma, todo, T, tol):
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """``x`` rounded to the nearest bfloat16 (ties to even), still in fp32, so the
+    final cast is exact. The GPU cast rounds this way already; the Triton
+    interpreter's cast truncates, which would make CPU tests disagree with
+    torch by an ulp of bf16 on half of all writes."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+    return tl.where(x == x, b.to(tl.float32, bitcast=True), x)
+
+
+@triton.jit
 def _closed_form(d, z, tau, REG: tl.constexpr, SCALAR_D: tl.constexpr):
     """Elementwise subproblem solutions (SPEC section 3); with a scalar ``d``
     (RMDA, ProxSGD) ``z`` already is the prox input ``y`` and ``tau`` its threshold."""
@@ -204,7 +215,7 @@ def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h
 
 @triton.jit
 def _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3,
-           OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+           OPT: tl.constexpr, AMSGRAD: tl.constexpr, P_DTYPE: tl.constexpr):
     """Write the new state and the new parameter (rounded once to its dtype)."""
     if OPT == OPT_RAMDA:
         tl.store(s1 + offs, n1, mask=mask)
@@ -222,7 +233,9 @@ def _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3,
     else:
         tl.store(s0 + offs, n0, mask=mask)
         out = w
-    tl.store(p_ptr + offs, out.to(p_ptr.dtype.element_ty), mask=mask)
+    if P_DTYPE == tl.bfloat16:
+        out = _round_to_bf16(out)
+    tl.store(p_ptr + offs, out.to(P_DTYPE), mask=mask)
 
 
 # ---------------------------------------------------------------------------
@@ -301,7 +314,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
         d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                            h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
         w = _closed_form(d, z, tau, REG, SCALAR_D)
-        _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD)
+        _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
     else:
         n_groups = tl.load(meta + COL_NGROUPS)
         gsize = tl.load(meta + COL_GSIZE)
@@ -357,7 +370,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                         Z = Znew
                         it += 1
                     w = Z
-            _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD)
+            _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
         else:
             # Pass 1: group statistics of z and d.
             zz = zero_g
@@ -453,4 +466,4 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                     w = tl.where(active[:, None], z / (d + sigma[:, None]), 0.0)
                 else:
                     w = tl.load(scratch + tl.load(meta + COL_SCRATCH) + offs, mask=mask, other=0.0)
-                _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD)
+                _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
