@@ -33,11 +33,13 @@ Units are never removed when
 * they are the last unit of their group: a zero-width layer is kept one unit
   wide (its consumers' slices are zero, so the unit is harmless).
 
-Left out: filter-wise / output-wise zero groups (a zero weight ROW makes the
-unit constant, ``act(bias)``; removing it would need the constant folded into
-the next layer's bias, which is exact only for Linear -> Linear, not across a
-zero-padded convolution). They are kept, and `CompactionReport` counts them as
-``constant_units``.
+Filter-wise / output-wise zero groups (a zero weight ROW of every producer of
+a unit) make the unit a constant, ``act(bias)``. When every consumer of such a
+unit is a Linear layer (also through flatten), the constant is folded into the
+consumers' biases and the unit removed (`_fold_constants`). Left out: constant
+units read by a convolution (with zero padding a constant map contributes
+differently at the border, so no bias can absorb it); they are kept and
+counted as ``constant_units``.
 
 The result is checked by running both models (`verify`); the command
 ``ramda-kernels compact`` refuses to save a model whose outputs differ.
@@ -106,7 +108,9 @@ class CompactionReport:
     skipped: List[str] = dataclasses.field(default_factory=list)
     #: removable units kept so that no layer becomes zero-wide
     kept_last_units: int = 0
-    #: units whose producer weight row is all zero (constant output): kept, see module doc
+    #: constant units (zero producer rows) removed by folding them into Linear biases
+    folded_units: int = 0
+    #: constant units that could not be folded (a Conv consumer, ...): kept
     constant_units: int = 0
     seconds_before: Optional[float] = None
     seconds_after: Optional[float] = None
@@ -238,6 +242,11 @@ def _out_row_zero(module: nn.Module, idx: int) -> bool:
 def _why_not_per_unit(tp, dg, node) -> Optional[str]:
     """``None`` if the traced node treats each unit separately, else why not."""
     T = tp.ops.OPTYPE
+    if node.type in (T.ELEMENTWISE, T.CONCAT) and node.grad_fn is not None and any(
+            f[0] is None for f in getattr(node.grad_fn, "next_functions", ())):
+        # An operand without autograd history (the network input, a buffer)
+        # is not in the graph and would keep its full width: h + x.
+        return f"{_op_name(node.grad_fn)} combines it with a tensor outside the graph (network input?)"
     if node.type in (T.CONV, T.LINEAR, T.BN, T.PRELU, T.DEPTHWISE_CONV, T.IN, T.CONCAT, T.SPLIT,
                      T.RESHAPE, T.SLICE):
         return None
@@ -257,9 +266,62 @@ def _why_not_per_unit(tp, dg, node) -> Optional[str]:
     return f"passes through {node.type.name} ({node.name}), which mixes units"
 
 
+@torch.no_grad()
+def _fold_constants(model: nn.Module, example_inputs,
+                    units: Dict[int, List[Tuple[nn.Module, int]]]) -> List[int]:
+    """Fold constant units into their consumers' biases; return the units folded.
+
+    ``units`` maps a unit to its consumers ``(module, input index)``. The unit's
+    producers have all-zero weight rows, so what reaches a consumer is a
+    function of biases only (the group has only per-unit ops): a constant
+    ``v``. With Linear consumers only, ``W[:, i] * v`` moves into the bias and
+    ``W[:, i]`` becomes zero, so the unit is unused. ``v`` is read from one
+    forward pass over ``example_inputs`` and must be the same for every sample
+    (and position): an input added on the way (``h + x``) would show up there.
+    A Conv consumer is not folded: with zero padding a constant input map
+    contributes differently at the border.
+    """
+    units = {r: c for r, c in units.items() if all(isinstance(m, nn.Linear) for m, _ in c)}
+    if not units:
+        return []
+    mods = {id(m): m for cons in units.values() for m, _ in cons}
+    seen: Dict[int, torch.Tensor] = {}
+
+    def grab(module, inputs):
+        seen[id(module)] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+
+    hooks = [m.register_forward_pre_hook(grab) for m in mods.values()]
+    was_training = model.training
+    model.eval()
+    try:
+        _forward(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    done = []
+    for r, cons in units.items():
+        values = []
+        for m, i in cons:
+            col = seen[id(m)][:, i] if id(m) in seen else None
+            if col is None or col.numel() < 2 or not bool((col == col[0]).all()):
+                break
+            if m.bias is None and bool((m.weight[:, i] * col[0]).any()):
+                break
+            values.append(col[0])
+        else:
+            for (m, i), v in zip(cons, values):
+                if m.bias is not None:
+                    m.bias += m.weight[:, i] * v
+                m.weight[:, i] = 0
+            done.append(r)
+    return done
+
+
 def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_size: int = 512,
                   atol: float = 1e-5, rtol: float = 1e-5, repeats: int = 0,
-                  labels: Optional[torch.Tensor] = None) -> Tuple[nn.Module, CompactionReport]:
+                  labels: Optional[torch.Tensor] = None,
+                  fold_constants: bool = True) -> Tuple[nn.Module, CompactionReport]:
     """A copy of ``model`` without the units no consumer uses, and a `CompactionReport`.
 
     ``example_inputs`` (a tensor, tuple or dict, batch first) is traced once to
@@ -267,6 +329,8 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
     With ``eval_inputs`` the two models are also compared (`verify`, raising
     `CompactionError` beyond ``atol``/``rtol``) and, with ``repeats > 0``,
     timed (`measure`); ``labels`` adds test accuracy to the report.
+    ``fold_constants`` also removes units whose producers' weight rows are all
+    zero and whose consumers are Linear, folding the constant into their bias.
     The small model carries ``small._compact_history`` (Torch-Pruning's pruning
     history) for `save_compact`.
     """
@@ -296,7 +360,7 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
     before = {m: dg.get_out_channels(m) for m in dg.module2node
               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
     skipped: List[str] = []
-    kept_last = constant = 0
+    kept_last = constant = folded = 0
     roots = [m for m in list(dg.module2node) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     visited = set()
     for root in roots:
@@ -337,14 +401,19 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
             continue
         removable = [r for r in range(n_out)
                      if r in consumers and all(_in_slice_zero(m, i) for m, i in consumers[r])]
+        rem = set(removable)
+        constants = {r: consumers[r] for r in range(n_out) if r not in rem and r in consumers
+                     and r in producers and all(_out_row_zero(m, i) for m, i in producers[r])}
+        if constants and fold_constants:
+            done = _fold_constants(small, example_inputs, constants)
+            folded += len(done)
+            removable = sorted(rem.union(done))
+            for r in done:
+                del constants[r]
+        constant += len(constants)
         if len(removable) == n_out:
             removable = removable[1:]
             kept_last += 1
-        # Units that stay but whose producers' weight rows are all zero are
-        # constants (see "Left out" in the module docstring).
-        rem = set(removable)
-        constant += sum(1 for r in range(n_out) if r not in rem and r in producers and
-                        all(_out_row_zero(m, i) for m, i in producers[r]))
         if removable:
             dg.get_pruning_group(root, pruner.prune_out_channels, removable).prune()
 
@@ -355,7 +424,8 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
     report = CompactionReport(layers=layers, params_before=params_before,
                               params_after=count_params(small), flops_before=flops_before,
                               flops_after=count_flops(small, example_inputs), skipped=skipped,
-                              kept_last_units=kept_last, constant_units=constant)
+                              kept_last_units=kept_last, constant_units=constant,
+                              folded_units=folded)
     if eval_inputs is not None:
         verify(model, small, eval_inputs, report, batch_size=batch_size, atol=atol, rtol=rtol,
                labels=labels)

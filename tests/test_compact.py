@@ -252,3 +252,65 @@ def test_units_of_a_returned_tensor_are_kept():
     small, report = compact_model(model, x[:2], eval_inputs=x)
     assert small.fc1.out_features == 16
     assert "fc1: is a model output" in report.skipped
+
+
+def test_constant_units_fold_into_linear_biases():
+    """Output-wise / filter-wise zero groups: a zero weight row makes a unit the
+    constant act(bias); Linear consumers absorb it, a Conv consumer cannot."""
+    model = _convnet()
+    with torch.no_grad():
+        model.conv1.weight[[0, 1]] = 0     # read by conv2 (zero padding): kept
+        model.conv2.weight[[3, 8, 9]] = 0  # read by fc1 through flatten: folded
+        model.conv2.bias[8] = -1.0         # relu(-1) = 0: folded too, nothing to add
+        model.fc1.weight[[5, 6]] = 0       # read by fc2: folded
+        model.fc1.bias[5] = 0.7
+    x = _inputs((1, 8, 8))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == (32, 61, 126)
+    assert report.folded_units == 5 and report.constant_units == 2
+    assert sum(p.numel() for p in small.parameters()) == _convnet_params(32, 61, 126)
+    _assert_same_outputs(model, small, x)
+
+    unfolded, report = compact_model(model, x[:2], fold_constants=False)
+    assert sum(p.numel() for p in unfolded.parameters()) == _convnet_params(32, 64, 128)
+    assert report.folded_units == 0 and report.constant_units == 7
+
+
+class _InputAdded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x) + x))
+
+
+def test_units_added_to_the_network_input_are_kept():
+    torch.manual_seed(0)
+    model = _InputAdded()
+    with torch.no_grad():
+        model.fc1.weight[2] = 0     # fc1 unit 2 = bias, but x[:, 2] is added after it
+        model.fc2.weight[:, 3] = 0  # unused, but x keeps its 8 features: h + x needs 8
+    x = _inputs((8,))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert small.fc1.out_features == 8 and report.folded_units == 0
+    assert any("outside the graph" in s for s in report.skipped), report.skipped
+    _assert_same_outputs(model, small, x)
+
+
+def test_fold_refuses_a_unit_that_is_not_constant():
+    from ramda_kernels.compact import _fold_constants
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[0] = 1.0  # unit 0 = relu(sum(x) + b) varies with x
+    bias = model[2].bias.clone()
+    x = _inputs((4,), n=8)
+    assert _fold_constants(model, x, {0: [(model[2], 0)]}) == []
+    assert torch.equal(model[2].bias, bias)
+    with torch.no_grad():
+        model[0].weight[0] = 0
+        model[0].bias[0] = 0.5
+    assert _fold_constants(model, x, {0: [(model[2], 0)]}) == [0]
+    assert not model[2].weight[:, 0].any()

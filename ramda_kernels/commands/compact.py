@@ -126,8 +126,11 @@ def run(args) -> int:
         print(f"not compacted: {line}")
     if report.kept_last_units:
         print(f"kept {report.kept_last_units} unused unit(s) so that no layer is zero-wide")
+    if report.folded_units:
+        print(f"{report.folded_units} constant unit(s) (all-zero producer weights) folded into the "
+              f"next Linear's bias")
     if report.constant_units:
-        print(f"{report.constant_units} unit(s) have all-zero producer weights (constant = bias) "
-              f"and are kept: folding them into the next bias is not done")
+        print(f"{report.constant_units} constant unit(s) kept: a convolution reads them, no bias "
+              f"can absorb them")
     print(f"wrote {pt} and {js}")
     return 0
