@@ -288,6 +288,45 @@ def _own_pg_objectives(z, d, x0, T, anchor, n_iter):
     return out
 
 
+def _own_pg_inexact(z, d, x0, T, eps_t, max_iters=100000):
+    """PG with the per-group stop of SPEC section 5 (rows are the groups): group g
+    stops after the first iteration with ``||(1/theta - d)(Z_j - Z_{j+1})_g|| <=
+    eps_t sqrt(|g| / n)``. Returns the answer and the iterations per group."""
+    Z, D = z.numpy(), d.numpy()
+    n_groups, gsize = Z.shape
+    theta = 1.0 / D.max(axis=1, keepdims=True)
+    W = np.where(np.linalg.norm(Z, axis=1, keepdims=True) <= T, 0.0, x0.numpy())
+    active = np.linalg.norm(Z, axis=1) > T
+    iters = np.zeros(n_groups, dtype=int)
+    tol = eps_t * math.sqrt(gsize / Z.size)
+    for _ in range(max_iters):
+        if not active.any():
+            break
+        Y = W - theta * (D * W - Z)
+        nrm = np.linalg.norm(Y, axis=1, keepdims=True)
+        Wn = np.where(nrm > theta * T, Y * (1 - theta * T / np.where(nrm > 0, nrm, 1)), 0.0)
+        Wn = np.where(active[:, None], Wn, W)
+        iters += active
+        s = (1 / theta - D) * (W - Wn)
+        active &= np.linalg.norm(s, axis=1) > tol
+        W = Wn
+    return W, iters
+
+
+def test_pg_inexact_iteration_counts():
+    """PG stops each group at the first iteration that passes its test: not later."""
+    z, d, T = _problem((30, 10), (1,), 20.0, seed=22, quantile=0.3)
+    x0 = torch.randn(z.shape, generator=_gen(23), dtype=F64)
+    for eps_t in (1e-1, 1e-4):
+        w, iters = prox.solve_subproblem(z, d, T / math.sqrt(10), regularizer="group_lasso",
+                                         dims=(1,), solver="pg", x0=x0, max_iters=100000,
+                                         eps_t=eps_t)
+        own_w, own_iters = _own_pg_inexact(z, d, x0, T, eps_t)
+        assert np.array_equal(iters.flatten().numpy(), own_iters), \
+            f"eps {eps_t:g}: iterations {iters.flatten().tolist()} != {own_iters.tolist()}"
+        assert_close(w, own_w, rtol=1e-12, atol=1e-14, msg=f"eps {eps_t:g}")
+
+
 @pytest.mark.parametrize("spread", [1.0, 50.0])
 def test_pg_rtol_rule(spread):
     """The authors' rule: stop at the first k >= 2 with (Q_{k-1} - Q_k)/(|Q_k| + 1) < rtol,
@@ -307,6 +346,11 @@ def test_pg_rtol_rule(spread):
     assert k >= 2
     if spread == 1.0:
         assert k == 2
+        # started at the answer, the first step decreases nothing: still two iterations
+        _, it0 = prox.solve_subproblem(z, d, T / 4.0, regularizer="group_lasso", dims=(1,),
+                                       solver="pg", x0=w, anchor=anchor, max_iters=100,
+                                       pg_stop="rtol", rtol=rtol)
+        assert int(it0.max()) == 2
     q = _own_pg_objectives(z, d, x0, T, anchor, k)
     dec = [(q[j - 1] - q[j]) / (abs(q[j]) + 1) for j in range(1, k + 1)]
     assert dec[-1] < rtol * (1 + 1e-6), f"stopped at {k} with decrease {dec[-1]:.3e}"
@@ -358,3 +402,66 @@ def test_nuclear_nonconstant_d_is_optimal():
     for scale in (1e-2, 1e-4):
         for _ in range(50):
             assert obj(W + scale * rng.standard_normal(W.shape)) >= base - 1e-12
+
+
+# ---------------------------------------------------------------------------
+# PG through the optimizers: eps_t = pg_eps * t^-0.6, warm start at the weights
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ramda", "proxadamw"])
+def test_pg_inexact_condition_in_optimizer(name):
+    """After each step (c = 1 so that p is the subproblem's answer) some subgradient of
+    the step's subproblem is no larger than ``eps_t = pg_eps * t^-0.6``, and the
+    answer is no worse than the warm start (the weights before the step)."""
+    from ramda_ref import RAMDA, ProxAdamW
+    g = _gen(30)
+    rows = torch.logspace(-2, 0, 12, dtype=F64)[:, None]  # group scales: some groups get cut
+    p = torch.nn.Parameter(torch.randn(12, 6, generator=g, dtype=F64) * rows)
+    pg_eps, lam, dims = 1e-2, 0.05, (1,)
+    if name == "ramda":
+        opt = RAMDA([p], lr=0.1, momentum=1.0, epsilon=0.05, lambda_=lam, dims=dims,
+                    solver="pg", pg_eps=pg_eps, max_iters=100000)
+    else:
+        opt = ProxAdamW([p], lr=0.05, betas=(0.5, 0.9), lambda_=lam * 20, dims=dims,
+                        solver="pg", pg_eps=pg_eps, max_iters=100000)
+    alpha = 0.0
+    for t in range(1, 5):
+        x = p.detach().clone()
+        p.grad = torch.randn(p.shape, generator=g, dtype=F64) * rows
+        opt.step()
+        st = opt.state[p]
+        if name == "ramda":
+            alpha += 0.1 * math.sqrt(t)
+            d = st["grad_sum_sq"] ** (1 / 3) + 0.05
+            z = d * st["initial_point"] - st["grad_sum"]
+            T = alpha * lam * math.sqrt(6)
+        else:
+            d = st["exp_avg_sq"].sqrt() / math.sqrt(1 - 0.9 ** t) + 1e-8
+            z = d * x - 0.05 / (1 - 0.5 ** t) * st["exp_avg"]
+            T = 0.05 * lam * 20 * math.sqrt(6)
+        eps_t = pg_eps * t ** -0.6
+        s = min_norm_subgradient(p, z, d, T, dims)
+        assert s <= eps_t, f"step {t}: min-norm subgradient {s:.3e} > eps_t {eps_t:.3e}"
+        assert group_lasso_objective(p, z, d, T, dims) <= group_lasso_objective(x, z, d, T, dims)
+        assert int(opt.last_iterations[p].max()) < 100000
+    zero = np.all(to_groups(p, dims) == 0, axis=1)
+    assert 0 < zero.sum() < len(zero), "the example must zero some groups"
+
+
+def test_pg_equals_exact_in_optimizer_when_run_long():
+    from ramda_ref import RAMDA
+    g = _gen(31)
+    cols = torch.logspace(-2, 0, 8, dtype=F64)  # group scales: some groups get cut
+    w = torch.randn(10, 8, generator=g, dtype=F64) * cols
+    grads = [torch.randn(10, 8, generator=g, dtype=F64) * cols for _ in range(3)]
+    out = {}
+    for solver in ("exact", "pg"):
+        p = torch.nn.Parameter(w.clone())
+        opt = RAMDA([p], lr=0.1, momentum=1.0, epsilon=0.5, lambda_=0.1, dims=(0,), solver=solver,
+                    pg_eps=1e-13, max_iters=100000)
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+        out[solver] = p.detach()
+    assert_close(out["pg"], out["exact"], rtol=1e-9, atol=1e-12, msg="RAMDA pg vs exact")
+    assert (out["exact"] == 0).any() and torch.equal(out["pg"] == 0, out["exact"] == 0)
