@@ -16,13 +16,20 @@ from typing import List, Optional
 COMMANDS = ("info", "validate", "train", "compact")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (subcommand parsers inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _load(name: str):
     return importlib.import_module(f"ramda_kernels.commands.{name}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="ramda-kernels", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ramda-kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     wanted = next((a for a in argv if not a.startswith("-")), None)

@@ -1,0 +1,337 @@
+"""``ramda-kernels train``: train a small model with structured sparsity and report it.
+
+The default trains the LeNet-style ConvNet of ``digits-convnet`` with RAMDA,
+channel-wise group lasso (`group_parameters` defaults) and the authors'
+stage-wise schedule, prints loss, test accuracy and (weighted) group sparsity
+every epoch and the structure report at the end, and writes
+``<out>/<optimizer>.json`` (metrics) and ``<out>/<optimizer>.pt`` (model,
+optimizer and scheduler state).
+
+The work is split so that other commands can reuse it: `make_config` turns
+flags into a validated `Config` (or raises `UsageError`), `train` runs one
+configuration and returns a `Result`, `run` prints and saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+HELP = "train a small model with RAMDA (or another optimizer) and report its structured sparsity"
+
+REGULARIZED = ("ramda", "rmda", "proxadamw", "proxsgd")
+PLAIN = ("adamw", "sgd")
+OPTIMIZERS = REGULARIZED + PLAIN
+#: each optimizer's own default learning rate (SPEC section 1, torch for adamw/sgd)
+DEFAULT_LR = {"ramda": 1e-2, "rmda": 0.1, "proxadamw": 1e-3, "proxsgd": 0.1, "adamw": 1e-3, "sgd": 0.1}
+REGULARIZERS = ("group_lasso", "l1", "nuclear", "none")
+GROUPINGS = ("channel", "filter", "input", "output")
+
+
+class UsageError(ValueError):
+    """A flag value that cannot work; the message is the whole error line."""
+
+
+@dataclasses.dataclass
+class Config:
+    task: str
+    optimizer: str
+    regularizer: str
+    grouping: Optional[str]
+    lambda_: float
+    lr: float
+    momentum: Optional[float]
+    epochs: int
+    milestones: List[int]
+    backend: str
+    device: str
+    seed: int
+    batch_size: int
+    out: str
+
+
+@dataclasses.dataclass
+class Result:
+    config: Config
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    report: Any
+    history: List[Dict[str, float]]
+    backend: Optional[str]
+
+    @property
+    def final(self) -> Dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def add_arguments(parser) -> None:
+    from ramda_kernels.tasks import TASKS
+
+    parser.add_argument("--task", default="digits-convnet", choices=sorted(TASKS),
+                        help="model and data (default: digits-convnet)")
+    parser.add_argument("--optimizer", default="ramda", choices=OPTIMIZERS,
+                        help="default: ramda; adamw and sgd are torch's, unregularized")
+    parser.add_argument("--regularizer", default="group_lasso", choices=REGULARIZERS,
+                        help="default: group_lasso")
+    parser.add_argument("--grouping", choices=GROUPINGS, default=None,
+                        help="channel (= input) or filter (= output) groups for every Conv and "
+                             "Linear weight; default: channel-wise Conv, input-wise Linear")
+    parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
+                        help="regularization weight (default: the task's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: the optimizer's: " +
+                             ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    parser.add_argument("--momentum", type=float, default=None,
+                        help="averaging weight c of ramda/rmda/proxsgd, heavy-ball momentum of "
+                             "sgd (default: the optimizer's)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the task's")
+    parser.add_argument("--milestones", default=None, metavar="E1,E2,...",
+                        help="epochs at which lr *= 0.1 (and ramda/rmda restart); '' for none; "
+                             "default: at 2/3 of the epochs")
+    parser.add_argument("--backend", default="auto", help="auto, reference, triton, cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<task>)")
+
+
+def _milestones(text: Optional[str], epochs: int, task) -> List[int]:
+    if text is None:
+        return task.default_milestones(epochs)
+    try:
+        out = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--milestones must be comma-separated epochs, got {text!r}") from None
+    if any(m <= 0 for m in out) or out != sorted(set(out)):
+        raise UsageError(f"--milestones must be increasing positive epochs, got {text!r}")
+    if out and out[-1] > epochs:
+        raise UsageError(f"--milestones: epoch {out[-1]} is after the last epoch ({epochs})")
+    return out
+
+
+def make_config(args) -> "Config":
+    """Flags -> `Config` with the task's and optimizer's defaults filled in."""
+    import torch
+
+    from ramda_kernels import backends, tasks
+
+    task = tasks.get(args.task)
+    if task is None:
+        raise UsageError(f"unknown task {args.task!r} (expected one of {sorted(tasks.TASKS)})")
+    if args.optimizer in PLAIN:
+        if args.lambda_ not in (None, 0.0):
+            raise UsageError(f"--lambda needs a regularized optimizer ({', '.join(REGULARIZED)}); "
+                             f"{args.optimizer} has no regularizer")
+        if args.backend != "auto":
+            raise UsageError(f"--backend applies to {', '.join(REGULARIZED)}, not to {args.optimizer}")
+    try:
+        backends.check_name(args.backend)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    lambda_ = task.lambda_ if args.lambda_ is None else args.lambda_
+    if not (math.isfinite(lambda_) and lambda_ >= 0):
+        raise UsageError(f"--lambda must be a finite number >= 0, got {lambda_!r}")
+    lr = task.lr.get(args.optimizer, DEFAULT_LR[args.optimizer]) if args.lr is None else args.lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {lr!r}")
+    epochs = task.epochs if args.epochs is None else args.epochs
+    if epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
+    batch_size = task.batch_size if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch")
+    return Config(task=task.name, optimizer=args.optimizer, regularizer=args.regularizer,
+                  grouping=args.grouping, lambda_=lambda_, lr=lr, momentum=args.momentum,
+                  epochs=epochs, milestones=_milestones(args.milestones, epochs, task),
+                  backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
+                  out=args.out or os.path.join("runs", task.name))
+
+
+def _grouping_kwargs(cfg: Config, task) -> Dict[str, str]:
+    if cfg.grouping is None:
+        return dict(task.grouping)
+    return {"conv": cfg.grouping, "linear": cfg.grouping}
+
+
+def build_optimizer(cfg: Config, model, groups):
+    """The optimizer of ``cfg`` over ``groups`` (ramda_kernels' classes or torch's)."""
+    import torch
+
+    import ramda_kernels as rk
+
+    kw: Dict[str, Any] = {"lr": cfg.lr}
+    if cfg.momentum is not None:
+        kw["momentum"] = cfg.momentum
+    if cfg.optimizer == "adamw":
+        if cfg.momentum is not None:
+            raise UsageError("--momentum does not apply to adamw")
+        return torch.optim.AdamW(model.parameters(), **kw)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), **kw)
+    cls = {"ramda": rk.RAMDA, "rmda": rk.RMDA, "proxadamw": rk.ProxAdamW, "proxsgd": rk.ProxSGD}[cfg.optimizer]
+    if cfg.optimizer == "proxadamw" and cfg.momentum is not None:
+        raise UsageError("--momentum does not apply to proxadamw (it uses betas)")
+    return cls(groups, backend=cfg.backend, **kw)
+
+
+@dataclasses.dataclass
+class _Batches:
+    n: int
+    batch_size: int
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
+def evaluate(model, x, y, batch_size: int = 512) -> float:
+    """Accuracy of ``model`` on ``(x, y)``, in [0, 1]."""
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    model.train()
+    return correct / max(len(x), 1)
+
+
+def train(cfg: Config, progress: bool = True, log=print) -> Result:
+    """Train one configuration; ``log`` gets one line per epoch."""
+    import torch
+    from tqdm import tqdm
+
+    import ramda_kernels as rk
+    from ramda_kernels import backends, tasks
+
+    task = tasks.get(cfg.task)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = task.load()
+    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
+    model = task.model().to(device)
+    grouping = _grouping_kwargs(cfg, task)
+    try:
+        groups = rk.group_parameters(model, lambda_=cfg.lambda_, regularizer=cfg.regularizer, **grouping)
+        optimizer = build_optimizer(cfg, model, groups)
+        scheduler = rk.StagewiseScheduler(optimizer, cfg.milestones)
+    except (ValueError, rk.BackendUnavailableError) as e:
+        raise UsageError(str(e)) from None
+    # Structure is measured on the grouping's groups whatever the optimizer, so
+    # unregularized runs are scored the same way.
+    measured = rk.group_parameters(model, **grouping)
+    backend = backends.resolve(cfg.backend, device) if cfg.optimizer in REGULARIZED else None
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = len(_Batches(len(x_tr), cfg.batch_size))
+    history: List[Dict[str, float]] = []
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        order = torch.randperm(len(x_tr), generator=gen).to(device)
+        total, seen = 0.0, 0
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for i in bar:
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x_tr[idx]), y_tr[idx])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            if i % 5 == 0:
+                bar.set_postfix(loss=f"{total / seen:.4f}")
+        bar.close()
+        scheduler.step()
+        report = rk.structure_report(model, measured)
+        t = report.totals
+        row = {"epoch": epoch, "loss": total / seen, "test_accuracy": evaluate(model, x_te, y_te),
+               "group_sparsity": t.group_sparsity, "weighted_group_sparsity": t.weighted_group_sparsity,
+               "unstructured_sparsity": t.unstructured_sparsity, "seconds": time.perf_counter() - start}
+        history.append(row)
+        log(f"epoch {epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  loss {row['loss']:.4f}  "
+            f"test acc {100 * row['test_accuracy']:6.2f}%  group sparsity {100 * t.group_sparsity:6.2f}%  "
+            f"weighted {100 * t.weighted_group_sparsity:6.2f}%  ({row['seconds']:.1f}s)")
+    scheduler.close()
+    return Result(cfg, model, optimizer, scheduler, rk.structure_report(model, measured), history, backend)
+
+
+def save(result: Result) -> Dict[str, str]:
+    """Write ``<out>/<optimizer>.json`` and ``<out>/<optimizer>.pt``; return their paths."""
+    import torch
+
+    import ramda_kernels as rk
+
+    cfg = result.config
+    os.makedirs(cfg.out, exist_ok=True)
+    paths = {"metrics": os.path.join(cfg.out, f"{cfg.optimizer}.json"),
+             "checkpoint": os.path.join(cfg.out, f"{cfg.optimizer}.pt")}
+    meta = {"config": dataclasses.asdict(cfg), "backend": result.backend, "torch": torch.__version__,
+            "ramda_kernels": rk.__version__}
+    with open(paths["metrics"], "w") as f:
+        json.dump({**meta, "final": result.final, "epochs": result.history,
+                   "structure": result.report.as_dict()}, f, indent=1)
+    torch.save({**meta, "model": result.model.state_dict(), "optimizer": result.optimizer.state_dict(),
+                "scheduler": result.scheduler.state_dict(), "final": result.final}, paths["checkpoint"])
+    return paths
+
+
+def _describe(cfg: Config, backend: Optional[str]) -> str:
+    opt = cfg.optimizer + (f" (backend {backend})" if backend else "")
+    mom = "" if cfg.momentum is None else f"  momentum {cfg.momentum:g}"
+    reg = f"  {cfg.regularizer} lambda {cfg.lambda_:g}" if cfg.optimizer in REGULARIZED else ""
+    grouping = cfg.grouping or "task default"
+    text = (f"task {cfg.task}  optimizer {opt}  lr {cfg.lr:g}{mom}{reg}  grouping {grouping}\n"
+            f"{cfg.epochs} epochs  batch {cfg.batch_size}  milestones {cfg.milestones}  seed {cfg.seed}  "
+            f"device {cfg.device}")
+    if cfg.optimizer in ("ramda", "rmda") and cfg.regularizer != "none":
+        text += ("\n(ramda/rmda average the iterates, so weights become exactly zero only after the "
+                 "last milestone, when the averaging weight ramps up to 1)")
+    return text
+
+
+def _error(message: str) -> int:
+    print(f"ramda-kernels train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    try:
+        cfg = make_config(args)
+    except UsageError as e:
+        return _error(str(e))
+    from ramda_kernels import backends
+
+    backend = None
+    if cfg.optimizer in REGULARIZED:
+        try:
+            backend = backends.resolve(cfg.backend, cfg.device)
+        except backends.BackendUnavailableError as e:
+            return _error(str(e).splitlines()[0])
+    print(_describe(cfg, backend))
+    try:
+        result = train(cfg)
+    except UsageError as e:
+        return _error(str(e))
+    print()
+    print(result.report)
+    paths = save(result)
+    final = result.final
+    print(f"\nfinal: test accuracy {100 * final['test_accuracy']:.2f}%  group sparsity "
+          f"{100 * final['group_sparsity']:.2f}%  weighted group sparsity "
+          f"{100 * final['weighted_group_sparsity']:.2f}%")
+    print(f"wrote {paths['metrics']} and {paths['checkpoint']}")
+    return 0
