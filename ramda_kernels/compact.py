@@ -254,7 +254,7 @@ def _why_not_per_unit(tp, dg, node) -> Optional[str]:
         op = _op_name(node.grad_fn)
         if op in _PER_UNIT_OPS:
             return None
-        if op in _REDUCTIONS and dg._2d_4d:
+        if op in _REDUCTIONS and getattr(dg, "_2d_4d", False):  # no [N, T, F] Linear inputs
             dims = getattr(node.grad_fn, "_saved_dim", None)
             if dims is not None:
                 dims = [dims] if isinstance(dims, int) else list(dims)
@@ -324,6 +324,9 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
                   fold_constants: bool = True) -> Tuple[nn.Module, CompactionReport]:
     """A copy of ``model`` without the units no consumer uses, and a `CompactionReport`.
 
+    The copy is meant for inference: its outputs equal ``model``'s in eval mode
+    (folded constants went through BatchNorm's running statistics).
+
     ``example_inputs`` (a tensor, tuple or dict, batch first) is traced once to
     find which layers consume which units; ``model`` itself is not modified.
     With ``eval_inputs`` the two models are also compared (`verify`, raising
@@ -375,7 +378,8 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
         labels_of = []
         for item in group.items:
             node, handler = item.dep.target, item.dep.handler
-            if dg.is_out_channel_pruning_fn(handler) and node.type in (T.CONV, T.LINEAR):
+            if dg.is_out_channel_pruning_fn(handler) and node.type in (T.CONV, T.LINEAR,
+                                                                       T.DEPTHWISE_CONV):
                 visited.add(node.module)
                 labels_of.append(names.get(node.module, str(node.module)))
                 for idx, r in zip(item.idxs, item.root_idxs):

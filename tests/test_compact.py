@@ -314,3 +314,29 @@ def test_fold_refuses_a_unit_that_is_not_constant():
         model[0].bias[0] = 0.5
     assert _fold_constants(model, x, {0: [(model[2], 0)]}) == [0]
     assert not model[2].weight[:, 0].any()
+
+
+class _Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw, self.bn = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.dw(torch.relu(self.conv(x)))))
+        return self.fc(torch.relu(self.pw(h)).mean((2, 3)))
+
+
+def test_depthwise_channel_goes_with_its_input_channel():
+    torch.manual_seed(0)
+    model = _Depthwise()
+    with torch.no_grad():
+        model.pw.weight[:, [1, 6]] = 0  # pointwise ignores channels 1, 6 of the depthwise stage
+        model.bn.running_mean.uniform_(-1, 1)
+    x = _inputs((3, 5, 5))
+    small, _ = compact_model(model, x[:2], eval_inputs=x)
+    assert (small.conv.out_channels, small.dw.in_channels, small.dw.out_channels, small.dw.groups,
+            small.bn.num_features, small.pw.in_channels) == (6, 6, 6, 6, 6, 6)
+    _assert_same_outputs(model, small, x)
