@@ -340,3 +340,17 @@ def test_depthwise_channel_goes_with_its_input_channel():
     assert (small.conv.out_channels, small.dw.in_channels, small.dw.out_channels, small.dw.groups,
             small.bn.num_features, small.pw.in_channels) == (6, 6, 6, 6, 6, 6)
     _assert_same_outputs(model, small, x)
+
+
+def test_command_on_a_real_train_checkpoint(tmp_path, capsys):
+    """The checkpoint ``ramda-kernels train`` writes (one short epoch) compacts."""
+    pytest.importorskip("ramda_kernels.commands.train")
+    assert cli.main(["train", "--epochs", "1", "--batch-size", "256", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "compact"
+    assert cli.main(["compact", str(tmp_path / "ramda.pt"), "--out", str(out), "--repeats", "0"]) == 0
+    assert "outputs equal" in capsys.readouterr().out
+    small = load_compact(str(out / "compact.pt"))
+    model = tasks.get("digits-convnet").model()
+    model.load_state_dict(torch.load(tmp_path / "ramda.pt", weights_only=False)["model"])
+    _assert_same_outputs(model, small, tasks.get("digits-convnet").load().x_test)
