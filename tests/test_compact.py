@@ -200,13 +200,16 @@ def test_command_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / "ramda.pt"
     _write_checkpoint(ckpt, model)
     out = tmp_path / "small"
-    assert cli.main(["compact", str(ckpt), "--out", str(out), "--repeats", "1"]) == 0
+    threads = torch.get_num_threads()
+    assert cli.main(["compact", str(ckpt), "--out", str(out), "--repeats", "1", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads
     printed = capsys.readouterr().out
     assert "parameters" in printed and "MACs" in printed and "CPU time" in printed
     assert sorted(os.listdir(out)) == ["compact.json", "compact.pt"]
     import json
 
     report = json.loads((out / "compact.json").read_text())
+    assert report["threads"] == 1
     assert report["params_after"] == _convnet_params(30, 64, 125)
     assert report["params_before"] == _convnet_params(32, 64, 128)
     assert report["seconds_before"] > 0 and report["seconds_after"] > 0
@@ -215,16 +218,23 @@ def test_command_end_to_end(tmp_path, capsys):
     _assert_same_outputs(model, small, tasks.get("digits-convnet").load().x_test)
 
 
-@pytest.mark.parametrize("case", ["missing", "garbage", "unknown-task", "no-model"])
+@pytest.mark.parametrize("case", ["missing", "garbage", "unknown-task", "no-model", "wrong-shapes",
+                                  "bad-threads"])
 def test_command_bad_checkpoint_is_one_line(tmp_path, capsys, case):
     path = tmp_path / "ckpt.pt"
-    if case == "garbage":
+    extra = []
+    if case == "bad-threads":
+        _write_checkpoint(path, _convnet())
+        extra = ["--threads", "0"]
+    elif case == "wrong-shapes":
+        _write_checkpoint(path, tasks.get("digits-mlp").model())  # labelled digits-convnet
+    elif case == "garbage":
         path.write_text("not a checkpoint")
     elif case == "unknown-task":
         _write_checkpoint(path, _convnet(), task="no-such-task")
     elif case == "no-model":
         torch.save({"config": {"task": "digits-convnet"}}, path)
-    assert cli.main(["compact", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert cli.main(["compact", str(path), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("ramda-kernels compact: error: ") and "Traceback" not in err

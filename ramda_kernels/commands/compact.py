@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
                         help="evaluation batch size for the check and the timing (default: 512)")
     parser.add_argument("--repeats", type=int, default=20,
                         help="timed passes over the test set per model; 0 skips timing (default: 20)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); on a busy machine 1 gives "
+                             "steadier times")
 
 
 def _error(message: str, code: int = 2) -> int:
@@ -82,11 +85,25 @@ def run(args) -> int:
         return _error(f"--repeats must be >= 0, got {args.repeats}")
     if not (args.atol >= 0 and args.rtol >= 0):
         return _error("--atol and --rtol must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        return _error(f"--threads must be at least 1, got {args.threads}")
     try:
         task, state_dict = load_checkpoint(args.checkpoint)
     except ValueError as e:
         return _error(str(e))
 
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _compact(args, task, state_dict)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compact(args, task, state_dict) -> int:
     import torch
 
     from ramda_kernels.compact import CompactionError, compact_model, save_compact
@@ -95,8 +112,9 @@ def run(args) -> int:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        return _error(f"checkpoint {args.checkpoint!r} does not fit task {task.name!r}'s model: "
-                      f"{' '.join(str(e).split())[:300]}")
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        return _error(f"checkpoint {args.checkpoint!r} does not fit task {task.name!r}'s model: {detail}")
     data = task.load()
     example = data.x_test[:2]
     try:
@@ -118,7 +136,7 @@ def run(args) -> int:
                    **report.as_dict()}, f, indent=1)
 
     print(f"task {task.name}  checkpoint {args.checkpoint}  ({len(data.x_test)} test inputs, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} CPU threads)")
+          f"batch {args.batch_size}, CPU threads {torch.get_num_threads()})")
     print(report.table())
     print(f"removed {report.units_removed} units; outputs equal (max |diff| {report.max_abs_diff:.2e}, "
           f"atol {args.atol:g}, rtol {args.rtol:g})")
