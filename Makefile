@@ -1,0 +1,34 @@
+# Everything a fresh machine needs: `make demo` and `make test` create the
+# virtual environment, install the requirements and the package (compiling
+# its extension through setup.py), then run. Later runs skip the set-up until
+# one of its inputs changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ramda-installed
+# Inputs of the installed state: requirements, the build description and the
+# extension sources (an editable install compiles csrc/ in place).
+SETUP_INPUTS := requirements.txt setup.py $(wildcard tools/build_extension.py) \
+                $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup demo test
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python $(SETUP_INPUTS)
+	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-build-isolation -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/ramda-kernels train
+
+# Triton kernels run on the CPU under its interpreter, so the suite covers them
+# on machines without a GPU.
+test: export TRITON_INTERPRET = 1
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
