@@ -465,3 +465,45 @@ def test_pg_equals_exact_in_optimizer_when_run_long():
         out[solver] = p.detach()
     assert_close(out["pg"], out["exact"], rtol=1e-9, atol=1e-12, msg="RAMDA pg vs exact")
     assert (out["exact"] == 0).any() and torch.equal(out["pg"] == 0, out["exact"] == 0)
+
+
+# ---------------------------------------------------------------------------
+# Rounding: groups just above the threshold, extreme scales
+# ---------------------------------------------------------------------------
+
+def _near_threshold_batch(rng, dtype, z_exp, d_exp, max_spread_exp, delta_exp, n_trials):
+    for _ in range(n_trials):
+        n = int(rng.integers(1, 64))
+        zs, dlo = 10.0 ** rng.uniform(*z_exp), 10.0 ** rng.uniform(*d_exp)
+        spread = 10.0 ** rng.uniform(0, max_spread_exp)
+        z = torch.from_numpy(rng.standard_normal((4, n)) * zs).to(dtype)
+        d = torch.from_numpy(dlo * np.exp(rng.uniform(0, math.log(spread), (4, n)))).to(dtype)
+        # the smallest group sits a relative delta above the threshold
+        delta = 10.0 ** rng.uniform(*delta_exp)
+        T = float(np.linalg.norm(z.double().numpy(), axis=1).min() * (1 - delta))
+        yield z, d, T, f"n={n} |z|~{zs:.1e} d>={dlo:.1e} spread {spread:.1e} delta {delta:.1e}"
+
+
+def test_exact_fp32_near_threshold():
+    """fp32 state (fp32/bf16/fp16 parameters): a group with ||z_g|| a few ulps to a
+    few percent above T must still satisfy KKT to fp32 accuracy and keep the sign
+    of z (w = z/(d + sigma) with sigma > 0)."""
+    rng = np.random.default_rng(40)
+    for z, d, T, what in _near_threshold_batch(rng, torch.float32, (-12, 12), (-6, 1), 4, (-7, -1), 150):
+        w, iters = prox.exact_group_lasso(z, d, T, (1,))
+        assert torch.isfinite(w).all(), what
+        assert not (w * z < 0).any(), f"{what}: w has the wrong sign"
+        r = kkt_residual_np(w.double(), z.double(), d.double(), T, (1,)).max()
+        assert r < 1e-5, f"{what}: KKT residual {r:.2e}"
+        assert int(iters.max()) <= 15, f"{what}: {int(iters.max())} Newton steps"
+
+
+def test_exact_fp64_extreme_scales():
+    """fp64: |z| from 1e-100 to 1e100, d from 1e-50 to 1e50, thresholds anywhere."""
+    rng = np.random.default_rng(41)
+    for z, d, T, what in _near_threshold_batch(rng, F64, (-100, 100), (-50, 50), 8, (-15, 0), 150):
+        T *= rng.uniform(0.0, 1.0) if rng.uniform() < 0.5 else 1.0
+        w, iters = prox.exact_group_lasso(z, d, T, (1,))
+        r = kkt_residual_np(w, z, d, T, (1,)).max()
+        assert r < 1e-10, f"{what}: KKT residual {r:.2e}"
+        assert int(iters.max()) <= 15, f"{what}: {int(iters.max())} Newton steps"

@@ -118,23 +118,53 @@ def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
     sigma = thr * dmax / excess
     done = ~active | (dmax == dmin)
     tol = newton_tolerance(z.dtype)
+    # the step is scale-free in z: take it on unit-norm groups (NOTE: [secular
+    # equation without cancellation])
+    safe_norm = torch.where(active, znorm, torch.ones_like(znorm))
+    zeta, rel_excess = z / safe_norm, excess / safe_norm
     for _ in range(NEWTON_MAX_ITERS):
         if bool(done.all()):
             break
-        denom = d + sigma
-        q = z / denom
-        r = group_norm(q, dims)
-        phi = 1.0 / r - sigma / thr
-        dphi = group_sum(q * q / denom, dims) / r ** 3 - 1.0 / thr
-        # Right of the root phi < 0 and phi' < 0, so delta > 0; a computed
-        # delta <= 0 means phi is at its rounding floor: sigma is the root.
-        delta = phi / dphi
+        delta = _newton_step(zeta, d, sigma, rel_excess, dims)
+        # Right of the root delta > 0; a computed delta <= 0 (or NaN) means phi
+        # is at its rounding floor: sigma is the root.
         step = ~done
-        sigma = torch.where(step, sigma - torch.clamp(delta, min=0), sigma)
+        sigma = torch.where(step & (delta > 0), sigma - delta, sigma)
         iters += step.to(torch.int32)
-        done = done | (delta <= tol * sigma)
+        done = done | ~(delta > tol * sigma)
     w = torch.where(active, z / (d + sigma), torch.zeros_like(z))
     return w, iters
+
+
+def _newton_step(zeta, d, sigma, rel_excess, dims):
+    """The Newton step ``phi(sigma) / phi'(sigma)`` of `exact_group_lasso`, per group,
+    from the unit-norm groups ``zeta = z/||z_g||`` and ``rel_excess = (||z_g|| - T)/||z_g||``.
+
+    NOTE: [secular equation without cancellation]. Written as in SPEC section 4,
+    ``phi = 1/r - sigma/T`` and ``phi' = sum(q^2/(d+sigma))/r^3 - 1/T`` are
+    differences of two nearly equal numbers when ``||z_g||`` is just above ``T``
+    (then sigma is huge): in fp32 the computed step can exceed sigma itself,
+    sending sigma negative and ``w`` to the wrong sign; and ``r^3`` leaves the
+    floating-point range for small or large ``z``. The same step, in terms of
+    ``v = sigma*zeta/(d+sigma)``, ``f = ||v|| - T/||z_g||``,
+    ``a = sum(v^2 d/(d+sigma))`` and ``b = sum(v^2 sigma/(d+sigma))``
+    (so ``||v||^2 = a + b``), is::
+
+        phi / phi' = sigma f ||v|| / (a + f b / ||v||)
+
+    which has only same-signed sums of numbers at most 1; ``f`` is the exactly
+    computed relative excess minus ``1 - ||v|| = <u, zeta + v> / (1 + ||v||)``
+    with ``u = zeta - v = d*zeta/(d+sigma)``. For ``f >= 0`` the step lies in
+    ``[0, sigma)``, so sigma stays positive.
+    """
+    denom = d + sigma
+    v = zeta * (sigma / denom)
+    u = zeta * (d / denom)
+    a = group_sum(v * v * (d / denom), dims)
+    b = group_sum(v * v * (sigma / denom), dims)
+    vn = torch.sqrt(a + b)
+    f = rel_excess - group_sum(u * (zeta + v), dims) / (1.0 + vn)
+    return sigma * f * vn / (a + f * b / vn)
 
 
 def kkt_residual(w: torch.Tensor, z: torch.Tensor, d: torch.Tensor, thr: float,
