@@ -88,6 +88,9 @@ class LayerChange:
     kind: str
     units_before: int
     units_after: int
+    #: input slices of the compacted layer that are still all zero (they read the
+    #: network input, a partly used flattened channel, a kept group, ...)
+    zero_inputs_left: int = 0
 
 
 @dataclasses.dataclass
@@ -231,6 +234,17 @@ def _in_slice_zero(module: nn.Module, idx: int) -> bool:
     if module.transposed:  # ConvTranspose weight [in, out/groups, *kernel]
         return not bool(w[idx].any())
     return not bool(w[:, idx].any())  # Conv weight [out, in/groups, *kernel]
+
+
+def _zero_inputs(module: nn.Module) -> int:
+    """How many input slices of a Conv / Linear weight are all zero."""
+    dim = 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1:
+            return 0
+        dim = 0 if module.transposed else 1
+    w = module.weight.detach().transpose(0, dim)
+    return int((w.flatten(1) == 0).all(1).sum())
 
 
 def _out_row_zero(module: nn.Module, idx: int) -> bool:
@@ -421,8 +435,8 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
         if removable:
             dg.get_pruning_group(root, pruner.prune_out_channels, removable).prune()
 
-    layers = [LayerChange(name, type(m).__name__, before[m], dg.get_out_channels(m))
-              for name, m in small.named_modules() if m in before]
+    layers = [LayerChange(name, type(m).__name__, before[m], dg.get_out_channels(m),
+                          _zero_inputs(m)) for name, m in small.named_modules() if m in before]
     small.train(was_training)
     small._compact_history = [list(h) for h in dg.pruning_history()]
     report = CompactionReport(layers=layers, params_before=params_before,

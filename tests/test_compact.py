@@ -71,6 +71,7 @@ def test_convnet_zero_groups_are_removed_exactly():
     # MACs per sample: conv 8x8 and 4x4 outputs, 3x3 kernels.
     assert report.flops_after == 64 * c1 * 9 + 16 * c2 * c1 * 9 + 4 * c2 * h + h * 10
     assert report.max_abs_diff is not None and report.max_abs_diff <= ATOL
+    assert [c.zero_inputs_left for c in report.layers] == [0, 0, 3, 0]  # the partial channel
     _assert_same_outputs(model, small, x)
     for k, v in model.state_dict().items():  # the original is left alone
         assert torch.equal(v, before[k]), k
@@ -101,6 +102,7 @@ def test_output_layer_and_network_input_are_never_pruned():
     small, report = compact_model(model, x[:2], eval_inputs=x)
     assert small.fc1.in_features == 64 and small.fc3.out_features == 10
     assert (small.fc2.out_features, small.fc3.in_features) == (62, 62)
+    assert [c.zero_inputs_left for c in report.layers] == [20, 0, 0]
     _assert_same_outputs(model, small, x)
 
 

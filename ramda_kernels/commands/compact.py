@@ -140,6 +140,10 @@ def _compact(args, task, state_dict) -> int:
     print(report.table())
     print(f"removed {report.units_removed} units; outputs equal (max |diff| {report.max_abs_diff:.2e}, "
           f"atol {args.atol:g}, rtol {args.rtol:g})")
+    left = [f"{c.name} {c.zero_inputs_left}" for c in report.layers if c.zero_inputs_left]
+    if left:
+        print(f"zero input slices left (network input, partly used flattened channels, kept "
+              f"groups): {', '.join(left)}")
     for line in report.skipped:
         print(f"not compacted: {line}")
     if report.kept_last_units:
