@@ -11,7 +11,7 @@ removes those units:
     weight row and bias entry, the unit's slice in per-channel layers on the way
     (BatchNorm, PReLU, depthwise convolutions) and the consumers' zero input
     slices go with it; nothing that is removed ever reaches the output, so the
-    outputs stay equal (up to fp32 summation order).
+    outputs stay equal in eval mode (up to fp32 summation order).
 
 Which layers consume a unit comes from Torch-Pruning's `DependencyGraph`: a
 pruning group rooted at a producer's output channels lists every coupled layer
@@ -28,8 +28,10 @@ Units are never removed when
   it has no producer);
 * the group passes through an operation that mixes units (LayerNorm,
   GroupNorm, embeddings, attention, LSTMs, custom layers, unknown functional
-  ops, a reduction over the unit dimension) or feeds a grouped (not depthwise)
-  convolution: the group is skipped and the reason reported;
+  ops, a reduction over the unit dimension), is combined with a tensor outside
+  the traced graph (``h + x`` with the network input or a buffer, which would
+  keep its width) or feeds a grouped (not depthwise) convolution: the group is
+  skipped and the reason reported;
 * they are the last unit of their group: a zero-width layer is kept one unit
   wide (its consumers' slices are zero, so the unit is harmless).
 
