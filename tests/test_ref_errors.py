@@ -83,7 +83,9 @@ def test_regularizer_on_0d_tensor(cls):
     for reg in ("l1", "group_lasso", "nuclear"):
         with pytest.raises(ValueError, match="0-d"):
             cls([("scale", torch.nn.Parameter(torch.tensor(1.0)))], regularizer=reg, lambda_=0.1)
-    cls([torch.nn.Parameter(torch.tensor(1.0))])  # fine unregularized
+    opt = cls([torch.nn.Parameter(torch.tensor(1.0))])  # fine unregularized
+    with pytest.raises(ValueError, match="0-d"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.tensor(2.0))], "regularizer": "l1"})
 
 
 @pytest.mark.parametrize("cls", ALL)

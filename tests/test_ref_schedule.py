@@ -212,3 +212,34 @@ def test_lr_scheduler_proxsgd_proxadamw(cls):
         assert_close(before - p.detach(), torch.full((5,), 1.0 / (i + 1), dtype=F64), rtol=1e-6,
                      msg=f"{cls.__name__} step {i}")
         sched.step()
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_ramp_ignores_refused_and_skipped_steps(nonfinite):
+    """A step with a NaN gradient (skipped, or refused with an error) is no step of
+    the ramp: the run equals the same run without that step, bitwise."""
+    def run(bad_at):
+        p = torch.nn.Parameter(torch.arange(6, dtype=F64).reshape(2, 3) / 7)
+        opt = R.RAMDA([p], lr=0.1, momentum=0.2, lambda_=0.05, regularizer="l1", nonfinite=nonfinite)
+        sched = R.StagewiseScheduler(opt, [1])
+        cs = []
+        for i, g in enumerate(_grads(6, shape=(2, 3), seed=7)):
+            if i in bad_at:
+                p.grad = torch.full_like(p, float("nan"))
+                if nonfinite == "raise":
+                    with pytest.raises(R.NonFiniteGradientError):
+                        opt.step()
+                else:
+                    opt.step()
+            p.grad = g.clone()
+            opt.step()
+            cs.append(opt.param_groups[0]["momentum"])
+            if i == 1:
+                sched.step()  # the last milestone: restart, then the ramp
+        return p.detach(), cs
+
+    clean, clean_cs = run(())
+    dirty, dirty_cs = run((2, 4))
+    assert clean_cs[2] == pytest.approx(0.2 * math.sqrt(2), rel=1e-15)
+    assert dirty_cs == clean_cs
+    assert_bitwise_equal(dirty, clean, "bad steps must not advance the ramp")

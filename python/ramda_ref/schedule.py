@@ -11,7 +11,8 @@ after the call is in ``milestones``):
 After the last milestone, RAMDA and RMDA's averaging weight grows each
 optimizer step: ``c = min(c_0 sqrt(i), 1)`` with ``i = 2, 3, ...`` counting the
 steps since that milestone. The scheduler applies it from a step pre-hook on
-the optimizer, so the training loop needs no extra call. At ``c = 1`` the
+the optimizer, so the training loop needs no extra call; a step that is refused
+or skipped (non-finite gradients) is not counted. At ``c = 1`` the
 returned weights carry the exact zero structure of the subproblem solution.
 """
 
@@ -35,11 +36,12 @@ class StagewiseScheduler:
         self.milestones = milestones
         self.gamma = float(gamma)
         self.epoch = 0
-        #: steps taken since the last milestone once the ramp is on (0 = off)
+        #: ``i`` of the last step taken once the ramp is on (1 at the last milestone; 0 = off)
         self.ramp_count = 0
         self.restarts = hasattr(optimizer, "restart")
         self.initial_momentum = [g.get("momentum") for g in optimizer.param_groups]
-        self._hook = optimizer.register_step_pre_hook(self._momentum_ramp)
+        self._hooks = [optimizer.register_step_pre_hook(self._momentum_ramp),
+                       optimizer.register_step_post_hook(self._count_step)]
 
     def step(self) -> None:
         """End of an epoch: decay and restart at milestones, arm the ramp after the last."""
@@ -58,10 +60,14 @@ class StagewiseScheduler:
     def _momentum_ramp(self, optimizer, args, kwargs) -> None:
         if self.ramp_count == 0:
             return
-        self.ramp_count += 1
         for group, c0 in zip(optimizer.param_groups, self.initial_momentum):
             if c0 is not None:
-                group["momentum"] = min(c0 * math.sqrt(self.ramp_count), 1.0)
+                group["momentum"] = min(c0 * math.sqrt(self.ramp_count + 1), 1.0)
+
+    def _count_step(self, optimizer, args, kwargs) -> None:
+        # A refused step raises (no post-hook); a skipped one steps no parameter.
+        if self.ramp_count and getattr(optimizer, "last_iterations", True):
+            self.ramp_count += 1
 
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -78,8 +84,9 @@ class StagewiseScheduler:
         self.initial_momentum = list(state["initial_momentum"])
 
     def close(self) -> None:
-        """Detach the step hook from the optimizer."""
-        self._hook.remove()
+        """Detach the step hooks from the optimizer."""
+        for hook in self._hooks:
+            hook.remove()
 
 
 __all__ = ["StagewiseScheduler"]
