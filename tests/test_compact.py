@@ -366,3 +366,27 @@ def test_command_on_a_real_train_checkpoint(tmp_path, capsys):
     model = tasks.get("digits-convnet").model()
     model.load_state_dict(torch.load(tmp_path / "ramda.pt", weights_only=False)["model"])
     _assert_same_outputs(model, small, tasks.get("digits-convnet").load().x_test)
+
+
+class _Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.c = nn.Conv2d(11, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.c(h)).flatten(1))
+
+
+def test_concatenated_channels_map_back_to_their_producers():
+    torch.manual_seed(0)
+    model = _Concat()
+    with torch.no_grad():
+        model.c.weight[:, [0, 2, 6, 9, 10]] = 0  # a's channels 0, 2; b's channels 0, 3, 4
+    x = _inputs((3, 4, 4))
+    small, _ = compact_model(model, x[:2], eval_inputs=x)
+    assert (small.a.out_channels, small.b.out_channels, small.c.in_channels) == (4, 2, 6)
+    torch.testing.assert_close(small.b.weight, model.b.weight[[1, 2]], atol=0, rtol=0)
+    _assert_same_outputs(model, small, x)
