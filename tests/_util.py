@@ -180,3 +180,21 @@ def svt_np(y, thr: float) -> np.ndarray:
     y = _np(y)
     u, s, vt = np.linalg.svd(y.reshape(y.shape[0], -1), full_matrices=False)
     return ((u * np.maximum(s - thr, 0.0)) @ vt).reshape(y.shape)
+
+
+def assert_nuclear_optimal(w, z, d, tau: float, tol: float, msg: str = "") -> int:
+    """Optimality of ``min sum(1/2 d w^2 - z w) + tau ||W||_*`` (W = w.reshape(rows, -1)):
+    with ``W = U S V^T`` of rank r, ``G = (z - d*w)/tau`` must be ``U V^T + M`` with
+    ``U^T M = 0``, ``M V = 0`` and ``||M||_2 <= 1``. Returns r."""
+    W, Z, D = (_np(x).reshape(_np(x).shape[0], -1) for x in (w, z, d))
+    u, s, vt = np.linalg.svd(W, full_matrices=False)
+    r = int((s > tol * max(1.0, s.max(initial=0.0))).sum())
+    U, V = u[:, :r], vt[:r].T
+    G = (Z - D * W) / tau
+    Pu, Pv = np.eye(W.shape[0]) - U @ U.T, np.eye(W.shape[1]) - V @ V.T
+    assert_close(U.T @ G @ V, np.eye(r), atol=tol, msg=f"{msg}: U^T G V = I")
+    assert_close(Pu @ G @ V, np.zeros((W.shape[0], r)), atol=tol, msg=f"{msg}: M V = 0")
+    assert_close(U.T @ G @ Pv, np.zeros((r, W.shape[1])), atol=tol, msg=f"{msg}: U^T M = 0")
+    spec = np.linalg.norm(Pu @ G @ Pv, 2) if min(Pu.shape[0], Pv.shape[0]) else 0.0
+    assert spec <= 1 + tol, f"{msg}: ||M||_2 = {spec!r} > 1"
+    return r

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import ramda_ref as R
-from _util import (assert_bitwise_equal, assert_close, from_groups, group_lasso_bisect,
-                   group_soft_threshold_np, to_groups)
+from _util import (assert_bitwise_equal, assert_close, assert_nuclear_optimal, from_groups,
+                   group_lasso_bisect, group_soft_threshold_np, to_groups)
 
 F64 = torch.float64
 W0 = np.array([[0.5, -1.0, 2.0], [0.0, 0.3, -0.7]])
@@ -404,3 +404,39 @@ def test_last_iterations():
     assert it.shape == (1, 3)
     nonzero = (c != 0).any(dim=0)
     assert (it[0][nonzero] >= 2).all(), "rtol takes at least two PG iterations"
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 3, 2, 2)])
+@pytest.mark.parametrize("opt_cls", [R.RAMDA, R.ProxAdamW])
+def test_nuclear_step_is_optimal(opt_cls, shape):
+    """Nuclear norm (PG with an SVD per iteration): after each step (c = 1) the
+    weights solve that step's subproblem, checked by its optimality condition on
+    ``p.reshape(p.shape[0], -1)``; the rank drops."""
+    gen = torch.Generator().manual_seed(9)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=F64))
+    if opt_cls is R.RAMDA:
+        lr, eps, lam = 0.1, 0.5, (8.0 if len(shape) == 2 else 14.0)
+        opt = R.RAMDA([p], lr=lr, momentum=1.0, epsilon=eps, lambda_=lam, regularizer="nuclear",
+                      pg_eps=1e-12, max_iters=100000)
+    else:
+        lr, b1, b2, lam = 0.1, 0.5, 0.9, 10.0
+        opt = R.ProxAdamW([p], lr=lr, betas=(b1, b2), epsilon=0.1, lambda_=lam, regularizer="nuclear",
+                          pg_eps=1e-12, max_iters=100000)
+    alpha = 0.0
+    for t in (1, 2):
+        x = p.detach().clone()
+        p.grad = torch.randn(shape, generator=gen, dtype=F64)
+        opt.step()
+        st = opt.state[p]
+        if opt_cls is R.RAMDA:
+            alpha += lr * math.sqrt(t)
+            d = st["grad_sum_sq"].numpy() ** (1 / 3) + eps
+            z = d * st["initial_point"].numpy() - st["grad_sum"].numpy()
+            tau = alpha * lam
+        else:
+            d = np.sqrt(st["exp_avg_sq"].numpy()) / math.sqrt(1 - b2 ** t) + 0.1
+            z = d * x.numpy() - lr / (1 - b1 ** t) * st["exp_avg"].numpy()
+            tau = lr * lam
+        r = assert_nuclear_optimal(p, z, d, tau, 1e-8, msg=f"{opt_cls.__name__} step {t}")
+    assert 0 < r < min(shape[0], math.prod(shape[1:])), f"rank {r}: the example must cut some"
+    assert opt.last_iterations[p] is not None
