@@ -207,6 +207,14 @@ def triton_version() -> str:
         return f"none ({type(e).__name__})"
 
 
+#: time.perf_counter() after which no new measurement starts (``--deadline``).
+_DEADLINE = math.inf
+
+
+def past_deadline() -> bool:
+    return time.perf_counter() > _DEADLINE
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -359,6 +367,11 @@ def step_matrix(args, device: torch.device, timer: Timer, available: List[str]) 
     current = None
     model = None
     for i, (set_name, dtype_name, opt, b, reg, kind, solver) in enumerate(configs, 1):
+        if past_deadline():
+            rows.append(dict(section="step", set=set_name, optimizer=opt, backend=b, regularizer=reg,
+                             grouping=kind, solver=solver, dtype=dtype_name,
+                             status="skipped: --deadline reached"))
+            continue
         if current != (set_name, dtype_name):
             del model
             if timer.cuda:
@@ -418,6 +431,8 @@ def solver_study(args, device: torch.device) -> List[Dict[str, Any]]:
     dims = (1,)
     for dtype_name, dtype, tol in (("fp32", torch.float32, 1e-5), ("fp64", torch.float64, 1e-9)):
         for spread in args.spreads:
+            if past_deadline():
+                break
             gen = torch.Generator(device=device).manual_seed(args.seed)
             u = torch.rand((G, n), generator=gen, device=device, dtype=torch.float64)
             d = (10.0 ** (u * math.log10(spread))).to(dtype)
@@ -463,6 +478,8 @@ def scaling(args, device: torch.device, timer: Timer, available: List[str]) -> L
     sweeps += [("size", N, 16) for N in args.scale_sizes]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for sweep, N, k in sweeps:
+        if past_deadline():
+            break
         rows_per = max(1, N // k // 256)
         params = []
         for _ in range(k):
@@ -638,6 +655,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's; 1 with --quick or --preset on a CPU, where "
                         "a shared machine's load makes multi-threaded timings meaningless)")
+    p.add_argument("--deadline", type=float,
+                   help="seconds after which no new measurement starts; what is done is still "
+                        "written (rows left out say so)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=HERE,
                    help="where results.csv, RESULTS.md and the PNG go (default bench/)")
@@ -702,6 +722,9 @@ def main(argv=None) -> int:
                 torch=torch.__version__, triton=triton_version(), python=platform.python_version(),
                 command=command)
     timer = Timer(device, args.budget, args.reps, args.warmup)
+    if args.deadline is not None:
+        global _DEADLINE
+        _DEADLINE = time.perf_counter() + args.deadline
 
     available, skipped = [], {}
     for b in args.backends:

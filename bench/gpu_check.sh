@@ -117,9 +117,11 @@ VALIDATE_LINE=$(grep -E "cases in|cases pass|cannot run|no CUDA" "$OUT/validate.
 #       copy bandwidth, reference-PG on resnet50, small solver and scaling sweeps
 SETS=""
 [ "$DEVICE" = cpu ] && SETS="--sets convnet"
+BENCH_T=$(budget "${RAMDA_CHECK_T_BENCH:-150}")
 # shellcheck disable=SC2086
-stage bench "${RAMDA_CHECK_T_BENCH:-150}" "$OUT/bench.log" \
-    "$PY" bench/bench_step.py --device "$DEVICE" --preset gpu-check $SETS --out-dir "$OUT" ${BENCH_ARGS:-}
+stage bench "$BENCH_T" "$OUT/bench.log" \
+    "$PY" bench/bench_step.py --device "$DEVICE" --preset gpu-check $SETS --out-dir "$OUT" \
+    --deadline $(( BENCH_T * 3 / 4 )) ${BENCH_ARGS:-}
 
 # -- the short table, last
 {

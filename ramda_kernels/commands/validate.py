@@ -14,11 +14,14 @@ dispatch path (``ramda_kernels`` classes, backend registry, state-dict
 reload) and prints the reference's own error against the float64 truth per
 dtype, for the record. Nothing else can be checked there, so it exits 0
 when those cases pass. A backend named in ``--backends`` that cannot run
-here is an error (exit 2).
+here is an error (exit 2). Rows are printed as cases finish; a case that
+hangs longer than ``--case-timeout`` ends the command with a Python stack
+dump and exit status 1.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import time
 
 HELP = "check every fast backend available here against the reference (exit 1 on any failure)"
@@ -36,6 +39,10 @@ def add_arguments(parser) -> None:
                         help="comma list among ramda,rmda,proxadamw,proxsgd (default: all)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per case (default 10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--case-timeout", type=float, default=300.0,
+                        help="seconds one case may run before the command dumps the Python stack "
+                             "and exits 1 (a hung kernel; the hung case is the one after the last "
+                             "row printed); 0 disables (default 300)")
     parser.add_argument("--failures-only", action="store_true",
                         help="print only the failing cases' rows (the summary is always printed)")
 
@@ -61,15 +68,12 @@ def _row(res, seconds: float):
 
 _HEADERS = ["backend", "optimizer", "reg", "solver", "dtype", "grouping", "param err", "state err",
             "zero groups", "mismatches", "s", "result"]
+_WIDTHS = [9, 9, 11, 6, 5, 20, 9, 9, 11, 10, 6, 6]
 
 
-def _print_table(rows) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(_HEADERS)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    print(line(_HEADERS))
-    print(line(["-" * w for w in widths]))
-    for r in rows:
-        print(line(r))
+def _line(cells) -> str:
+    """One table row; printed as each case finishes, so a run cut short still shows its rows."""
+    return "  ".join(str(c).ljust(w) for c, w in zip(cells, _WIDTHS)).rstrip()
 
 
 def run(args) -> int:
@@ -110,9 +114,13 @@ def run(args) -> int:
     cases = list(testing.parity_cases(quick=args.quick, optimizers=optimizers))
     rows, failed = [], []
     t_all = time.perf_counter()
+    print(_line(_HEADERS))
+    print(_line(["-" * w for w in _WIDTHS]), flush=True)
     for b in chosen:
         for case in cases:
             t0 = time.perf_counter()
+            if args.case_timeout > 0:
+                faulthandler.dump_traceback_later(args.case_timeout, exit=True)
             try:
                 res = testing.run_parity(b, device=device, steps=args.steps,
                                          reload_at=args.steps // 2 if args.steps > 1 else None,
@@ -120,11 +128,13 @@ def run(args) -> int:
             except Exception as e:  # a crash is a failure of that case, not of the command
                 res = testing.ParityResult(dict(backend=b, **case))
                 res.fail(f"raised {type(e).__name__}: {e}")
+            faulthandler.cancel_dump_traceback_later()
             row = _row(res, time.perf_counter() - t0)
             rows.append(row)
             if not res.ok:
                 failed.append(res)
-    _print_table([r for r in rows if not args.failures_only or r[-1] == "FAIL"])
+            if not args.failures_only or not res.ok:
+                print(_line(row), flush=True)
 
     print()
     for b in chosen:
