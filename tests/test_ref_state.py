@@ -170,3 +170,26 @@ def test_restart_state(dtype):
         assert_bitwise_equal(st["initial_point"], p.detach().to(STATE_DTYPE[dtype]), "W0 = p")
         assert not st["grad_sum"].any() and not st["grad_sum_sq"].any()
         assert st["initial_point"].dtype == STATE_DTYPE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_low_precision_rounds_once(name, dtype):
+    """bf16/fp16 parameters: every step computes in fp32 from fp32 state and rounds
+    once. So each step equals, bitwise, the fp32 step taken from the same (rounded)
+    weights and gradient, rounded to the parameter dtype; and the state stays equal."""
+    cls, kw = OPTIMIZERS[name]
+    gen = torch.Generator().manual_seed(1)
+    low = torch.nn.Parameter(torch.randn(6, 5, generator=gen).to(dtype))
+    ref = torch.nn.Parameter(low.detach().float())
+    opt_low = cls([{"params": [low], "dims": (1,)}], **kw)
+    opt_ref = cls([{"params": [ref], "dims": (1,)}], **kw)
+    for t in range(4):
+        g = torch.randn(6, 5, generator=gen).to(dtype)
+        low.grad, ref.grad = g, g.float()
+        with torch.no_grad():
+            ref.copy_(low.float())
+        opt_low.step()
+        opt_ref.step()
+        assert_bitwise_equal(low.detach(), ref.detach().to(dtype), f"{name} step {t + 1}")
+        assert_state_equal(opt_low.state[low], opt_ref.state[ref], f"{name} step {t + 1}")
