@@ -243,7 +243,8 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
         order = torch.randperm(len(x_tr), generator=gen).to(device)
         total, seen = 0.0, 0
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+                   disable=None if progress else True,  # None: only on a terminal
+                   file=sys.stderr, dynamic_ncols=True)
         for i in bar:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             optimizer.zero_grad(set_to_none=True)
