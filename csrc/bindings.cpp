@@ -1,0 +1,386 @@
+// The one binding file of ramda_kernels._C: argument checks, plain-struct
+// construction, GIL release, and registration of the four fused steps as
+// torch.library operators (mutated arguments declared in the schema, so
+// they compose with torch.compile; fake kernels are registered from Python
+// in ramda_kernels/backends/_ext.py).
+//
+// Every op takes exactly the tensor lists and hyperparameters of the
+// matching ramda_ref.functional function (minus what Python routes to the
+// reference: nuclear, pg_stop="rtol", fp64) and updates them in place.
+
+#include <ATen/ATen.h>
+#include <ATen/InferSize.h>
+#include <ATen/TensorUtils.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_step.h"
+#include "group_layout.h"
+#include "ramda_args.h"
+
+#ifdef RAMDA_WITH_CUDA
+#include "cuda/cuda_step.h"
+#endif
+
+namespace ramda {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using OptInts = std::optional<at::IntArrayRef>;
+
+// Releases the GIL for the duration of a step when the caller holds it (a
+// call through torch.ops from Python does; a C++ or compiled caller may not).
+class GilRelease {
+ public:
+  GilRelease() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
+  ~GilRelease() {
+    if (state_) PyEval_RestoreThread(state_);
+  }
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+Reg parse_reg(const std::string& op, const std::string& r) {
+  if (r == "none") return Reg::kNone;
+  if (r == "l1") return Reg::kL1;
+  if (r == "group_lasso") return Reg::kGroupLasso;
+  TORCH_CHECK(false, op, ": regularizer must be 'none', 'l1' or 'group_lasso' (nuclear runs on "
+              "the reference), got '", r, "'");
+}
+
+Solver parse_solver(const std::string& op, const std::string& s) {
+  if (s == "exact") return Solver::kExact;
+  if (s == "pg") return Solver::kPg;
+  TORCH_CHECK(false, op, ": solver must be 'exact' or 'pg', got '", s, "'");
+}
+
+DType parse_dtype(const std::string& op, int64_t i, at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFp32;
+    case at::kBFloat16: return DType::kBf16;
+    case at::kHalf: return DType::kFp16;
+    default:
+      TORCH_CHECK(false, op, ": params[", i, "] has dtype ", t,
+                  "; the fused step takes float32, bfloat16 or float16 (float64 runs on the reference)");
+  }
+}
+
+bool is_dense(const Tensor& x) {
+  if (x.numel() <= 1) return true;
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (x.size(d) != 1) pairs.emplace_back(x.stride(d), x.size(d));
+  std::sort(pairs.begin(), pairs.end());
+  int64_t expected = 1;
+  for (auto [st, s] : pairs) {
+    if (st != expected) return false;
+    expected *= s;
+  }
+  return true;
+}
+
+bool same_layout(const Tensor& a, const Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// `x` (parameter, gradient or state) must match params[i] in shape, strides and device.
+void check_like(const std::string& op, const char* name, int64_t i, const Tensor& x,
+                const Tensor& p, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(x.device() == p.device(), op, ": ", name, "[", i, "] is on ", x.device(),
+              " but params[", i, "] is on ", p.device());
+  TORCH_CHECK(same_layout(x, p), op, ": ", name, "[", i, "] has shape ", x.sizes(), " and strides ",
+              x.strides(), "; expected those of params[", i, "]: ", p.sizes(), " ", p.strides());
+  if (dtype) {
+    TORCH_CHECK(x.scalar_type() == *dtype, op, ": ", name, "[", i, "] has dtype ", x.scalar_type(),
+                ", expected ", *dtype);
+  }
+}
+
+void check_list(const std::string& op, const char* name, TensorList xs, size_t n) {
+  TORCH_CHECK(xs.size() == n, op, ": ", name, " has ", xs.size(), " tensors but params has ", n);
+}
+
+// Shape and strides of `p` seen through `view` (no copy).
+void viewed(const std::string& op, int64_t i, const Tensor& p, const OptInts& view,
+            std::vector<int64_t>& shape, std::vector<int64_t>& strides) {
+  shape.assign(p.sizes().begin(), p.sizes().end());
+  strides.assign(p.strides().begin(), p.strides().end());
+  if (!view) return;
+  const at::DimVector inferred = at::infer_size_dv(*view, p.numel());
+  auto st = at::detail::computeStride(p.sizes(), p.strides(), inferred);
+  TORCH_CHECK(st.has_value(), op, ": params[", i, "] of shape ", p.sizes(), " cannot be viewed as ",
+              *view, " in place");
+  shape.assign(inferred.begin(), inferred.end());
+  strides.assign(st->begin(), st->end());
+}
+
+// Per-call description of the optimizer: which tensors it reads and how
+// each one's subproblem is solved.
+struct Call {
+  std::string op;
+  Optim optim;
+  Reg reg;
+  Solver solver = Solver::kExact;
+  OptInts dims;
+  OptInts view;
+  bool reweight;
+};
+
+TensorArgs tensor_args(const Call& c, const StepArgs& a, int64_t i, const Tensor& p,
+                       const Tensor& g, float* s0, float* s1, float* s2) {
+  TensorArgs t;
+  t.param = p.data_ptr();
+  t.grad = g.data_ptr();
+  t.s0 = s0;
+  t.s1 = s1;
+  t.s2 = s2;
+  t.numel = p.numel();
+  t.dtype = parse_dtype(c.op, i, p.scalar_type());
+  const bool dual = c.optim == Optim::kRamda || c.optim == Optim::kProxAdamW;
+  const bool closed = a.thr_base == 0.0 || c.reg == Reg::kNone ||
+                      (c.reg == Reg::kL1 && !(dual && c.solver == Solver::kPg));
+  t.path = closed ? Path::kElementwise : Path::kGroups;
+  if (t.path == Path::kGroups && t.numel > 0) {
+    std::vector<int64_t> shape, strides;
+    if (c.reg == Reg::kL1) {  // whole-tensor PG: one group, in flat storage order
+      shape = {t.numel};
+      strides = {1};
+    } else {
+      viewed(c.op, i, p, c.view, shape, strides);
+    }
+    const int64_t nd = static_cast<int64_t>(shape.size());
+    TORCH_CHECK(nd >= 1 && nd <= kMaxDims, c.op, ": params[", i, "] has rank ", nd,
+                " (viewed); group lasso needs a rank in [1, ", kMaxDims, "]");
+    std::vector<bool> reduced(nd, c.reg == Reg::kL1 || !c.dims);
+    if (c.reg == Reg::kGroupLasso && c.dims) {
+      TORCH_CHECK(!c.dims->empty(), c.op, ": dims must name at least one dimension");
+      for (int64_t d : *c.dims) {
+        TORCH_CHECK(d >= -nd && d < nd, c.op, ": dims entry ", d, " is out of range for params[", i,
+                    "] of rank ", nd);
+        const int64_t dd = d < 0 ? d + nd : d;
+        TORCH_CHECK(!reduced[dd], c.op, ": dims ", *c.dims, " repeats a dimension");
+        reduced[dd] = true;
+      }
+    }
+    t.layout = make_group_layout(shape, strides, reduced);
+    const double gsize = static_cast<double>(t.layout.group_size);
+    t.cg = (c.reg == Reg::kGroupLasso && c.reweight) ? std::sqrt(gsize) : 1.0;
+    t.tol_scale = std::sqrt(gsize / static_cast<double>(t.numel));
+  }
+  fill_thresholds(t, a);
+  return t;
+}
+
+void run(const Call& c, const StepArgs& a, TensorList params, TensorList grads, TensorList st0,
+         TensorList st1, TensorList st2) {
+  const size_t n = params.size();
+  check_list(c.op, "grads", grads, n);
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  std::vector<TensorArgs> tensors;
+  tensors.reserve(n);
+  for (size_t k = 0; k < n; ++k) {
+    const int64_t i = static_cast<int64_t>(k);
+    const Tensor& p = params[k];
+    TORCH_CHECK(p.device() == device, c.op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
+                device, "; one call takes tensors on one device");
+    TORCH_CHECK(p.layout() == at::kStrided && is_dense(p), c.op, ": params[", i,
+                "] must be a dense strided tensor (strides ", p.strides(), ")");
+    check_like(c.op, "grads", i, grads[k], p, p.scalar_type());
+    float* s[3] = {nullptr, nullptr, nullptr};
+    TensorList lists[3] = {st0, st1, st2};
+    const char* names[3] = {"", "", ""};
+    switch (c.optim) {
+      case Optim::kRamda: names[0] = "initial_points"; names[1] = "grad_sums"; names[2] = "grad_sum_sqs"; break;
+      case Optim::kRmda: names[0] = "initial_points"; names[1] = "grad_sums"; break;
+      case Optim::kProxAdamW: names[0] = "exp_avgs"; names[1] = "exp_avg_sqs"; names[2] = "max_exp_avg_sqs"; break;
+      case Optim::kProxSgd: names[0] = "momentum_buffers"; break;
+    }
+    for (int r = 0; r < 3; ++r) {
+      if (names[r][0] == '\0' || (c.optim == Optim::kProxAdamW && r == 2 && !a.amsgrad)) continue;
+      const Tensor& x = lists[r][k];
+      check_like(c.op, names[r], i, x, p, at::kFloat);
+      s[r] = x.data_ptr<float>();
+    }
+    tensors.push_back(tensor_args(c, a, i, p, grads[k], s[0], s[1], s[2]));
+  }
+  GilRelease nogil;
+  if (device.is_cpu()) {
+    cpu::step(a, tensors);
+    return;
+  }
+#ifdef RAMDA_WITH_CUDA
+  TORCH_CHECK(device.is_cuda(), c.op, ": tensors on ", device, " are not supported");
+  cuda::step(a, tensors, device.index());
+#else
+  TORCH_CHECK(false, c.op, ": ramda_kernels._C was built without CUDA; tensors on ", device,
+              " are not supported");
+#endif
+}
+
+void ramda_(TensorList params, TensorList grads, TensorList initial_points, TensorList grad_sums,
+            TensorList grad_sum_sqs, int64_t step, double alpha, double lr, double momentum,
+            double epsilon, double lambda_, std::string regularizer, OptInts dims, OptInts view,
+            bool reweight, std::string solver, int64_t max_iters, double pg_eps) {
+  const std::string op = "ramda_";
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+  const size_t n = params.size();
+  check_list(op, "initial_points", initial_points, n);
+  check_list(op, "grad_sums", grad_sums, n);
+  check_list(op, "grad_sum_sqs", grad_sum_sqs, n);
+  Call c{op, Optim::kRamda, parse_reg(op, regularizer), parse_solver(op, solver), dims, view, reweight};
+  StepArgs a;
+  a.optim = c.optim;
+  a.reg = c.reg;
+  a.solver = c.solver;
+  a.max_iters = static_cast<int32_t>(max_iters);
+  a.s = static_cast<float>(lr * std::sqrt(static_cast<double>(step)));
+  a.eps = static_cast<float>(epsilon);
+  a.keep = static_cast<float>(1.0 - momentum);
+  a.c = static_cast<float>(momentum);
+  a.thr_base = alpha * lambda_;
+  a.eps_t = pg_eps * std::pow(static_cast<double>(step), -0.6);
+  run(c, a, params, grads, initial_points, grad_sums, grad_sum_sqs);
+}
+
+void rmda_(TensorList params, TensorList grads, TensorList initial_points, TensorList grad_sums,
+           int64_t step, double alpha, double lr, double momentum, double lambda_,
+           std::string regularizer, OptInts dims, OptInts view, bool reweight) {
+  const std::string op = "rmda_";
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  const size_t n = params.size();
+  check_list(op, "initial_points", initial_points, n);
+  check_list(op, "grad_sums", grad_sums, n);
+  Call c{op, Optim::kRmda, parse_reg(op, regularizer), Solver::kExact, dims, view, reweight};
+  StepArgs a;
+  a.optim = c.optim;
+  a.reg = c.reg;
+  const double beta = std::sqrt(static_cast<double>(step));
+  a.s = static_cast<float>(lr * beta);
+  a.beta = static_cast<float>(beta);
+  a.keep = static_cast<float>(1.0 - momentum);
+  a.c = static_cast<float>(momentum);
+  a.thr_base = alpha * lambda_ / beta;
+  run(c, a, params, grads, initial_points, grad_sums, {});
+}
+
+void proxadamw_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList max_exp_avg_sqs, int64_t step, double lr, double beta1, double beta2,
+                double epsilon, double weight_decay, bool amsgrad, double lambda_,
+                std::string regularizer, OptInts dims, OptInts view, bool reweight,
+                std::string solver, int64_t max_iters, double pg_eps) {
+  const std::string op = "proxadamw_";
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+  const size_t n = params.size();
+  check_list(op, "exp_avgs", exp_avgs, n);
+  check_list(op, "exp_avg_sqs", exp_avg_sqs, n);
+  if (amsgrad) check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, n);
+  Call c{op, Optim::kProxAdamW, parse_reg(op, regularizer), parse_solver(op, solver), dims, view, reweight};
+  StepArgs a;
+  a.optim = c.optim;
+  a.reg = c.reg;
+  a.solver = c.solver;
+  a.max_iters = static_cast<int32_t>(max_iters);
+  a.amsgrad = amsgrad;
+  const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  a.adam = AdamCoeffs{static_cast<float>(beta1), static_cast<float>(1.0 - beta1),
+                      static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                      static_cast<float>(bias2_sqrt), static_cast<float>(epsilon),
+                      static_cast<float>(lr / bias1)};
+  a.decay = static_cast<float>(1.0 - lr * weight_decay);
+  a.thr_base = lr * lambda_;
+  a.eps_t = pg_eps * std::pow(static_cast<double>(step), -0.6);
+  run(c, a, params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList{});
+}
+
+void proxsgd_(TensorList params, TensorList grads, TensorList momentum_buffers, int64_t step,
+              double lr, double momentum, double lambda_, std::string regularizer, OptInts dims,
+              OptInts view, bool reweight) {
+  const std::string op = "proxsgd_";
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+  check_list(op, "momentum_buffers", momentum_buffers, params.size());
+  Call c{op, Optim::kProxSgd, parse_reg(op, regularizer), Solver::kExact, dims, view, reweight};
+  StepArgs a;
+  a.optim = c.optim;
+  a.reg = c.reg;
+  a.keep = static_cast<float>(1.0 - momentum);
+  a.c = static_cast<float>(momentum);
+  a.lr = static_cast<float>(lr);
+  a.thr_base = lr * lambda_;
+  run(c, a, params, grads, momentum_buffers, {}, {});
+}
+
+}  // namespace
+}  // namespace ramda
+
+TORCH_LIBRARY(ramda_kernels, m) {
+  // RAMDA step (SPEC 1): V, U, p updated in place; initial_points read only.
+  m.def("ramda_(Tensor(a!)[] params, Tensor[] grads, Tensor[] initial_points, "
+        "Tensor(b!)[] grad_sums, Tensor(c!)[] grad_sum_sqs, int step, float alpha, float lr, "
+        "float momentum, float epsilon, float lambda_, str regularizer, int[]? dims, int[]? view, "
+        "bool reweight, str solver, int max_iters, float pg_eps) -> ()");
+  // RMDA step: V and p updated in place.
+  m.def("rmda_(Tensor(a!)[] params, Tensor[] grads, Tensor[] initial_points, "
+        "Tensor(b!)[] grad_sums, int step, float alpha, float lr, float momentum, float lambda_, "
+        "str regularizer, int[]? dims, int[]? view, bool reweight) -> ()");
+  // ProxAdamW step: m, v (, vmax) and p updated in place; max_exp_avg_sqs empty unless amsgrad.
+  m.def("proxadamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, int step, float lr, float beta1, "
+        "float beta2, float epsilon, float weight_decay, bool amsgrad, float lambda_, "
+        "str regularizer, int[]? dims, int[]? view, bool reweight, str solver, int max_iters, "
+        "float pg_eps) -> ()");
+  // ProxSGD step: the momentum buffer and p updated in place.
+  m.def("proxsgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int step, "
+        "float lr, float momentum, float lambda_, str regularizer, int[]? dims, int[]? view, "
+        "bool reweight) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ramda_kernels, CPU, m) {
+  m.impl("ramda_", &ramda::ramda_);
+  m.impl("rmda_", &ramda::rmda_);
+  m.impl("proxadamw_", &ramda::proxadamw_);
+  m.impl("proxsgd_", &ramda::proxsgd_);
+}
+
+#ifdef RAMDA_WITH_CUDA
+TORCH_LIBRARY_IMPL(ramda_kernels, CUDA, m) {
+  m.impl("ramda_", &ramda::ramda_);
+  m.impl("rmda_", &ramda::rmda_);
+  m.impl("proxadamw_", &ramda::proxadamw_);
+  m.impl("proxsgd_", &ramda::proxsgd_);
+}
+#endif
+
+#ifdef TORCH_EXTENSION_NAME
+#include <pybind11/pybind11.h>
+
+// The Python module only reports how it was built; the ops live in
+// torch.ops.ramda_kernels (registered above when this module is imported).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ramda_kernels._C: fused RAMDA/RMDA/ProxAdamW/ProxSGD steps (torch.ops.ramda_kernels)";
+  m.def(
+      "with_cuda",
+      []() {
+#ifdef RAMDA_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True if the CUDA kernels were compiled into this build.");
+}
+#endif

@@ -1,0 +1,181 @@
+// The update and prox math of SPEC sections 1-5, as small inline functions
+// shared by the CPU (C++) and CUDA kernels. Everything here is fp32 math on
+// scalars; loads, stores, tiling and reductions live in the kernel bodies
+// (csrc/cpu/kernels.cpp, csrc/cuda/kernels.cuh).
+//
+// The expressions follow python/ramda_ref operation by operation (same
+// operand order, hyperparameters rounded to fp32 the way torch rounds a
+// Python scalar), so the fused paths agree with the reference to a few ulps.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define RAMDA_HD __host__ __device__ __forceinline__
+#else
+#define RAMDA_HD inline
+#endif
+
+namespace ramda {
+
+// Relative change of sigma under which Newton stops: 4 * eps(fp32)
+// (ramda_ref.prox.newton_tolerance). Cap: ramda_ref.prox.NEWTON_MAX_ITERS.
+constexpr float kNewtonTol = 4.0f * 1.1920928955078125e-07f;
+constexpr int kNewtonMaxIters = 50;
+
+// Real cube root of x >= 0, branch free so that a loop over it vectorizes
+// (libm's cbrtf does not). Bit-trick seed, two Halley steps in fp32 (~1e-6
+// relative), one Newton step in fp64: correctly rounded but for rare ties.
+RAMDA_HD float cbrt_nonneg(float x) {
+#if defined(__CUDA_ARCH__)
+  return cbrtf(x);
+#else
+  const bool tiny = x < 1.0e-30f;  // keep the seed's exponent trick in the normal range
+  const float xs = tiny ? x * 0x1p90f : x;
+  int32_t i;
+  std::memcpy(&i, &xs, sizeof(i));
+  i = static_cast<int32_t>(static_cast<float>(i) * (1.0f / 3.0f)) + 709921077;
+  float y;
+  std::memcpy(&y, &i, sizeof(y));
+  float y3 = y * y * y;
+  y = y * (y3 + 2.0f * xs) / (2.0f * y3 + xs);
+  y3 = y * y * y;
+  y = y * (y3 + 2.0f * xs) / (2.0f * y3 + xs);
+  const double yd = y, xd = xs;
+  y = static_cast<float>(yd - (yd * yd * yd - xd) / (3.0 * yd * yd));
+  y = tiny ? y * 0x1p-30f : y;
+  return x > 0.0f ? y : 0.0f;
+#endif
+}
+
+RAMDA_HD float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+// prox of thr*|.|: sign(y) * max(|y| - thr, 0)  (ramda_ref.prox.soft_threshold)
+RAMDA_HD float soft_threshold(float y, float thr) {
+  const float m = fabsf(y) - thr;
+  return sign_of(y) * (m > 0.0f ? m : 0.0f);
+}
+
+// Factor that group soft-thresholding applies to a group of norm `norm`:
+// max(norm - thr, 0) / norm (1 for a zero group; ramda_ref.prox.group_soft_threshold).
+RAMDA_HD float group_shrink(float norm, float thr) {
+  const float m = norm - thr;
+  return (m > 0.0f ? m : 0.0f) / (norm > 0.0f ? norm : 1.0f);
+}
+
+// ---------------------------------------------------------------------------
+// Per-element optimizer updates (SPEC section 1). Each reads the gradient and
+// the state, writes the new state and yields the subproblem's (d, z) or the
+// closed-form prox argument y.
+// ---------------------------------------------------------------------------
+
+// RAMDA: V += s g; U += s g g; d = cbrt(U) + eps; z = d W0 - V.
+RAMDA_HD void ramda_dz(float g, float w0, float& v, float& u, float s, float eps,
+                       float& d, float& z) {
+  v = v + s * g;
+  u = u + s * g * g;
+  d = cbrt_nonneg(u) + eps;
+  z = d * w0 - v;
+}
+
+// RMDA: V += s g; y = W0 - V / beta.
+RAMDA_HD float rmda_y(float g, float w0, float& v, float s, float beta) {
+  v = v + s * g;
+  return w0 - v / beta;
+}
+
+// ProxAdamW: m, v moments (amsgrad keeps vmax), d = sqrt(v)/sqrt(1-b2^t) + eps,
+// z = d x - (lr/(1-b1^t)) m, with x the decayed parameter.
+struct AdamCoeffs {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, eps, step_size;
+};
+
+RAMDA_HD void proxadamw_dz(float g, float x, float& m, float& v, float& vmax, bool amsgrad,
+                           const AdamCoeffs& c, float& d, float& z) {
+  m = m * c.beta1 + c.one_minus_beta1 * g;
+  v = v * c.beta2 + c.one_minus_beta2 * g * g;
+  float vv = v;
+  if (amsgrad) {
+    vmax = vmax > v ? vmax : v;
+    vv = vmax;
+  }
+  d = sqrtf(vv) / c.bias2_sqrt + c.eps;
+  z = d * x - c.step_size * m;
+}
+
+// ProxSGD: buf = (1-c) buf + c g; y = x - lr buf.
+RAMDA_HD float proxsgd_y(float g, float x, float& buf, float keep, float c, float lr) {
+  buf = buf * keep + c * g;
+  return x - lr * buf;
+}
+
+// Momentum by averaging (RAMDA, RMDA): p = (1-c) x + c w.
+RAMDA_HD float average(float x, float w, float keep, float c) { return keep * x + c * w; }
+
+// ---------------------------------------------------------------------------
+// Exact group lasso (SPEC section 4): Newton on
+//   phi(sigma) = 1/||z/(d+sigma)|| - sigma/T
+// from sigma_hi = T max(d)/(||z|| - T). A kernel accumulates, at the current
+// sigma, r2 = sum q^2 and s3 = sum q^2/(d+sigma) with q = z/(d+sigma)
+// (newton_terms), then calls newton_update.
+// ---------------------------------------------------------------------------
+
+struct NewtonStart {
+  bool active;   // ||z|| > T: the group is nonzero
+  bool done;     // nothing to iterate (zero group, or constant d: closed form)
+  float sigma;
+};
+
+RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr) {
+  NewtonStart st;
+  st.active = znorm > thr;
+  const float excess = st.active ? znorm - thr : 1.0f;
+  st.sigma = thr * dmax / excess;
+  st.done = !st.active || dmax == dmin;
+  return st;
+}
+
+// Adds one element's share of r2 and s3 at sigma.
+RAMDA_HD void newton_terms(float z, float d, float sigma, float& r2, float& s3) {
+  const float inv = 1.0f / (d + sigma);
+  const float q = z * inv;
+  const float q2 = q * q;
+  r2 += q2;
+  s3 += q2 * inv;
+}
+
+// One Newton step from the group sums; returns the new sigma and sets `done`
+// when the step was below kNewtonTol relative (ramda_ref.prox.exact_group_lasso:
+// right of the root delta > 0; a computed delta <= 0 means sigma is the root).
+RAMDA_HD float newton_update(float sigma, float r2, float s3, float thr, float inv_thr,
+                             bool& done) {
+  const float r = sqrtf(r2);
+  const float phi = 1.0f / r - sigma / thr;
+  const float dphi = s3 / (r * r * r) - inv_thr;
+  const float delta = phi / dphi;
+  const float next = sigma - (delta > 0.0f ? delta : 0.0f);
+  done = delta <= kNewtonTol * next;
+  return next;
+}
+
+// The solution of an active group: w = z / (d + sigma).
+RAMDA_HD float newton_solution(float z, float d, float sigma) { return z / (d + sigma); }
+
+// ---------------------------------------------------------------------------
+// Proximal gradient (SPEC section 5), one iteration per element:
+//   y = Z - theta (d Z - z)  ->  Z' = prox(y)  ->  s = (1/theta - d)(Z - Z').
+// Group lasso needs ||y|| before the prox, so kernels run pg_gradient_point,
+// reduce, then apply group_shrink; l1 applies soft_threshold directly.
+// ---------------------------------------------------------------------------
+
+RAMDA_HD float pg_gradient_point(float Z, float z, float d, float theta) {
+  return Z - theta * (d * Z - z);
+}
+
+RAMDA_HD float pg_residual(float Zold, float Znew, float d, float inv_theta) {
+  return (inv_theta - d) * (Zold - Znew);
+}
+
+}  // namespace ramda

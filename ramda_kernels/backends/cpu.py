@@ -1,0 +1,30 @@
+"""C++ CPU backend: ``torch.ops.ramda_kernels.*`` from the compiled ``ramda_kernels._C``.
+
+Same functions and signatures as ``ramda_ref.functional``. One op call per
+functional call runs every tensor (any mix of fp32/bf16/fp16) with threads
+across groups (csrc/cpu/kernels.cpp, NOTE: [Tiling per layout]); what the
+op does not take goes to the reference in the same call (NOTE: [Extension
+fallbacks] in ``_ext.py``). Fused entries of the returned list are ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _ext
+from ._ext import proxadamw, proxsgd, ramda, rmda
+
+
+def why_unavailable(device: torch.device) -> Optional[str]:
+    device = torch.device(device)
+    reason = _ext.unavailable_reason()
+    if reason is not None:
+        return reason
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, not {device.type}"
+    return None
+
+
+__all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable"]
