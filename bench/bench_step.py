@@ -365,28 +365,33 @@ def step_matrix(args, device: torch.device, timer: Timer, available: List[str]) 
                                 configs.append((set_name, dtype_name, opt, "reference", reg, kind, "pg"))
     configs = list(dict.fromkeys(configs))
     current = None
-    model = None
+    model: Optional[Model] = None
+    model_error = ""
     for i, (set_name, dtype_name, opt, b, reg, kind, solver) in enumerate(configs, 1):
+        label = dict(section="step", set=set_name, optimizer="adamw" if b == "torch" else opt,
+                     backend=opt if b == "torch" else b, regularizer=reg, grouping=kind,
+                     solver=solver, dtype=dtype_name)
         if past_deadline():
-            rows.append(dict(section="step", set=set_name, optimizer=opt, backend=b, regularizer=reg,
-                             grouping=kind, solver=solver, dtype=dtype_name,
-                             status="skipped: --deadline reached"))
+            rows.append(dict(label, status="skipped: --deadline reached"))
             continue
         if current != (set_name, dtype_name):
-            del model
+            model = model_error = None
             if timer.cuda:
                 torch.cuda.empty_cache()
-            model = Model(set_name, DTYPES[dtype_name], device, args.seed)
+            try:
+                model = Model(set_name, DTYPES[dtype_name], device, args.seed)
+            except Exception as e:  # e.g. out of memory: every row of this set and dtype says so
+                model_error = f"error building the set: {type(e).__name__}: {str(e)[:160]}"
             current = (set_name, dtype_name)
+        if model is None:
+            rows.append(dict(label, status=model_error))
+            continue
         if b == "reference" and solver == "pg" and model.numel > args.ref_pg_max_params:
-            rows.append(dict(section="step", set=set_name, optimizer=opt, backend=b, regularizer=reg,
-                             grouping=kind, solver=solver, dtype=dtype_name, n_params=model.numel,
-                             n_tensors=len(model.params),
+            rows.append(dict(label, n_params=model.numel, n_tensors=len(model.params),
                              status=f"skipped: over --ref-pg-max-params {args.ref_pg_max_params:g}"))
             continue
         row = run_step(model, set_name, dtype_name, opt, b, reg, kind, solver, timer, args)
-        if b == "torch":
-            row["backend"], row["optimizer"] = opt, "adamw"
+        row.update(optimizer=label["optimizer"], backend=label["backend"])
         rows.append(row)
         log(f"[{i}/{len(configs)}] {set_name} {dtype_name} {opt} {b} {reg} {kind} {solver}: "
             + (f"{row['ms']:.3f} ms ({row['reps']} reps)" if row.get("status") == "ok" else row["status"]))
