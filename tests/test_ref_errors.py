@@ -210,3 +210,15 @@ def test_zero_size_parameter(cls):
     w.grad = torch.randn_like(w)
     opt.step()
     assert e.shape == (0, 3) and torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_param_names_group_key_names_the_parameter(cls):
+    a, b = _p(3), _p(2, 2)
+    opt = cls([{"params": [a, b], "param_names": ["enc.w", "enc.v"]}])
+    a.grad, b.grad = torch.ones_like(a), torch.randn_like(b).to_sparse()
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"'enc\.v'.*sparse"):
+        opt.step()
+    assert_bitwise_equal(a.detach(), before[0], "a")
+    assert len(opt.state) == 0, "no state may be created by a refused step"

@@ -440,3 +440,13 @@ def test_nuclear_step_is_optimal(opt_cls, shape):
         r = assert_nuclear_optimal(p, z, d, tau, 1e-8, msg=f"{opt_cls.__name__} step {t}")
     assert 0 < r < min(shape[0], math.prod(shape[1:])), f"rank {r}: the example must cut some"
     assert opt.last_iterations[p] is not None
+
+
+def test_reweight_off_uses_unit_group_weights():
+    """``reweight=False``: c_g = 1 instead of sqrt(|g|)."""
+    p = _param()
+    opt = R.ProxSGD([p], lr=0.5, momentum=1.0, lambda_=2.4, dims=(1,), reweight=False)
+    p.grad = torch.tensor(G1, dtype=F64)
+    opt.step()
+    assert_close(p, group_soft_threshold_np(W0 - 0.5 * G1, 0.5 * 2.4, (1,)), rtol=1e-14, msg="c_g = 1")
+    assert (p.detach()[1] == 0).all() and (p.detach()[0] != 0).all()
