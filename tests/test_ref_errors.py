@@ -222,3 +222,14 @@ def test_param_names_group_key_names_the_parameter(cls):
         opt.step()
     assert_bitwise_equal(a.detach(), before[0], "a")
     assert len(opt.state) == 0, "no state may be created by a refused step"
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_dim_alias(cls):
+    """The authors' ``dim`` means ``dims``; giving both is refused, not silently resolved."""
+    a = cls([_p(4, 6)], dim=(0,), lambda_=0.1)
+    assert a.param_groups[0]["dims"] == (0,) and a.param_groups[0]["regularizer"] == "group_lasso"
+    with pytest.raises(ValueError, match="not both"):
+        cls([_p(4, 6)], dims=(1,), dim=(0,))
+    with pytest.raises(ValueError, match="not both"):
+        a.add_param_group({"params": [_p(2, 2)], "dims": (1,), "dim": (0,)})

@@ -63,6 +63,8 @@ class ProxOptimizer(torch.optim.Optimizer):
         self.last_iterations: Dict[torch.Tensor, Optional[torch.Tensor]] = {}
         defaults = dict(defaults)
         if "dim" in defaults:
+            if defaults.get("dims") is not None:
+                raise ValueError("give either 'dims' or its alias 'dim', not both")
             defaults["dims"] = defaults.pop("dim")
         super().__init__(params, defaults)
 
