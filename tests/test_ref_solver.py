@@ -507,3 +507,28 @@ def test_exact_fp64_extreme_scales():
         r = kkt_residual_np(w, z, d, T, (1,)).max()
         assert r < 1e-10, f"{what}: KKT residual {r:.2e}"
         assert int(iters.max()) <= 15, f"{what}: {int(iters.max())} Newton steps"
+
+
+def test_exact_any_dims_any_rank():
+    """Random shapes of rank 1..5 and random non-empty dims: KKT per hand-made group,
+    and the zero groups are exactly those with ||z_g|| <= T."""
+    rng = np.random.default_rng(42)
+    for case in range(60):
+        rank = int(rng.integers(1, 6))
+        shape = tuple(int(s) for s in rng.integers(1, 5, size=rank))
+        k = int(rng.integers(1, rank + 1))
+        dims = tuple(sorted(int(x) for x in rng.choice(rank, size=k, replace=False)))
+        z = torch.from_numpy(rng.standard_normal(shape))
+        d = torch.from_numpy(np.exp(rng.uniform(0, math.log(1e6), shape)))
+        norms = np.linalg.norm(to_groups(z, dims), axis=1)
+        srt = np.sort(norms)
+        # half-way between two group norms: no group sits on the threshold
+        T = float(0.5 * (srt[len(srt) // 2 - 1] + srt[len(srt) // 2])) if len(srt) > 1 else 0.5 * srt[0]
+        w, _ = prox.exact_group_lasso(z, d, T, dims)
+        _check_kkt(w, z, d, T, dims, msg=f"shape {shape} dims {dims}")
+        assert np.array_equal(np.all(to_groups(w, dims) == 0, axis=1), norms <= T), f"{shape} {dims}"
+        # negative dims name the same groups
+        neg = tuple(x - rank for x in dims)
+        w2, _ = prox.solve_subproblem(z, d, T / math.sqrt(math.prod(shape[i] for i in dims)),
+                                      regularizer="group_lasso", dims=prox.normalize_dims(neg, rank))
+        assert_close(w2, w, rtol=1e-13, atol=1e-300, msg=f"negative dims {neg}")
