@@ -186,15 +186,6 @@ def build_optimizer(cfg: Config, model, groups):
     return cls(groups, backend=cfg.backend, **kw)
 
 
-@dataclasses.dataclass
-class _Batches:
-    n: int
-    batch_size: int
-
-    def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
-
-
 def evaluate(model, x, y, batch_size: int = 512) -> float:
     """Accuracy of ``model`` on ``(x, y)``, in [0, 1]."""
     import torch
@@ -236,7 +227,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     backend = backends.resolve(cfg.backend, device) if cfg.optimizer in REGULARIZED else None
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps = len(_Batches(len(x_tr), cfg.batch_size))
+    steps = math.ceil(len(x_tr) / cfg.batch_size)
     history: List[Dict[str, float]] = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
