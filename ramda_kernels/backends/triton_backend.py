@@ -3,7 +3,8 @@
 Same functions and signatures as ``ramda_ref.functional``; the kernel is
 ``ramda_kernels.triton_kernels.step.fused_step_kernel`` (see NOTE: [Triton
 tiling] there). Per call, the host side only builds a cache key from the
-tensors' addresses, shapes, strides and dtypes and launches; everything else
+tensors' addresses, shapes, strides and dtypes (gradients: all but their
+addresses, which are patched into the table when they move) and launches; everything else
 (metadata tables on the device, tile shapes, which tensors take the kernel)
 is built once per key and cached (see `_plan`). Nothing in a step reads a
 device value back to the host.
@@ -103,13 +104,22 @@ def why_unavailable(device: torch.device) -> Optional[str]:
 # ---------------------------------------------------------------------------
 
 class _Launch:
-    """One kernel launch: device tables plus constexprs."""
+    """One kernel launch: device tables plus constexprs.
 
-    __slots__ = ("items", "itab", "ftab", "scratch", "grid", "constexprs", "num_warps")
+    ``grad_rows`` maps the table's rows to the call's tensor indices for the
+    gradients read in place (not staged), ``grad_ptrs`` their addresses as
+    written in ``itab``: a new gradient tensor (``zero_grad(set_to_none=True)``
+    hands out fresh ones) only rewrites that column, see `_refresh_grads`.
+    """
 
-    def __init__(self, items, itab, ftab, scratch, grid, constexprs, num_warps):
+    __slots__ = ("items", "itab", "ftab", "scratch", "grid", "constexprs", "num_warps",
+                 "grad_rows", "grad_ptrs")
+
+    def __init__(self, items, itab, ftab, scratch, grid, constexprs, num_warps, grad_rows,
+                 grad_ptrs):
         self.items, self.itab, self.ftab, self.scratch = items, itab, ftab, scratch
         self.grid, self.constexprs, self.num_warps = grid, constexprs, num_warps
+        self.grad_rows, self.grad_ptrs = grad_rows, grad_ptrs
 
 
 class _Plan:
@@ -185,7 +195,8 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         if not _kernel_ok(p, g, st, flat, device_ok):
             fallback.append(i)
             continue
-        if not same_layout(p, g):
+        in_place = same_layout(p, g)
+        if not in_place:
             g = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=p.device)
             staged.append((i, g))
         lay = None
@@ -197,7 +208,7 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
             if not _blocks_fit(lay):
                 fallback.append(i)
                 continue
-        buckets.setdefault((p.device, p.dtype, g.dtype), []).append((i, p, g, st, lay))
+        buckets.setdefault((p.device, p.dtype, g.dtype), []).append((i, p, g, st, lay, in_place))
 
     launches = []
     for (device, pdt, gdt), entries in buckets.items():
@@ -211,12 +222,12 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
                   reweight) -> _Launch:
     n_state = len(entries[0][3])
     if flat:
-        bg = min(_np2(max(p.numel() for _, p, _, _, _ in entries)), _np2(TILE))
+        bg = min(_np2(max(p.numel() for _, p, *_ in entries)), _np2(TILE))
         be, one_chunk, nkb, nrb = 1, True, 1, 1
     else:
-        max_gs = max(lay.group_size for *_, lay in entries)
-        max_ng = max(lay.n_groups for *_, lay in entries)
-        rows = all(lay.inner_reduced for *_, lay in entries)
+        max_gs = max(lay.group_size for *_, lay, _ in entries)
+        max_ng = max(lay.n_groups for *_, lay, _ in entries)
+        rows = all(lay.inner_reduced for *_, lay, _ in entries)
         if rows:
             be = min(_np2(max_gs), _np2(MAX_BLOCK_E))
             bg = max(1, min(_np2(TILE) // be, _np2(max_ng)))
@@ -224,13 +235,17 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
             bg = min(_np2(max_ng), COLUMN_GROUPS, _np2(TILE))
             be = min(_np2(max_gs), _np2(MAX_BLOCK_E), max(1, _np2(TILE) // bg))
         one_chunk = max_gs <= be
-        nkb = max(1, max(len(lay.kept_sizes) for *_, lay in entries))
-        nrb = max(1, max(len(lay.red_sizes) for *_, lay in entries))
+        nkb = max(1, max(len(lay.kept_sizes) for *_, lay, _ in entries))
+        nrb = max(1, max(len(lay.red_sizes) for *_, lay, _ in entries))
 
     need_scratch = not flat and not one_chunk and solver == 1 and not scalar_d
     itab, ftab, items = [], [], []
     scratch_len = 0
-    for row, (i, p, g, st, lay) in enumerate(entries):
+    grad_rows, grad_ptrs = [], []
+    for row, (i, p, g, st, lay, in_place) in enumerate(entries):
+        if in_place:
+            grad_rows.append((row, i))
+            grad_ptrs.append(g.data_ptr())
         ptrs = [s.data_ptr() for s in st] + [0] * (3 - n_state)
         n = p.numel()
         if flat:
@@ -257,7 +272,20 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
                       AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
                       NKB=nkb, NRB=nrb, SCALAR_D=scalar_d)
     num_warps = 8 if bg * be >= 1024 else 4
-    return _Launch(items_t, itab_t, ftab_t, scratch, (len(items),), constexprs, num_warps)
+    return _Launch(items_t, itab_t, ftab_t, scratch, (len(items),), constexprs, num_warps,
+                   grad_rows, grad_ptrs)
+
+
+def _refresh_grads(launch: _Launch, grads) -> None:
+    """Point the table at this call's gradients if they moved (one small copy, no sync)."""
+    ptrs = [grads[i].data_ptr() for _, i in launch.grad_rows]
+    if ptrs == launch.grad_ptrs:
+        return
+    device = launch.itab.device
+    rows = torch.tensor([r for r, _ in launch.grad_rows], dtype=torch.int64).to(device, non_blocking=True)
+    values = torch.tensor(ptrs, dtype=torch.int64).to(device, non_blocking=True)
+    launch.itab[:, 1].index_copy_(0, rows, values)
+    launch.grad_ptrs = ptrs
 
 
 def _tl_dtype(dt: torch.dtype):
@@ -275,7 +303,7 @@ def _signature(params, grads, states) -> tuple:
     sig = []
     for i, (p, g) in enumerate(zip(params, grads)):
         st = [s[i] for s in states]
-        sig.append((p.data_ptr(), g.data_ptr(), p.shape, p.stride(), g.stride(), p.dtype, g.dtype,
+        sig.append((p.data_ptr(), p.shape, p.stride(), g.stride(), p.dtype, g.dtype,
                     p.device, g.device, tuple((s.data_ptr(), s.stride(), s.dtype, s.device) for s in st)))
     return tuple(sig)
 
@@ -305,6 +333,7 @@ def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool,
     for i, buf in plan.staged:
         buf.copy_(grads[i])
     for launch in plan.launches:
+        _refresh_grads(launch, grads)
         _launch(launch, scalars)
     out: List[Optional[torch.Tensor]] = [None] * n
     if plan.fallback:

@@ -1,0 +1,378 @@
+"""The Triton backend against the reference: parameters, state and zero groups.
+
+Runs on CUDA when a GPU is visible, else on CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1``, set here before triton is imported).
+The tile sizes are shrunk (``triton_backend.TILE`` / ``MAX_BLOCK_E``) so that
+small tensors already exercise the multi-chunk paths of NOTE: [Triton tiling].
+
+    TRITON_INTERPRET=1 timeout 600 python -m pytest -q tests/test_triton.py
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ramda_kernels  # noqa: E402
+import ramda_ref  # noqa: E402
+from ramda_kernels import backends  # noqa: E402
+from ramda_kernels.testing import HPARAMS, LAMBDAS, run_parity  # noqa: E402
+from ramda_ref.groups import grouped_view, normalize_dims  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_REASON = backends.why_unavailable("triton", DEVICE)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend: {_REASON}")
+
+if _REASON is None:
+    from ramda_kernels.backends import triton_backend as tb
+else:  # keep collection working; every test is skipped
+    tb = None
+
+#: Small tiles: groups of more than 32 elements take the multi-chunk path.
+TEST_TILE, TEST_BLOCK_E = 128, 32
+
+#: name -> (shapes, dims, view, memory_format). Sizes 1, odd, prime, groups
+#: larger than TEST_BLOCK_E (37, 54, 77), a zero-size tensor; one param group each.
+GROUPINGS = {
+    "linear-input": ([(13, 7), (1, 1), (37, 3), (0, 5)], (0,), None, torch.contiguous_format),
+    "linear-output": ([(7, 13), (1, 1), (3, 11)], (1,), None, torch.contiguous_format),
+    "conv2d-channel": ([(6, 3, 3, 3), (5, 7, 1, 1), (1, 1, 1, 1)], (0, 2, 3), None,
+                       torch.contiguous_format),
+    "conv2d-filter": ([(6, 3, 3, 3), (7, 5, 1, 1)], (1, 2, 3), None, torch.contiguous_format),
+    "conv2d-channels-last": ([(6, 3, 3, 3), (5, 7, 1, 1)], (0, 2, 3), None, torch.channels_last),
+    "conv1d-channel": ([(6, 5, 3), (11, 2, 7)], (0, 2), None, torch.contiguous_format),
+    "heads": ([(12, 5)], (1, 2), (3, 4, 5), torch.contiguous_format),
+}
+_CLASSES = {"ramda": "RAMDA", "rmda": "RMDA", "proxadamw": "ProxAdamW", "proxsgd": "ProxSGD"}
+_HAS_SOLVER = ("ramda", "proxadamw")
+_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    monkeypatch.setattr(tb, "TILE", TEST_TILE)
+    monkeypatch.setattr(tb, "MAX_BLOCK_E", TEST_BLOCK_E)
+
+
+# ---------------------------------------------------------------------------
+# A compact parity run: every grouping kind as its own param group of one optimizer
+# ---------------------------------------------------------------------------
+
+def _groupings(regularizer: str, solver: str):
+    if regularizer != "group_lasso":
+        return ["linear-input", "conv2d-channels-last"]
+    if solver == "pg":  # PG is the slow one under the interpreter: fewer layouts
+        return ["linear-input", "linear-output", "conv2d-channels-last", "conv1d-channel"]
+    return list(GROUPINGS)
+
+
+def _make_params(dtype: str, names, gen: torch.Generator):
+    """Per param group (name, [tensors]); ``dtype='mixed'`` alternates bf16 / fp32."""
+    groups = []
+    k = 0
+    for name in names:
+        shapes, _, _, fmt = GROUPINGS[name]
+        ts = []
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen, dtype=torch.float64)
+            x = 0.5 * x * torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=gen,
+                                     dtype=torch.float64)
+            dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                dtype, torch.bfloat16 if k % 2 else torch.float32)
+            k += 1
+            t = x.to(device=DEVICE, dtype=dt)
+            if t.dim() == 4:
+                t = t.contiguous(memory_format=fmt)
+            ts.append(t)
+        groups.append((name, ts))
+    return groups
+
+
+def _optimizer(module, opt: str, regularizer: str, solver: str, groups, backend=None, **extra):
+    hp = dict(HPARAMS[opt], lambda_=LAMBDAS[opt][regularizer], **extra)
+    pgs = []
+    for name, params in groups:
+        g = dict(params=params, regularizer=regularizer, **hp)
+        if regularizer == "group_lasso":
+            _, dims, view, _ = GROUPINGS[name]
+            g.update(dims=dims, view=view)
+        if opt in _HAS_SOLVER:
+            # a looser PG tolerance and cap than the defaults, so that groups stop
+            # both by the inexactness rule and by the cap within a few iterations
+            g.update(solver=solver, pg_eps=1e-2, max_iters=20)
+        if opt in ("ramda", "rmda", "proxsgd"):
+            g.update(momentum=0.5)
+        pgs.append(g)
+    cls = getattr(module, _CLASSES[opt])
+    return cls(pgs, **({} if backend is None else {"backend": backend}))
+
+
+def _zero_groups(x: torch.Tensor, regularizer: str, dims, view):
+    """(is-zero per group, norm per group) as float64, or None."""
+    x = x.detach().to(torch.float64)
+    if x.numel() == 0 or regularizer not in ("l1", "group_lasso"):
+        return None
+    if regularizer == "l1":
+        return x == 0, x.abs()
+    xv = grouped_view(x, view)
+    norm = xv.square().sum(dim=normalize_dims(dims, xv.dim())).sqrt()
+    return norm == 0, norm
+
+
+def _close(what: str, fast: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rel: float,
+           failures: list) -> None:
+    """``|fast - ref| <= rel * (|ref| + scale/16) + 4 |ref - truth|``, scale = max |ref|.
+
+    The second term (STYLE point 9) admits the reference's own error against
+    the float64 run: a group whose ``||z_g||`` barely exceeds its threshold
+    has an ill-conditioned solution in fp32 on both sides.
+    """
+    f, r, t = (x.detach().to(torch.float64).cpu() for x in (fast, ref, truth))
+    if r.numel() == 0:
+        return
+    scale = float(r.abs().max())
+    bound = rel * (r.abs() + scale / 16 + 1e-30) + 4 * (r - t).abs()
+    err = (f - r).abs()
+    bad = err > bound
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        failures.append(f"{what}: {int(bad.sum())}/{bad.numel()} elements out; at {idx} "
+                        f"triton={float(f[idx]):.9g} reference={float(r[idx]):.9g} "
+                        f"(|diff|={float(err[idx]):.3g} > {float(bound[idx]):.3g}); "
+                        f"max |diff|/scale={float(err.max()) / max(scale, 1e-30):.3g}")
+
+
+def _run_case(opt: str, regularizer: str, solver: str, dtype: str, steps: int = 10,
+              reload_at: int = 5, **extra):
+    gen = torch.Generator().manual_seed(0)
+    groups = _make_params(dtype, _groupings(regularizer, solver), gen)
+    clone = lambda dt=None: [(n, [torch.nn.Parameter(t.to(dt or t.dtype).clone(
+        memory_format=torch.preserve_format)) for t in ts]) for n, ts in groups]
+    fast_groups, ref_groups, truth_groups = clone(), clone(), clone(torch.float64)
+    fast = _optimizer(ramda_kernels, opt, regularizer, solver, fast_groups, "triton", **extra)
+    ref = _optimizer(ramda_ref, opt, regularizer, solver, ref_groups, **extra)
+    truth = _optimizer(ramda_ref, opt, regularizer, solver, truth_groups, **extra)
+    triples = [(pf, pr, pt, name) for (name, fs), (_, rs), (_, ts) in
+               zip(fast_groups, ref_groups, truth_groups) for pf, pr, pt in zip(fs, rs, ts)]
+    for k in range(steps):
+        if k == reload_at:
+            saved = copy.deepcopy(fast.state_dict())
+            fast = _optimizer(ramda_kernels, opt, regularizer, solver, fast_groups, "triton", **extra)
+            fast.load_state_dict(saved)
+            for o in (fast, ref, truth):
+                for g in o.param_groups:
+                    if "momentum" in g:
+                        g["momentum"] = 1.0  # final weights show the subproblem's exact zeros
+        for pf, pr, pt, _ in triples:
+            g = torch.randn(pf.shape, generator=gen, dtype=torch.float64)
+            for p in (pf, pr, pt):
+                p.grad = torch.empty_like(p).copy_(g)
+        for o in (fast, ref, truth):
+            o.step()
+
+    failures = []
+    n_groups = n_zero = 0
+    for i, (pf, pr, pt, name) in enumerate(triples):
+        where = f"{name} param {i} {tuple(pf.shape)} {pf.dtype}"
+        _, dims, view, _ = GROUPINGS[name]
+        # fp32: 1e-5 relative; bf16 / fp16: three ulps of the dtype
+        rel = 1e-5 if pf.dtype == torch.float32 else 3.0 * _EPS[pf.dtype]
+        zf, zr = _zero_groups(pf, regularizer, dims, view), _zero_groups(pr, regularizer, dims, view)
+        if zr is not None:
+            (mf, nf), (mr, nr) = zf, zr
+            n_groups += mr.numel()
+            n_zero += int(mr.sum())
+            differ = mf != mr
+            if bool(differ.any()):
+                other = torch.where(mf, nr, nf)
+                failures.append(f"{where}: {int(differ.sum())} groups zero in one result only "
+                                f"(other side's norms {other[differ].tolist()[:5]})")
+        _close(where, pf, pr, pt, rel, failures)
+        sf, sr, st = fast.state[pf], ref.state[pr], truth.state[pt]
+        for key, v in sr.items():
+            if not isinstance(v, torch.Tensor):
+                if sf.get(key) != v:
+                    failures.append(f"{where}: state[{key!r}] = {sf.get(key)!r}, reference {v!r}")
+                continue
+            if sf[key].dtype != v.dtype:
+                failures.append(f"{where}: state[{key!r}] dtype {sf[key].dtype}, reference {v.dtype}")
+            # state depends on gradients only (and on W0 = the starting weights)
+            _close(f"{where} state[{key!r}]", sf[key], v, st[key], 1e-5, failures)
+    return failures, n_groups, n_zero
+
+
+def _cases():
+    for opt in ("ramda", "rmda", "proxadamw", "proxsgd"):
+        for reg in ("none", "l1", "group_lasso"):
+            solvers = ("exact", "pg") if opt in _HAS_SOLVER and reg != "none" else ("exact",)
+            for solver in solvers:
+                yield opt, reg, solver, "fp32"
+    # low precision and mixed dtypes in one param group
+    for opt in ("ramda", "rmda", "proxadamw", "proxsgd"):
+        yield opt, "group_lasso", "exact", "bf16"
+    yield "proxadamw", "group_lasso", "exact", "fp16"
+    yield "proxadamw", "l1", "exact", "fp16"
+    yield "ramda", "group_lasso", "exact", "mixed"
+    yield "proxsgd", "group_lasso", "exact", "mixed"
+
+
+@pytest.mark.parametrize("opt,regularizer,solver,dtype", list(_cases()))
+def test_matches_reference(opt, regularizer, solver, dtype):
+    failures, n_groups, n_zero = _run_case(opt, regularizer, solver, dtype)
+    assert not failures, "\n".join(failures[:12])
+    if regularizer == "group_lasso":
+        # the case is only meaningful when some but not all groups are zero
+        assert 0 < n_zero < n_groups, f"{n_zero} of {n_groups} groups zero"
+
+
+def test_amsgrad_and_weight_decay():
+    failures, _, _ = _run_case("proxadamw", "group_lasso", "exact", "fp32", amsgrad=True,
+                               weight_decay=0.05)
+    assert not failures, "\n".join(failures[:12])
+
+
+# ---------------------------------------------------------------------------
+# The shared parity harness (fast vs reference vs float64 truth), a few cases
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt,regularizer,solver,dtype,grouping", [
+    ("ramda", "group_lasso", "exact", "fp32", "linear-input"),
+    ("proxadamw", "group_lasso", "exact", "bf16", "conv2d-channels-last"),
+    ("rmda", "group_lasso", "exact", "mixed", "conv2d-filter"),
+])
+def test_shared_parity_harness(monkeypatch, opt, regularizer, solver, dtype, grouping):
+    # the harness's groups reach 1031 elements: larger tiles keep the interpreter fast
+    monkeypatch.setattr(tb, "TILE", 4096)
+    monkeypatch.setattr(tb, "MAX_BLOCK_E", 512)
+    res = run_parity(backend="triton", optimizer=opt, regularizer=regularizer, solver=solver,
+                     dtype=dtype, grouping=grouping, device=DEVICE)
+    assert res.ok, str(res)
+
+
+# ---------------------------------------------------------------------------
+# One launch per call and dtype; cached tables; fallbacks
+# ---------------------------------------------------------------------------
+
+def _count_launches(monkeypatch):
+    calls = {"launch": 0, "build": 0}
+    launch, build = tb._launch, tb._build_plan
+
+    def counting_launch(*a, **k):
+        calls["launch"] += 1
+        return launch(*a, **k)
+
+    def counting_build(*a, **k):
+        calls["build"] += 1
+        return build(*a, **k)
+
+    monkeypatch.setattr(tb, "_launch", counting_launch)
+    monkeypatch.setattr(tb, "_build_plan", counting_build)
+    return calls
+
+
+@pytest.mark.parametrize("regularizer", ["l1", "group_lasso"])
+def test_launches_do_not_grow_with_tensor_count(monkeypatch, regularizer):
+    calls = _count_launches(monkeypatch)
+    tb.clear_cache()
+    per_step = []
+    for n in (1, 2, 9):
+        params = [torch.nn.Parameter(torch.randn(3 + i, 5, device=DEVICE)) for i in range(n)]
+        params.append(torch.nn.Parameter(torch.randn(0, 5, device=DEVICE)))  # skipped
+        opt = ramda_kernels.RAMDA(params, lr=0.1, lambda_=0.1, regularizer=regularizer,
+                                  dims=(1,) if regularizer == "group_lasso" else None,
+                                  backend="triton")
+        builds = calls["build"]
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            before = calls["launch"]
+            opt.step()
+            per_step.append(calls["launch"] - before)
+        assert calls["build"] == builds + 1, "the launch plan was rebuilt on a repeated step"
+    assert per_step == [1] * len(per_step), per_step
+
+
+def test_one_launch_per_dtype(monkeypatch):
+    calls = _count_launches(monkeypatch)
+    params = [torch.nn.Parameter(torch.randn(4, 3, device=DEVICE, dtype=dt))
+              for dt in (torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16)]
+    opt = ramda_kernels.ProxAdamW(params, lambda_=0.1, dims=(0,), backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls["launch"] == 3
+
+
+def test_fallbacks_match_reference():
+    """nuclear, pg_stop='rtol' and fp64 go to the reference (NOTE: [Triton fallbacks])."""
+    gen = torch.Generator().manual_seed(1)
+    for kwargs, dtype in ((dict(regularizer="nuclear"), torch.float32),
+                          (dict(dims=(0,), solver="pg", pg_stop="rtol"), torch.float32),
+                          (dict(dims=(0,)), torch.float64)):
+        base = [torch.randn(5, 4, generator=gen, dtype=dtype), torch.randn(3, 2, generator=gen, dtype=dtype)]
+        pf = [torch.nn.Parameter(b.clone().to(DEVICE)) for b in base]
+        pr = [torch.nn.Parameter(b.clone().to(DEVICE)) for b in base]
+        fast = ramda_kernels.RAMDA(pf, lr=0.1, lambda_=0.2, backend="triton", **kwargs)
+        ref = ramda_ref.RAMDA(pr, lr=0.1, lambda_=0.2, **kwargs)
+        for _ in range(3):
+            for a, b in zip(pf, pr):
+                a.grad = torch.randn(a.shape, generator=gen, dtype=dtype).to(DEVICE)
+                b.grad = a.grad.clone()
+            fast.step()
+            ref.step()
+        for a, b in zip(pf, pr):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{kwargs} {dtype}: {m}")
+
+
+def test_gradient_in_another_layout_is_staged():
+    """A contiguous gradient of a channels_last weight still takes the kernel."""
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(6, 3, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    pf = torch.nn.Parameter(base.clone(memory_format=torch.preserve_format).to(DEVICE))
+    pr = torch.nn.Parameter(base.clone(memory_format=torch.preserve_format).to(DEVICE))
+    fast = ramda_kernels.RAMDA([pf], lr=0.1, lambda_=0.3, dims=(0, 2, 3), backend="triton")
+    ref = ramda_ref.RAMDA([pr], lr=0.1, lambda_=0.3, dims=(0, 2, 3))
+    for _ in range(3):
+        g = torch.randn(base.shape, generator=gen).to(DEVICE)  # contiguous
+        pf.grad, pr.grad = g.clone(), g.clone()
+        fast.step()
+        ref.step()
+    plan = list(tb._cache.values())[-1]  # the most recently used
+    assert plan.staged and not plan.fallback
+    torch.testing.assert_close(pf, pr, rtol=1e-5, atol=1e-6)
+
+
+def test_why_unavailable_says_why():
+    assert tb.why_unavailable(DEVICE) is None
+    other = torch.device("cpu" if DEVICE.type == "cuda" else "cuda")
+    reason = tb.why_unavailable(other)
+    if other.type == "cpu":
+        assert "TRITON_INTERPRET" in reason
+    else:
+        assert reason is not None
+    assert tb.why_unavailable(torch.device("meta")) is not None
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host synchronization is a CUDA notion")
+def test_step_does_not_synchronize():
+    params = [torch.nn.Parameter(torch.randn(33, 17, device="cuda")) for _ in range(3)]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    w0 = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    kwargs = dict(alpha=0.1, lr=0.1, momentum=0.1, epsilon=1e-6, lambda_=0.5,
+                  regularizer="group_lasso", dims=(0,), view=None, reweight=True, solver="pg",
+                  max_iters=20, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+    tb.ramda(params, grads, w0, *states, step=1, **kwargs)  # builds and caches the plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tb.ramda(params, grads, w0, *states, step=2, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
