@@ -150,9 +150,9 @@ def _close(what: str, fast: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor
 
 
 def _run_case(opt: str, regularizer: str, solver: str, dtype: str, steps: int = 10,
-              reload_at: int = 5, **extra):
+              reload_at: int = 5, names=None, **extra):
     gen = torch.Generator().manual_seed(0)
-    groups = _make_params(dtype, _groupings(regularizer, solver), gen)
+    groups = _make_params(dtype, names or _groupings(regularizer, solver), gen)
     clone = lambda dt=None: [(n, [torch.nn.Parameter(t.to(dt or t.dtype).clone(
         memory_format=torch.preserve_format)) for t in ts]) for n, ts in groups]
     fast_groups, ref_groups, truth_groups = clone(), clone(), clone(torch.float64)
@@ -234,7 +234,7 @@ def test_matches_reference(opt, regularizer, solver, dtype):
 
 def test_amsgrad_and_weight_decay():
     failures, _, _ = _run_case("proxadamw", "group_lasso", "exact", "fp32", amsgrad=True,
-                               weight_decay=0.05)
+                               weight_decay=0.05, names=["linear-input", "conv2d-filter"])
     assert not failures, "\n".join(failures[:12])
 
 
@@ -370,9 +370,11 @@ def test_step_does_not_synchronize():
                   regularizer="group_lasso", dims=(0,), view=None, reweight=True, solver="pg",
                   max_iters=20, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
     tb.ramda(params, grads, w0, *states, step=1, **kwargs)  # builds and caches the plan
+    fresh = [torch.randn_like(p) for p in params]  # new gradient tensors: the table is patched
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         tb.ramda(params, grads, w0, *states, step=2, **kwargs)
+        tb.ramda(params, fresh, w0, *states, step=3, **kwargs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
