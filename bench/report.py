@@ -26,16 +26,18 @@ Columns: `ms` is the median step time; `x AdamW` is that time over
 `torch.optim.AdamW(fused=True)` on the same tensors in the same process;
 `ref-PG/this` is how many times faster than the reference backend running the
 paper's proximal-gradient solver (`solver="pg"`, the authors' algorithm) for the
-same optimizer, regularizer and grouping; `bytes/param` is the least a step must
-move (each input read once, each output written once; SPEC: state is fp32);
-For RMDA, ProxSGD and `reg=none` (no iterative solver) that baseline is the
-reference itself. `GB/s` is those bytes over the median time and `%copy` that
-rate over a large `copy_` measured in the same run (above 100% when a small set
-stays in cache). `extra MiB` is the peak memory a step allocates beyond
-parameters, gradients and state (CUDA only). `zero` is the share of all-zero
-groups (group lasso) or zero entries (l1) of the parameters after timing; RAMDA
-and RMDA average `p` with the subproblem's solution (momentum 0.1), so `p`
-shows no exact zeros until that weight reaches 1 (SPEC section 6).
+same optimizer, regularizer and grouping (for RMDA, ProxSGD and `reg=none`, which
+have no iterative solver, that baseline is the reference itself); `bytes/param`
+is the least a step must move (each input read once, each output written once;
+state is fp32, SPEC section 1); `GB/s` is those bytes over the median time and
+`%copy` that rate over a large `copy_` measured in the same run (above 100% when
+a small set stays in cache). `extra MiB` is the peak memory a step allocates
+beyond parameters, gradients and state (CUDA only). `zero` is the share of
+all-zero groups (group lasso) or zero entries (l1) of the parameters after
+timing, for the record only: rows take different numbers of steps (faster
+backends take more in the same time budget), so it is not comparable between
+rows; RAMDA and RMDA average `p` with the subproblem's solution (momentum 0.1),
+so `p` shows no exact zeros until that weight reaches 1 (SPEC section 6).
 """
 
 
