@@ -390,6 +390,10 @@ def step_matrix(args, device: torch.device, timer: Timer, available: List[str]) 
             rows.append(dict(label, n_params=model.numel, n_tensors=len(model.params),
                              status=f"skipped: over --ref-pg-max-params {args.ref_pg_max_params:g}"))
             continue
+        if reg == "nuclear" and model.numel > args.nuclear_max_params:
+            rows.append(dict(label, n_params=model.numel, n_tensors=len(model.params),
+                             status=f"skipped: over --nuclear-max-params {args.nuclear_max_params:g}"))
+            continue
         row = run_step(model, set_name, dtype_name, opt, b, reg, kind, solver, timer, args)
         row.update(optimizer=label["optimizer"], backend=label["backend"])
         rows.append(row)
@@ -656,6 +660,9 @@ def parse_args(argv=None):
     p.add_argument("--no-ref-pg", action="store_true", help="leave out the reference-PG baseline")
     p.add_argument("--nuclear-iters", type=int, default=10,
                    help="max_iters of the nuclear-norm PG solve (SVD per iteration; default 10)")
+    p.add_argument("--nuclear-max-params", type=float, default=30e6,
+                   help="skip the nuclear norm on sets larger than this (an SVD per tensor per PG "
+                        "iteration: minutes per step on gpt2-medium; default 3e7)")
     p.add_argument("--pg-cap", type=int, help="PG iteration cap of the solver study")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's; 1 with --quick or --preset on a CPU, where "
