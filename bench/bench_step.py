@@ -274,6 +274,7 @@ class Model:
 
     def __init__(self, set_name: str, dtype: torch.dtype, device: torch.device, seed: int):
         self.module = ps.build(set_name, device, dtype, seed)
+        self.heads = ps.SETS[set_name].heads
         ps.fill_grads(self.module, seed + 1)
         self.params = list(self.module.parameters())
         self.start = [p.detach().clone() for p in self.params]
@@ -297,7 +298,7 @@ def make_optimizer(model: Model, optimizer: str, backend: str, regularizer: str,
         hp["max_iters"] = args.nuclear_iters
     lam = LAMBDAS[optimizer].get(regularizer, 0.0)
     groups, _ = ps.param_groups(model.module, regularizer, grouping if grouping != "-" else None,
-                                lam, **hp)
+                                lam, heads=model.heads, **hp)
     return getattr(ramda_kernels, CLASSES[optimizer])(groups, backend=backend)
 
 

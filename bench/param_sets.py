@@ -12,15 +12,16 @@ modules and groups them the way a user's model would be grouped.
 * ``gpt2-medium``: GPT-2 medium (24 layers, d=1024, 16 heads, vocab 50257,
   context 1024, tied output layer): 354,823,168 parameters. The fused
   ``c_attn`` projection is an ``nn.Linear(1024, 3072)``, weight ``[3072, 1024]``.
+* ``gpt2-tiny``: the same layout at d=64, 4 heads, 2 layers (for CPU tests).
 
 Grouping kinds (``group_lasso`` only; SPEC section 3):
 
 * ``input``: Conv2d channel-wise ``dims=(0,2,3)``, Linear input-wise ``dims=(0,)``;
 * ``output``: Conv2d filter-wise ``dims=(1,2,3)``, Linear output-wise ``dims=(1,)``;
-* ``heads`` (sets with attention): ``c_attn`` viewed as ``(48, 64, 1024)``
-  with ``dims=(1, 2)`` (one group per output head of q, k and v), the attention
-  output ``c_proj`` viewed as ``(1024, 16, 64)`` with ``dims=(0, 2)`` (one
-  group per input head); every other Linear input-wise.
+* ``heads`` (sets with attention; gpt2-medium's numbers): ``c_attn`` viewed as
+  ``(48, 64, 1024)`` with ``dims=(1, 2)`` (one group per output head of q, k
+  and v), the attention output ``c_proj`` viewed as ``(1024, 16, 64)`` with
+  ``dims=(0, 2)`` (one group per input head); every other Linear input-wise.
 
 Biases, normalization layers and embeddings stay unregularized.
 """
@@ -28,12 +29,12 @@ Biases, normalization layers and embeddings stay unregularized.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-D_GPT2, HEADS_GPT2, LAYERS_GPT2, VOCAB_GPT2, CTX_GPT2 = 1024, 16, 24, 50257, 1024
 
 
 def _convnet() -> nn.Module:
@@ -68,14 +69,13 @@ def _resnet50() -> nn.Module:
     return net
 
 
-def _gpt2_medium() -> nn.Module:
-    """GPT-2 medium's parameter tree (HF names, Linear weights as ``[out, in]``)."""
-    d = D_GPT2
+def _gpt2(d: int, layers: int, vocab: int, ctx: int) -> nn.Module:
+    """GPT-2's parameter tree (HF names, Linear weights as ``[out, in]``)."""
     net = nn.Module()
-    net.wte = nn.Embedding(VOCAB_GPT2, d)
-    net.wpe = nn.Embedding(CTX_GPT2, d)
+    net.wte = nn.Embedding(vocab, d)
+    net.wpe = nn.Embedding(ctx, d)
     h = nn.Module()
-    for i in range(LAYERS_GPT2):
+    for i in range(layers):
         blk = nn.Module()
         blk.ln_1 = nn.LayerNorm(d)
         blk.attn = nn.Module()
@@ -91,11 +91,19 @@ def _gpt2_medium() -> nn.Module:
     return net
 
 
-#: name -> (builder, needs a GPU, has attention heads)
-SETS: Dict[str, Tuple[Any, bool, bool]] = {
-    "convnet": (_convnet, False, False),
-    "resnet50": (_resnet50, False, False),
-    "gpt2-medium": (_gpt2_medium, True, True),
+@dataclass(frozen=True)
+class ParamSet:
+    build: Callable[[], nn.Module]
+    gpu_only: bool = False
+    heads: Optional[Tuple[int, int]] = None  # (d_model, n_heads) of the attention layers
+
+
+SETS: Dict[str, ParamSet] = {
+    "convnet": ParamSet(_convnet),
+    "resnet50": ParamSet(_resnet50),
+    "gpt2-medium": ParamSet(lambda: _gpt2(1024, 24, 50257, 1024), gpu_only=True, heads=(1024, 16)),
+    # GPT-2's layout at toy size, so the head grouping runs in CPU tests
+    "gpt2-tiny": ParamSet(lambda: _gpt2(64, 2, 512, 64), heads=(64, 4)),
 }
 GROUPINGS = ("input", "output", "heads")
 
@@ -103,7 +111,7 @@ GROUPINGS = ("input", "output", "heads")
 def shape_list(name: str) -> List[Tuple[str, Tuple[int, ...]]]:
     """``(parameter name, shape)`` of every parameter of set ``name`` (no memory allocated)."""
     with torch.device("meta"):
-        model = SETS[name][0]()
+        model = SETS[name].build()
     return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
 
 
@@ -114,13 +122,13 @@ def n_params(name: str) -> int:
 def why_unavailable(name: str, device: torch.device) -> Optional[str]:
     if name not in SETS:
         return f"unknown set (expected one of {tuple(SETS)})"
-    if SETS[name][1] and device.type != "cuda":
+    if SETS[name].gpu_only and device.type != "cuda":
         return "GPU only (too large to time on a CPU)"
     return None
 
 
 def groupings_for(name: str) -> Tuple[str, ...]:
-    return GROUPINGS if SETS[name][2] else GROUPINGS[:2]
+    return GROUPINGS if SETS[name].heads else GROUPINGS[:2]
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -128,7 +136,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) ->
     trained-from-scratch model (``N(0, 1/fan_in)``; 1-D parameters ``1 + N(0, 0.01)``
     for norm weights, ``N(0, 0.01)`` otherwise), reproducibly from ``seed``."""
     with torch.device("meta"):
-        model = SETS[name][0]()
+        model = SETS[name].build()
     model = model.to(dtype=dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -160,21 +168,23 @@ def fill_grads(model: nn.Module, seed: int = 1) -> None:
         p.grad = g
 
 
-def _heads_overrides() -> Dict[str, Dict[str, Any]]:
-    d, h = D_GPT2, HEADS_GPT2
+def _heads_overrides(d: int, h: int) -> Dict[str, Dict[str, Any]]:
     return {"*.attn.c_attn": {"dims": (1, 2), "view": (3 * h, d // h, d)},
             "*.attn.c_proj": {"dims": (0, 2), "view": (d, h, d // h)}}
 
 
 def param_groups(model: nn.Module, regularizer: str, grouping: Optional[str], lambda_: float,
-                 **hparams) -> Tuple[List[Dict[str, Any]], str]:
-    """Param groups for ``model`` and which code built them.
+                 heads: Optional[Tuple[int, int]] = None, **hparams) -> Tuple[List[Dict[str, Any]], str]:
+    """Param groups for ``model`` and which code built them; ``heads`` is the set's
+    ``(d_model, n_heads)`` for the ``heads`` grouping.
 
     Uses ``ramda_kernels.group_parameters`` when the package has it, else the
     same rules written out here (Conv2d and Linear weights only).
     """
     conv, linear = ("filter", "output") if grouping == "output" else ("channel", "input")
-    overrides = _heads_overrides() if grouping == "heads" else None
+    if grouping == "heads" and heads is None:
+        raise ValueError("the heads grouping needs the set's (d_model, n_heads)")
+    overrides = _heads_overrides(*heads) if grouping == "heads" else None
     try:
         from ramda_kernels import group_parameters
     except ImportError:
@@ -208,5 +218,5 @@ def _direct_groups(model, regularizer, output_wise, overrides, lambda_, hparams)
     return list(groups.values())
 
 
-__all__ = ["SETS", "GROUPINGS", "shape_list", "n_params", "why_unavailable", "groupings_for",
+__all__ = ["ParamSet", "SETS", "GROUPINGS", "shape_list", "n_params", "why_unavailable", "groupings_for",
            "build", "fill_grads", "param_groups"]

@@ -142,3 +142,27 @@ def test_param_set_sizes():
     assert param_sets.n_params("convnet") == 431_080
     assert param_sets.n_params("resnet50") == 25_557_032  # torchvision's resnet50()
     assert param_sets.n_params("gpt2-medium") == 354_823_168  # HF gpt2-medium, tied lm_head
+
+
+def test_heads_grouping_runs(capsys):
+    """One group per attention head through the param-group ``view`` key (gpt2's layout at toy size)."""
+    import torch
+
+    model = param_sets.build("gpt2-tiny", torch.device("cpu"), torch.float32)
+    groups, _ = param_sets.param_groups(model, "group_lasso", "heads", 0.1,
+                                        heads=param_sets.SETS["gpt2-tiny"].heads)
+    by_name = {n: (g.get("view"), g.get("dims")) for g in groups for n in g["param_names"]}
+    assert by_name["h.0.attn.c_attn.weight"] == ((12, 16, 64), (1, 2))  # q, k, v: 3 x 4 output heads
+    assert by_name["h.0.attn.c_proj.weight"] == ((64, 4, 16), (0, 2))   # 4 input heads
+    assert by_name["h.0.mlp.c_fc.weight"] == (None, (0,))
+    assert by_name["wte.weight"] == (None, None)
+
+    rc = bench_step.main(["--device", "cpu", "--quick", "--sets", "gpt2-tiny", "--optimizers", "ramda",
+                          "--regularizers", "group_lasso", "--groupings", "heads", "--sections", "step",
+                          "--backends", "reference", "--reps", "1", "--no-write",
+                          "--threads", str(torch.get_num_threads())])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| gpt2-tiny | ramda")]
+    assert {(r[5].strip(), r[7].strip()) for r in rows} == {("exact", "reference"), ("pg", "reference")}
+    assert all(r[4].strip() == "heads" and r[-2].strip() == "ok" for r in rows), rows
