@@ -268,9 +268,10 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
     ftab_t = torch.tensor(ftab, dtype=torch.float32, device=device)
     items_t = torch.tensor(items, dtype=torch.int64, device=device).reshape(-1)
     scratch = torch.empty(max(scratch_len, 1), dtype=torch.float32, device=device)
+    aligned = all(a % 16 == 0 for r in itab for a in r[:2 + n_state])
     constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
                       AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
-                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d)
+                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned)
     num_warps = 8 if bg * be >= 1024 else 4
     return _Launch(items_t, itab_t, ftab_t, scratch, (len(items),), constexprs, num_warps,
                    grad_rows, grad_ptrs)
@@ -285,6 +286,8 @@ def _refresh_grads(launch: _Launch, grads) -> None:
     rows = torch.tensor([r for r, _ in launch.grad_rows], dtype=torch.int64).to(device, non_blocking=True)
     values = torch.tensor(ptrs, dtype=torch.int64).to(device, non_blocking=True)
     launch.itab[:, 1].index_copy_(0, rows, values)
+    if any(a % 16 for a in ptrs):
+        launch.constexprs["ALIGNED"] = False
     launch.grad_ptrs = ptrs
 
 

@@ -268,6 +268,18 @@ def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB
     return offs, mask
 
 
+@triton.jit
+def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h5, h6, h7,
+               OPT: tl.constexpr, REG: tl.constexpr, AMSGRAD: tl.constexpr,
+               P_DTYPE: tl.constexpr, SCALAR_D: tl.constexpr):
+    """Elements ``offs < limit`` of a tensor without group reductions."""
+    mask = offs < limit
+    d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
+                                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+    w = _closed_form(d, z, tau, REG, SCALAR_D)
+    _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
+
+
 # ---------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------
@@ -279,7 +291,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                       FLAT: tl.constexpr, ONE_CHUNK: tl.constexpr, AMSGRAD: tl.constexpr,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BG: tl.constexpr,
                       BE: tl.constexpr, NKB: tl.constexpr, NRB: tl.constexpr,
-                      SCALAR_D: tl.constexpr):
+                      SCALAR_D: tl.constexpr, ALIGNED: tl.constexpr):
     """One step of optimizer ``OPT`` on the tile ``items[program_id]``.
 
     ``tau`` is the subproblem's threshold before the group weight (RAMDA
@@ -293,7 +305,8 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
     * ProxAdamW: ``1-lr*wd, b1, 1-b1, b2, 1-b2, sqrt(1-b2^t), eps, lr/(1-b1^t)``
     * ProxSGD:   ``1-c, c, lr``
 
-    ``SCALAR_D`` is true for RMDA and ProxSGD (closed-form prox).
+    ``SCALAR_D`` is true for RMDA and ProxSGD (closed-form prox); ``ALIGNED``
+    promises that every tensor address of the launch is 16-byte aligned.
     Tiling: see NOTE: [Triton tiling].
     """
     pid = tl.program_id(0)
@@ -309,12 +322,22 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
 
     if FLAT:
         numel = tl.load(meta + COL_NUMEL)
-        offs = gi[:, None] + tl.zeros([BG, BE], dtype=tl.int64)
-        mask = offs < numel
-        d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                           h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
-        w = _closed_form(d, z, tau, REG, SCALAR_D)
-        _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
+        if ALIGNED:  # every address of the launch is a multiple of 16 bytes (host-checked)
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            s0 = tl.multiple_of(s0, 16)
+            s1 = tl.multiple_of(s1, 16)
+            s2 = tl.multiple_of(s2, 16)
+        first = tl.multiple_of(first, BG)
+        offs = (first + tl.arange(0, BG).to(tl.int64))[:, None] + tl.zeros([BG, BE], dtype=tl.int64)
+        # A full tile gets a mask the compiler can prove uniform per vector, so
+        # its loads and stores vectorize; only a tensor's last tile is ragged.
+        if first + BG <= numel:
+            _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, tl.multiple_of(first + BG, BG), tau,
+                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, REG, AMSGRAD, P_DTYPE, SCALAR_D)
+        else:
+            _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, numel, tau,
+                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, REG, AMSGRAD, P_DTYPE, SCALAR_D)
     else:
         n_groups = tl.load(meta + COL_NGROUPS)
         gsize = tl.load(meta + COL_GSIZE)
