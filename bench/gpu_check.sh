@@ -7,12 +7,12 @@
 # Works offline on the device image (Python 3.12, its own torch and triton):
 # nothing is downloaded, the package is installed with --no-deps
 # --no-build-isolation. Every stage has a timeout and the whole run is kept
-# under RAMDA_CHECK_TOTAL seconds (default 560, inside the 600 s a call may
+# under RAMDA_CHECK_TOTAL seconds (default 570, inside the 600 s a call may
 # run). Logs, the CSV, RESULTS.md and the plot go to $OUT (default
 # bench/out); at most 8 files, as the device tool brings back.
 #
-# Knobs: RAMDA_CHECK_TOTAL, RAMDA_CHECK_T_BUILD (200), RAMDA_CHECK_T_TESTS (100),
-# RAMDA_CHECK_T_VALIDATE (90), RAMDA_CHECK_T_BENCH (150); VALIDATE_ARGS (default
+# Knobs: RAMDA_CHECK_TOTAL, RAMDA_CHECK_T_BUILD (200), RAMDA_CHECK_T_TESTS (140),
+# RAMDA_CHECK_T_VALIDATE (80), RAMDA_CHECK_T_BENCH (130); VALIDATE_ARGS (default
 # --quick), BENCH_ARGS (extra arguments for bench/bench_step.py), PYTEST_K (default
 # "cuda or triton or gpu"); RAMDA_BENCH_COMMIT names the commit when .git is absent.
 # Merge the results here afterwards with:
@@ -38,7 +38,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
-TOTAL=${RAMDA_CHECK_TOTAL:-560}
+TOTAL=${RAMDA_CHECK_TOTAL:-570}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 STATUS=()
@@ -66,7 +66,7 @@ stage() {
     [ $rc -eq 0 ] && what="ok"
     [ "$name" = tests ] && [ $rc -eq 5 ] && what="no tests selected"
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMEOUT after ${cap}s"
-    STATUS+=("$(printf '%-10s %-22s %4ss  %s' "$name" "$what" "$(( $(date +%s) - t0 ))" "$(basename "$log")")")
+    STATUS+=("$(printf '%-13s %-22s %4ss  %s' "$name" "$what" "$(( $(date +%s) - t0 ))" "$(basename "$log")")")
     return $rc
 }
 
@@ -86,7 +86,7 @@ EOF
 
 # -- 1. build (only for the card present: RAMDA_CUDA_ARCHS is read by tools/build_extension.py)
 if [ "$SKIP_BUILD" = 1 ]; then
-    STATUS+=("build      skipped (--skip-build)")
+    STATUS+=("build         skipped (--skip-build)")
 else
     ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f'{c[0]}{c[1]}' if c else '')" 2>/dev/null)
     export MAX_JOBS=${MAX_JOBS:-16}
@@ -106,13 +106,15 @@ fi
 
 # -- 2. GPU tests (whatever test files exist; selected by name)
 K=${PYTEST_K:-cuda or triton or gpu}
-stage tests "${RAMDA_CHECK_T_TESTS:-100}" "$OUT/tests.log" \
-    "$PY" -m pytest -q -p no:cacheprovider tests -k "$K"
+PER_TEST=()  # one hung test must not eat the stage (pytest-timeout is on the device image)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=60)
+stage tests "${RAMDA_CHECK_T_TESTS:-140}" "$OUT/tests.log" \
+    "$PY" -m pytest -q -p no:cacheprovider --durations=5 ${PER_TEST[@]+"${PER_TEST[@]}"} tests -k "$K"
 TESTS_LINE=$(grep -E "passed|failed|error|deselected|no tests ran" "$OUT/tests.log" | tail -1)
 
 # -- 3. every fast backend against the reference
 # shellcheck disable=SC2086
-stage validate "${RAMDA_CHECK_T_VALIDATE:-90}" "$OUT/validate.log" \
+stage validate "${RAMDA_CHECK_T_VALIDATE:-80}" "$OUT/validate.log" \
     "$PY" -m ramda_kernels validate --device "$DEVICE" ${VALIDATE_ARGS:---quick} --failures-only
 VALIDATE_LINE=$(grep -E "cases in|cases pass|cannot run|no CUDA" "$OUT/validate.log" | tr '\n' ';')
 
@@ -120,7 +122,7 @@ VALIDATE_LINE=$(grep -E "cases in|cases pass|cannot run|no CUDA" "$OUT/validate.
 #       copy bandwidth, reference-PG on resnet50, small solver and scaling sweeps
 SETS=""
 [ "$DEVICE" = cpu ] && SETS="--sets convnet"
-BENCH_T=$(budget "${RAMDA_CHECK_T_BENCH:-150}")
+BENCH_T=$(budget "${RAMDA_CHECK_T_BENCH:-130}")
 # shellcheck disable=SC2086
 stage bench "$BENCH_T" "$OUT/bench.log" \
     "$PY" bench/bench_step.py --device "$DEVICE" --preset gpu-check $SETS --out-dir "$OUT" \
