@@ -166,3 +166,23 @@ def test_heads_grouping_runs(capsys):
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| gpt2-tiny | ramda")]
     assert {(r[5].strip(), r[7].strip()) for r in rows} == {("exact", "reference"), ("pg", "reference")}
     assert all(r[4].strip() == "heads" and r[-2].strip() == "ok" for r in rows), rows
+
+
+@pytest.mark.parametrize("set_name,grouping", [("convnet", "input"), ("convnet", "output"),
+                                               ("resnet50", "output"), ("gpt2-tiny", "heads")])
+def test_fallback_grouping_matches_group_parameters(set_name, grouping):
+    """bench/param_sets.py's own grouping (used where ramda_kernels.group_parameters is
+    missing) gives every parameter the same regularizer, dims and view."""
+    import torch
+
+    with torch.device("meta"):
+        model = param_sets.SETS[set_name].build()
+    heads = param_sets.SETS[set_name].heads
+    ours = param_sets._direct_groups(model, "group_lasso", grouping == "output",
+                                     param_sets._heads_overrides(*heads) if heads and grouping == "heads" else {},
+                                     0.1, {})
+    theirs, who = param_sets.param_groups(model, "group_lasso", grouping, 0.1, heads=heads)
+    assert who == "ramda_kernels.group_parameters"
+    key = lambda groups: {n: (g["regularizer"], g.get("dims"), g.get("view"))
+                          for g in groups for n in g["param_names"]}
+    assert key(ours) == key(theirs)
