@@ -115,7 +115,7 @@ TESTS_LINE=$(grep -E "passed|failed|error|deselected|no tests ran" "$OUT/tests.l
 # -- 3. every fast backend against the reference
 # shellcheck disable=SC2086
 stage validate "${RAMDA_CHECK_T_VALIDATE:-80}" "$OUT/validate.log" \
-    "$PY" -m ramda_kernels validate --device "$DEVICE" ${VALIDATE_ARGS:---quick} --failures-only
+    "$PY" -m ramda_kernels validate --device "$DEVICE" ${VALIDATE_ARGS:---quick}
 VALIDATE_LINE=$(grep -E "cases in|cases pass|cannot run|no CUDA" "$OUT/validate.log" | tr '\n' ';')
 
 # -- 4. benchmarks: RAMDA + group lasso exact fp32 on resnet50 and gpt2-medium vs fused AdamW,
