@@ -10,10 +10,10 @@ the same gradients for ``steps`` steps and compares:
 * ``ref``:   the reference, in the same dtype;
 * ``truth``: the reference on float64 copies.
 
-A tensor passes when ``|fast - truth| <= 4 |ref - truth| + floor`` everywhere
+A tensor passes when ``max|fast - truth| <= 4 max|ref - truth| + floor``
 (STYLE point 9: the fast path may be at most a small multiple of the
-reference's own error at that precision; ``floor`` is a couple of ulps of the
-dtype times the tensor's scale). State is compared the same way. Which groups
+reference's own error at that precision, in max norm per tensor; ``floor`` is
+a few ulps of the dtype times the tensor's scale). State is compared the same way. Which groups
 are exactly zero must match the reference, except groups that sit on the
 threshold: where one side is zero and the other side's group norm is below
 ``1e-3`` of the tensor's median nonzero group norm.
@@ -192,14 +192,17 @@ def _compare(res: ParityResult, what: str, fast: torch.Tensor, ref: torch.Tensor
         err_f = torch.where(exclude, torch.zeros_like(err_f), err_f)
         err_r = torch.where(exclude, torch.zeros_like(err_r), err_r)
     scale = float(t.abs().max())
-    bound = 4.0 * err_r + _floor(dtype, scale)
-    bad = err_f > bound
-    rel = float(err_f.max()) / max(scale, 1e-30)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        res.fail(f"{what}: at index {idx} fast={float(f[idx]):.9g} ref={float(r[idx]):.9g} "
-                 f"truth={float(t[idx]):.9g} (|fast-truth|={float(err_f[idx]):.3g} > "
-                 f"bound {float(bound[idx]):.3g}); {int(bad.sum())} of {bad.numel()} elements out")
+    # Max norm per tensor, not element by element: where the reference happens
+    # to land on the exact value its own error says nothing about the precision.
+    bound = 4.0 * float(err_r.max()) + _floor(dtype, scale)
+    worst = float(err_f.max())
+    rel = worst / max(scale, 1e-30)
+    if worst > bound:
+        idx = tuple(int(i) for i in (err_f == worst).nonzero()[0])
+        res.fail(f"{what}: max |fast-truth| = {worst:.3g} > bound {bound:.3g} (4 x reference's "
+                 f"{float(err_r.max()):.3g} + floor); worst at index {idx}: fast={float(f[idx]):.9g} "
+                 f"ref={float(r[idx]):.9g} truth={float(t[idx]):.9g}; "
+                 f"{int((err_f > bound).sum())} of {err_f.numel()} elements out")
     return rel
 
 
