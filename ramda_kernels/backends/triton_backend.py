@@ -223,7 +223,7 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
     n_state = len(entries[0][3])
     if flat:
         bg = min(_np2(max(p.numel() for _, p, *_ in entries)), _np2(TILE))
-        be, one_chunk, nkb, nrb = 1, True, 1, 1
+        be, one_chunk, nkb, nrb, unit_kept, unit_red = 1, True, 1, 1, False, False
     else:
         max_gs = max(lay.group_size for *_, lay, _ in entries)
         max_ng = max(lay.n_groups for *_, lay, _ in entries)
@@ -237,6 +237,8 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
         one_chunk = max_gs <= be
         nkb = max(1, max(len(lay.kept_sizes) for *_, lay, _ in entries))
         nrb = max(1, max(len(lay.red_sizes) for *_, lay, _ in entries))
+        unit_kept = all(lay.kept_strides in ((), (1,)) for *_, lay, _ in entries)
+        unit_red = all(lay.red_strides == (1,) for *_, lay, _ in entries)
 
     need_scratch = not flat and not one_chunk and solver == 1 and not scalar_d
     itab, ftab, items = [], [], []
@@ -271,7 +273,8 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
     aligned = all(a % 16 == 0 for r in itab for a in r[:2 + n_state])
     constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
                       AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
-                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned)
+                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
+                      UNIT_RED=unit_red)
     num_warps = 8 if bg * be >= 1024 else 4
     return _Launch(items_t, itab_t, ftab_t, scratch, (len(items),), constexprs, num_warps,
                    grad_rows, grad_ptrs)

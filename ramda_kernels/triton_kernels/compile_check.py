@@ -31,13 +31,15 @@ def variants(quick: bool = False) -> Iterator[Dict[str, object]]:
     for opt in (0, 1, 2, 3):
         scalar_d = opt in (1, 3)
         base = dict(OPT=opt, AMSGRAD=opt == 2, P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, NKB=2,
-                    NRB=2, SCALAR_D=scalar_d, ALIGNED=True)
+                    NRB=2, SCALAR_D=scalar_d, ALIGNED=True, UNIT_KEPT=False, UNIT_RED=False)
         yield dict(base, REG=1, SOLVER=0, FLAT=True, ONE_CHUNK=True, BG=1024, BE=1, NKB=1, NRB=1)
         if not quick:
             yield dict(base, REG=0, SOLVER=0, FLAT=True, ONE_CHUNK=True, BG=1024, BE=1, NKB=1,
                        NRB=1, P_DTYPE=tl.float32, G_DTYPE=tl.float32, ALIGNED=False)
         for one_chunk in (True, False):
-            shape = dict(BG=8, BE=256) if one_chunk else dict(BG=1, BE=1024)
+            # one chunk: "rows" (unit reduced stride); many: "columns" (unit kept stride)
+            shape = (dict(BG=8, BE=256, NRB=1, UNIT_RED=True) if one_chunk
+                     else dict(BG=32, BE=32, NKB=1, UNIT_KEPT=True))
             yield dict(base, REG=2, SOLVER=0, FLAT=False, ONE_CHUNK=one_chunk, **shape)
             if not scalar_d:
                 yield dict(base, REG=2, SOLVER=1, FLAT=False, ONE_CHUNK=one_chunk, **shape)

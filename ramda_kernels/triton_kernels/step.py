@@ -39,8 +39,13 @@ from the largest group size and group count of the launch):
   for l1.
 Rows vs columns (NOTE: [Group layout]): the host makes ``BG`` small and
 ``BE`` large when every group is a contiguous run, and ``BG`` large when
-neighbouring groups are neighbours in memory, so each row of a tile reads
-adjacent addresses either way.
+neighbouring groups are neighbours in memory; when every tensor of the launch
+has a single unit-stride reduced (rows) or kept (columns) block, the
+``UNIT_RED`` / ``UNIT_KEPT`` constexprs make that stride visible to the
+compiler, which then orders threads along the contiguous axis. ``FLAT`` full
+tiles are masked by a bound the compiler can prove is a multiple of ``BG``
+and, with ``ALIGNED``, use 16-byte vector loads; a tensor's last tile is the
+only ragged one.
 
 All math is fp32; parameters are read in ``P_DTYPE`` and rounded once on the
 final store. No value goes back to the host: iterative solves are in-kernel
@@ -243,8 +248,16 @@ def _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3,
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _decode(idx, sizes, strides, NB: tl.constexpr):
-    """Memory offset of index ``idx`` over ``NB`` blocks (last block fastest)."""
+def _decode(idx, sizes, strides, NB: tl.constexpr, UNIT: tl.constexpr):
+    """Memory offset of index ``idx`` over ``NB`` blocks (last block fastest).
+
+    ``UNIT``: the host saw one block of stride 1 in every tensor of the launch;
+    the offset is ``idx`` itself, which tells the compiler the addresses are
+    contiguous along that axis (coalesced order for the "columns" layout,
+    NOTE: [Group layout]).
+    """
+    if UNIT:
+        return idx
     off = tl.zeros_like(idx)
     rem = idx
     for jj in tl.static_range(NB):
@@ -260,9 +273,10 @@ def _decode(idx, sizes, strides, NB: tl.constexpr):
 
 
 @triton.jit
-def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB: tl.constexpr):
+def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB: tl.constexpr,
+           UNIT_RED: tl.constexpr):
     e = c0 + tl.arange(0, BE).to(tl.int64)
-    eoff = _decode(e, red_sizes, red_strides, NRB)
+    eoff = _decode(e, red_sizes, red_strides, NRB, UNIT_RED)
     offs = goff[:, None] + eoff[None, :]
     mask = gmask[:, None] & (e < gsize)[None, :]
     return offs, mask
@@ -291,7 +305,8 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                       FLAT: tl.constexpr, ONE_CHUNK: tl.constexpr, AMSGRAD: tl.constexpr,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BG: tl.constexpr,
                       BE: tl.constexpr, NKB: tl.constexpr, NRB: tl.constexpr,
-                      SCALAR_D: tl.constexpr, ALIGNED: tl.constexpr):
+                      SCALAR_D: tl.constexpr, ALIGNED: tl.constexpr, UNIT_KEPT: tl.constexpr,
+                      UNIT_RED: tl.constexpr):
     """One step of optimizer ``OPT`` on the tile ``items[program_id]``.
 
     ``tau`` is the subproblem's threshold before the group weight (RAMDA
@@ -306,7 +321,9 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
     * ProxSGD:   ``1-c, c, lr``
 
     ``SCALAR_D`` is true for RMDA and ProxSGD (closed-form prox); ``ALIGNED``
-    promises that every tensor address of the launch is 16-byte aligned.
+    promises that every tensor address of the launch is 16-byte aligned;
+    ``UNIT_KEPT`` / ``UNIT_RED`` that every tensor has a single kept / reduced
+    block of stride 1 (see `_decode`).
     Tiling: see NOTE: [Triton tiling].
     """
     pid = tl.program_id(0)
@@ -346,12 +363,12 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
         red_sizes = kept_strides + MAX_BLOCKS
         red_strides = red_sizes + MAX_BLOCKS
         gmask = gi < n_groups
-        goff = _decode(gi, kept_sizes, kept_strides, NKB)
+        goff = _decode(gi, kept_sizes, kept_strides, NKB, UNIT_KEPT)
         T = tau * tl.load(ftab + row * FTAB_WIDTH + FCOL_CG)
         tol_g = eps_t * tl.load(ftab + row * FTAB_WIDTH + FCOL_TOL)
         zero_g = tl.zeros([BG], dtype=tl.float32)
         if ONE_CHUNK:
-            offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB)
+            offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
             d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                                h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
             if SCALAR_D:
@@ -400,7 +417,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
             dmax = zero_g
             dmin = zero_g + float("inf")
             for c0 in range(0, gsize, BE):
-                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB)
+                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                 d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
                 zz += _gsum(z * z, mask)
@@ -422,7 +439,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                         sq = zero_g
                         sq2 = zero_g
                         for c0 in range(0, gsize, BE):
-                            offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB)
+                            offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                             d, z, x, n0, n1, n2 = _load_update(
                                 p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                 h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
@@ -438,7 +455,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                     theta = 1.0 / dmax
                     zs = scratch + tl.load(meta + COL_SCRATCH)
                     for c0 in range(0, gsize, BE):
-                        offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB)
+                        offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                         x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                         if OPT == OPT_PROXADAMW:
                             x = x * h0
@@ -451,7 +468,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                         if REG == REG_GROUP:
                             yy = zero_g
                             for c0 in range(0, gsize, BE):
-                                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB)
+                                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                                 d, z, x, n0, n1, n2 = _load_update(
                                     p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                     h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
@@ -461,7 +478,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                             pscale = _shrink_scale(tl.sqrt(yy), theta * T)
                         ss = zero_g
                         for c0 in range(0, gsize, BE):
-                            offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB)
+                            offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                             d, z, x, n0, n1, n2 = _load_update(
                                 p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                 h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
@@ -480,7 +497,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                         it += 1
             # Last pass: write state and parameter.
             for c0 in range(0, gsize, BE):
-                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB)
+                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                 d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
                 if SCALAR_D:
