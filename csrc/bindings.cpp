@@ -382,5 +382,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "True if the CUDA kernels were compiled into this build.");
+  m.def(
+      "cpu_isa", []() { return std::string(ramda::cpu::isa_name()); },
+      "Instruction set the CPU kernels use on this machine: 'avx512', 'avx2' or 'default'.");
 }
 #endif

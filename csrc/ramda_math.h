@@ -12,10 +12,15 @@
 #include <cstdint>
 #include <cstring>
 
+// Host copies have internal linkage and are always inlined: the CPU kernels
+// are compiled once per instruction set (csrc/cpu/kernels_*.cpp), and an
+// out-of-line copy must never be shared between those translation units.
 #if defined(__CUDACC__)
 #define RAMDA_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define RAMDA_HD static inline __attribute__((always_inline))
 #else
-#define RAMDA_HD inline
+#define RAMDA_HD static inline
 #endif
 
 namespace ramda {
@@ -25,9 +30,13 @@ namespace ramda {
 constexpr float kNewtonTol = 4.0f * 1.1920928955078125e-07f;
 constexpr int kNewtonMaxIters = 50;
 
-// Real cube root of x >= 0, branch free so that a loop over it vectorizes
-// (libm's cbrtf does not). Bit-trick seed, two Halley steps in fp32 (~1e-6
-// relative), one Newton step in fp64: correctly rounded but for rare ties.
+// Real cube root of x >= 0, branch and division free so that a loop over it
+// vectorizes cheaply (libm's cbrtf does not vectorize). Two Newton steps for
+// the reciprocal cube root r = x^(-1/3) from a bit-trick seed (3% -> 1e-6),
+// then cbrt = x r^2 and one Newton correction whose residual c^3 - x is
+// computed (nearly) exactly: with FMA (RAMDA_CPU_FMA, set by the AVX2/AVX-512
+// kernel builds) from the products' rounding errors, else in fp64. Within
+// 1 ulp of the true cube root.
 RAMDA_HD float cbrt_nonneg(float x) {
 #if defined(__CUDA_ARCH__)
   return cbrtf(x);
@@ -36,15 +45,25 @@ RAMDA_HD float cbrt_nonneg(float x) {
   const float xs = tiny ? x * 0x1p90f : x;
   int32_t i;
   std::memcpy(&i, &xs, sizeof(i));
-  i = static_cast<int32_t>(static_cast<float>(i) * (1.0f / 3.0f)) + 709921077;
-  float y;
-  std::memcpy(&y, &i, sizeof(y));
-  float y3 = y * y * y;
-  y = y * (y3 + 2.0f * xs) / (2.0f * y3 + xs);
-  y3 = y * y * y;
-  y = y * (y3 + 2.0f * xs) / (2.0f * y3 + xs);
-  const double yd = y, xd = xs;
-  y = static_cast<float>(yd - (yd * yd * yd - xd) / (3.0 * yd * yd));
+  i = 0x54a21d2a - static_cast<int32_t>(static_cast<float>(i) * (1.0f / 3.0f));
+  float r;
+  std::memcpy(&r, &i, sizeof(r));
+  const float third = xs * (1.0f / 3.0f);
+  r = r * (4.0f / 3.0f - third * (r * r * r));
+  r = r * (4.0f / 3.0f - third * (r * r * r));
+#if defined(RAMDA_CPU_FMA) && RAMDA_CPU_FMA
+  const float c = xs * r * r;
+  const float c2 = c * c;
+  const float e2 = __builtin_fmaf(c, c, -c2);
+  const float c3 = c2 * c;
+  const float e3 = __builtin_fmaf(c2, c, -c3);
+  const float res = (c3 - xs) + __builtin_fmaf(e2, c, e3);
+  float y = c - res * (r * r) * (1.0f / 3.0f);
+#else
+  const double c = static_cast<double>(xs) * r * r;
+  const double rd = r;
+  float y = static_cast<float>(c - (c * c * c - xs) * (rd * rd) * (1.0 / 3.0));
+#endif
   y = tiny ? y * 0x1p-30f : y;
   return x > 0.0f ? y : 0.0f;
 #endif
@@ -119,7 +138,7 @@ RAMDA_HD float average(float x, float w, float keep, float c) { return keep * x 
 //   phi(sigma) = 1/||z/(d+sigma)|| - sigma/T
 // from sigma_hi = T max(d)/(||z|| - T). A kernel accumulates, at the current
 // sigma, r2 = sum q^2 and s3 = sum q^2/(d+sigma) with q = z/(d+sigma)
-// (newton_terms), then calls newton_update.
+// (summing newton_terms), then calls newton_update.
 // ---------------------------------------------------------------------------
 
 struct NewtonStart {
@@ -137,13 +156,13 @@ RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr
   return st;
 }
 
-// Adds one element's share of r2 and s3 at sigma.
-RAMDA_HD void newton_terms(float z, float d, float sigma, float& r2, float& s3) {
-  const float inv = 1.0f / (d + sigma);
-  const float q = z * inv;
-  const float q2 = q * q;
-  r2 += q2;
-  s3 += q2 * inv;
+// One element's share of r2 (q^2) and s3 (q^2/(d+sigma)) at sigma; kernels
+// add them up (in fp64 on the CPU, see newton_contig).
+RAMDA_HD void newton_terms(float z, float d, float sigma, float& q2, float& q2d) {
+  const float denom = d + sigma;
+  const float q = z / denom;
+  q2 = q * q;
+  q2d = q2 / denom;
 }
 
 // One Newton step from the group sums; returns the new sigma and sets `done`

@@ -1,5 +1,8 @@
+// CPU fused step: work split and thread pool in dispatch.cpp, per-item
+// kernels compiled once per instruction set from kernels_impl.h.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "../ramda_args.h"
@@ -7,8 +10,34 @@
 namespace ramda {
 namespace cpu {
 
+// See NOTE: [Tiling per layout] in kernels_impl.h.
+constexpr int64_t kTileElems = 16384;  // elements per group tile (buffers + lines in L2)
+constexpr int64_t kElemItem = 65536;   // elementwise: elements per work item
+constexpr int64_t kMinLanes = 16;      // "lanes" tile: at least a cache line per run
+constexpr int64_t kMaxLanes = 512;     // lanes of one "lanes" tile (stack arrays)
+constexpr int64_t kMaxLaneRun = 64;    // longer inner runs use the "rows" tiling
+constexpr int kScratchArrays = 5;
+
+struct WorkItem {
+  int32_t tensor;
+  int64_t run;    // "lanes" tile: elements per group per run (1 for columns); 0 otherwise
+  int64_t begin;  // elementwise: storage offset; groups: first group
+  int64_t end;
+};
+
+// The instruction set the CPU kernels run with here: "avx512", "avx2" or "default".
+const char* isa_name();
+
+// kScratchArrays thread-local float arrays of at least n elements each.
+float* const* scratch(int64_t n);
+
 // One fused step over all tensors of a call (any mix of fp32/bf16/fp16).
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors);
+
+// One work item, per instruction set.
+namespace isa_default { void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w); }
+namespace isa_avx2 { void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w); }
+namespace isa_avx512 { void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w); }
 
 }  // namespace cpu
 }  // namespace ramda

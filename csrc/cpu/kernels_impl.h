@@ -21,42 +21,34 @@
 // tile of their own (the buffer grows; correct, just out of cache).
 // The same decision, in CUDA terms, is documented in csrc/cuda/kernels.cuh.
 
-#include "cpu_step.h"
-
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <vector>
+// This file is the body of csrc/cpu/kernels_{default,avx2,avx512}.cpp: each
+// includes the headers below, switches the instruction set with
+// `#pragma GCC target`, defines RAMDA_CPU_ISA and includes this file, so the
+// same source is compiled once per instruction set (like ATen's CPU
+// kernels); csrc/cpu/dispatch.cpp picks one at run time.
 
 namespace ramda {
 namespace cpu {
+namespace RAMDA_CPU_ISA {
 namespace {
 
-constexpr int64_t kTileElems = 16384;
-constexpr int64_t kChunk = 1024;       // elementwise: elements per inner block
-constexpr int64_t kElemItem = 65536;   // elementwise: elements per work item
-constexpr int64_t kMinCols = 16;
-constexpr int64_t kMaxCols = 64;
+constexpr int64_t kChunk = 1024;  // elementwise: elements per inner block
 
-template <typename P> struct Scalar;
-template <> struct Scalar<float> { using type = float; };
-template <> struct Scalar<c10::BFloat16> { using type = c10::BFloat16; };
-template <> struct Scalar<c10::Half> { using type = c10::Half; };
 
-// Thread-local solver buffers: B0 = z (then w) or y, B1 = d, B2 = x (the
-// fp32 parameter), B3 = PG iterate Z, B4 = PG gradient point.
+// Scratch arrays (thread-local, from scratch()): B0 = z (then w) or y,
+// B1 = d, B2 = x (the fp32 parameter), B3 = PG iterate Z, B4 = PG gradient point.
 struct Buffers {
-  std::vector<float> mem;
-  float* b[5];
-  void reserve(int64_t n) {
-    if (static_cast<int64_t>(mem.size()) < 5 * n) mem.resize(5 * n);
-    for (int i = 0; i < 5; ++i) b[i] = mem.data() + i * n;
+  float* b[kScratchArrays];
+  explicit Buffers(int64_t n) {
+    float* const* s = scratch(n);
+    for (int i = 0; i < kScratchArrays; ++i) b[i] = s[i];
   }
 };
+
+RAMDA_HD float fmax_(float a, float b) { return a > b ? a : b; }
+RAMDA_HD float fmin_(float a, float b) { return a < b ? a : b; }
+RAMDA_HD int64_t imin_(int64_t a, int64_t b) { return a < b ? a : b; }
+RAMDA_HD int64_t imax_(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------
 // Pass 1: read gradient, parameter and state of a contiguous run at storage
@@ -149,25 +141,71 @@ inline void pass2(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
   }
 }
 
-// Closed forms: w from (z, d) for RAMDA/ProxAdamW, from y for RMDA/ProxSGD.
-template <Optim O>
-inline void closed_form(const TensorArgs& t, const StepArgs& a, int64_t n, float* __restrict__ B0,
-                        const float* __restrict__ B1) {
-  constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
-  const bool l1 = a.reg == Reg::kL1 && t.thr != 0.0f;
-  if constexpr (kDual) {
-    if (l1) {
-      const float tau = t.thr;
+// The elementwise paths (no regularizer, l1 exact, tau == 0) in one loop:
+// state update, closed-form prox and parameter write per element.
+template <typename P, Optim O, bool kL1>
+inline void elementwise_run(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n) {
+  P* __restrict__ p = static_cast<P*>(t.param) + o;
+  const P* __restrict__ g = static_cast<const P*>(t.grad) + o;
+  float* __restrict__ s0 = t.s0 + o;
+  float* __restrict__ s1 = t.s1 ? t.s1 + o : nullptr;
+  float* __restrict__ s2 = t.s2 ? t.s2 + o : nullptr;
+  const float thr = t.thr;
+  if constexpr (O == Optim::kRamda) {
+    const float s = a.s, eps = a.eps, keep = a.keep, c = a.c;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) B0[i] = soft_threshold(B0[i], tau) / B1[i];
+    for (int64_t i = 0; i < n; ++i) {
+      float v = s1[i], u = s2[i], d, z;
+      ramda_dz(static_cast<float>(g[i]), s0[i], v, u, s, eps, d, z);
+      s1[i] = v;
+      s2[i] = u;
+      const float w = (kL1 ? soft_threshold(z, thr) : z) / d;
+      p[i] = static_cast<P>(average(static_cast<float>(p[i]), w, keep, c));
+    }
+  } else if constexpr (O == Optim::kRmda) {
+    const float s = a.s, beta = a.beta, keep = a.keep, c = a.c;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      float v = s1[i];
+      const float y = rmda_y(static_cast<float>(g[i]), s0[i], v, s, beta);
+      s1[i] = v;
+      const float w = kL1 ? soft_threshold(y, thr) : y;
+      p[i] = static_cast<P>(average(static_cast<float>(p[i]), w, keep, c));
+    }
+  } else if constexpr (O == Optim::kProxAdamW) {
+    const AdamCoeffs c = a.adam;
+    const float decay = a.decay;
+    if (a.amsgrad) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        float m = s0[i], v = s1[i], vmax = s2[i], d, z;
+        const float x = static_cast<float>(p[i]) * decay;
+        proxadamw_dz(static_cast<float>(g[i]), x, m, v, vmax, true, c, d, z);
+        s0[i] = m;
+        s1[i] = v;
+        s2[i] = vmax;
+        p[i] = static_cast<P>((kL1 ? soft_threshold(z, thr) : z) / d);
+      }
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) B0[i] = B0[i] / B1[i];
+      for (int64_t i = 0; i < n; ++i) {
+        float m = s0[i], v = s1[i], vmax = 0.0f, d, z;
+        const float x = static_cast<float>(p[i]) * decay;
+        proxadamw_dz(static_cast<float>(g[i]), x, m, v, vmax, false, c, d, z);
+        s0[i] = m;
+        s1[i] = v;
+        p[i] = static_cast<P>((kL1 ? soft_threshold(z, thr) : z) / d);
+      }
     }
-  } else if (l1) {
-    const float thr = t.thr;
+  } else {
+    const float keep = a.keep, c = a.c, lr = a.lr;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) B0[i] = soft_threshold(B0[i], thr);
+    for (int64_t i = 0; i < n; ++i) {
+      float buf = s0[i];
+      const float y = proxsgd_y(static_cast<float>(g[i]), static_cast<float>(p[i]), buf, keep, c, lr);
+      s0[i] = buf;
+      p[i] = static_cast<P>(kL1 ? soft_threshold(y, thr) : y);
+    }
   }
 }
 
@@ -177,22 +215,25 @@ inline void closed_form(const TensorArgs& t, const StepArgs& a, int64_t n, float
 
 struct GroupStats { float znorm, dmax, dmin; };
 
+// Group norms accumulate in fp64: the screen ||z|| <= T and the shrink
+// factor (||y|| - T)/||y|| cancel, and the reference sums pairwise.
 inline GroupStats stats_contig(const float* __restrict__ z, const float* __restrict__ d, int64_t n) {
-  float z2 = 0.0f, dmax = -INFINITY, dmin = INFINITY;
+  double z2 = 0.0;
+  float dmax = -INFINITY, dmin = INFINITY;
 #pragma omp simd reduction(+ : z2) reduction(max : dmax) reduction(min : dmin)
   for (int64_t i = 0; i < n; ++i) {
-    z2 += z[i] * z[i];
-    dmax = std::max(dmax, d[i]);
-    dmin = std::min(dmin, d[i]);
+    z2 += static_cast<double>(z[i]) * z[i];
+    dmax = fmax_(dmax, d[i]);
+    dmin = fmin_(dmin, d[i]);
   }
-  return {std::sqrt(z2), dmax, dmin};
+  return {static_cast<float>(std::sqrt(z2)), dmax, dmin};
 }
 
 inline float norm_contig(const float* __restrict__ y, int64_t n) {
-  float y2 = 0.0f;
+  double y2 = 0.0;
 #pragma omp simd reduction(+ : y2)
-  for (int64_t i = 0; i < n; ++i) y2 += y[i] * y[i];
-  return std::sqrt(y2);
+  for (int64_t i = 0; i < n; ++i) y2 += static_cast<double>(y[i]) * y[i];
+  return static_cast<float>(std::sqrt(y2));
 }
 
 // Exact group lasso (SPEC section 4) for one contiguous group; w -> z.
@@ -201,16 +242,23 @@ inline void newton_contig(float* __restrict__ z, const float* __restrict__ d, in
   const GroupStats st = stats_contig(z, d, n);
   const NewtonStart s0 = newton_start(st.znorm, st.dmax, st.dmin, thr);
   if (!s0.active) {
-    std::fill(z, z + n, 0.0f);
+    for (int64_t i = 0; i < n; ++i) z[i] = 0.0f;
     return;
   }
   float sigma = s0.sigma;
   bool done = s0.done;
+  // The sums accumulate in fp64: near the threshold (||z|| ~ T) the root is
+  // ill-conditioned in r, by a factor ~ T / (||z|| - T).
   for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-    float r2 = 0.0f, s3 = 0.0f;
+    double r2 = 0.0, s3 = 0.0;
 #pragma omp simd reduction(+ : r2, s3)
-    for (int64_t i = 0; i < n; ++i) newton_terms(z[i], d[i], sigma, r2, s3);
-    sigma = newton_update(sigma, r2, s3, thr, inv_thr, done);
+    for (int64_t i = 0; i < n; ++i) {
+      float q2, q2d;
+      newton_terms(z[i], d[i], sigma, q2, q2d);
+      r2 += q2;
+      s3 += q2d;
+    }
+    sigma = newton_update(sigma, static_cast<float>(r2), static_cast<float>(s3), thr, inv_thr, done);
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) z[i] = newton_solution(z[i], d[i], sigma);
@@ -224,13 +272,13 @@ inline void pg_contig(float* __restrict__ z, const float* __restrict__ d,
                       int64_t n, bool l1, float thr, float tol, int max_iters) {
   const GroupStats st = stats_contig(z, d, n);
   if (!l1 && st.znorm <= thr) {  // screened: exactly zero, no iteration
-    std::fill(z, z + n, 0.0f);
+    for (int64_t i = 0; i < n; ++i) z[i] = 0.0f;
     return;
   }
   const float theta = 1.0f / st.dmax;
   const float inv_theta = 1.0f / theta;
   const float pthr = theta * thr;
-  std::copy(x, x + n, Z);
+  for (int64_t i = 0; i < n; ++i) Z[i] = x[i];
   for (int it = 0; it < max_iters; ++it) {
     float s2 = 0.0f;
     if (l1) {
@@ -242,13 +290,13 @@ inline void pg_contig(float* __restrict__ z, const float* __restrict__ d,
         Z[i] = zn;
       }
     } else {
-      float y2 = 0.0f;
+      double y2 = 0.0;
 #pragma omp simd reduction(+ : y2)
       for (int64_t i = 0; i < n; ++i) {
         y[i] = pg_gradient_point(Z[i], z[i], d[i], theta);
-        y2 += y[i] * y[i];
+        y2 += static_cast<double>(y[i]) * y[i];
       }
-      const float scale = group_shrink(std::sqrt(y2), pthr);
+      const float scale = group_shrink(static_cast<float>(std::sqrt(y2)), pthr);
 #pragma omp simd reduction(+ : s2)
       for (int64_t i = 0; i < n; ++i) {
         const float zn = y[i] * scale;
@@ -259,7 +307,7 @@ inline void pg_contig(float* __restrict__ z, const float* __restrict__ d,
     }
     if (!(std::sqrt(s2) > tol)) break;
   }
-  std::copy(Z, Z + n, z);
+  for (int64_t i = 0; i < n; ++i) z[i] = Z[i];
 }
 
 // RMDA / ProxSGD group soft-threshold of y (scalar d: closed form).
@@ -269,148 +317,208 @@ inline void shrink_contig(float* __restrict__ y, int64_t n, float thr) {
   for (int64_t i = 0; i < n; ++i) y[i] *= scale;
 }
 
-// The same three solves for J groups interleaved as [element][group].
-inline void newton_cols(float* __restrict__ z, const float* __restrict__ d, int64_t E, int64_t J,
-                        float thr, float inv_thr) {
-  float z2[kMaxCols], dmax[kMaxCols], dmin[kMaxCols], sigma[kMaxCols], r2[kMaxCols],
-      s3[kMaxCols];
-  bool active[kMaxCols], done[kMaxCols];
-  for (int64_t j = 0; j < J; ++j) z2[j] = 0.0f, dmax[j] = -INFINITY, dmin[j] = INFINITY;
-  for (int64_t e = 0; e < E; ++e) {
-    const float* ze = z + e * J;
-    const float* de = d + e * J;
+// The same three solves for J groups interleaved in "lanes": the buffer is
+// [E][J*R], lane l = j*R + r belongs to group j (R = 1 for "columns"
+// layouts, R = the inner run for channel-wise convolutions, NOTE: [Tiling
+// per layout]). Loops run over lanes with per-lane partial sums, which are
+// then added per group.
+struct Lanes {
+  int64_t E, J, R, L;
+};
+
+template <typename T>
+inline void group_sums(const T* lane, const Lanes& s, T* group) {
+  for (int64_t j = 0; j < s.J; ++j) {
+    T acc = 0;
+    for (int64_t r = 0; r < s.R; ++r) acc += lane[j * s.R + r];
+    group[j] = acc;
+  }
+}
+
+inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d, const Lanes& s,
+                         float thr, float inv_thr) {
+  const int64_t L = s.L;
+  double z2l[kMaxLanes], z2[kMaxLanes], r2l[kMaxLanes], s3l[kMaxLanes], r2[kMaxLanes],
+      s3[kMaxLanes];
+  float dmaxl[kMaxLanes], dminl[kMaxLanes], sigmal[kMaxLanes], sigma[kMaxLanes];
+  bool active[kMaxLanes], done[kMaxLanes];
+  for (int64_t l = 0; l < L; ++l) z2l[l] = 0.0, dmaxl[l] = -INFINITY, dminl[l] = INFINITY;
+  for (int64_t e = 0; e < s.E; ++e) {
+    const float* ze = z + e * L;
+    const float* de = d + e * L;
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) {
-      z2[j] += ze[j] * ze[j];
-      dmax[j] = std::max(dmax[j], de[j]);
-      dmin[j] = std::min(dmin[j], de[j]);
+    for (int64_t l = 0; l < L; ++l) {
+      z2l[l] += static_cast<double>(ze[l]) * ze[l];
+      dmaxl[l] = fmax_(dmaxl[l], de[l]);
+      dminl[l] = fmin_(dminl[l], de[l]);
     }
   }
+  group_sums(z2l, s, z2);
   int64_t pending = 0;
-  for (int64_t j = 0; j < J; ++j) {
-    const NewtonStart s = newton_start(std::sqrt(z2[j]), dmax[j], dmin[j], thr);
-    active[j] = s.active;
-    done[j] = s.done;
-    sigma[j] = s.sigma;
-    pending += !s.done;
+  for (int64_t j = 0; j < s.J; ++j) {
+    float dmax = -INFINITY, dmin = INFINITY;
+    for (int64_t r = 0; r < s.R; ++r) {
+      dmax = fmax_(dmax, dmaxl[j * s.R + r]);
+      dmin = fmin_(dmin, dminl[j * s.R + r]);
+    }
+    const NewtonStart st = newton_start(static_cast<float>(std::sqrt(z2[j])), dmax, dmin, thr);
+    active[j] = st.active;
+    done[j] = st.done;
+    sigma[j] = st.sigma;
+    pending += !st.done;
   }
   for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
-    for (int64_t j = 0; j < J; ++j) r2[j] = 0.0f, s3[j] = 0.0f;
-    for (int64_t e = 0; e < E; ++e) {
-      const float* ze = z + e * J;
-      const float* de = d + e * J;
+    for (int64_t l = 0; l < L; ++l) sigmal[l] = sigma[l / s.R], r2l[l] = 0.0, s3l[l] = 0.0;
+    for (int64_t e = 0; e < s.E; ++e) {
+      const float* ze = z + e * L;
+      const float* de = d + e * L;
 #pragma omp simd
-      for (int64_t j = 0; j < J; ++j) newton_terms(ze[j], de[j], sigma[j], r2[j], s3[j]);
+      for (int64_t l = 0; l < L; ++l) {
+        float q2, q2d;
+        newton_terms(ze[l], de[l], sigmal[l], q2, q2d);
+        r2l[l] += q2;
+        s3l[l] += q2d;
+      }
     }
+    group_sums(r2l, s, r2);
+    group_sums(s3l, s, s3);
     pending = 0;
-    for (int64_t j = 0; j < J; ++j) {
+    for (int64_t j = 0; j < s.J; ++j) {
       if (done[j]) continue;
       bool dj;
-      sigma[j] = newton_update(sigma[j], r2[j], s3[j], thr, inv_thr, dj);
+      sigma[j] = newton_update(sigma[j], static_cast<float>(r2[j]), static_cast<float>(s3[j]),
+                               thr, inv_thr, dj);
       done[j] = dj;
       pending += !dj;
     }
   }
-  for (int64_t e = 0; e < E; ++e) {
-    float* ze = z + e * J;
-    const float* de = d + e * J;
+  for (int64_t l = 0; l < L; ++l) sigmal[l] = active[l / s.R] ? sigma[l / s.R] : NAN;
+  for (int64_t e = 0; e < s.E; ++e) {
+    float* ze = z + e * L;
+    const float* de = d + e * L;
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j)
-      ze[j] = active[j] ? newton_solution(ze[j], de[j], sigma[j]) : 0.0f;
+    for (int64_t l = 0; l < L; ++l)
+      ze[l] = sigmal[l] == sigmal[l] ? newton_solution(ze[l], de[l], sigmal[l]) : 0.0f;
   }
 }
 
-inline void pg_cols(float* __restrict__ z, const float* __restrict__ d, const float* __restrict__ x,
-                    float* __restrict__ Z, float* __restrict__ y, int64_t E, int64_t J, float thr,
-                    float tol, int max_iters) {
-  float z2[kMaxCols], dmax[kMaxCols], theta[kMaxCols], inv_theta[kMaxCols], pthr[kMaxCols],
-      y2[kMaxCols], s2[kMaxCols], scale[kMaxCols];
-  bool live[kMaxCols];
-  for (int64_t j = 0; j < J; ++j) z2[j] = 0.0f, dmax[j] = -INFINITY;
-  for (int64_t e = 0; e < E; ++e) {
+inline void pg_lanes(float* __restrict__ z, const float* __restrict__ d, const float* __restrict__ x,
+                     float* __restrict__ Z, float* __restrict__ y, const Lanes& s, float thr,
+                     float tol, int max_iters) {
+  const int64_t L = s.L;
+  double z2l[kMaxLanes], z2[kMaxLanes], y2l[kMaxLanes], y2[kMaxLanes];
+  float dmaxl[kMaxLanes], thetal[kMaxLanes], inv_thetal[kMaxLanes], scalel[kMaxLanes],
+      s2l[kMaxLanes], s2[kMaxLanes], theta[kMaxLanes], pthr[kMaxLanes];
+  bool live[kMaxLanes], livel[kMaxLanes];
+  for (int64_t l = 0; l < L; ++l) z2l[l] = 0.0, dmaxl[l] = -INFINITY;
+  for (int64_t e = 0; e < s.E; ++e) {
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) {
-      z2[j] += z[e * J + j] * z[e * J + j];
-      dmax[j] = std::max(dmax[j], d[e * J + j]);
+    for (int64_t l = 0; l < L; ++l) {
+      z2l[l] += static_cast<double>(z[e * L + l]) * z[e * L + l];
+      dmaxl[l] = fmax_(dmaxl[l], d[e * L + l]);
     }
   }
+  group_sums(z2l, s, z2);
   int64_t pending = 0;
-  for (int64_t j = 0; j < J; ++j) {
-    live[j] = std::sqrt(z2[j]) > thr;  // screened groups are exactly zero
-    theta[j] = 1.0f / dmax[j];
-    inv_theta[j] = 1.0f / theta[j];
+  for (int64_t j = 0; j < s.J; ++j) {
+    float dmax = -INFINITY;
+    for (int64_t r = 0; r < s.R; ++r) dmax = fmax_(dmax, dmaxl[j * s.R + r]);
+    live[j] = static_cast<float>(std::sqrt(z2[j])) > thr;  // screened groups are exactly zero
+    theta[j] = 1.0f / dmax;
     pthr[j] = theta[j] * thr;
     pending += live[j];
   }
-  for (int64_t i = 0; i < E * J; ++i) Z[i] = live[i % J] ? x[i] : 0.0f;
+  for (int64_t l = 0; l < L; ++l) {
+    thetal[l] = theta[l / s.R];
+    inv_thetal[l] = 1.0f / thetal[l];
+    livel[l] = live[l / s.R];
+  }
+  for (int64_t e = 0; e < s.E; ++e)
+    for (int64_t l = 0; l < L; ++l) Z[e * L + l] = livel[l] ? x[e * L + l] : 0.0f;
   for (int it = 0; it < max_iters && pending > 0; ++it) {
-    for (int64_t j = 0; j < J; ++j) y2[j] = 0.0f, s2[j] = 0.0f;
-    for (int64_t e = 0; e < E; ++e) {
+    for (int64_t l = 0; l < L; ++l) y2l[l] = 0.0, s2l[l] = 0.0f;
+    for (int64_t e = 0; e < s.E; ++e) {
 #pragma omp simd
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t i = e * J + j;
-        y[i] = pg_gradient_point(Z[i], z[i], d[i], theta[j]);
-        y2[j] += y[i] * y[i];
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t i = e * L + l;
+        y[i] = pg_gradient_point(Z[i], z[i], d[i], thetal[l]);
+        y2l[l] += static_cast<double>(y[i]) * y[i];
       }
     }
-    for (int64_t j = 0; j < J; ++j) scale[j] = live[j] ? group_shrink(std::sqrt(y2[j]), pthr[j]) : 1.0f;
-    for (int64_t e = 0; e < E; ++e) {
+    group_sums(y2l, s, y2);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t j = l / s.R;
+      scalel[l] = livel[l] ? group_shrink(static_cast<float>(std::sqrt(y2[j])), pthr[j]) : 1.0f;
+    }
+    for (int64_t e = 0; e < s.E; ++e) {
 #pragma omp simd
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t i = e * J + j;
-        const float zn = live[j] ? y[i] * scale[j] : Z[i];
-        const float s = pg_residual(Z[i], zn, d[i], inv_theta[j]);
-        s2[j] += s * s;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t i = e * L + l;
+        const float zn = livel[l] ? y[i] * scalel[l] : Z[i];
+        const float r = pg_residual(Z[i], zn, d[i], inv_thetal[l]);
+        s2l[l] += r * r;
         Z[i] = zn;
       }
     }
+    group_sums(s2l, s, s2);
     pending = 0;
-    for (int64_t j = 0; j < J; ++j) {
+    for (int64_t j = 0; j < s.J; ++j) {
       live[j] = live[j] && std::sqrt(s2[j]) > tol;
       pending += live[j];
     }
+    for (int64_t l = 0; l < L; ++l) livel[l] = live[l / s.R];
   }
-  std::copy(Z, Z + E * J, z);
+  for (int64_t i = 0; i < s.E * L; ++i) z[i] = Z[i];
 }
 
-inline void shrink_cols(float* __restrict__ y, int64_t E, int64_t J, float thr) {
-  float y2[kMaxCols], scale[kMaxCols];
-  for (int64_t j = 0; j < J; ++j) y2[j] = 0.0f;
-  for (int64_t e = 0; e < E; ++e) {
+inline void shrink_lanes(float* __restrict__ y, const Lanes& s, float thr) {
+  const int64_t L = s.L;
+  double y2l[kMaxLanes], y2[kMaxLanes];
+  float scalel[kMaxLanes];
+  for (int64_t l = 0; l < L; ++l) y2l[l] = 0.0;
+  for (int64_t e = 0; e < s.E; ++e) {
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) y2[j] += y[e * J + j] * y[e * J + j];
+    for (int64_t l = 0; l < L; ++l) y2l[l] += static_cast<double>(y[e * L + l]) * y[e * L + l];
   }
-  for (int64_t j = 0; j < J; ++j) scale[j] = group_shrink(std::sqrt(y2[j]), thr);
-  for (int64_t e = 0; e < E; ++e) {
+  group_sums(y2l, s, y2);
+  for (int64_t l = 0; l < L; ++l)
+    scalel[l] = group_shrink(static_cast<float>(std::sqrt(y2[l / s.R])), thr);
+  for (int64_t e = 0; e < s.E; ++e) {
 #pragma omp simd
-    for (int64_t j = 0; j < J; ++j) y[e * J + j] *= scale[j];
+    for (int64_t l = 0; l < L; ++l) y[e * L + l] *= scalel[l];
   }
 }
 
-// ---------------------------------------------------------------------------
-// Work items
-// ---------------------------------------------------------------------------
-
-struct WorkItem {
-  int32_t tensor;
-  bool cols;        // "columns" tile (else rows tile or elementwise range)
-  int64_t begin;    // elementwise: storage offset; groups: first group
-  int64_t end;
+// Offsets of a sequence of items decoded over blocks (last fastest), by
+// increment instead of division.
+struct Odometer {
+  int32_t n;
+  const int64_t* size;
+  const int64_t* stride;
+  int64_t idx[kMaxDims] = {};
+  int64_t off = 0;
+  Odometer(int32_t n_, const int64_t* size_, const int64_t* stride_)
+      : n(n_), size(size_), stride(stride_) {}
+  void next() {
+    for (int32_t b = n - 1; b >= 0; --b) {
+      off += stride[b];
+      if (++idx[b] < size[b]) return;
+      off -= idx[b] * stride[b];
+      idx[b] = 0;
+    }
+  }
 };
 
-// Solve for one tile whose buffers are filled; `cols` -> J = groups, E = elements.
+// ---------------------------------------------------------------------------
+// Work items (split in dispatch.cpp)
+// ---------------------------------------------------------------------------
+
 template <Optim O>
-inline void solve_tile(const TensorArgs& t, const StepArgs& a, Buffers& B, bool cols,
-                       int64_t groups, int64_t gsize) {
+inline void solve_rows(const TensorArgs& t, const StepArgs& a, const Buffers& B, int64_t groups,
+                       int64_t gsize) {
   constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
   const bool pg = kDual && a.solver == Solver::kPg;
   const bool l1 = a.reg == Reg::kL1;  // only reaches here as whole-tensor PG
-  if (cols) {
-    if (!kDual) shrink_cols(B.b[0], gsize, groups, t.thr);
-    else if (pg) pg_cols(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], gsize, groups, t.thr, t.pg_tol, a.max_iters);
-    else newton_cols(B.b[0], B.b[1], gsize, groups, t.thr, t.inv_thr);
-    return;
-  }
   for (int64_t j = 0; j < groups; ++j) {
     const int64_t o = j * gsize;
     if (!kDual) shrink_contig(B.b[0] + o, gsize, t.thr);
@@ -419,121 +527,83 @@ inline void solve_tile(const TensorArgs& t, const StepArgs& a, Buffers& B, bool 
   }
 }
 
+template <Optim O>
+inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B, const Lanes& s) {
+  constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
+  if (!kDual) shrink_lanes(B.b[0], s, t.thr);
+  else if (a.solver == Solver::kPg) pg_lanes(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], s, t.thr, t.pg_tol, a.max_iters);
+  else newton_lanes(B.b[0], B.b[1], s, t.thr, t.inv_thr);
+}
+
 template <typename P, Optim O>
-void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w, Buffers& B) {
+void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   if (t.path == Path::kElementwise) {
-    B.reserve(kChunk);
-    for (int64_t o = w.begin; o < w.end; o += kChunk) {
-      const int64_t n = std::min(kChunk, w.end - o);
-      pass1<P, O>(t, a, o, n, B.b[0], B.b[1], B.b[2]);
-      closed_form<O>(t, a, n, B.b[0], B.b[1]);
-      pass2<P, O>(t, a, o, n, B.b[0], B.b[2]);
-    }
+    if (a.reg == Reg::kL1 && t.thr != 0.0f)
+      elementwise_run<P, O, true>(t, a, w.begin, w.end - w.begin);
+    else
+      elementwise_run<P, O, false>(t, a, w.begin, w.end - w.begin);
     return;
   }
   const GroupLayout& L = t.layout;
   const int64_t gsize = L.group_size;
   const int64_t groups = w.end - w.begin;
-  B.reserve(groups * gsize);
-  if (w.cols) {
-    // J adjacent groups: element e of all of them is one contiguous run.
-    const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
-    for (int64_t e = 0; e < gsize; ++e) {
-      const int64_t o = base + block_offset(e, L.n_red, L.red_size, L.red_stride);
-      pass1<P, O>(t, a, o, groups, B.b[0] + e * groups, B.b[1] + e * groups, B.b[2] + e * groups);
-    }
-    solve_tile<O>(t, a, B, true, groups, gsize);
-    for (int64_t e = 0; e < gsize; ++e) {
-      const int64_t o = base + block_offset(e, L.n_red, L.red_size, L.red_stride);
-      pass2<P, O>(t, a, o, groups, B.b[0] + e * groups, B.b[2] + e * groups);
+  const Buffers B(groups * gsize);
+  const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
+  if (w.run > 0) {
+    // Lanes: the tile's J groups are adjacent runs of w.run elements, so one
+    // outer element index of all of them is a single contiguous run.
+    const Lanes s{gsize / w.run, groups, w.run, groups * w.run};
+    const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
+    for (int pass = 0; pass < 2; ++pass) {
+      Odometer odo(n_outer, L.red_size, L.red_stride);
+      for (int64_t e = 0; e < s.E; ++e, odo.next()) {
+        const int64_t o = base + odo.off;
+        float* b0 = B.b[0] + e * s.L;
+        float* b2 = B.b[2] + e * s.L;
+        if (pass == 0) pass1<P, O>(t, a, o, s.L, b0, B.b[1] + e * s.L, b2);
+        else pass2<P, O>(t, a, o, s.L, b0, b2);
+      }
+      if (pass == 0) solve_lanes<O>(t, a, B, s);
     }
     return;
   }
   // Rows: each group is runs of its innermost (stride-1) reduced block.
   const int64_t run = L.red_size[L.n_red - 1];
   const int64_t outer = gsize / run;
-  for (int64_t j = 0; j < groups; ++j) {
-    const int64_t base = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
-    for (int64_t r = 0; r < outer; ++r) {
-      const int64_t o = base + block_offset(r, L.n_red - 1, L.red_size, L.red_stride);
-      const int64_t bi = j * gsize + r * run;
-      pass1<P, O>(t, a, o, run, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t j = 0; j < groups; ++j) {
+      const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
+      Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
+      for (int64_t r = 0; r < outer; ++r, odo.next()) {
+        const int64_t bi = j * gsize + r * run;
+        if (pass == 0) pass1<P, O>(t, a, gbase + odo.off, run, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
+        else pass2<P, O>(t, a, gbase + odo.off, run, B.b[0] + bi, B.b[2] + bi);
+      }
     }
-  }
-  solve_tile<O>(t, a, B, false, groups, gsize);
-  for (int64_t j = 0; j < groups; ++j) {
-    const int64_t base = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
-    for (int64_t r = 0; r < outer; ++r) {
-      const int64_t o = base + block_offset(r, L.n_red - 1, L.red_size, L.red_stride);
-      const int64_t bi = j * gsize + r * run;
-      pass2<P, O>(t, a, o, run, B.b[0] + bi, B.b[2] + bi);
-    }
-  }
-}
-
-void split(const std::vector<TensorArgs>& tensors, std::vector<WorkItem>& items) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const TensorArgs& t = tensors[i];
-    const int32_t ti = static_cast<int32_t>(i);
-    if (t.numel == 0) continue;
-    if (t.path == Path::kElementwise) {
-      for (int64_t o = 0; o < t.numel; o += kElemItem)
-        items.push_back({ti, false, o, std::min(t.numel, o + kElemItem)});
-      continue;
-    }
-    const GroupLayout& L = t.layout;
-    const int64_t gsize = L.group_size;
-    if (L.inner_reduced()) {
-      const int64_t per = std::max<int64_t>(1, kTileElems / gsize);
-      for (int64_t g = 0; g < L.n_groups; g += per)
-        items.push_back({ti, false, g, std::min(L.n_groups, g + per)});
-      continue;
-    }
-    // Columns: tiles never cross the innermost kept block, whose groups are
-    // adjacent in memory (stride 1).
-    const int64_t inner = L.kept_size[L.n_kept - 1];
-    const int64_t per = std::min(kMaxCols, std::max(kMinCols, kTileElems / gsize));
-    for (int64_t g0 = 0; g0 < L.n_groups; g0 += inner)
-      for (int64_t g = g0; g < g0 + inner; g += per)
-        items.push_back({ti, true, g, std::min(g0 + inner, g + per)});
+    if (pass == 0) solve_rows<O>(t, a, B, groups, gsize);
   }
 }
 
 template <Optim O>
-void run_dtype(const TensorArgs& t, const StepArgs& a, const WorkItem& w, Buffers& B) {
+void run_dtype(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   switch (t.dtype) {
-    case DType::kFp32: return run_item<float, O>(t, a, w, B);
-    case DType::kBf16: return run_item<c10::BFloat16, O>(t, a, w, B);
-    case DType::kFp16: return run_item<c10::Half, O>(t, a, w, B);
-  }
-}
-
-void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w, Buffers& B) {
-  switch (a.optim) {
-    case Optim::kRamda: return run_dtype<Optim::kRamda>(t, a, w, B);
-    case Optim::kRmda: return run_dtype<Optim::kRmda>(t, a, w, B);
-    case Optim::kProxAdamW: return run_dtype<Optim::kProxAdamW>(t, a, w, B);
-    case Optim::kProxSgd: return run_dtype<Optim::kProxSgd>(t, a, w, B);
+    case DType::kFp32: return run_item<float, O>(t, a, w);
+    case DType::kBf16: return run_item<c10::BFloat16, O>(t, a, w);
+    case DType::kFp16: return run_item<c10::Half, O>(t, a, w);
   }
 }
 
 }  // namespace
 
-void step(const StepArgs& args, const std::vector<TensorArgs>& tensors) {
-  std::vector<WorkItem> items;
-  split(tensors, items);
-  if (items.empty()) return;
-  // Work items differ in cost (Newton iterations vary per group), so threads
-  // take them from a shared counter instead of a static split.
-  std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(items.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    thread_local Buffers buffers;
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
-      run(tensors[items[i].tensor], args, items[i], buffers);
-  });
+void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
+  switch (a.optim) {
+    case Optim::kRamda: return run_dtype<Optim::kRamda>(t, a, w);
+    case Optim::kRmda: return run_dtype<Optim::kRmda>(t, a, w);
+    case Optim::kProxAdamW: return run_dtype<Optim::kProxAdamW>(t, a, w);
+    case Optim::kProxSgd: return run_dtype<Optim::kProxSgd>(t, a, w);
+  }
 }
 
+}  // namespace RAMDA_CPU_ISA
 }  // namespace cpu
 }  // namespace ramda

@@ -1,0 +1,113 @@
+// CPU step: splits the call into work items, runs them on ATen's thread pool
+// and picks the kernels' instruction set once per process.
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <vector>
+
+#include "cpu_step.h"
+
+namespace ramda {
+namespace cpu {
+namespace {
+
+using RunFn = void (*)(const TensorArgs&, const StepArgs&, const WorkItem&);
+
+struct Isa {
+  RunFn run;
+  const char* name;
+};
+
+const Isa& isa() {
+  static const Isa chosen = []() -> Isa {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return {&isa_avx512::run, "avx512"};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+      return {&isa_avx2::run, "avx2"};
+#endif
+    return {&isa_default::run, "default"};
+  }();
+  return chosen;
+}
+
+// See NOTE: [Tiling per layout] (kernels_impl.h).
+void split(const std::vector<TensorArgs>& tensors, std::vector<WorkItem>& items) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const TensorArgs& t = tensors[i];
+    const int32_t ti = static_cast<int32_t>(i);
+    if (t.numel == 0) continue;
+    if (t.path == Path::kElementwise) {
+      for (int64_t o = 0; o < t.numel; o += kElemItem)
+        items.push_back({ti, 0, o, std::min(t.numel, o + kElemItem)});
+      continue;
+    }
+    const GroupLayout& L = t.layout;
+    const int64_t gsize = L.group_size;
+    // Lanes: neighbouring groups are neighbouring runs of `run` elements,
+    // i.e. the innermost kept block has stride `run` and sits right outside
+    // the inner reduced run (run = 1: the inner block is kept, "columns").
+    int64_t run = 0;
+    if (L.n_kept > 0) {
+      const int64_t kst = L.kept_stride[L.n_kept - 1];
+      if (!L.inner_reduced() && kst == 1) {
+        run = 1;
+      } else if (L.inner_reduced() && L.red_stride[L.n_red - 1] == 1 &&
+                 kst == L.red_size[L.n_red - 1] && kst < gsize && kst <= kMaxLaneRun) {
+        run = kst;
+      }
+    }
+    if (run > 0) {
+      const int64_t inner = L.kept_size[L.n_kept - 1];
+      const int64_t max_groups = std::max<int64_t>(1, kMaxLanes / run);
+      const int64_t want = std::max<int64_t>((kMinLanes + run - 1) / run, kTileElems / gsize);
+      const int64_t per = std::max<int64_t>(1, std::min(max_groups, want));
+      // tiles never cross the innermost kept block (its groups are the adjacent ones)
+      for (int64_t g0 = 0; g0 < L.n_groups; g0 += inner)
+        for (int64_t g = g0; g < g0 + inner; g += per)
+          items.push_back({ti, run, g, std::min(g0 + inner, g + per)});
+      continue;
+    }
+    const int64_t per = std::max<int64_t>(1, kTileElems / gsize);
+    for (int64_t g = 0; g < L.n_groups; g += per)
+      items.push_back({ti, 0, g, std::min(L.n_groups, g + per)});
+  }
+}
+
+}  // namespace
+
+const char* isa_name() { return isa().name; }
+
+float* const* scratch(int64_t n) {
+  // Arrays start 64 bytes past a multiple of 4 KiB from each other, so that
+  // same-index accesses to them do not alias in L1 (4K aliasing).
+  const int64_t stride = (n + 1023) / 1024 * 1024 + 16;
+  thread_local std::vector<float> mem;
+  thread_local float* arrays[kScratchArrays];
+  if (static_cast<int64_t>(mem.size()) < kScratchArrays * stride) mem.resize(kScratchArrays * stride);
+  for (int i = 0; i < kScratchArrays; ++i) arrays[i] = mem.data() + i * stride;
+  return arrays;
+}
+
+void step(const StepArgs& args, const std::vector<TensorArgs>& tensors) {
+  const RunFn run = isa().run;
+  std::vector<WorkItem> items;
+  split(tensors, items);
+  if (items.empty()) return;
+  // Work items differ in cost (Newton iterations vary per group), so threads
+  // take them from a shared counter instead of a static split.
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(items.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
+      run(tensors[items[i].tensor], args, items[i]);
+  });
+}
+
+}  // namespace cpu
+}  // namespace ramda
