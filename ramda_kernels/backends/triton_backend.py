@@ -301,6 +301,15 @@ def _tl_dtype(dt: torch.dtype):
 
 def _launch(launch: _Launch, scalars: Tuple) -> None:
     """The only place a kernel is launched (tests count calls to it)."""
+    device = launch.itab.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # triton launches on the current device
+            _kernel(launch, scalars)
+    else:
+        _kernel(launch, scalars)
+
+
+def _kernel(launch: _Launch, scalars: Tuple) -> None:
     _K.fused_step_kernel[launch.grid](launch.items, launch.itab, launch.ftab, launch.scratch,
                                       *scalars, num_warps=launch.num_warps, **launch.constexprs)
 
