@@ -4,10 +4,15 @@ Same functions and signatures as ``ramda_ref.functional``; the kernel is
 ``ramda_kernels.triton_kernels.step.fused_step_kernel`` (see NOTE: [Triton
 tiling] there). Per call, the host side only builds a cache key from the
 tensors' addresses, shapes, strides and dtypes (gradients: all but their
-addresses, which are patched into the table when they move) and launches; everything else
-(metadata tables on the device, tile shapes, which tensors take the kernel)
-is built once per key and cached (see `_plan`). Nothing in a step reads a
-device value back to the host.
+addresses, which are patched into the table when they move, `_refresh_grads`)
+and launches; everything else (metadata tables on the device, tile shapes,
+which tensors take the kernel) is built once per key by `_build_plan` and
+kept in a small LRU cache. Nothing in a step reads a device value back to
+the host.
+
+Memory: PG on groups larger than ``MAX_BLOCK_E`` keeps its iterate in an
+fp32 scratch buffer owned by the cached plan (4 bytes per element of every
+tensor in that launch); nothing else is allocated per step.
 
 NOTE: [Triton fallbacks]
 These tensors go to ``ramda_ref.functional`` instead of the kernel, in the
@@ -48,7 +53,7 @@ from ramda_ref.prox import inexact_tolerance, newton_tolerance
 from ..layout import group_layout, is_dense, same_layout
 
 try:
-    import triton
+    import triton  # noqa: F401  (the import error is what why_unavailable reports)
 
     from ..triton_kernels import step as _K
     _IMPORT_ERROR: Optional[BaseException] = None
