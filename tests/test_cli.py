@@ -88,6 +88,7 @@ def test_adamw_runs_and_is_scored_on_the_same_groups(tmp_path, capsys):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--device", "nodevice"], "--device"),
+    (["--optimizer", "proxadamw", "--momentum", "0.5"], "--momentum does not apply to proxadamw"),
 ])
 def test_bad_flags_give_one_line_and_a_nonzero_exit(capsys, flags, message):
     try:

@@ -130,6 +130,8 @@ def make_config(args) -> "Config":
                              f"{args.optimizer} has no regularizer")
         if args.backend != "auto":
             raise UsageError(f"--backend applies to {', '.join(REGULARIZED)}, not to {args.optimizer}")
+    if args.optimizer in ("adamw", "proxadamw") and args.momentum is not None:
+        raise UsageError(f"--momentum does not apply to {args.optimizer} (it uses betas)")
     try:
         backends.check_name(args.backend)
     except ValueError as e:
@@ -175,14 +177,10 @@ def build_optimizer(cfg: Config, model, groups):
     if cfg.momentum is not None:
         kw["momentum"] = cfg.momentum
     if cfg.optimizer == "adamw":
-        if cfg.momentum is not None:
-            raise UsageError("--momentum does not apply to adamw")
         return torch.optim.AdamW(model.parameters(), **kw)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), **kw)
     cls = {"ramda": rk.RAMDA, "rmda": rk.RMDA, "proxadamw": rk.ProxAdamW, "proxsgd": rk.ProxSGD}[cfg.optimizer]
-    if cfg.optimizer == "proxadamw" and cfg.momentum is not None:
-        raise UsageError("--momentum does not apply to proxadamw (it uses betas)")
     return cls(groups, backend=cfg.backend, **kw)
 
 
