@@ -5,7 +5,7 @@ interpreter (``TRITON_INTERPRET=1``, set here before triton is imported).
 The tile sizes are shrunk (``triton_backend.TILE`` / ``MAX_BLOCK_E``) so that
 small tensors already exercise the multi-chunk paths of NOTE: [Triton tiling].
 
-    timeout 600 python -m pytest -q tests/test_triton.py     (about 3 minutes on 2 CPU cores)
+    timeout 600 python -m pytest -q tests/test_triton.py     (2-3 minutes on 2 shared CPU cores)
 """
 
 from __future__ import annotations
