@@ -159,10 +159,10 @@ RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr
 // One element's share of r2 (q^2) and s3 (q^2/(d+sigma)) at sigma; kernels
 // add them up (in fp64 on the CPU, see newton_contig).
 RAMDA_HD void newton_terms(float z, float d, float sigma, float& q2, float& q2d) {
-  const float denom = d + sigma;
-  const float q = z / denom;
+  const float inv = 1.0f / (d + sigma);  // one division per element and iteration
+  const float q = z * inv;
   q2 = q * q;
-  q2d = q2 / denom;
+  q2d = q2 * inv;
 }
 
 // One Newton step from the group sums; returns the new sigma and sets `done`

@@ -509,6 +509,26 @@ struct Odometer {
   }
 };
 
+constexpr int64_t kPrefetchRuns = 16;
+
+// Prefetch the lines of a run of n elements at offset o: every stream for
+// pass 1, the parameter only for pass 2 (write).
+template <typename P>
+inline void prefetch_run(const TensorArgs& t, int64_t o, int64_t n, bool all) {
+  constexpr int64_t kLine = 64;
+  const char* p = reinterpret_cast<const char*>(static_cast<const P*>(t.param) + o);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(P)); b += kLine) __builtin_prefetch(p + b, 1);
+  if (!all) return;
+  const char* g = reinterpret_cast<const char*>(static_cast<const P*>(t.grad) + o);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(P)); b += kLine) __builtin_prefetch(g + b);
+  const float* st[3] = {t.s0, t.s1, t.s2};
+  for (const float* x : st) {
+    if (!x) continue;
+    const char* c = reinterpret_cast<const char*>(x + o);
+    for (int64_t b = 0; b < n * 4; b += kLine) __builtin_prefetch(c + b, 1);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Work items (split in dispatch.cpp)
 // ---------------------------------------------------------------------------
@@ -555,8 +575,15 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     const Lanes s{gsize / w.run, groups, w.run, groups * w.run};
     const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
     for (int pass = 0; pass < 2; ++pass) {
-      Odometer odo(n_outer, L.red_size, L.red_stride);
+      // Runs are far apart in memory (one per outer index), which the
+      // hardware prefetcher does not follow: fetch kPrefetchRuns ahead.
+      Odometer odo(n_outer, L.red_size, L.red_stride), ahead = odo;
+      for (int64_t e = 0; e < kPrefetchRuns && e + 1 < s.E; ++e) ahead.next();
       for (int64_t e = 0; e < s.E; ++e, odo.next()) {
+        if (e + kPrefetchRuns < s.E) {
+          prefetch_run<P>(t, base + ahead.off, s.L, pass == 0);
+          ahead.next();
+        }
         const int64_t o = base + odo.off;
         float* b0 = B.b[0] + e * s.L;
         float* b2 = B.b[2] + e * s.L;
