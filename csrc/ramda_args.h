@@ -74,6 +74,7 @@ struct TensorArgs {
   float thr = 0.0f;       // T = tau * c_g (group lasso), tau (l1), prox threshold (RMDA/ProxSGD)
   float inv_thr = 0.0f;   // 1/T in double, rounded (the reference's `1.0 / thr`)
   float pg_tol = 0.0f;    // PG per-group test: eps_t * sqrt(|g| / n)
+  int64_t scratch = 0;    // CUDA grouped paths: offset of this tensor's fp32 scratch (z, d, Z)
   double cg = 1.0;        // group weight c_g (sqrt(|g|) or 1); thr = float(thr_base * c_g)
   double tol_scale = 1.0; // sqrt(|g| / n); pg_tol = float(eps_t * tol_scale)
 };

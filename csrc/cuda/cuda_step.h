@@ -1,0 +1,41 @@
+// CUDA fused step: host side (cuda/table.cpp) and per-dtype launchers
+// (cuda/kernels_{fp32,bf16,fp16}.cu). See NOTE: [CUDA tiling] in kernels.cuh.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../ramda_args.h"
+
+namespace ramda {
+namespace cuda {
+
+// One block of the launch: an elementwise chunk or one group.
+struct BlockItem {
+  int32_t tensor;  // index into this launch's TensorArgs
+  int32_t group;   // 1: one group [begin, begin+1); 0: elementwise range [begin, end)
+  int64_t begin;
+  int64_t end;
+};
+
+// What a launch reads from the device: `n_tensors` TensorArgs followed by
+// `n_items` BlockItems, at `table` (cached per set of tensors, table.cpp).
+struct Launch {
+  const uint8_t* table;
+  int64_t n_tensors;
+  int64_t n_items;
+  float* scratch;  // fp32 scratch of the grouped tensors (3 per element), or null
+};
+
+void launch_fp32(const Launch& l, const StepArgs& a, cudaStream_t stream);
+void launch_bf16(const Launch& l, const StepArgs& a, cudaStream_t stream);
+void launch_fp16(const Launch& l, const StepArgs& a, cudaStream_t stream);
+
+// One fused step on CUDA device `device`: one launch per parameter dtype, on
+// the current stream, no host synchronization.
+void step(const StepArgs& a, const std::vector<TensorArgs>& tensors, int device);
+
+}  // namespace cuda
+}  // namespace ramda

@@ -1,0 +1,257 @@
+// CUDA kernels of the fused step, templated on the parameter type; each
+// kernels_<dtype>.cu instantiates one (STYLE 6: one instantiation group per
+// file). The math is ramda_math.h, shared with the CPU kernels.
+//
+// NOTE: [CUDA tiling]
+// One launch covers every tensor of one dtype in a call; block b runs work
+// item b of the cached table (cuda_step.h: BlockItem):
+// * elementwise paths (none, l1 exact, tau == 0): a chunk of kElemChunk
+//   consecutive storage elements, coalesced;
+// * grouped paths (group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
+//   group shrink): one block per group. Pass 1 updates the state and writes
+//   z and d for the group to a per-call fp32 scratch laid out group by group
+//   (so the solver's repeated sweeps read contiguous, L2-resident memory);
+//   the solver reduces over the block (warp shuffles, then shared memory);
+//   the last pass writes the parameter. Element offsets are decoded from the
+//   canonical layout (NOTE: [Group layout]), so any dims and strides are
+//   read in place. For "rows" layouts (inner block reduced) neighbouring
+//   threads read neighbouring addresses; for "columns" layouts (inner block
+//   kept: input-wise Linear, channels-last channel-wise Conv) they do not,
+//   which is correct but uncoalesced. A tile of 32 adjacent groups per block
+//   (lane = group), like the CPU "lanes" tiling, is the planned fix.
+// Nothing is read back to the host: every loop bound is a block-uniform
+// value computed on the device.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include "../ramda_args.h"
+#include "../ramda_math.h"
+#include "cuda_step.h"
+
+namespace ramda {
+namespace cuda {
+
+constexpr int kThreads = 256;
+constexpr int64_t kElemChunk = 4096;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide reduction of up to three values (op per value: 0 sum, 1 max,
+// 2 min); every thread gets the results.
+template <int N>
+__device__ __forceinline__ void block_reduce(float (&v)[N], const int (&op)[N]) {
+  __shared__ float part[N][kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    v[k] = op[k] == 0 ? warp_sum(v[k]) : (op[k] == 1 ? warp_max(v[k]) : warp_min(v[k]));
+    if (lane == 0) part[k][warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float x = lane < kThreads / 32 ? part[k][lane] : (op[k] == 0 ? 0.0f : (op[k] == 1 ? -INFINITY : INFINITY));
+    v[k] = op[k] == 0 ? warp_sum(x) : (op[k] == 1 ? warp_max(x) : warp_min(x));
+  }
+  __syncthreads();  // part[] is reused by the next reduction
+}
+
+template <typename P>
+__device__ __forceinline__ float load(const void* base, int64_t i) {
+  return static_cast<float>(static_cast<const P*>(base)[i]);
+}
+
+// Pass 1 for one element at storage offset o: update the state, return the
+// subproblem data (z, d) for RAMDA/ProxAdamW or y (in z) for RMDA/ProxSGD.
+template <typename P>
+__device__ __forceinline__ void element_pass1(const TensorArgs& t, const StepArgs& a, int64_t o,
+                                              float& z, float& d) {
+  const float g = load<P>(t.grad, o);
+  switch (a.optim) {
+    case Optim::kRamda: {
+      float v = t.s1[o], u = t.s2[o];
+      ramda_dz(g, t.s0[o], v, u, a.s, a.eps, d, z);
+      t.s1[o] = v;
+      t.s2[o] = u;
+      break;
+    }
+    case Optim::kRmda: {
+      float v = t.s1[o];
+      z = rmda_y(g, t.s0[o], v, a.s, a.beta);
+      t.s1[o] = v;
+      d = 1.0f;
+      break;
+    }
+    case Optim::kProxAdamW: {
+      float m = t.s0[o], v = t.s1[o], vmax = a.amsgrad ? t.s2[o] : 0.0f;
+      const float x = load<P>(t.param, o) * a.decay;
+      proxadamw_dz(g, x, m, v, vmax, a.amsgrad, a.adam, d, z);
+      t.s0[o] = m;
+      t.s1[o] = v;
+      if (a.amsgrad) t.s2[o] = vmax;
+      break;
+    }
+    case Optim::kProxSgd: {
+      float buf = t.s0[o];
+      z = proxsgd_y(g, load<P>(t.param, o), buf, a.keep, a.c, a.lr);
+      t.s0[o] = buf;
+      d = 1.0f;
+      break;
+    }
+  }
+}
+
+// The point the parameter moves from: x (RAMDA/RMDA averaging, PG warm start).
+template <typename P>
+__device__ __forceinline__ float current_x(const TensorArgs& t, const StepArgs& a, int64_t o) {
+  const float p = load<P>(t.param, o);
+  return a.optim == Optim::kProxAdamW ? p * a.decay : p;
+}
+
+template <typename P>
+__device__ __forceinline__ void write_param(const TensorArgs& t, const StepArgs& a, int64_t o, float w) {
+  float out = w;
+  if (a.optim == Optim::kRamda || a.optim == Optim::kRmda)
+    out = average(load<P>(t.param, o), w, a.keep, a.c);
+  static_cast<P*>(t.param)[o] = static_cast<P>(out);
+}
+
+template <typename P>
+__device__ void elementwise_block(const TensorArgs& t, const StepArgs& a, int64_t begin, int64_t end) {
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  const bool l1 = a.reg == Reg::kL1 && t.thr != 0.0f;
+  for (int64_t o = begin + threadIdx.x; o < end; o += blockDim.x) {
+    float z, d;
+    element_pass1<P>(t, a, o, z, d);
+    const float y = l1 ? soft_threshold(z, t.thr) : z;
+    write_param<P>(t, a, o, dual ? y / d : y);
+  }
+}
+
+__device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t e) {
+  return block_offset(e, L.n_red, L.red_size, L.red_stride);
+}
+
+template <typename P>
+__device__ void group_block(const TensorArgs& t, const StepArgs& a, int64_t g, float* scratch) {
+  const GroupLayout& L = t.layout;
+  const int64_t n = L.group_size;
+  const int64_t base = block_offset(g, L.n_kept, L.kept_size, L.kept_stride);
+  float* zs = scratch + t.scratch + g * n;         // z (RAMDA/ProxAdamW) or y (RMDA/ProxSGD)
+  float* ds = zs + t.numel;                        // d
+  float* Zs = zs + 2 * t.numel;                    // PG iterate
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  const bool pg = dual && a.solver == Solver::kPg;
+  const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
+
+  float acc[3] = {0.0f, -INFINITY, INFINITY};
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+    float z, d;
+    element_pass1<P>(t, a, base + element_offset(L, e), z, d);
+    zs[e] = z;
+    ds[e] = d;
+    acc[0] += z * z;
+    acc[1] = fmaxf(acc[1], d);
+    acc[2] = fminf(acc[2], d);
+  }
+  const int sum_max_min[3] = {0, 1, 2};
+  block_reduce<3>(acc, sum_max_min);
+  const float znorm = sqrtf(acc[0]), dmax = acc[1], dmin = acc[2];
+  const float thr = t.thr;
+
+  if (!dual) {  // RMDA / ProxSGD: group soft-threshold of y
+    const float scale = group_shrink(znorm, thr);
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+      write_param<P>(t, a, base + element_offset(L, e), zs[e] * scale);
+    return;
+  }
+  if (!pg) {  // exact Newton (SPEC section 4)
+    const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
+    float sigma = st.sigma;
+    bool done = st.done;
+    const int sum2[2] = {0, 0};
+    for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
+      float r[2] = {0.0f, 0.0f};
+      for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+        float q2, q2d;
+        newton_terms(zs[e], ds[e], sigma, q2, q2d);
+        r[0] += q2;
+        r[1] += q2d;
+      }
+      block_reduce<2>(r, sum2);
+      sigma = newton_update(sigma, r[0], r[1], thr, t.inv_thr, done);
+    }
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+      write_param<P>(t, a, base + element_offset(L, e),
+                     st.active ? newton_solution(zs[e], ds[e], sigma) : 0.0f);
+    return;
+  }
+  // Proximal gradient (SPEC section 5), warm started at x; screened groups are zero.
+  if (!l1 && znorm <= thr) {
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+      write_param<P>(t, a, base + element_offset(L, e), 0.0f);
+    return;
+  }
+  const float theta = 1.0f / dmax, inv_theta = 1.0f / theta, pthr = theta * thr;
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+    Zs[e] = current_x<P>(t, a, base + element_offset(L, e));
+  const int sum1[1] = {0};
+  for (int it = 0; it < a.max_iters; ++it) {
+    float scale = 1.0f;
+    if (!l1) {
+      float y2[1] = {0.0f};
+      for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+        const float y = pg_gradient_point(Zs[e], zs[e], ds[e], theta);
+        y2[0] += y * y;
+      }
+      block_reduce<1>(y2, sum1);
+      scale = group_shrink(sqrtf(y2[0]), pthr);
+    }
+    float s2[1] = {0.0f};
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+      const float y = pg_gradient_point(Zs[e], zs[e], ds[e], theta);
+      const float zn = l1 ? soft_threshold(y, pthr) : y * scale;
+      const float s = pg_residual(Zs[e], zn, ds[e], inv_theta);
+      s2[0] += s * s;
+      Zs[e] = zn;
+    }
+    block_reduce<1>(s2, sum1);
+    if (!(sqrtf(s2[0]) > t.pg_tol)) break;
+  }
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+    write_param<P>(t, a, base + element_offset(L, e), Zs[e]);
+}
+
+template <typename P>
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs a) {
+  const auto* tensors = reinterpret_cast<const TensorArgs*>(l.table);
+  const auto* items = reinterpret_cast<const BlockItem*>(l.table + l.n_tensors * sizeof(TensorArgs));
+  const BlockItem item = items[blockIdx.x];
+  TensorArgs t = tensors[item.tensor];
+  fill_thresholds(t, a);  // per step; the cached table holds only what does not change
+  if (item.group) group_block<P>(t, a, item.begin, l.scratch);
+  else elementwise_block<P>(t, a, item.begin, item.end);
+}
+
+template <typename P>
+void launch(const Launch& l, const StepArgs& a, cudaStream_t stream) {
+  if (l.n_items == 0) return;
+  fused_step_kernel<P><<<static_cast<unsigned>(l.n_items), kThreads, 0, stream>>>(l, a);
+}
+
+}  // namespace cuda
+}  // namespace ramda

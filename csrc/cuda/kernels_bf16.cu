@@ -1,0 +1,15 @@
+// The fused step kernel for c10::BFloat16 parameters (NOTE: [CUDA tiling] in kernels.cuh).
+#include <c10/cuda/CUDAException.h>
+
+#include "kernels.cuh"
+
+namespace ramda {
+namespace cuda {
+
+void launch_bf16(const Launch& l, const StepArgs& a, cudaStream_t stream) {
+  launch<c10::BFloat16>(l, a, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace ramda
