@@ -19,6 +19,7 @@ The classes validate, gather tensors and create state lazily; the math is in
 from __future__ import annotations
 
 import math
+import warnings
 from itertools import chain
 from typing import Any, Callable, Dict, List, Optional
 
@@ -49,11 +50,22 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     Subclasses set ``_name`` (the functional's name), ``_tensor_state`` and
     implement ``_validate_hparams`` and ``_step_bucket``.
+
+    ``torch.amp.GradScaler`` is supported the way torch's fused Adam supports
+    it (``_step_supports_amp_scaling``): ``scaler.step(opt)`` does not unscale
+    the gradients itself but sets ``opt.grad_scale`` (``None`` after an explicit
+    ``scaler.unscale_(opt)``) and ``opt.found_inf``; `step` skips the whole step
+    when ``found_inf`` is nonzero and otherwise divides the gradients by
+    ``grad_scale`` before the update. The scaler deletes both attributes when
+    ``step`` returns (deleting them here would make its ``del`` fail).
     """
 
     _name: str = ""
     _tensor_state: tuple = ()
     _uses_alpha: bool = False
+    _step_supports_amp_scaling = True
+    #: GradScaler's scale while a step runs, by device (read by `_grads`).
+    _grad_scales: Optional[Dict[torch.device, torch.Tensor]] = None
 
     def __init__(self, params, defaults: Dict[str, Any], nonfinite: str = "raise"):
         if nonfinite not in NONFINITE_POLICIES:
@@ -84,7 +96,9 @@ class ProxOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def _validate_group(self, group: Dict[str, Any]) -> None:
+    def _validate_group(self, group: Dict[str, Any], gi: Optional[int] = None) -> None:
+        """Check and normalize one param group (``gi``: its index, for messages;
+        the last group by default)."""
         if group.get("regularizer") is None:
             group["regularizer"] = "group_lasso" if group.get("dims") is not None else "none"
         if group["regularizer"] not in REGULARIZERS:
@@ -100,7 +114,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         if not (isinstance(lam, (int, float)) and 0.0 <= lam < math.inf):
             raise ValueError(f"Invalid lambda_ value: {lam!r} (expected a finite number >= 0)")
         self._validate_hparams(group)
-        gi = len(self.param_groups) - 1
+        gi = len(self.param_groups) - 1 if gi is None else gi
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, gi, i, p)
             if p.is_sparse or p.layout != torch.strided:
@@ -108,6 +122,11 @@ class ProxOptimizer(torch.optim.Optimizer):
             if p.dtype not in _SUPPORTED_DTYPES:
                 raise ValueError(f"{name}: dtype {p.dtype} is not supported "
                                  f"(expected float16, bfloat16, float32 or float64)")
+            first = group["params"][0]
+            if p.device != first.device:  # one call per group runs on one device
+                raise ValueError(f"{name} is on {p.device} but "
+                                 f"{self._param_name(group, gi, 0, first)} of the same param group "
+                                 f"is on {first.device}: use one param group per device")
             if group["regularizer"] == "none":
                 continue
             if p.dim() == 0:
@@ -200,12 +219,15 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------
 
+    def _state_keys(self, group) -> tuple:
+        return self._tensor_state(group) if callable(self._tensor_state) else self._tensor_state
+
     def _new_state(self, p: torch.Tensor, group) -> Dict[str, Any]:
         dtype = F.state_dtype(p)
         state: Dict[str, Any] = {"step": 0}
         if self._uses_alpha:
             state["alpha"] = 0.0
-        for key in self._tensor_state(group) if callable(self._tensor_state) else self._tensor_state:
+        for key in self._state_keys(group):
             if key == "initial_point":
                 state[key] = p.detach().to(dtype=dtype, copy=True)
             else:
@@ -213,13 +235,48 @@ class ProxOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load like PyTorch, but keep state in the state dtype (fp32 for
-        low-precision parameters) instead of casting it to the parameter's."""
+        """Load like PyTorch, with two differences.
+
+        State stays in the state dtype (fp32 for low-precision parameters)
+        instead of being cast to the parameter's dtype.
+
+        A state dict that lacks keys this version needs (an older checkpoint)
+        loads with a warning per missing key, never silently wrong:
+
+        * a param group without a hyperparameter (``pg_eps``, ``view``,
+          ``reweight``, ...) gets the optimizer's default for it
+          (``self.defaults``, as `add_param_group` fills a new group) and is
+          validated again;
+        * a parameter whose state lacks a key the step needs is restarted: its
+          state is dropped and made afresh at its next step from the weights it
+          has then (``t = 0, alpha = 0, W0 = p, V = U = 0``; Adam moments at 0
+          with the bias correction starting over; SGD's first-step momentum).
+          Filling in only the missing key is not safe: ``U = 0`` next to a
+          nonzero ``V`` makes ``d = eps`` and a huge step; ``alpha`` recomputed
+          from the step count and ``lr`` is wrong once ``lr`` has changed (a
+          scheduler, a restart); Adam moments at 0 with ``t > 0`` skip the
+          bias correction. A restart is a state the algorithm itself reaches
+          (SPEC section 6). One exception: a missing ``max_exp_avg_sq`` with
+          ``amsgrad=True`` starts from ``exp_avg_sq``, as when amsgrad is
+          switched on during a run.
+        """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        # the hyperparameters the groups have now (torch adds keys of its own to defaults)
+        known = [[key for key in group if key in self.defaults] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for gi, (group, keys) in enumerate(zip(self.param_groups, known)):
+            missing = [key for key in keys if key not in group]
+            for key in missing:
+                group[key] = self.defaults[key]
+                warnings.warn(f"param_groups[{gi}] of the loaded state dict has no {key!r} (an older "
+                              f"checkpoint?); using the default {key}={group[key]!r}", stacklevel=2)
+            if missing:
+                self._validate_group(group, gi)
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
+        where = {p: (gi, i, group) for gi, group in enumerate(self.param_groups)
+                 for i, p in enumerate(group["params"])}
         for pid, values in saved_state.items():
             p = id_map.get(pid)
             if p is None:
@@ -229,6 +286,25 @@ class ProxOptimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     state[key] = value.to(device=p.device, dtype=F.state_dtype(p),
                                           memory_format=torch.preserve_format, copy=True)
+            gi, i, group = where[p]
+            self._repair_loaded_state(p, group, self._param_name(group, gi, i, p))
+
+    def _repair_loaded_state(self, p: torch.Tensor, group, name: str) -> None:
+        """Apply the missing-key rule of `load_state_dict` to one parameter."""
+        state = self.state[p]
+        needed = ("step",) + (("alpha",) if self._uses_alpha else ()) + tuple(self._state_keys(group))
+        missing = [key for key in needed if key not in state]
+        if not missing:
+            return
+        if missing == ["max_exp_avg_sq"]:
+            state["max_exp_avg_sq"] = state["exp_avg_sq"].clone(memory_format=torch.preserve_format)
+            warnings.warn(f"{name}: the loaded state has no 'max_exp_avg_sq' but amsgrad=True; "
+                          f"starting it from 'exp_avg_sq'", stacklevel=3)
+            return
+        del self.state[p]
+        warnings.warn(f"{name}: the loaded state has no {', '.join(map(repr, missing))}; this "
+                      f"tensor's state is dropped and restarts at its next step "
+                      f"(see {type(self).__name__}.load_state_dict)", stacklevel=3)
 
     # -- the step --------------------------------------------------------------
 
@@ -242,8 +318,25 @@ class ProxOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler (see the class docstring). Reading found_inf on the host
+        # synchronizes with the device: a step that stays on the device needs
+        # device-side step counters and alpha, and kernels that take found_inf
+        # (as torch's fused Adam does); left to the CUDA backend.
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            self.last_iterations = {}
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
         work = self._gather()
         self.last_iterations = {}
+        self._grad_scales = None if grad_scale is None else {grad_scale.device: grad_scale}
+        try:
+            self._step_groups(work)
+        finally:
+            self._grad_scales = None
+        return loss
+
+    def _step_groups(self, work: List[List[torch.Tensor]]) -> None:
         for group, params in zip(self.param_groups, work):
             if not params:
                 continue
@@ -265,7 +358,6 @@ class ProxOptimizer(torch.optim.Optimizer):
                     if self._uses_alpha:
                         st["alpha"] = new_alpha
                     self.last_iterations[p] = it
-        return loss
 
     def _step_bucket(self, group, params, t: int, alpha: Optional[float]):
         raise NotImplementedError
@@ -273,9 +365,22 @@ class ProxOptimizer(torch.optim.Optimizer):
     def _states(self, params, key) -> List[torch.Tensor]:
         return [self.state[p][key] for p in params]
 
-    @staticmethod
-    def _grads(params) -> List[torch.Tensor]:
-        return [p.grad for p in params]
+    def _grads(self, params) -> List[torch.Tensor]:
+        """The gradients of ``params``, divided by GradScaler's scale when one is set.
+
+        The division writes new tensors (one gradient-sized pass per bucket)
+        rather than the user's ``.grad``, which keeps its scaled values as it
+        would with an optimizer that fuses the division into its kernel.
+        """
+        grads = [p.grad for p in params]
+        if self._grad_scales is None or not grads:
+            return grads
+        device = grads[0].device
+        scale = self._grad_scales.get(device)
+        if scale is None:  # the scaler keeps its scale on another device
+            any_scale = next(iter(self._grad_scales.values()))
+            scale = self._grad_scales[device] = any_scale.to(device, non_blocking=True)
+        return list(torch._foreach_div(grads, scale))
 
     @staticmethod
     def _grouping(group) -> Dict[str, Any]:
