@@ -3,23 +3,32 @@
 // inner loops over contiguous runs that the compiler vectorizes.
 //
 // NOTE: [Tiling per layout]
-// Per tensor the canonical layout (NOTE: [Group layout]) decides the tile:
-// * "rows" (innermost block reduced, stride 1): a tile is a range of whole
-//   consecutive groups; each group is walked as runs of its innermost block
-//   and copied (as d, z, x) into a thread-local buffer laid out group after
-//   group. Newton / PG iterations then sweep a contiguous slice per group,
-//   which stays in L1 for groups up to a few thousand elements.
-// * "columns" (innermost block kept, stride 1): a tile is J adjacent groups
-//   of the innermost kept block (J >= 16 when possible, so every run is at
-//   least a cache line). Element e of the J groups is one contiguous run; the
-//   buffer is laid out [element][group] and the iterations run vectorized
-//   across the J groups, each with its own sigma.
-// A tile holds about kTileElems elements, so a tile's buffers plus the lines
-// of parameter, gradient and state it touches stay in L2: the second pass
-// (writing the parameter) and every solver iteration hit cache, and main
-// memory sees each tensor once per step. Groups larger than a tile get a
-// tile of their own (the buffer grows; correct, just out of cache).
-// The same decision, in CUDA terms, is documented in csrc/cuda/kernels.cuh.
+// Per tensor the canonical layout (NOTE: [Group layout]) decides the tile
+// (dispatch.cpp: split):
+// * "lanes" (neighbouring groups are neighbouring runs of R elements): the
+//   innermost block is kept with stride 1 ("columns": input-wise Linear,
+//   channel-wise 1x1 / channels_last Conv; R = 1), or the innermost reduced
+//   run of R <= kMaxLaneRun elements sits right inside a kept block of
+//   stride R (channel-wise k x k Conv, R = k*k). A tile is J adjacent groups
+//   (J*R a multiple of 16 floats where possible, about kTileElems elements
+//   in all); for each outer index the J runs form ONE contiguous run of J*R
+//   elements. The buffer is laid out [outer][J*R] and the solver sweeps it
+//   vectorized across the J*R lanes with per-lane partial sums, added per
+//   group (each group keeps its own sigma). Runs of consecutive outer
+//   indices are far apart in memory, so they are prefetched kPrefetchRuns
+//   ahead.
+// * "rows" (anything else; in practice the innermost block is reduced:
+//   output-wise Linear, filter-wise Conv): a tile is a range of whole
+//   consecutive groups; each group is copied run by run (as z, d, x) into the
+//   buffer group after group, and the solver sweeps one contiguous slice per
+//   group (in L1 for groups up to a few thousand elements).
+// A tile's buffers plus the lines of parameter, gradient and state it
+// touches fit in L2, so the second pass (writing the parameter) and every
+// solver sweep hit cache and memory sees each tensor about once per step.
+// A group larger than a tile gets a tile of its own (the buffer grows:
+// correct, just out of cache). Elementwise paths (no group solve) stream
+// each tensor in chunks of kElemItem in one fused loop.
+// The CUDA side's choice is NOTE: [CUDA tiling] in csrc/cuda/kernels.cuh.
 
 // This file is the body of csrc/cpu/kernels_{default,avx2,avx512}.cpp: each
 // includes the headers below, switches the instruction set with
