@@ -261,18 +261,11 @@ class ProxOptimizer(torch.optim.Optimizer):
           switched on during a run.
         """
         saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):  # else torch's load refuses it
+            saved_groups = [self._complete_group(saved, current, gi) for gi, (saved, current)
+                            in enumerate(zip(saved_groups, self.param_groups))]
         saved_state = state_dict["state"]
-        # the hyperparameters the groups have now (torch adds keys of its own to defaults)
-        known = [[key for key in group if key in self.defaults] for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for gi, (group, keys) in enumerate(zip(self.param_groups, known)):
-            missing = [key for key in keys if key not in group]
-            for key in missing:
-                group[key] = self.defaults[key]
-                warnings.warn(f"param_groups[{gi}] of the loaded state dict has no {key!r} (an older "
-                              f"checkpoint?); using the default {key}={group[key]!r}", stacklevel=2)
-            if missing:
-                self._validate_group(group, gi)
+        super().load_state_dict(dict(state_dict, param_groups=saved_groups))
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
         where = {p: (gi, i, group) for gi, group in enumerate(self.param_groups)
@@ -288,6 +281,22 @@ class ProxOptimizer(torch.optim.Optimizer):
                                           memory_format=torch.preserve_format, copy=True)
             gi, i, group = where[p]
             self._repair_loaded_state(p, group, self._param_name(group, gi, i, p))
+
+    def _complete_group(self, saved: Dict[str, Any], current: Dict[str, Any], gi: int) -> Dict[str, Any]:
+        """A saved param group with the hyperparameters it lacks set to their
+        defaults, validated against the parameters it will get; raises before
+        anything is loaded if the result is invalid."""
+        # keys of the group now; torch adds keys of its own to self.defaults
+        missing = [key for key in current if key in self.defaults and key not in saved]
+        if not missing or len(saved["params"]) != len(current["params"]):
+            return saved
+        group = dict(saved, params=current["params"])
+        for key in missing:
+            group[key] = self.defaults[key]
+            warnings.warn(f"param_groups[{gi}] of the loaded state dict has no {key!r} (an older "
+                          f"checkpoint?); using the default {key}={group[key]!r}", stacklevel=3)
+        self._validate_group(group, gi)
+        return dict(group, params=saved["params"])
 
     def _repair_loaded_state(self, p: torch.Tensor, group, name: str) -> None:
         """Apply the missing-key rule of `load_state_dict` to one parameter."""
