@@ -243,6 +243,59 @@ def test_amsgrad_and_weight_decay():
 
 
 # ---------------------------------------------------------------------------
+# Groups just above their threshold (NOTE: [secular equation without cancellation])
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gsize", [16, 77])  # in registers; three chunks of TEST_BLOCK_E
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+def test_newton_near_threshold(monkeypatch, gsize, scale):
+    """fp32 groups with ``||z_g|| = T (1 + 10^-k)``, k = 1..6, and ``d`` spread over
+    1..1e4: ``w_g = z_g/(d + sigma)`` with ``sigma > 0``, so ``w`` has the sign of ``z``,
+    and the KKT residual (float64, on the fp32 result) is small. Written literally
+    (``1/r - sigma/T``) the Newton step cancels here and sends sigma negative.
+
+    The subproblem is set up through the RAMDA functional with zero gradients,
+    ``W0 = 0`` and momentum 1, so ``z = -V``, ``d = cbrt(U)`` and ``p = w``.
+    """
+    monkeypatch.setattr(tb, "TILE", 8192)  # few programs: the interpreter is slow per program
+    gen = torch.Generator().manual_seed(3)
+    reps, ks = 64, range(1, 7)
+    n_groups = reps * len(ks)
+    T = scale
+    # d: log-uniform in 1..1e4, with both ends present in every group
+    d = 10.0 ** (4.0 * torch.rand(n_groups, gsize, generator=gen, dtype=torch.float64))
+    d[:, 0], d[:, 1] = 1.0, 1e4
+    d = d[:, torch.randperm(gsize, generator=gen)]
+    z = torch.randn(n_groups, gsize, generator=gen, dtype=torch.float64)
+    z = torch.where(z.abs() < 1e-3, 1e-3, z)  # every element has a sign
+    excess = torch.tensor([10.0 ** -k for k in ks for _ in range(reps)], dtype=torch.float64)
+    z = (z * (T * (1.0 + excess) / z.norm(dim=1))[:, None]).float()
+    u = d.float() ** 3  # d = cbrt(U) (epsilon 0)
+    d64 = u.double() ** (1.0 / 3.0)
+    z64 = z.double()
+    assert bool((z64.norm(dim=1) > T).all())
+
+    p = torch.zeros(n_groups, gsize, device=DEVICE)
+    tb.ramda([p], [torch.zeros_like(p)], [torch.zeros_like(p)], [(-z).to(DEVICE)], [u.to(DEVICE)],
+             step=1, alpha=1.0, lr=1.0, momentum=1.0, epsilon=0.0, lambda_=T,
+             regularizer="group_lasso", dims=(1,), view=None, reweight=False, solver="exact",
+             max_iters=20, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+    w = p.cpu().double()
+    plan = list(tb._cache.values())[-1]  # the most recently used
+    assert plan.launches[0].constexprs["ONE_CHUNK"] == (gsize <= TEST_BLOCK_E)
+
+    wrong = (w * z64 <= 0).sum(dim=1)
+    assert int(wrong.sum()) == 0, (
+        f"w has the wrong sign or is zero in {int((wrong > 0).sum())}/{n_groups} groups "
+        f"(excess per bad group: {excess[wrong > 0].tolist()[:8]})")
+    res = ramda_ref.prox.kkt_residual(w, z64, d64, T, (1,))
+    worst = int(res.argmax())
+    assert float(res.max()) < 1e-4, (
+        f"KKT residual {float(res.max()):.3g} at excess {float(excess[worst]):.0e}; "
+        f"{int((res >= 1e-4).sum())}/{n_groups} groups over 1e-4")
+
+
+# ---------------------------------------------------------------------------
 # The shared parity harness (fast vs reference vs float64 truth), a few cases
 # ---------------------------------------------------------------------------
 

@@ -126,18 +126,33 @@ def _gsum(x, mask):
 
 
 @triton.jit
-def _newton_step(sq, sq2, sigma, todo, T, tol):
-    """One step of Newton on ``phi(sigma) = 1/||q|| - sigma/T`` (SPEC section 4),
-    ``q = z/(d+sigma)``, from ``sq = sum q^2`` and ``sq2 = sum q^2/(d+sigma)``.
-    Groups with ``todo == 0`` keep their sigma; a group is done once
-    ``delta <= tol * sigma`` (same rule as ``ramda_ref.prox.exact_group_lasso``)."""
-    r = tl.sqrt(sq)
-    phi = 1.0 / r - sigma / T
-    dphi = sq2 / (r * r * r) - 1.0 / T
-    delta = phi / dphi
+def _newton_terms(zeta, d, sigma):
+    """Per-element terms of `_newton_step`'s three group sums, from the unit-norm
+    group ``zeta = z * (1/||z_g||)``: ``a = v^2 d/(d+sigma)``, ``b = v^2 sigma/(d+sigma)``
+    and ``c = u (zeta + v)`` with ``v = sigma zeta/(d+sigma)``, ``u = d zeta/(d+sigma)``."""
+    inv = 1.0 / (d + sigma)
+    ps = sigma * inv
+    pd = d * inv
+    v = zeta * ps
+    vv = v * v
+    return vv * pd, vv * ps, (zeta * pd) * (zeta + v)
+
+
+@triton.jit
+def _newton_step(a, b, c, rel_excess, sigma, todo, tol):
+    """One Newton step on the secular equation of SPEC section 4, from the group
+    sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``, written
+    without cancellation as in ``ramda_ref.prox._newton_step`` (see NOTE:
+    [secular equation without cancellation] there).
+    Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
+    step, and a group is done once not ``delta > tol * sigma`` (same rules as
+    ``ramda_ref.prox.exact_group_lasso``)."""
+    vn = tl.sqrt(a + b)
+    f = rel_excess - c / (1.0 + vn)
+    delta = sigma * f * vn / (a + f * b / vn)
     step = todo != 0
-    sigma = tl.where(step, sigma - tl.maximum(delta, 0.0), sigma)
-    todo = tl.where(step & (delta <= tol * sigma), 0, todo)
+    sigma = tl.where(step & (delta > 0.0), sigma - delta, sigma)
+    todo = tl.where(step & (delta > tol * sigma), todo, 0)
     return sigma, todo
 
 
@@ -379,14 +394,20 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                 if SOLVER == SOLVER_EXACT:
                     dmin = tl.min(tl.where(mask, d, float("inf")), axis=1)
                     active = (znorm > T) & gmask
-                    sigma = T * dmax / tl.where(active, znorm - T, 1.0)
+                    excess = tl.where(active, znorm - T, 1.0)
+                    sigma = T * dmax / excess
                     todo = (active & (dmax != dmin)).to(tl.int32)
+                    # Newton on unit-norm groups (NOTE: [secular equation without
+                    # cancellation] in ramda_ref.prox)
+                    safe_norm = tl.where(active, znorm, 1.0)
+                    rel_excess = excess / safe_norm
+                    inv_norm = 1.0 / safe_norm
+                    zeta = z * inv_norm[:, None]
                     it = 0
                     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
-                        dps = d + sigma[:, None]
-                        q = z / dps
-                        sigma, todo = _newton_step(_gsum(q * q, mask), _gsum(q * q / dps, mask),
-                                                   sigma, todo, T, newton_tol)
+                        ta, tb, tc = _newton_terms(zeta, d, sigma[:, None])
+                        sigma, todo = _newton_step(_gsum(ta, mask), _gsum(tb, mask), _gsum(tc, mask),
+                                                   rel_excess, sigma, todo, newton_tol)
                         it += 1
                     w = tl.where(active[:, None], z / (d + sigma[:, None]), 0.0)
                 else:
@@ -432,22 +453,29 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
             if not SCALAR_D:
                 if SOLVER == SOLVER_EXACT:
                     active = (znorm > T) & gmask
-                    sigma = T * dmax / tl.where(active, znorm - T, 1.0)
+                    excess = tl.where(active, znorm - T, 1.0)
+                    sigma = T * dmax / excess
                     todo = (active & (dmax != dmin)).to(tl.int32)
+                    # Newton on unit-norm groups (NOTE: [secular equation without
+                    # cancellation] in ramda_ref.prox)
+                    safe_norm = tl.where(active, znorm, 1.0)
+                    rel_excess = excess / safe_norm
+                    inv_norm = 1.0 / safe_norm
                     it = 0
                     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
-                        sq = zero_g
-                        sq2 = zero_g
+                        sa = zero_g
+                        sb = zero_g
+                        sc = zero_g
                         for c0 in range(0, gsize, BE):
                             offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                             d, z, x, n0, n1, n2 = _load_update(
                                 p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                 h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
-                            dps = d + sigma[:, None]
-                            q = z / dps
-                            sq += _gsum(q * q, mask)
-                            sq2 += _gsum(q * q / dps, mask)
-                        sigma, todo = _newton_step(sq, sq2, sigma, todo, T, newton_tol)
+                            ta, tb, tc = _newton_terms(z * inv_norm[:, None], d, sigma[:, None])
+                            sa += _gsum(ta, mask)
+                            sb += _gsum(tb, mask)
+                            sc += _gsum(tc, mask)
+                        sigma, todo = _newton_step(sa, sb, sc, rel_excess, sigma, todo, newton_tol)
                         it += 1
                 else:
                     if REG == REG_GROUP:
