@@ -32,11 +32,13 @@ if _REASON is None:
 else:  # keep collection working; every test is skipped
     C = None
 
-#: PG stops on the inexact test ||s_g|| <= eps_t sqrt(|g|/n). In these cases one
-#: group's test lands on the other side of the tolerance from the reference's
-#: (the sums round differently), so the fused path takes one PG iteration more or
-#: fewer: the result moves by ~1e-6 of the tensor's scale, within the solver's own
-#: tolerance but outside the harness's 4x-the-reference's-error bound.
+#: Cases where the reference's own fp32 error happens to be tiny on a few
+#: elements (7e-9 on a 0.056 entry of the (3,5,1,2,1) Conv3d weight after ~20
+#: PG iterations per step), so the harness's bound of 4x that error is tighter
+#: than any other fp32 summation order gets: the fused result is 9e-8 from the
+#: fp64 truth there (1.6e-6 of the tensor's scale; the same size as the
+#: reference's error on other seeds). Checked against a 1e-5 relative bound
+#: and exact zero-group agreement instead.
 _PG_BOUNDARY = {("ramda", "group_lasso", "pg", "fp32", "conv3d-channel"),
                 ("ramda", "group_lasso", "pg", "mixed", "conv3d-channel")}
 
@@ -54,7 +56,7 @@ def test_parity(case):
     key = tuple(case[k] for k in ("optimizer", "regularizer", "solver", "dtype", "grouping"))
     if not res.ok and key in _PG_BOUNDARY:
         assert res.zero_group_mismatches == 0 and res.max_param_err < 1e-5, str(res)
-        pytest.xfail(f"PG stopping boundary (see _PG_BOUNDARY): {res}")
+        pytest.xfail(f"reference unusually exact here (see _PG_BOUNDARY): {res}")
     assert res.ok, str(res)
 
 
