@@ -182,7 +182,8 @@ def _floor(dtype: torch.dtype, scale: float) -> float:
 
 
 def _compare(res: ParityResult, what: str, fast: torch.Tensor, ref: torch.Tensor,
-             truth: torch.Tensor, dtype: torch.dtype, exclude: Optional[torch.Tensor]) -> float:
+             truth: torch.Tensor, dtype: torch.dtype, exclude: Optional[torch.Tensor],
+             floor_scale: float = 0.0) -> float:
     f, r, t = (x.detach().to(torch.float64) for x in (fast, ref, truth))
     if f.numel() == 0:
         return 0.0
@@ -194,7 +195,7 @@ def _compare(res: ParityResult, what: str, fast: torch.Tensor, ref: torch.Tensor
     scale = float(t.abs().max())
     # Max norm per tensor, not element by element: where the reference happens
     # to land on the exact value its own error says nothing about the precision.
-    bound = 4.0 * float(err_r.max()) + _floor(dtype, scale)
+    bound = 4.0 * float(err_r.max()) + _floor(dtype, max(scale, floor_scale))
     worst = float(err_f.max())
     rel = worst / max(scale, 1e-30)
     if worst > bound:
@@ -239,7 +240,29 @@ def run_parity(backend: str, optimizer: str, regularizer: str, solver: str = "ex
             opt.step()
 
     _, dims, view, _ = GROUPINGS[grouping]
-    for i, (pf, pr, pt) in enumerate(zip(fast_p, ref_p, truth_p)):
+    return compare_runs(res, fast, ref, truth, regularizer, dims, view)
+
+
+def compare_runs(res: ParityResult, fast, ref, truth, regularizer: str, dims=None, view=None,
+                 floor_scales: Optional[Dict[Tuple[int, Optional[str]], float]] = None) -> ParityResult:
+    """Compare three finished optimizers (see the module docstring) and record
+    the findings in ``res``: parameters and state of ``fast`` against ``ref``
+    (same dtype) and ``truth`` (float64), and which groups are zero. The three
+    hold the same parameters in the same order; ``dims``/``view`` say how
+    ``group_lasso`` groups them. For runs the harness does not build itself
+    (tests/test_property.py).
+
+    ``floor_scales`` optionally gives the largest magnitude each quantity had
+    during the run, by ``(tensor index, None)`` for a parameter and
+    ``(tensor index, state key)`` for its state; the floor is then a few ulps
+    of that rather than of the final value. A sum that cancels (a dual average
+    of gradients of both signs) ends far below the terms it was computed from
+    and keeps their rounding error; a tensor of a few elements has no
+    uncancelled element to set the scale.
+    """
+    floor_scales = floor_scales or {}
+    params = [[p for g in opt.param_groups for p in g["params"]] for opt in (fast, ref, truth)]
+    for i, (pf, pr, pt) in enumerate(zip(*params)):
         where = f"param {i} {tuple(pf.shape)} {pf.dtype}"
         exclude = None
         masks = [_zero_mask(x, regularizer, dims, view) for x in (pf, pr)]
@@ -267,7 +290,7 @@ def run_parity(backend: str, optimizer: str, regularizer: str, solver: str = "ex
                     exclude = on_threshold.reshape(keep).expand(gv.shape).reshape(pf.shape)
                 else:
                     exclude = on_threshold
-        err = _compare(res, where, pf, pr, pt, pf.dtype, exclude)
+        err = _compare(res, where, pf, pr, pt, pf.dtype, exclude, floor_scales.get((i, None), 0.0))
         res.max_param_err = max(res.max_param_err, err)
         sf, sr, st = fast.state[pf], ref.state[pr], truth.state[pt]
         for key in sr:
@@ -281,10 +304,10 @@ def run_parity(backend: str, optimizer: str, regularizer: str, solver: str = "ex
             if sf[key].dtype != sr[key].dtype:
                 res.fail(f"{where}: state[{key!r}] dtype {sf[key].dtype}, reference {sr[key].dtype}")
             err = _compare(res, f"{where} state[{key!r}]", sf[key], sr[key], st[key], sr[key].dtype,
-                           None)
+                           None, floor_scales.get((i, key), 0.0))
             res.max_state_err = max(res.max_state_err, err)
     return res
 
 
 __all__ = ["OPTIMIZERS", "REGULARIZERS", "SOLVERS", "DTYPES", "GROUPINGS", "QUICK_GROUPINGS",
-           "HPARAMS", "LAMBDAS", "ParityResult", "parity_cases", "run_parity"]
+           "HPARAMS", "LAMBDAS", "ParityResult", "parity_cases", "run_parity", "compare_runs"]
