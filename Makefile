@@ -19,9 +19,12 @@ setup: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# --use-pep517: the pip that python3 -m venv bundles (23.x) would otherwise run
+# `setup.py develop`, which recent setuptools hands to an isolated build that
+# cannot see torch, silently skipping the extension.
 $(STAMP): $(BIN)/python $(SETUP_INPUTS)
 	$(BIN)/python -m pip install -r requirements.txt
-	$(BIN)/python -m pip install --no-build-isolation -e .
+	$(BIN)/python -m pip install --no-build-isolation --use-pep517 -e .
 	touch $@
 
 demo: $(STAMP)
