@@ -181,12 +181,17 @@ def _saved(config, steps=3):
     params = _params()
     opt = _optimizer(None, config, params)
     _steps(opt, params, _grads()[:steps])
-    return [p.detach().clone(memory_format=torch.preserve_format) for p in params], copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
+    return values, copy.deepcopy(opt.state_dict())
 
 
 def _fresh(values, config):
     params = [torch.nn.Parameter(v.clone(memory_format=torch.preserve_format)) for v in values]
     return params, _optimizer(None, config, params)
+
+
+def _warnings_about(record, text):
+    return [str(w.message) for w in record if text in str(w.message)]
 
 
 def _no_warnings(fn):
@@ -202,9 +207,10 @@ def test_complete_checkpoint_loads_without_warning(config):
     _no_warnings(lambda: opt.load_state_dict(sd))
 
 
-@pytest.mark.parametrize("config,key", [("ramda", "grad_sum_sq"), ("ramda", "alpha"), ("ramda", "initial_point"),
-                                        ("rmda", "grad_sum"), ("proxadamw", "exp_avg_sq"),
-                                        ("proxsgd", "momentum_buffer"), ("proxsgd", "step")])
+@pytest.mark.parametrize("config,key", [("ramda", "grad_sum_sq"), ("ramda", "alpha"),
+                                        ("ramda", "initial_point"), ("rmda", "grad_sum"),
+                                        ("proxadamw", "exp_avg_sq"), ("proxsgd", "momentum_buffer"),
+                                        ("proxsgd", "step")])
 def test_missing_state_key_restarts_that_tensor(config, key):
     """The tensor whose state lacks ``key`` restarts at its next step: it then takes
     the step a fresh optimizer takes from the same weights and gradient, while
@@ -257,10 +263,6 @@ def test_missing_max_exp_avg_sq_starts_from_exp_avg_sq():
     assert not opt.param_groups[0]["amsgrad"]
 
 
-def _warnings_about(record, text):
-    return [str(w.message) for w in record if text in str(w.message)]
-
-
 @pytest.mark.parametrize("config,key", [("ramda", "pg_eps"), ("ramda", "view"), ("ramda", "reweight"),
                                         ("proxadamw", "amsgrad"), ("rmda", "reweight")])
 def test_missing_group_key_gets_the_default(config, key):
@@ -296,7 +298,8 @@ def test_missing_group_key_is_validated_before_loading():
     params = [torch.nn.Parameter(v.contiguous()) for v in values]  # viewable as (-1,)
     opt = R.RAMDA([{"params": [params[0]], "dims": (0,)}, {"params": [params[1]], "dims": (0,)},
                    {"params": [params[2]], "regularizer": "l1"}], view=(-1,), lr=0.5)
-    with pytest.warns(UserWarning, match="'view'"), pytest.raises(ValueError, match=r"invalid dims \(0, 2, 3\)"):
+    with pytest.warns(UserWarning, match="'view'"), \
+            pytest.raises(ValueError, match=r"invalid dims \(0, 2, 3\)"):
         opt.load_state_dict(sd)
     assert len(opt.state) == 0 and [g["lr"] for g in opt.param_groups] == [0.5] * 3
 
