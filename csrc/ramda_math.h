@@ -136,15 +136,23 @@ RAMDA_HD float average(float x, float w, float keep, float c) { return keep * x 
 // ---------------------------------------------------------------------------
 // Exact group lasso (SPEC section 4): Newton on
 //   phi(sigma) = 1/||z/(d+sigma)|| - sigma/T
-// from sigma_hi = T max(d)/(||z|| - T). A kernel accumulates, at the current
-// sigma, r2 = sum q^2 and s3 = sum q^2/(d+sigma) with q = z/(d+sigma)
-// (summing newton_terms), then calls newton_update.
+// from sigma_hi = T max(d)/(||z|| - T), with the step written without
+// cancellation as ramda_ref.prox._newton_step does (NOTE: [secular equation
+// without cancellation] there): on the unit-norm group zeta = z/||z|| and
+// the relative excess e = (||z|| - T)/||z||, with v = sigma zeta/(d+sigma),
+// u = d zeta/(d+sigma),
+//   a = sum v^2 d/(d+sigma),  b = sum v^2 sigma/(d+sigma),  c = sum u (zeta + v),
+//   f = e - c/(1 + ||v||),    phi/phi' = sigma f ||v|| / (a + f b/||v||).
+// A kernel sums newton_terms over the group, then calls newton_update.
 // ---------------------------------------------------------------------------
 
 struct NewtonStart {
-  bool active;   // ||z|| > T: the group is nonzero
-  bool done;     // nothing to iterate (zero group, or constant d: closed form)
+  bool active;       // ||z|| > T: the group is nonzero
+  bool done;         // nothing to iterate (zero group, or constant d: closed form)
   float sigma;
+  float inv_norm;    // 1/||z|| (zeta = z * inv_norm is not used: zeta = z / ||z||)
+  float norm;        // ||z|| (1 for an inactive group)
+  float rel_excess;  // (||z|| - T)/||z||
 };
 
 RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr) {
@@ -153,29 +161,32 @@ RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr
   const float excess = st.active ? znorm - thr : 1.0f;
   st.sigma = thr * dmax / excess;
   st.done = !st.active || dmax == dmin;
+  st.norm = st.active ? znorm : 1.0f;
+  st.inv_norm = 1.0f / st.norm;
+  st.rel_excess = excess / st.norm;
   return st;
 }
 
-// One element's share of r2 (q^2) and s3 (q^2/(d+sigma)) at sigma; kernels
-// add them up (in fp64 on the CPU, see newton_contig).
-RAMDA_HD void newton_terms(float z, float d, float sigma, float& q2, float& q2d) {
+// One element's shares of a, b, c at sigma (zeta = z/||z||).
+RAMDA_HD void newton_terms(float zeta, float d, float sigma, float& a, float& b, float& c) {
   const float inv = 1.0f / (d + sigma);  // one division per element and iteration
-  const float q = z * inv;
-  q2 = q * q;
-  q2d = q2 * inv;
+  const float sd = sigma * inv, dd = d * inv;
+  const float v = zeta * sd, u = zeta * dd;
+  const float v2 = v * v;
+  a = v2 * dd;
+  b = v2 * sd;
+  c = u * (zeta + v);
 }
 
 // One Newton step from the group sums; returns the new sigma and sets `done`
-// when the step was below kNewtonTol relative (ramda_ref.prox.exact_group_lasso:
-// right of the root delta > 0; a computed delta <= 0 means sigma is the root).
-RAMDA_HD float newton_update(float sigma, float r2, float s3, float thr, float inv_thr,
-                             bool& done) {
-  const float r = sqrtf(r2);
-  const float phi = 1.0f / r - sigma / thr;
-  const float dphi = s3 / (r * r * r) - inv_thr;
-  const float delta = phi / dphi;
-  const float next = sigma - (delta > 0.0f ? delta : 0.0f);
-  done = delta <= kNewtonTol * next;
+// once the step is below kNewtonTol relative or not positive (phi at its
+// rounding floor: sigma is the root), as ramda_ref.prox.exact_group_lasso.
+RAMDA_HD float newton_update(float sigma, float a, float b, float c, float rel_excess, bool& done) {
+  const float vn = sqrtf(a + b);
+  const float f = rel_excess - c / (1.0f + vn);
+  const float delta = sigma * f * vn / (a + f * b / vn);
+  const float next = delta > 0.0f ? sigma - delta : sigma;
+  done = !(delta > kNewtonTol * next);
   return next;
 }
 

@@ -246,8 +246,9 @@ inline float norm_contig(const float* __restrict__ y, int64_t n) {
 }
 
 // Exact group lasso (SPEC section 4) for one contiguous group; w -> z.
-inline void newton_contig(float* __restrict__ z, const float* __restrict__ d, int64_t n,
-                          float thr, float inv_thr) {
+// `zeta` is scratch for the unit-norm group.
+inline void newton_contig(float* __restrict__ z, const float* __restrict__ d,
+                          float* __restrict__ zeta, int64_t n, float thr) {
   const GroupStats st = stats_contig(z, d, n);
   const NewtonStart s0 = newton_start(st.znorm, st.dmax, st.dmin, thr);
   if (!s0.active) {
@@ -256,18 +257,24 @@ inline void newton_contig(float* __restrict__ z, const float* __restrict__ d, in
   }
   float sigma = s0.sigma;
   bool done = s0.done;
-  // The sums accumulate in fp64: near the threshold (||z|| ~ T) the root is
-  // ill-conditioned in r, by a factor ~ T / (||z|| - T).
+  if (!done) {
+    const float norm = s0.norm;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) zeta[i] = z[i] / norm;
+  }
+  // Sums accumulate in fp64 (the reference sums pairwise).
   for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-    double r2 = 0.0, s3 = 0.0;
-#pragma omp simd reduction(+ : r2, s3)
+    double sa = 0.0, sb = 0.0, sc = 0.0;
+#pragma omp simd reduction(+ : sa, sb, sc)
     for (int64_t i = 0; i < n; ++i) {
-      float q2, q2d;
-      newton_terms(z[i], d[i], sigma, q2, q2d);
-      r2 += q2;
-      s3 += q2d;
+      float ta, tb, tc;
+      newton_terms(zeta[i], d[i], sigma, ta, tb, tc);
+      sa += ta;
+      sb += tb;
+      sc += tc;
     }
-    sigma = newton_update(sigma, static_cast<float>(r2), static_cast<float>(s3), thr, inv_thr, done);
+    sigma = newton_update(sigma, static_cast<float>(sa), static_cast<float>(sb),
+                          static_cast<float>(sc), s0.rel_excess, done);
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) z[i] = newton_solution(z[i], d[i], sigma);
@@ -344,13 +351,13 @@ inline void group_sums(const T* lane, const Lanes& s, T* group) {
   }
 }
 
-inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d, const Lanes& s,
-                         float thr, float inv_thr) {
+inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
+                         float* __restrict__ zeta, const Lanes& s, float thr) {
   const int64_t L = s.L;
-  double z2l[kMaxLanes], z2[kMaxLanes], r2l[kMaxLanes], s3l[kMaxLanes], r2[kMaxLanes],
-      s3[kMaxLanes];
-  float dmaxl[kMaxLanes], dminl[kMaxLanes], sigmal[kMaxLanes], sigma[kMaxLanes];
-  bool active[kMaxLanes], done[kMaxLanes];
+  double z2l[kMaxLanes], z2[kMaxLanes], al[kMaxLanes], bl[kMaxLanes], cl[kMaxLanes],
+      ga[kMaxLanes], gb[kMaxLanes], gc[kMaxLanes];
+  float dmaxl[kMaxLanes], dminl[kMaxLanes], sigmal[kMaxLanes], norml[kMaxLanes];
+  NewtonStart st[kMaxLanes];
   for (int64_t l = 0; l < L; ++l) z2l[l] = 0.0, dmaxl[l] = -INFINITY, dminl[l] = INFINITY;
   for (int64_t e = 0; e < s.E; ++e) {
     const float* ze = z + e * L;
@@ -370,38 +377,42 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d, con
       dmax = fmax_(dmax, dmaxl[j * s.R + r]);
       dmin = fmin_(dmin, dminl[j * s.R + r]);
     }
-    const NewtonStart st = newton_start(static_cast<float>(std::sqrt(z2[j])), dmax, dmin, thr);
-    active[j] = st.active;
-    done[j] = st.done;
-    sigma[j] = st.sigma;
-    pending += !st.done;
+    st[j] = newton_start(static_cast<float>(std::sqrt(z2[j])), dmax, dmin, thr);
+    pending += !st[j].done;
+  }
+  for (int64_t l = 0; l < L; ++l) norml[l] = st[l / s.R].norm;
+  for (int64_t e = 0; pending > 0 && e < s.E; ++e) {
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) zeta[e * L + l] = z[e * L + l] / norml[l];
   }
   for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
-    for (int64_t l = 0; l < L; ++l) sigmal[l] = sigma[l / s.R], r2l[l] = 0.0, s3l[l] = 0.0;
+    for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].sigma, al[l] = bl[l] = cl[l] = 0.0;
     for (int64_t e = 0; e < s.E; ++e) {
-      const float* ze = z + e * L;
+      const float* ze = zeta + e * L;
       const float* de = d + e * L;
 #pragma omp simd
       for (int64_t l = 0; l < L; ++l) {
-        float q2, q2d;
-        newton_terms(ze[l], de[l], sigmal[l], q2, q2d);
-        r2l[l] += q2;
-        s3l[l] += q2d;
+        float ta, tb, tc;
+        newton_terms(ze[l], de[l], sigmal[l], ta, tb, tc);
+        al[l] += ta;
+        bl[l] += tb;
+        cl[l] += tc;
       }
     }
-    group_sums(r2l, s, r2);
-    group_sums(s3l, s, s3);
+    group_sums(al, s, ga);
+    group_sums(bl, s, gb);
+    group_sums(cl, s, gc);
     pending = 0;
     for (int64_t j = 0; j < s.J; ++j) {
-      if (done[j]) continue;
+      if (st[j].done) continue;
       bool dj;
-      sigma[j] = newton_update(sigma[j], static_cast<float>(r2[j]), static_cast<float>(s3[j]),
-                               thr, inv_thr, dj);
-      done[j] = dj;
+      st[j].sigma = newton_update(st[j].sigma, static_cast<float>(ga[j]), static_cast<float>(gb[j]),
+                                  static_cast<float>(gc[j]), st[j].rel_excess, dj);
+      st[j].done = dj;
       pending += !dj;
     }
   }
-  for (int64_t l = 0; l < L; ++l) sigmal[l] = active[l / s.R] ? sigma[l / s.R] : NAN;
+  for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].active ? st[l / s.R].sigma : NAN;
   for (int64_t e = 0; e < s.E; ++e) {
     float* ze = z + e * L;
     const float* de = d + e * L;
@@ -552,7 +563,7 @@ inline void solve_rows(const TensorArgs& t, const StepArgs& a, const Buffers& B,
     const int64_t o = j * gsize;
     if (!kDual) shrink_contig(B.b[0] + o, gsize, t.thr);
     else if (pg) pg_contig(B.b[0] + o, B.b[1] + o, B.b[2] + o, B.b[3] + o, B.b[4] + o, gsize, l1, t.thr, t.pg_tol, a.max_iters);
-    else newton_contig(B.b[0] + o, B.b[1] + o, gsize, t.thr, t.inv_thr);
+    else newton_contig(B.b[0] + o, B.b[1] + o, B.b[3] + o, gsize, t.thr);
   }
 }
 
@@ -561,7 +572,7 @@ inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B
   constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
   if (!kDual) shrink_lanes(B.b[0], s, t.thr);
   else if (a.solver == Solver::kPg) pg_lanes(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], s, t.thr, t.pg_tol, a.max_iters);
-  else newton_lanes(B.b[0], B.b[1], s, t.thr, t.inv_thr);
+  else newton_lanes(B.b[0], B.b[1], B.b[3], s, t.thr);
 }
 
 template <typename P, Optim O>

@@ -179,21 +179,22 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, int64_t g, f
       write_param<P>(t, a, base + element_offset(L, e), zs[e] * scale);
     return;
   }
-  if (!pg) {  // exact Newton (SPEC section 4)
+  if (!pg) {  // exact Newton (SPEC section 4), step without cancellation (ramda_math.h)
     const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
     float sigma = st.sigma;
     bool done = st.done;
-    const int sum2[2] = {0, 0};
+    const int sum3[3] = {0, 0, 0};
     for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-      float r[2] = {0.0f, 0.0f};
+      float r[3] = {0.0f, 0.0f, 0.0f};
       for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        float q2, q2d;
-        newton_terms(zs[e], ds[e], sigma, q2, q2d);
-        r[0] += q2;
-        r[1] += q2d;
+        float ta, tb, tc;
+        newton_terms(zs[e] / st.norm, ds[e], sigma, ta, tb, tc);
+        r[0] += ta;
+        r[1] += tb;
+        r[2] += tc;
       }
-      block_reduce<2>(r, sum2);
-      sigma = newton_update(sigma, r[0], r[1], thr, t.inv_thr, done);
+      block_reduce<3>(r, sum3);
+      sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, done);
     }
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
       write_param<P>(t, a, base + element_offset(L, e),

@@ -50,15 +50,16 @@ double newton_kkt(const std::vector<float>& z, const std::vector<float>& d, floa
   bool done = st.done;
   *iters = 0;
   while (!done && *iters < ramda::kNewtonMaxIters) {
-    double r2 = 0.0, s3 = 0.0;
+    double sa = 0.0, sb = 0.0, sc = 0.0;
     for (size_t i = 0; i < z.size(); ++i) {
-      float a, b;
-      ramda::newton_terms(z[i], d[i], sigma, a, b);
-      r2 += a;
-      s3 += b;
+      float a, b, c;
+      ramda::newton_terms(z[i] / st.norm, d[i], sigma, a, b, c);
+      sa += a;
+      sb += b;
+      sc += c;
     }
-    sigma = ramda::newton_update(sigma, static_cast<float>(r2), static_cast<float>(s3), thr,
-                                 static_cast<float>(1.0 / thr), done);
+    sigma = ramda::newton_update(sigma, static_cast<float>(sa), static_cast<float>(sb),
+                                 static_cast<float>(sc), st.rel_excess, done);
     ++*iters;
   }
   std::vector<double> w(z.size());
