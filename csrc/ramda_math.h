@@ -169,8 +169,9 @@ RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr
 
 // One element's shares of a, b, c at sigma (zeta = z/||z||).
 RAMDA_HD void newton_terms(float zeta, float d, float sigma, float& a, float& b, float& c) {
-  const float inv = 1.0f / (d + sigma);  // one division per element and iteration
-  const float sd = sigma * inv, dd = d * inv;
+  // Two divisions, not a reciprocal: the same roundings as the reference's step.
+  const float denom = d + sigma;
+  const float sd = sigma / denom, dd = d / denom;
   const float v = zeta * sd, u = zeta * dd;
   const float v2 = v * v;
   a = v2 * dd;
