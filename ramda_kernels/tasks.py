@@ -45,6 +45,8 @@ class Task:
     milestones: Tuple[float, ...] = (2 / 3,)
     #: lr per optimizer where the task wants something else than the optimizer's default
     lr: Dict[str, float] = dataclasses.field(default_factory=dict)
+    #: headline metric: "accuracy" (classification) or "perplexity" (language model)
+    metric: str = "accuracy"
 
     def default_milestones(self, epochs: int) -> list:
         out = sorted({max(1, round(f * epochs)) for f in self.milestones})

@@ -14,6 +14,7 @@ configuration and returns a `Result`, `run` prints and saves.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -75,8 +76,13 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--task", default="digits-convnet", choices=sorted(TASKS),
                         help="model and data (default: digits-convnet)")
-    parser.add_argument("--optimizer", default="ramda", choices=OPTIMIZERS,
+    parser.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                         help="default: ramda; adamw and sgd are torch's, unregularized")
+    parser.add_argument("--compare", default=None, metavar="OPT1,OPT2,...",
+                        help="train the same task with each of these optimizers (same seed, data and "
+                             "epochs, each with its own default lr) and write <out>/compare.md (a "
+                             "table, also printed) and <out>/compare.png, e.g. "
+                             "--compare ramda,proxadamw,rmda,proxsgd,adamw")
     parser.add_argument("--regularizer", default="group_lasso", choices=REGULARIZERS,
                         help="default: group_lasso")
     parser.add_argument("--grouping", choices=GROUPINGS, default=None,
@@ -124,6 +130,8 @@ def make_config(args) -> "Config":
     task = tasks.get(args.task)
     if task is None:
         raise UsageError(f"unknown task {args.task!r} (expected one of {sorted(tasks.TASKS)})")
+    if args.optimizer is None:
+        args = argparse.Namespace(**{**vars(args), "optimizer": "ramda"})
     if args.optimizer in PLAIN:
         if args.lambda_ not in (None, 0.0):
             raise UsageError(f"--lambda needs a regularized optimizer ({', '.join(REGULARIZED)}); "
@@ -159,6 +167,32 @@ def make_config(args) -> "Config":
                   epochs=epochs, milestones=_milestones(args.milestones, epochs, task),
                   backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
                   out=args.out or os.path.join("runs", task.name))
+
+
+def parse_compare(args) -> List[str]:
+    """The optimizers of ``--compare`` (validated against the other flags)."""
+    names = [x for x in args.compare.replace(" ", "").split(",") if x]
+    bad = [x for x in names if x not in OPTIMIZERS]
+    if bad:
+        raise UsageError(f"--compare: unknown optimizer {bad[0]!r} (expected some of {', '.join(OPTIMIZERS)})")
+    if not names or len(set(names)) != len(names):
+        raise UsageError(f"--compare needs distinct comma-separated optimizers, got {args.compare!r}")
+    for flag, value in (("--optimizer", args.optimizer), ("--lr", args.lr), ("--momentum", args.momentum)):
+        if value is not None:
+            raise UsageError(f"{flag} cannot be combined with --compare (each optimizer uses its own default)")
+    return names
+
+
+def compare_configs(args) -> List[Config]:
+    """One `Config` per ``--compare`` optimizer; --lambda/--backend go to the regularized ones."""
+    out = []
+    for name in parse_compare(args):
+        plain = name in PLAIN
+        one = argparse.Namespace(**{**vars(args), "optimizer": name,
+                                    "lambda_": None if plain else args.lambda_,
+                                    "backend": "auto" if plain else args.backend})
+        out.append(make_config(one))
+    return out
 
 
 def _grouping_kwargs(cfg: Config, task) -> Dict[str, str]:
@@ -197,6 +231,14 @@ def evaluate(model, x, y, batch_size: int = 512) -> float:
     return correct / max(len(x), 1)
 
 
+def _sync(device) -> None:
+    """Wait for queued GPU work so that perf_counter intervals cover it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train(cfg: Config, progress: bool = True, log=print) -> Result:
     """Train one configuration; ``log`` gets one line per epoch."""
     import torch
@@ -231,15 +273,23 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
         start = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=gen).to(device)
         total, seen = 0.0, 0
+        opt_time = step_time = 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=None if progress else True,  # None: only on a terminal
                    file=sys.stderr, dynamic_ncols=True)
         for i in bar:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x_tr[idx]), y_tr[idx])
             loss.backward()
+            _sync(device)
+            t1 = time.perf_counter()
             optimizer.step()
+            _sync(device)
+            t2 = time.perf_counter()
+            opt_time += t2 - t1
+            step_time += t2 - t0
             total += loss.item() * len(idx)
             seen += len(idx)
             if i % 5 == 0:
@@ -250,17 +300,20 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
         t = report.totals
         row = {"epoch": epoch, "loss": total / seen, "test_accuracy": evaluate(model, x_te, y_te),
                "group_sparsity": t.group_sparsity, "weighted_group_sparsity": t.weighted_group_sparsity,
-               "unstructured_sparsity": t.unstructured_sparsity, "seconds": time.perf_counter() - start}
+               "unstructured_sparsity": t.unstructured_sparsity, "seconds": time.perf_counter() - start,
+               "step_seconds": step_time, "optimizer_seconds": opt_time,
+               "optimizer_share": opt_time / step_time if step_time > 0 else 0.0}
         history.append(row)
         log(f"epoch {epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  loss {row['loss']:.4f}  "
             f"test acc {100 * row['test_accuracy']:6.2f}%  group sparsity {100 * t.group_sparsity:6.2f}%  "
-            f"weighted {100 * t.weighted_group_sparsity:6.2f}%  ({row['seconds']:.1f}s)")
+            f"weighted {100 * t.weighted_group_sparsity:6.2f}%  ({row['seconds']:.1f}s, "
+            f"optimizer {100 * row['optimizer_share']:.0f}% of step time)")
     scheduler.close()
     return Result(cfg, model, optimizer, scheduler, rk.structure_report(model, measured), history, backend)
 
 
 def save(result: Result) -> Dict[str, str]:
-    """Write ``<out>/<optimizer>.json`` and ``<out>/<optimizer>.pt``; return their paths."""
+    """Write ``<out>/<optimizer>.json``, ``.pt`` and ``.png``; return their paths."""
     import torch
 
     import ramda_kernels as rk
@@ -268,7 +321,8 @@ def save(result: Result) -> Dict[str, str]:
     cfg = result.config
     os.makedirs(cfg.out, exist_ok=True)
     paths = {"metrics": os.path.join(cfg.out, f"{cfg.optimizer}.json"),
-             "checkpoint": os.path.join(cfg.out, f"{cfg.optimizer}.pt")}
+             "checkpoint": os.path.join(cfg.out, f"{cfg.optimizer}.pt"),
+             "plot": os.path.join(cfg.out, f"{cfg.optimizer}.png")}
     meta = {"config": dataclasses.asdict(cfg), "backend": result.backend, "torch": torch.__version__,
             "ramda_kernels": rk.__version__}
     with open(paths["metrics"], "w") as f:
@@ -276,6 +330,7 @@ def save(result: Result) -> Dict[str, str]:
                    "structure": result.report.as_dict()}, f, indent=1)
     torch.save({**meta, "model": result.model.state_dict(), "optimizer": result.optimizer.state_dict(),
                 "scheduler": result.scheduler.state_dict(), "final": result.final}, paths["checkpoint"])
+    plot_runs([result], paths["plot"], f"{cfg.task}: {cfg.optimizer}")
     return paths
 
 
@@ -298,7 +353,110 @@ def _error(message: str) -> int:
     return 2
 
 
+def _metric(cfg: Config):
+    """``(key, label, scale)`` of the task's headline metric in a history row."""
+    from ramda_kernels import tasks
+
+    task = tasks.get(cfg.task)
+    if task is not None and task.metric == "perplexity":
+        return "test_perplexity", "test perplexity", 1.0
+    return "test_accuracy", "test accuracy (%)", 100.0
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_runs(results: List[Result], path: str, title: str) -> str:
+    """Headline metric and group sparsity vs epoch, one line per run, into ``path`` (PNG)."""
+    plt = _plt()
+    key, label, scale = _metric(results[0].config)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        epochs = [h["epoch"] for h in r.history]
+        ax1.plot(epochs, [scale * h[key] for h in r.history], marker=".", label=r.config.optimizer)
+        ax2.plot(epochs, [100 * h["group_sparsity"] for h in r.history], marker=".",
+                 label=r.config.optimizer)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel(label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("group sparsity (%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compare_table(results: List[Result]) -> str:
+    """Markdown table of the final metrics and times of each run."""
+    key, label, scale = _metric(results[0].config)
+    head = ["optimizer", "lr", label, "group sparsity", "weighted group sparsity", "wall time (s)",
+            "optimizer time (s)", "optimizer share of step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in results:
+        f = r.final
+        wall = sum(h["seconds"] for h in r.history)
+        opt = sum(h["optimizer_seconds"] for h in r.history)
+        step = sum(h["step_seconds"] for h in r.history)
+        name = r.config.optimizer + (f" ({r.backend})" if r.backend else "")
+        metric = f"{scale * f[key]:.2f}"
+        lines.append(f"| {name} | {r.config.lr:g} | {metric} | {100 * f['group_sparsity']:.2f}% | "
+                     f"{100 * f['weighted_group_sparsity']:.2f}% | {wall:.1f} | {opt:.1f} | "
+                     f"{100 * opt / step if step else 0:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(args) -> int:
+    try:
+        configs = compare_configs(args)
+    except UsageError as e:
+        return _error(str(e))
+    from ramda_kernels import backends
+
+    for cfg in configs:
+        if cfg.optimizer in REGULARIZED:
+            try:
+                backends.resolve(cfg.backend, cfg.device)
+            except backends.BackendUnavailableError as e:
+                return _error(str(e).splitlines()[0])
+    results = []
+    for cfg in configs:
+        print(("\n" if results else "") + _describe(cfg, None if cfg.optimizer in PLAIN else
+                                                    backends.resolve(cfg.backend, cfg.device)))
+        try:
+            result = train(cfg)
+        except UsageError as e:
+            return _error(str(e))
+        save(result)
+        results.append(result)
+    cfg = configs[0]
+    table = compare_table(results)
+    md = os.path.join(cfg.out, "compare.md")
+    png = os.path.join(cfg.out, "compare.png")
+    with open(md, "w") as f:
+        f.write(f"Task {cfg.task}, {cfg.epochs} epochs, batch {cfg.batch_size}, milestones "
+                f"{cfg.milestones}, seed {cfg.seed}, device {cfg.device}, regularizer "
+                f"{cfg.regularizer} lambda {cfg.lambda_:g} (regularized optimizers only).\n\n")
+        f.write(table)
+    plot_runs(results, png, f"{cfg.task}: {', '.join(c.optimizer for c in configs)}")
+    print()
+    print(table, end="")
+    print(f"wrote {md} and {png} (and <optimizer>.json/.pt/.png per run in {cfg.out})")
+    return 0
+
+
 def run(args) -> int:
+    if args.compare is not None:
+        return run_compare(args)
     try:
         cfg = make_config(args)
     except UsageError as e:
@@ -323,5 +481,5 @@ def run(args) -> int:
     print(f"\nfinal: test accuracy {100 * final['test_accuracy']:.2f}%  group sparsity "
           f"{100 * final['group_sparsity']:.2f}%  weighted group sparsity "
           f"{100 * final['weighted_group_sparsity']:.2f}%")
-    print(f"wrote {paths['metrics']} and {paths['checkpoint']}")
+    print(f"wrote {paths['metrics']}, {paths['checkpoint']} and {paths['plot']}")
     return 0
