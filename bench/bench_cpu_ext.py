@@ -14,7 +14,9 @@ interleaved round by round (AdamW, RAMDA exact, RAMDA pg, AdamW, ...) so that a
 shared machine's changing load hits all of them alike. Also reported: the
 minimal bytes a step must move (RAMDA: read p, g, W0, V, U and write p, V, U =
 32 B/element; AdamW: 28 B/element), the resulting GB/s, and the ratio to
-AdamW. Usage::
+AdamW. On a machine shared with other jobs, two OpenMP threads can be descheduled
+mid-barrier and the 2-thread times swing by 10x from run to run; ``--threads
+1`` gives repeatable ratios there. Usage::
 
     python bench/bench_cpu_ext.py [--steps 10] [--ref-steps 2] [--threads 2] [--lambda 1e-4]
 """
