@@ -2,8 +2,9 @@
 
 A task is a `Task`: a name, a one-line description, ``load(seed) -> Data``,
 ``model() -> nn.Module`` and the defaults the command uses when a flag is not
-given (grouping, lambda, epochs, ...). New tasks (a character-level language
-model, ...) register themselves in `TASKS` with `register`.
+given (grouping, lambda, epochs, ...). Tasks register themselves in `TASKS`
+with `register`; ``charlm`` is a small byte-level transformer language model on
+the Python standard library's own source (found on every machine).
 
 The digits tasks use scikit-learn's 8x8 handwritten digits, which ship inside
 the scikit-learn package (no download): 1797 images, split 80/20 with a fixed
@@ -13,7 +14,7 @@ seed so every run is scored on the same 360 test images.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,8 +36,8 @@ class Task:
     description: str
     load: Callable[[], Data]
     model: Callable[[], nn.Module]
-    #: `group_parameters` keywords used unless --grouping is given
-    grouping: Dict[str, str]
+    #: `group_parameters` keywords (conv, linear, overrides); --grouping replaces conv and linear
+    grouping: Dict[str, Any]
     #: optimizer-independent defaults: epochs, batch_size, lambda_, milestones (as
     #: fractions of the epochs)
     epochs: int = 30
@@ -129,8 +130,129 @@ register(Task(
 ))
 
 
+#: stdlib modules whose source is the charlm corpus, read in this order
+CHARLM_FILES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py",
+                "typing.py", "collections/__init__.py", "enum.py", "pathlib.py", "subprocess.py")
+CHARLM_BYTES = 200_000
+CHARLM_CONTEXT = 64
+
+
+def load_charlm(context: int = CHARLM_CONTEXT, size: int = CHARLM_BYTES) -> Data:
+    """Bytes of Python's own standard-library sources as a next-byte prediction task.
+
+    The first ``size`` bytes of `CHARLM_FILES` (from the running interpreter's
+    stdlib, so no download) cut into non-overlapping windows of ``context + 1``
+    bytes: ``x`` a window's first ``context`` bytes, ``y`` its last ``context``
+    (the next byte at every position). The last 10% of the windows are the test
+    set (a fixed split: test text is never seen in training).
+    """
+    import os
+
+    root = os.path.dirname(os.__file__)
+    chunks = []
+    for name in CHARLM_FILES:
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                chunks.append(f.read())
+    text = b"".join(chunks)[:size]
+    if len(text) < 20 * (context + 1):
+        raise RuntimeError(f"charlm: found only {len(text)} bytes of standard-library source under {root}")
+    n = len(text) // (context + 1)
+    windows = torch.frombuffer(bytearray(text[:n * (context + 1)]), dtype=torch.uint8).long()
+    windows = windows.view(n, context + 1)
+    n_test = max(1, n // 10)
+    train, test = windows[:-n_test], windows[-n_test:]
+    return Data(train[:, :-1].clone(), train[:, 1:].clone(), test[:, :-1].clone(), test[:, 1:].clone())
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with separate ``q``, ``k``, ``v``, ``out`` Linears.
+
+    Head ``h`` owns rows ``h*dh:(h+1)*dh`` of ``q/k/v.weight`` ([d, d], out x in)
+    and the same columns of ``out.weight``; `CHARLM_OVERRIDES` makes each of
+    those one group.
+    """
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(z):
+            return z.view(b, t, h, d // h).transpose(1, 2)
+
+        y = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                                       is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+
+
+class CharTransformer(nn.Module):
+    """Pre-LN transformer over bytes: ``[N, T] (long) -> [N, T, 256]`` next-byte logits."""
+
+    def __init__(self, layers: int = 2, d: int = 64, heads: int = 4, context: int = CHARLM_CONTEXT,
+                 vocab: int = 256):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)
+        h = self.tok(x) + self.pos(pos)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln(h))
+
+
+def charlm_overrides(d: int = 64, heads: int = 4) -> Dict[str, Any]:
+    """`group_parameters` overrides giving one group per attention head (SPEC section 3:
+    ``dims`` are the reduced dims, i.e. a group's elements, after ``view``).
+
+    ``q/k/v.weight`` [d, d] viewed as ``(heads, d/heads, d)``: the head's output
+    rows, dims (1, 2). ``out.weight`` [d, d] viewed as ``(d, heads, d/heads)``:
+    the head's input columns, dims (0, 2). Other Linears stay input-wise.
+    """
+    dh = d // heads
+    rows = {"dims": (1, 2), "view": (heads, dh, d)}
+    cols = {"dims": (0, 2), "view": (d, heads, dh)}
+    return {"blocks.*.attn.q": rows, "blocks.*.attn.k": rows, "blocks.*.attn.v": rows,
+            "blocks.*.attn.out": cols}
+
+
+register(Task(
+    name="charlm",
+    description="2-layer byte-level transformer (d 64, 4 heads, context 64) on ~200 KB of Python's "
+                "stdlib source; head-wise attention groups, input-wise Linears; test perplexity",
+    load=load_charlm, model=CharTransformer,
+    grouping={"conv": "channel", "linear": "input", "overrides": charlm_overrides()},
+    epochs=6, batch_size=32, lambda_=1e-4, metric="perplexity",
+    lr={"ramda": 1e-2, "rmda": 0.1, "proxadamw": 3e-3, "adamw": 3e-3, "proxsgd": 0.3, "sgd": 0.3},
+))
+
+
 def get(name: str) -> Optional[Task]:
     return TASKS.get(name)
 
 
-__all__ = ["Task", "Data", "TASKS", "register", "get", "load_digits", "DigitsConvNet", "DigitsMLP"]
+__all__ = ["Task", "Data", "TASKS", "register", "get", "load_digits", "DigitsConvNet", "DigitsMLP",
+           "load_charlm", "CharTransformer", "charlm_overrides"]

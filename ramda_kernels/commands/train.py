@@ -54,6 +54,8 @@ class Config:
     seed: int
     batch_size: int
     out: str
+    #: stop each epoch after this many batches (0: all); for quick tests
+    max_batches: int = 0
 
 
 @dataclasses.dataclass
@@ -105,6 +107,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<task>)")
+    parser.add_argument("--max-batches", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def _milestones(text: Optional[str], epochs: int, task) -> List[int]:
@@ -156,6 +159,8 @@ def make_config(args) -> "Config":
     batch_size = task.batch_size if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if args.max_batches < 0:
+        raise UsageError(f"--max-batches must be >= 0, got {args.max_batches}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -166,7 +171,7 @@ def make_config(args) -> "Config":
                   grouping=args.grouping, lambda_=lambda_, lr=lr, momentum=args.momentum,
                   epochs=epochs, milestones=_milestones(args.milestones, epochs, task),
                   backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
-                  out=args.out or os.path.join("runs", task.name))
+                  out=args.out or os.path.join("runs", task.name), max_batches=args.max_batches)
 
 
 def parse_compare(args) -> List[str]:
@@ -198,7 +203,7 @@ def compare_configs(args) -> List[Config]:
 def _grouping_kwargs(cfg: Config, task) -> Dict[str, str]:
     if cfg.grouping is None:
         return dict(task.grouping)
-    return {"conv": cfg.grouping, "linear": cfg.grouping}
+    return {**task.grouping, "conv": cfg.grouping, "linear": cfg.grouping}
 
 
 def build_optimizer(cfg: Config, model, groups):
@@ -218,17 +223,30 @@ def build_optimizer(cfg: Config, model, groups):
     return cls(groups, backend=cfg.backend, **kw)
 
 
-def evaluate(model, x, y, batch_size: int = 512) -> float:
-    """Accuracy of ``model`` on ``(x, y)``, in [0, 1]."""
+def _flat(logits, y):
+    """``(logits, y)`` as ``[M, classes], [M]``: a sequence model's ``[N, T, V]``
+    logits and ``[N, T]`` targets are scored at every position."""
+    if logits.dim() > 2:
+        return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    return logits, y
+
+
+def evaluate(model, x, y, batch_size: int = 512) -> Dict[str, float]:
+    """``{"accuracy", "loss"}`` of ``model`` on ``(x, y)`` (per prediction: per
+    sample, or per position of a sequence model); accuracy in [0, 1], loss the
+    mean cross-entropy in nats."""
     import torch
 
     model.eval()
-    correct = 0
+    correct, loss, count = 0, 0.0, 0
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            logits, target = _flat(model(x[i:i + batch_size]), y[i:i + batch_size])
+            correct += int((logits.argmax(1) == target).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+            count += len(target)
     model.train()
-    return correct / max(len(x), 1)
+    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1)}
 
 
 def _sync(device) -> None:
@@ -268,6 +286,8 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(len(x_tr) / cfg.batch_size)
+    if cfg.max_batches:
+        steps = min(steps, cfg.max_batches)
     history: List[Dict[str, float]] = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
@@ -281,7 +301,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x_tr[idx]), y_tr[idx])
+            loss = loss_fn(*_flat(model(x_tr[idx]), y_tr[idx]))
             loss.backward()
             _sync(device)
             t1 = time.perf_counter()
@@ -298,13 +318,16 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
         scheduler.step()
         report = rk.structure_report(model, measured)
         t = report.totals
-        row = {"epoch": epoch, "loss": total / seen, "test_accuracy": evaluate(model, x_te, y_te),
+        scores = evaluate(model, x_te, y_te)
+        row = {"epoch": epoch, "loss": total / seen, "test_accuracy": scores["accuracy"],
+               "test_loss": scores["loss"], "test_perplexity": math.exp(min(scores["loss"], 700.0)),
                "group_sparsity": t.group_sparsity, "weighted_group_sparsity": t.weighted_group_sparsity,
                "unstructured_sparsity": t.unstructured_sparsity, "seconds": time.perf_counter() - start,
                "step_seconds": step_time, "optimizer_seconds": opt_time,
                "optimizer_share": opt_time / step_time if step_time > 0 else 0.0}
         history.append(row)
-        log(f"epoch {epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  loss {row['loss']:.4f}  "
+        ppl = f"test ppl {row['test_perplexity']:7.3f}  " if task.metric == "perplexity" else ""
+        log(f"epoch {epoch:>{len(str(cfg.epochs))}}/{cfg.epochs}  loss {row['loss']:.4f}  {ppl}"
             f"test acc {100 * row['test_accuracy']:6.2f}%  group sparsity {100 * t.group_sparsity:6.2f}%  "
             f"weighted {100 * t.weighted_group_sparsity:6.2f}%  ({row['seconds']:.1f}s, "
             f"optimizer {100 * row['optimizer_share']:.0f}% of step time)")
@@ -478,7 +501,8 @@ def run(args) -> int:
     print(result.report)
     paths = save(result)
     final = result.final
-    print(f"\nfinal: test accuracy {100 * final['test_accuracy']:.2f}%  group sparsity "
+    ppl = f"test perplexity {final['test_perplexity']:.3f}  " if _metric(cfg)[0] == "test_perplexity" else ""
+    print(f"\nfinal: {ppl}test accuracy {100 * final['test_accuracy']:.2f}%  group sparsity "
           f"{100 * final['group_sparsity']:.2f}%  weighted group sparsity "
           f"{100 * final['weighted_group_sparsity']:.2f}%")
     print(f"wrote {paths['metrics']}, {paths['checkpoint']} and {paths['plot']}")
