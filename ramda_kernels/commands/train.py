@@ -56,6 +56,9 @@ class Config:
     out: str
     #: stop each epoch after this many batches (0: all); for quick tests
     max_batches: int = 0
+    #: --model / --data as given ("module:function"), None for the task's
+    model: Optional[str] = None
+    data: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -107,7 +110,73 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<task>)")
+    parser.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                        help="your own model: FUNCTION() in MODULE (a dotted module importable from "
+                             "the current directory, or a path/to/file.py) returns an nn.Module whose "
+                             "output is [N, classes] logits (or [N, T, classes] for a sequence model); "
+                             "replaces the --task's model, other defaults stay the task's")
+    parser.add_argument("--data", default=None, metavar="MODULE:FUNCTION",
+                        help="your own data: FUNCTION() returns ramda_kernels.tasks.Data(x_train, "
+                             "y_train, x_test, y_test) (tensors; y are class indices); replaces the "
+                             "--task's data")
     parser.add_argument("--max-batches", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def load_function(spec: str, flag: str):
+    """The function named by ``module:function`` (or ``path/file.py:function``); `UsageError` if none."""
+    import importlib
+    import importlib.util
+
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise UsageError(f"{flag} must be MODULE:FUNCTION, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise UsageError(f"{flag}: no such file {module_name!r}")
+            name = "_ramda_user_" + os.path.splitext(os.path.basename(module_name))[0]
+            module_spec = importlib.util.spec_from_file_location(name, module_name)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except UsageError:
+        raise
+    except Exception as e:  # the user's module: any import-time error is theirs to fix
+        detail = " ".join(str(e).split())[:200]
+        raise UsageError(f"{flag}: cannot import {module_name!r}: {type(e).__name__}: {detail}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UsageError(f"{flag}: module {module_name!r} has no function {func_name!r}")
+    return func
+
+
+def _model_and_data(cfg: Config, task):
+    """``(model, data)`` of ``cfg``: the task's, or the --model / --data functions' results."""
+    import torch
+
+    from ramda_kernels import tasks
+
+    if cfg.data is None:
+        data = task.load()
+    else:
+        data = load_function(cfg.data, "--data")()
+        if not isinstance(data, tasks.Data):
+            raise UsageError(f"--data {cfg.data}: returned {type(data).__name__}, expected "
+                             "ramda_kernels.tasks.Data(x_train, y_train, x_test, y_test)")
+        for field in ("x_train", "y_train", "x_test", "y_test"):
+            if not isinstance(getattr(data, field), torch.Tensor):
+                raise UsageError(f"--data {cfg.data}: {field} is a {type(getattr(data, field)).__name__}, "
+                                 "expected a torch.Tensor")
+    if cfg.model is None:
+        model = task.model()
+    else:
+        model = load_function(cfg.model, "--model")()
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"--model {cfg.model}: returned {type(model).__name__}, expected a torch.nn.Module")
+    return model, data
 
 
 def _milestones(text: Optional[str], epochs: int, task) -> List[int]:
@@ -159,6 +228,9 @@ def make_config(args) -> "Config":
     batch_size = task.batch_size if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    for flag, spec in (("--model", args.model), ("--data", args.data)):
+        if spec is not None:
+            load_function(spec, flag)  # fail before training with a one-line error
     if args.max_batches < 0:
         raise UsageError(f"--max-batches must be >= 0, got {args.max_batches}")
     try:
@@ -171,7 +243,8 @@ def make_config(args) -> "Config":
                   grouping=args.grouping, lambda_=lambda_, lr=lr, momentum=args.momentum,
                   epochs=epochs, milestones=_milestones(args.milestones, epochs, task),
                   backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
-                  out=args.out or os.path.join("runs", task.name), max_batches=args.max_batches)
+                  out=args.out or os.path.join("runs", task.name), max_batches=args.max_batches,
+                  model=args.model, data=args.data)
 
 
 def parse_compare(args) -> List[str]:
@@ -268,10 +341,10 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     task = tasks.get(cfg.task)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = task.load()
+    model, data = _model_and_data(cfg, task)
+    model = model.to(device)
     x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
-    model = task.model().to(device)
     grouping = _grouping_kwargs(cfg, task)
     try:
         groups = rk.group_parameters(model, lambda_=cfg.lambda_, regularizer=cfg.regularizer, **grouping)
@@ -362,7 +435,8 @@ def _describe(cfg: Config, backend: Optional[str]) -> str:
     mom = "" if cfg.momentum is None else f"  momentum {cfg.momentum:g}"
     reg = f"  {cfg.regularizer} lambda {cfg.lambda_:g}" if cfg.optimizer in REGULARIZED else ""
     grouping = cfg.grouping or "task default"
-    text = (f"task {cfg.task}  optimizer {opt}  lr {cfg.lr:g}{mom}{reg}  grouping {grouping}\n"
+    custom = "".join(f"  {k} {v}" for k, v in (("model", cfg.model), ("data", cfg.data)) if v)
+    text = (f"task {cfg.task}{custom}  optimizer {opt}  lr {cfg.lr:g}{mom}{reg}  grouping {grouping}\n"
             f"{cfg.epochs} epochs  batch {cfg.batch_size}  milestones {cfg.milestones}  seed {cfg.seed}  "
             f"device {cfg.device}")
     if cfg.optimizer in ("ramda", "rmda") and cfg.regularizer != "none":
