@@ -485,8 +485,8 @@ def verify(original: nn.Module, small: nn.Module, x: torch.Tensor,
     if report is not None:
         report.max_abs_diff = diff
         if labels is not None and outs_a:  # the first output is taken as the logits
-            report.accuracy_before = float((outs_a[0].argmax(1) == labels).float().mean())
-            report.accuracy_after = float((outs_b[0].argmax(1) == labels).float().mean())
+            report.accuracy_before = float((outs_a[0].argmax(-1) == labels).float().mean())
+            report.accuracy_after = float((outs_b[0].argmax(-1) == labels).float().mean())
     for k, (a, b) in enumerate(zip(outs_a, outs_b)):
         try:
             torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
