@@ -1,0 +1,123 @@
+"""``ramda-kernels train``: charlm, --compare, --model/--data, reproducibility (short CPU runs)."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from ramda_kernels.cli import main
+
+
+def _run(*flags):
+    try:
+        return main(["train", *flags])
+    except SystemExit as e:
+        return e.code
+
+
+def test_charlm_short_run_reports_perplexity_and_head_groups(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert _run("--task", "charlm", "--epochs", "1", "--max-batches", "3", "--out", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "test ppl" in text and "optimizer" in text and "final: test perplexity" in text
+    m = json.loads((out / "ramda.json").read_text())
+    e = m["epochs"][0]
+    assert 1.0 < e["test_perplexity"] < 256.0  # better than nothing, no worse than uniform over bytes
+    assert 0.0 < e["optimizer_share"] < 1.0 and e["optimizer_seconds"] <= e["step_seconds"]
+    rows = {r["name"]: r for r in m["structure"]["rows"]}
+    assert rows["blocks.0.attn.q.weight"]["groups"] == 4  # one per head: rows of q
+    assert rows["blocks.0.attn.out.weight"]["groups"] == 4  # one per head: columns of out
+    assert rows["blocks.0.fc1.weight"]["groups"] == 64  # input-wise
+    assert not any(name.startswith(("tok.", "pos.")) for name in rows)  # embeddings unregularized
+    assert (out / "ramda.png").stat().st_size > 0
+
+
+def test_charlm_checkpoint_compacts_or_declines_without_crashing(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert _run("--task", "charlm", "--epochs", "1", "--max-batches", "2", "--out", str(out)) == 0
+    capsys.readouterr()
+    rc = main(["compact", str(out / "ramda.pt"), "--out", str(tmp_path / "c")])
+    text = capsys.readouterr().out
+    assert rc == 0 and "not compacted:" in text  # attention heads: says why not
+
+
+def test_compare_two_optimizers_writes_one_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _run("--task", "digits-mlp", "--compare", "ramda,adamw", "--epochs", "1", "--max-batches", "5",
+                "--out", str(out)) == 0
+    text = capsys.readouterr().out
+    md = (out / "compare.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ramda") or ln.startswith("| adamw")]
+    assert len(rows) == 2 and "group sparsity" in md and "optimizer time" in md
+    assert rows[0] in text  # the table is printed too
+    for name in ("compare.png", "ramda.png", "adamw.png", "ramda.json", "adamw.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "adamw.json").read_text())["config"]["lr"] == 1e-3  # its own default
+
+
+def test_user_model_and_data_from_a_module(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_rk_task.py").write_text(textwrap.dedent("""
+        import torch
+        from ramda_kernels.tasks import Data
+
+        def model():
+            return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+        def data():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(100, 4, generator=g)
+            y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+            return Data(x[:80], y[:80], x[80:], y[80:])
+
+        def not_data():
+            return 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert _run("--model", "my_rk_task:model", "--data", "my_rk_task:data", "--epochs", "1",
+                "--out", str(out)) == 0
+    m = json.loads((out / "ramda.json").read_text())
+    assert [r["name"] for r in m["structure"]["rows"]] == ["0.weight", "2.weight"]
+    assert m["config"]["model"] == "my_rk_task:model"
+    capsys.readouterr()
+    # a path works as well as a module name
+    assert _run("--model", f"{tmp_path / 'my_rk_task.py'}:model", "--data", "my_rk_task:data",
+                "--epochs", "1", "--out", str(out)) == 0
+    capsys.readouterr()
+    assert _run("--model", "my_rk_task:model", "--data", "my_rk_task:not_data", "--epochs", "1",
+                "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "returned int, expected ramda_kernels.tasks.Data" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compare", "ramda,nope"], "--compare: unknown optimizer 'nope'"),
+    (["--compare", "ramda,ramda"], "--compare needs distinct"),
+    (["--compare", "ramda,adamw", "--lr", "0.1"], "--lr cannot be combined with --compare"),
+    (["--compare", "ramda", "--optimizer", "adamw"], "--optimizer cannot be combined with --compare"),
+    (["--model", "nocolon"], "--model must be MODULE:FUNCTION"),
+    (["--model", "no_such_module_rk:f"], "--model: cannot import 'no_such_module_rk'"),
+    (["--data", "json:no_such_function"], "--data: module 'json' has no function 'no_such_function'"),
+    (["--model", "/no/such/file.py:f"], "--model: no such file"),
+    (["--max-batches", "-1"], "--max-batches must be >= 0"),
+])
+def test_bad_flags_give_one_line(capsys, flags, message):
+    assert _run(*flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ramda-kernels train: error:"), err
+    assert message in err
+
+
+def test_same_seed_and_backend_give_identical_metrics(tmp_path, capsys):
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        assert _run("--task", "charlm", "--epochs", "2", "--max-batches", "3", "--milestones", "1",
+                    "--seed", "7", "--out", str(out)) == 0
+        m = json.loads((out / "ramda.json").read_text())
+        runs.append([{k: v for k, v in e.items() if "seconds" not in k and k != "optimizer_share"}
+                     for e in m["epochs"]] + [m["structure"]])
+    capsys.readouterr()
+    assert runs[0] == runs[1]
+    assert torch.load(tmp_path / "run0" / "ramda.pt", weights_only=False)["config"]["seed"] == 7
