@@ -121,3 +121,16 @@ def test_same_seed_and_backend_give_identical_metrics(tmp_path, capsys):
     capsys.readouterr()
     assert runs[0] == runs[1]
     assert torch.load(tmp_path / "run0" / "ramda.pt", weights_only=False)["config"]["seed"] == 7
+
+
+def test_compact_declines_a_user_model_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_rk_model2.py").write_text(
+        "import torch\ndef model():\n    return torch.nn.Sequential(torch.nn.Linear(64, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert _run("--task", "digits-mlp", "--model", "my_rk_model2:model", "--epochs", "1",
+                "--max-batches", "2", "--out", str(out)) == 0
+    capsys.readouterr()
+    assert main(["compact", str(out / "ramda.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained with --model my_rk_model2:model" in err

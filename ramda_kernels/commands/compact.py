@@ -75,6 +75,10 @@ def load_checkpoint(path: str):
     task = tasks.get(name)
     if task is None:
         raise ValueError(f"checkpoint {path!r}: unknown task {name!r} (expected one of {sorted(tasks.TASKS)})")
+    custom = [f"--{k} {config[k]}" for k in ("model", "data") if config.get(k)]
+    if custom:
+        raise ValueError(f"checkpoint {path!r} was trained with {' '.join(custom)}; compact rebuilds only "
+                         "the registered tasks' models and data")
     return task, blob["model"]
 
 

@@ -4,8 +4,13 @@ The default trains the LeNet-style ConvNet of ``digits-convnet`` with RAMDA,
 channel-wise group lasso (`group_parameters` defaults) and the authors'
 stage-wise schedule, prints loss, test accuracy and (weighted) group sparsity
 every epoch and the structure report at the end, and writes
-``<out>/<optimizer>.json`` (metrics) and ``<out>/<optimizer>.pt`` (model,
-optimizer and scheduler state).
+``<out>/<optimizer>.json`` (metrics), ``<out>/<optimizer>.pt`` (model,
+optimizer and scheduler state) and ``<out>/<optimizer>.png`` (metric and group
+sparsity per epoch). Each epoch also records the optimizer's share of the step
+time. ``--compare A,B,...`` runs the same task with each optimizer and writes
+``<out>/compare.md`` and ``<out>/compare.png``; ``--task charlm`` is a small
+byte-level transformer language model (test perplexity); ``--model`` /
+``--data MODULE:FUNCTION`` plug in the user's own model and data.
 
 The work is split so that other commands can reuse it: `make_config` turns
 flags into a validated `Config` (or raises `UsageError`), `train` runs one
