@@ -14,7 +14,19 @@ def _device_of(params):
     return params[0].device if params else "cpu"
 
 
+def _is_dtensor(x) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
+
+
 def _dispatch(name: str, params, backend: str):
+    if params and _is_dtensor(params[0]):
+        # FSDP2 shards: a group may span ranks, and only the reference's DTensor
+        # reductions combine its norm across them (tests/test_distributed.py).
+        if backend not in ("auto", "reference"):
+            raise backends.BackendUnavailableError(
+                f"backend {backend!r} does not take DTensor (FSDP2) parameters yet; "
+                f"use backend='auto' or 'reference'")
+        backend = "reference"
     return getattr(backends.get(backend, _device_of(params)), name)
 
 

@@ -32,7 +32,7 @@ def _optimizer(name, model):
     import ramda_kernels as rk
     groups = rk.group_parameters(model, lambda_=0.05)
     cls = {"ramda": rk.RAMDA, "proxadamw": rk.ProxAdamW}[name]
-    return cls(groups, backend="reference")
+    return cls(groups, backend="auto")
 
 
 def _data():
@@ -95,8 +95,8 @@ def test_ddp_matches_single_process(tmp_path, name):
 # FSDP2: parameters are DTensor shards (Shard(0)). Groups inside a shard
 # (output-wise, dims=(1,)) stay local; groups spanning shards (input-wise,
 # dims=(0,)) need their norms reduced across ranks, which the DTensor
-# reductions in the reference do. Checkpoints go through
-# torch.distributed.checkpoint.
+# reductions in the reference do: backend="auto" sends DTensor parameters
+# there. Checkpoints go through torch.distributed.checkpoint.
 # --------------------------------------------------------------------------
 
 def _mlp():
@@ -108,7 +108,7 @@ def _mlp_optimizer(model, dims, lam=0.03):
     import ramda_kernels as rk
     return rk.RAMDA([{"params": [model[0].weight, model[2].weight], "dims": dims, "lambda_": lam},
                      {"params": [model[0].bias, model[2].bias]}], lr=0.1, momentum=1.0,
-                    backend="reference")
+                    backend="auto")
 
 
 def _mlp_data(steps):
