@@ -247,3 +247,15 @@ def test_huge_finite_gradient_is_not_mistaken_for_inf(dtype):
     p.grad[1, 2] = float("nan")
     with pytest.raises(R.NonFiniteGradientError):
         opt.step()
+
+
+def test_lambda_without_groups_warns():
+    """lambda_ > 0 with neither dims nor regularizer regularizes nothing: say so."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.warns(UserWarning, match="not regularized"):
+        R.RAMDA([p], lambda_=1e-3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.RAMDA([p], lambda_=1e-3, regularizer="l1")
+        R.RAMDA([{"params": [p], "regularizer": "none", "lambda_": 1e-3}])

@@ -117,7 +117,8 @@ class ProxOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: Dict[str, Any], gi: Optional[int] = None) -> None:
         """Check and normalize one param group (``gi``: its index, for messages;
         the last group by default)."""
-        if group.get("regularizer") is None:
+        inferred = group.get("regularizer") is None
+        if inferred:
             group["regularizer"] = "group_lasso" if group.get("dims") is not None else "none"
         if group["regularizer"] not in REGULARIZERS:
             raise ValueError(f"Invalid regularizer: {group['regularizer']!r} (expected one of {REGULARIZERS})")
@@ -131,6 +132,10 @@ class ProxOptimizer(torch.optim.Optimizer):
         lam = group["lambda_"]
         if not (isinstance(lam, (int, float)) and 0.0 <= lam < math.inf):
             raise ValueError(f"Invalid lambda_ value: {lam!r} (expected a finite number >= 0)")
+        if inferred and group["regularizer"] == "none" and lam > 0:
+            warnings.warn(f"param group with lambda_={lam} but neither 'dims' nor 'regularizer': "
+                          f"it is not regularized (give dims=... or regularizer='l1' / 'nuclear', "
+                          f"or use ramda_kernels.group_parameters)", stacklevel=4)
         self._validate_hparams(group)
         gi = len(self.param_groups) - 1 if gi is None else gi
         for i, p in enumerate(group["params"]):

@@ -424,7 +424,7 @@ def save(result: Result) -> Dict[str, str]:
     paths = {"metrics": os.path.join(cfg.out, f"{cfg.optimizer}.json"),
              "checkpoint": os.path.join(cfg.out, f"{cfg.optimizer}.pt"),
              "plot": os.path.join(cfg.out, f"{cfg.optimizer}.png")}
-    meta = {"config": dataclasses.asdict(cfg), "backend": result.backend, "torch": torch.__version__,
+    meta = {"config": dataclasses.asdict(cfg), "backend": result.backend, "torch": str(torch.__version__),
             "ramda_kernels": rk.__version__}
     with open(paths["metrics"], "w") as f:
         json.dump({**meta, "final": result.final, "epochs": result.history,
