@@ -191,18 +191,24 @@ def count_flops(model: nn.Module, example_inputs) -> int:
                 total[0] += output.numel() * (module.in_channels // module.groups) * k
         return None
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    _forward_with_hooks(model, example_inputs,
+                        [m.register_forward_hook(hook) for m in model.modules()
+                         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))])
+    n = _batch_size(example_inputs)
+    return total[0] // max(n, 1)
+
+
+def _forward_with_hooks(model, inputs, hooks) -> None:
+    """One eval-mode forward pass with ``hooks`` installed; removes them and
+    restores the training mode afterwards."""
     was_training = model.training
     model.eval()
     try:
-        _forward(model, example_inputs)
+        _forward(model, inputs)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    n = _batch_size(example_inputs)
-    return total[0] // max(n, 1)
 
 
 def _forward(model, inputs):
@@ -306,15 +312,8 @@ def _fold_constants(model: nn.Module, example_inputs,
     def grab(module, inputs):
         seen[id(module)] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
 
-    hooks = [m.register_forward_pre_hook(grab) for m in mods.values()]
-    was_training = model.training
-    model.eval()
-    try:
-        _forward(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _forward_with_hooks(model, example_inputs,
+                        [m.register_forward_pre_hook(grab) for m in mods.values()])
     done = []
     for r, cons in units.items():
         values = []
