@@ -139,6 +139,20 @@ def _newton_terms(zeta, d, sigma):
 
 
 @triton.jit
+def _newton_start(znorm, dmax, dmin, T, gmask):
+    """Screening and the start of the Newton solve, per group (SPEC section 4):
+    ``(active, sigma_hi, todo, relative excess, 1/||z_g||)``. The iteration runs
+    on unit-norm groups (NOTE: [secular equation without cancellation] in
+    ramda_ref.prox); groups with constant ``d`` start at the root and take no step."""
+    active = (znorm > T) & gmask
+    excess = tl.where(active, znorm - T, 1.0)
+    sigma = T * dmax / excess
+    todo = (active & (dmax != dmin)).to(tl.int32)
+    safe_norm = tl.where(active, znorm, 1.0)
+    return active, sigma, todo, excess / safe_norm, 1.0 / safe_norm
+
+
+@triton.jit
 def _newton_step(a, b, c, rel_excess, sigma, todo, tol):
     """One Newton step on the secular equation of SPEC section 4, from the group
     sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``, written
@@ -393,15 +407,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                 dmax = tl.where(gmask, tl.max(tl.where(mask, d, 0.0), axis=1), 1.0)
                 if SOLVER == SOLVER_EXACT:
                     dmin = tl.min(tl.where(mask, d, float("inf")), axis=1)
-                    active = (znorm > T) & gmask
-                    excess = tl.where(active, znorm - T, 1.0)
-                    sigma = T * dmax / excess
-                    todo = (active & (dmax != dmin)).to(tl.int32)
-                    # Newton on unit-norm groups (NOTE: [secular equation without
-                    # cancellation] in ramda_ref.prox)
-                    safe_norm = tl.where(active, znorm, 1.0)
-                    rel_excess = excess / safe_norm
-                    inv_norm = 1.0 / safe_norm
+                    active, sigma, todo, rel_excess, inv_norm = _newton_start(znorm, dmax, dmin, T, gmask)
                     zeta = z * inv_norm[:, None]
                     it = 0
                     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
@@ -452,15 +458,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
             active = gmask
             if not SCALAR_D:
                 if SOLVER == SOLVER_EXACT:
-                    active = (znorm > T) & gmask
-                    excess = tl.where(active, znorm - T, 1.0)
-                    sigma = T * dmax / excess
-                    todo = (active & (dmax != dmin)).to(tl.int32)
-                    # Newton on unit-norm groups (NOTE: [secular equation without
-                    # cancellation] in ramda_ref.prox)
-                    safe_norm = tl.where(active, znorm, 1.0)
-                    rel_excess = excess / safe_norm
-                    inv_norm = 1.0 / safe_norm
+                    active, sigma, todo, rel_excess, inv_norm = _newton_start(znorm, dmax, dmin, T, gmask)
                     it = 0
                     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
                         sa = zero_g
