@@ -8,8 +8,10 @@ for lack of a compiled extension or of triton: a backend module that cannot
 import is recorded with its error and raised only when asked for by name.
 
 ``auto`` picks, per call, the first available backend of
-``AUTO_ORDER[device.type]``; the order for CUDA follows the benchmarks
-(bench/RESULTS.md).
+``AUTO_ORDER[device.type]``. For CUDA that is Triton until a GPU benchmark
+(bench/RESULTS.md) shows the CUDA extension faster: neither has been timed
+on a GPU yet, and the Triton kernels' column layouts are coalesced while the
+CUDA kernels' are not (NOTE: [CUDA tiling]).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 BACKENDS: Tuple[str, ...] = ("reference", "triton", "cpu", "cuda")
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
 }
 _MODULES = {
     "reference": "ramda_kernels.backends.reference",
