@@ -387,11 +387,34 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
   }
   for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
     for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].sigma, al[l] = bl[l] = cl[l] = 0.0;
-    for (int64_t e = 0; e < s.E; ++e) {
+    // Blocks of kBlk lanes, each swept over all e with its partial sums held
+    // in registers (not reloaded and stored per e); every lane still adds
+    // its terms in the order of e, so the sums are the same bit for bit.
+    constexpr int64_t kBlk = 16;
+    int64_t l0 = 0;
+    for (; l0 + kBlk <= L; l0 += kBlk) {
+      double ra[kBlk], rb[kBlk], rc[kBlk];
+      float sg[kBlk];
+      for (int64_t l = 0; l < kBlk; ++l) ra[l] = rb[l] = rc[l] = 0.0, sg[l] = sigmal[l0 + l];
+      for (int64_t e = 0; e < s.E; ++e) {
+        const float* ze = zeta + e * L + l0;
+        const float* de = d + e * L + l0;
+#pragma omp simd
+        for (int64_t l = 0; l < kBlk; ++l) {
+          float ta, tb, tc;
+          newton_terms(ze[l], de[l], sg[l], ta, tb, tc);
+          ra[l] += ta;
+          rb[l] += tb;
+          rc[l] += tc;
+        }
+      }
+      for (int64_t l = 0; l < kBlk; ++l) al[l0 + l] = ra[l], bl[l0 + l] = rb[l], cl[l0 + l] = rc[l];
+    }
+    for (int64_t e = 0; l0 < L && e < s.E; ++e) {
       const float* ze = zeta + e * L;
       const float* de = d + e * L;
 #pragma omp simd
-      for (int64_t l = 0; l < L; ++l) {
+      for (int64_t l = l0; l < L; ++l) {
         float ta, tb, tc;
         newton_terms(ze[l], de[l], sigmal[l], ta, tb, tc);
         al[l] += ta;
