@@ -139,6 +139,18 @@ def _newton_terms(zeta, d, sigma):
 
 
 @triton.jit
+def _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
+              h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+    """One chunk of a PG iteration on a group larger than a block: ``d``, the
+    iterate ``Z`` (from the scratch buffer) and the gradient point
+    ``Y = Z - theta (d Z - z)`` whose prox is the next iterate."""
+    d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
+                                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+    Z = tl.load(zs + offs, mask=mask, other=0.0)
+    return d, Z, Z - theta[:, None] * (d * Z - z)
+
+
+@triton.jit
 def _newton_start(znorm, dmax, dmin, T, gmask):
     """Screening and the start of the Newton solve, per group (SPEC section 4):
     ``(active, sigma_hi, todo, relative excess, 1/||z_g||)``. The iteration runs
@@ -495,21 +507,15 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                             yy = zero_g
                             for c0 in range(0, gsize, BE):
                                 offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                                d, z, x, n0, n1, n2 = _load_update(
-                                    p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
-                                Z = tl.load(zs + offs, mask=mask, other=0.0)
-                                Y = Z - theta[:, None] * (d * Z - z)
+                                d, Z, Y = _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
+                                                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
                                 yy += _gsum(Y * Y, mask)
                             pscale = _shrink_scale(tl.sqrt(yy), theta * T)
                         ss = zero_g
                         for c0 in range(0, gsize, BE):
                             offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                            d, z, x, n0, n1, n2 = _load_update(
-                                p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
-                            Z = tl.load(zs + offs, mask=mask, other=0.0)
-                            Y = Z - theta[:, None] * (d * Z - z)
+                            d, Z, Y = _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
+                                                h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
                             if REG == REG_GROUP:
                                 Znew = Y * pscale[:, None]
                             else:
