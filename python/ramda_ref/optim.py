@@ -198,6 +198,19 @@ class ProxOptimizer(torch.optim.Optimizer):
             return f"parameter {names[i]!r}"
         return f"parameter param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
 
+    @staticmethod
+    def _grad_problem(p: torch.Tensor, g: torch.Tensor) -> Optional[str]:
+        """Why gradient ``g`` of ``p`` cannot be used (``None`` if it can)."""
+        if g.is_sparse or g.layout != torch.strided:
+            return "sparse gradients are not supported"
+        if g.is_complex() or not g.is_floating_point():
+            return f"gradient dtype {g.dtype} is not supported (expected a real floating-point gradient)"
+        if g.shape != p.shape:
+            return f"gradient shape {tuple(g.shape)} does not match the parameter's {tuple(p.shape)}"
+        if g.device != p.device:
+            return f"gradient is on {g.device}, parameter on {p.device}"
+        return None
+
     def _gather(self) -> List[List[torch.Tensor]]:
         """Parameters with gradients, per group, after checking every gradient.
 
@@ -213,31 +226,25 @@ class ProxOptimizer(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                name = self._param_name(group, gi, i, p)
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"{name}: sparse gradients are not supported")
-                if g.is_complex() or not g.is_floating_point():
-                    raise RuntimeError(f"{name}: gradient dtype {g.dtype} is not supported "
-                                       f"(expected a real floating-point gradient)")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"{name}: gradient shape {tuple(g.shape)} does not match "
-                                       f"the parameter's {tuple(p.shape)}")
-                if g.device != p.device:
-                    raise RuntimeError(f"{name}: gradient is on {g.device}, parameter on {p.device}")
+                # names are formatted only for a message: this loop runs every step
+                problem = self._grad_problem(p, g)
+                if problem is not None:
+                    raise RuntimeError(f"{self._param_name(group, gi, i, p)}: {problem}")
                 if g.numel():  # an empty tensor has no inf-norm, and nothing to check
-                    by_device.setdefault(g.device, []).append((name, g))
+                    by_device.setdefault(g.device, []).append((gi, i, g))
                 items.append(p)
             work.append(items)
-        for device, named in by_device.items():
-            grads = [g for _, g in named]
-            finite = _finite_flags(grads)
+        for device, found in by_device.items():
+            finite = _finite_flags([g for _, _, g in found])
             if not bool(finite.all()):
                 if self.nonfinite == "skip":
                     return [[] for _ in self.param_groups]
-                bad = int((~finite).nonzero()[0, 0])
+                gi, i, _ = found[int((~finite).nonzero()[0, 0])]
+                group = self.param_groups[gi]
                 raise NonFiniteGradientError(
-                    f"{named[bad][0]}: gradient contains NaN or Inf; no parameter or state "
-                    f"was changed (pass nonfinite='skip' to skip such steps)")
+                    f"{self._param_name(group, gi, i, group['params'][i])}: gradient contains NaN "
+                    f"or Inf; no parameter or state was changed (pass nonfinite='skip' to skip "
+                    f"such steps)")
         return work
 
     # -- state ---------------------------------------------------------------
