@@ -22,8 +22,8 @@ class _BackendChoice:
         super().__init__(*args, **kwargs)
         if backend != "auto":
             devices = {p.device for g in self.param_groups for p in g["params"]}
-            for device in devices:
-                backends.resolve(backend, device)
+            for device in devices:  # capturable: every group agrees (ramda_ref.optim)
+                backends.resolve(backend, device, self._capturable())
 
     def _functional(self, name):
         return functools.partial(getattr(functional, name), backend=self.backend)

@@ -16,6 +16,22 @@ Common conventions:
   groups; ``regularizer`` is one of ``none, l1, group_lasso, nuclear``.
 * Each function returns one entry per tensor: the solver's iterations per
   group, or ``None`` where the solve was closed form.
+
+Capturable steps (``capturable=True``; NOTE: [capturable steps]): nothing is
+read back to the host, so the call can run inside a CUDA graph.
+
+* ``step`` holds one counted step per tensor (a 1-D float32 tensor, or a
+  list of 0-d tensors, on the tensors' device) and RAMDA/RMDA's ``alpha``
+  one ``alpha_t`` per tensor (float64); every step-derived scalar is
+  computed from them with tensor ops, in float64 like the numbers of the
+  non-capturable call.
+* ``found_inf`` (optional 0-d tensor): when nonzero the call writes nothing,
+  parameters and state stay bitwise unchanged. The caller keeps the step
+  counters where they were (the optimizer does, see ``ramda_ref.optim``).
+* ``grad_scale`` (optional 0-d tensor): gradients are divided by it (as
+  ``torch.amp.GradScaler`` hands it to fused optimizers).
+* ``nuclear`` and ``pg_stop="rtol"`` raise (NOTE: [capturable solves] in
+  ``prox.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .groups import grouped_view, normalize_dims
-from .prox import inexact_tolerance, prox_scalar, solve_subproblem
+from .prox import inexact_tolerance, prox_scalar, refuse_capturable, solve_subproblem
 
 Tensors = List[torch.Tensor]
 
@@ -46,11 +62,72 @@ def _write(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.reshape(param.shape))
 
 
+def _axpy_(x: torch.Tensor, a, y: torch.Tensor) -> None:
+    """``x += a * y`` for a number or a 0-d tensor ``a``."""
+    if isinstance(a, torch.Tensor):
+        x.add_(y * a)
+    else:
+        x.add_(y, alpha=a)
+
+
+# NOTE: [capturable steps]
+# With capturable=True a functional works on private copies of each tensor's
+# parameter and state and commits them with torch.where(keep, new, old), keep
+# being found_inf == 0 on the device: a skipped step leaves everything bitwise
+# unchanged without the host knowing it was skipped. Numbers that depend on
+# the step are 0-d float64 tensors (the non-capturable call's Python floats
+# are float64 too), used where the non-capturable call uses the number.
+
+class _Capture:
+    """The capturable part of one call: per-tensor step/alpha, the keep flag,
+    the gradient scale. ``None`` for a non-capturable call (see `_capture`)."""
+
+    def __init__(self, step, alpha, found_inf, grad_scale):
+        self.step, self.alpha = step, alpha
+        self.keep = None if found_inf is None else found_inf == 0
+        self.grad_scale = grad_scale
+
+    def t(self, i: int) -> torch.Tensor:
+        """``t`` of tensor ``i`` as a 0-d float64 tensor."""
+        return self.step[i].double()
+
+    def grad(self, g: torch.Tensor) -> torch.Tensor:
+        return g if self.grad_scale is None else g / self.grad_scale
+
+    def private(self, *tensors: torch.Tensor) -> List[torch.Tensor]:
+        """Tensors to update: copies when a step may be skipped, else the tensors."""
+        if self.keep is None:
+            return list(tensors)
+        return [t.clone(memory_format=torch.preserve_format) for t in tensors]
+
+    def commit(self, targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        if self.keep is None:
+            return
+        for target, value in zip(targets, values):
+            target.copy_(torch.where(self.keep, value, target))
+
+
+def _capture(capturable: bool, n: int, step, alpha, found_inf, grad_scale, regularizer: str,
+             solver: str = "exact", pg_stop: str = "inexact") -> Optional[_Capture]:
+    if not capturable:
+        if found_inf is not None or grad_scale is not None:
+            raise ValueError("found_inf and grad_scale are taken with capturable=True only "
+                             "(a non-capturable call divides and skips before it is made)")
+        return None
+    refuse_capturable(regularizer, solver, pg_stop)
+    for name, value in (("step", step), ("alpha", alpha)):
+        if value is not None and (isinstance(value, (int, float)) or len(value) != n):
+            raise ValueError(f"capturable=True takes {name} as one 0-d tensor per parameter "
+                             f"({n}), got {type(value).__name__}")
+    return _Capture(step, alpha, found_inf, grad_scale)
+
+
 def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors,
           grad_sum_sqs: Tensors, *, step: int, alpha: float, lr: float, momentum: float,
           epsilon: float, lambda_: float, regularizer: str, dims, view, reweight: bool,
-          solver: str, max_iters: int, rtol: float, pg_stop: str, pg_eps: float
-          ) -> List[Optional[torch.Tensor]]:
+          solver: str, max_iters: int, rtol: float, pg_stop: str, pg_eps: float,
+          capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
+          grad_scale: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
     """RAMDA (paper Algorithm 1)::
 
         s_t = lr sqrt(t);  V += s_t g;  U += s_t g*g;  d = cbrt(U) + eps
@@ -58,14 +135,28 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
             = argmin sum(1/2 d W^2 - z W) + tau psi(W),  z = d W0 - V,  tau = alpha_t lambda
         p   = (1 - c) p + c W~
     """
-    s = lr * math.sqrt(step)
-    tau = alpha * lambda_
-    eps_t = inexact_tolerance(pg_eps, step)
+    cap = _capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer,
+                   solver, pg_stop)
+    if cap is None:
+        s = lr * math.sqrt(step)
+        tau = alpha * lambda_
+        eps_t = inexact_tolerance(pg_eps, step)
     iterations = []
-    for p, g, w0, v, u in zip(params, grads, initial_points, grad_sums, grad_sum_sqs):
+    for i, (p, g, w0, v, u) in enumerate(zip(params, grads, initial_points, grad_sums, grad_sum_sqs)):
+        if cap is not None:
+            t = cap.t(i)
+            s = lr * t.sqrt()
+            tau = cap.alpha[i] * lambda_ if lambda_ != 0 else 0.0
+            eps_t = inexact_tolerance(pg_eps, t)
+            g = cap.grad(g)
+            targets = (p, v, u)
+            p, v, u = cap.private(*targets)
         g = g.to(v.dtype)
-        v.add_(g, alpha=s)
-        u.addcmul_(g, g, value=s)
+        _axpy_(v, s, g)
+        if isinstance(s, torch.Tensor):
+            u.add_(g * g * s)
+        else:
+            u.addcmul_(g, g, value=s)
         d = u.pow(1.0 / 3.0) + epsilon
         z = d * w0 - v
         x = p.to(v.dtype)
@@ -73,28 +164,43 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
             grouped_view(z, view), grouped_view(d, view), tau, regularizer=regularizer,
             dims=_group_dims(p, regularizer, dims, view), reweight=reweight, solver=solver,
             x0=grouped_view(x, view), anchor=grouped_view(w0, view), max_iters=max_iters,
-            pg_stop=pg_stop, eps_t=eps_t, rtol=rtol)
+            pg_stop=pg_stop, eps_t=eps_t, rtol=rtol, capturable=cap is not None)
         _write(p, (1.0 - momentum) * x + momentum * w.reshape(x.shape))
+        if cap is not None:
+            cap.commit(targets, (p, v, u))
         iterations.append(it)
     return iterations
 
 
 def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors, *,
          step: int, alpha: float, lr: float, momentum: float, lambda_: float, regularizer: str,
-         dims, view, reweight: bool) -> List[Optional[torch.Tensor]]:
+         dims, view, reweight: bool, capturable: bool = False,
+         found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None
+         ) -> List[Optional[torch.Tensor]]:
     """RMDA: RAMDA with the scalar preconditioner ``beta_t = sqrt(t)``::
 
         V += s_t g;  W~ = prox_{(alpha_t/beta_t) lambda psi}(W0 - V/beta_t);  p = (1-c) p + c W~
     """
-    s = lr * math.sqrt(step)
-    beta = math.sqrt(step)
-    thr = alpha * lambda_ / beta
-    for p, g, w0, v in zip(params, grads, initial_points, grad_sums):
-        v.add_(g.to(v.dtype), alpha=s)
+    cap = _capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer)
+    if cap is None:
+        s = lr * math.sqrt(step)
+        beta = math.sqrt(step)
+        thr = alpha * lambda_ / beta
+    for i, (p, g, w0, v) in enumerate(zip(params, grads, initial_points, grad_sums)):
+        if cap is not None:
+            beta = cap.t(i).sqrt()
+            s = lr * beta
+            thr = cap.alpha[i] * lambda_ / beta if lambda_ != 0 else 0.0
+            g = cap.grad(g)
+            targets = (p, v)
+            p, v = cap.private(*targets)
+        _axpy_(v, s, g.to(v.dtype))
         y = grouped_view(w0 - v / beta, view)
         w = prox_scalar(y, thr, regularizer, _group_dims(p, regularizer, dims, view), reweight)
         x = p.to(v.dtype)
         _write(p, (1.0 - momentum) * x + momentum * w.reshape(x.shape))
+        if cap is not None:
+            cap.commit(targets, (p, v))
     return [None] * len(params)
 
 
@@ -102,7 +208,9 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
               max_exp_avg_sqs: Tensors, *, step: int, lr: float, beta1: float, beta2: float,
               epsilon: float, weight_decay: float, amsgrad: bool, lambda_: float,
               regularizer: str, dims, view, reweight: bool, solver: str, max_iters: int,
-              rtol: float, pg_stop: str, pg_eps: float) -> List[Optional[torch.Tensor]]:
+              rtol: float, pg_stop: str, pg_eps: float, capturable: bool = False,
+              found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None
+              ) -> List[Optional[torch.Tensor]]:
     """ProxAdamW (ProxGen with an AdamW base)::
 
         p  = p (1 - lr wd);  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g*g  (amsgrad: vmax = max(vmax, v))
@@ -111,14 +219,28 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
 
     ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
     """
-    bias1 = 1.0 - beta1 ** step
-    bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    step_size = lr / bias1
+    cap = _capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer,
+                   solver, pg_stop)
+    if cap is None:
+        bias1 = 1.0 - beta1 ** step
+        bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        step_size = lr / bias1
+        eps_t = inexact_tolerance(pg_eps, step)
     tau = lr * lambda_
-    eps_t = inexact_tolerance(pg_eps, step)
     maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
     iterations = []
-    for p, g, m, v, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, maxes):
+    for i, (p, g, m, v, vmax) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, maxes)):
+        if cap is not None:
+            t = cap.t(i)
+            bias1 = 1.0 - torch.pow(beta1, t)
+            bias2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
+            step_size = lr / bias1
+            eps_t = inexact_tolerance(pg_eps, t)
+            g = cap.grad(g)
+            targets = (p, m, v) + ((vmax,) if amsgrad else ())
+            private = cap.private(*targets)  # updated in place below
+            p, m, v = private[:3]
+            vmax = private[3] if amsgrad else None
         g = g.to(m.dtype)
         x = p.to(m.dtype) * (1.0 - lr * weight_decay)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -132,22 +254,32 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
             grouped_view(z, view), grouped_view(d, view), tau, regularizer=regularizer,
             dims=_group_dims(p, regularizer, dims, view), reweight=reweight, solver=solver,
             x0=grouped_view(x, view), anchor=grouped_view(x, view), max_iters=max_iters,
-            pg_stop=pg_stop, eps_t=eps_t, rtol=rtol)
+            pg_stop=pg_stop, eps_t=eps_t, rtol=rtol, capturable=cap is not None)
         _write(p, w)
+        if cap is not None:
+            cap.commit(targets, private)
         iterations.append(it)
     return iterations
 
 
 def proxsgd(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, step: int,
             lr: float, momentum: float, lambda_: float, regularizer: str, dims, view,
-            reweight: bool) -> List[Optional[torch.Tensor]]:
+            reweight: bool, capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
+            grad_scale: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
     """ProxSGD: ``buf = (1-c) buf + c g`` (``buf = c g`` at the first step, the
     buffer starting at zero), then ``p = prox_{lr lambda psi}(p - lr buf)``."""
+    cap = _capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer)
     thr = lr * lambda_
     for p, g, buf in zip(params, grads, momentum_buffers):
+        if cap is not None:
+            g = cap.grad(g)
+            targets = (p, buf)
+            p, buf = cap.private(*targets)
         buf.mul_(1.0 - momentum).add_(g.to(buf.dtype), alpha=momentum)
         y = grouped_view(p.to(buf.dtype) - lr * buf, view)
         _write(p, prox_scalar(y, thr, regularizer, _group_dims(p, regularizer, dims, view), reweight))
+        if cap is not None:
+            cap.commit(targets, (p, buf))
     return [None] * len(params)
 
 

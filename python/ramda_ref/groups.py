@@ -57,7 +57,7 @@ def grouped_view(x: torch.Tensor, view: Optional[Sequence[int]]) -> torch.Tensor
 
 def group_size(shape: Sequence[int], dims: Tuple[int, ...]) -> int:
     """Number of elements in one group."""
-    return math.prod(shape[d] for d in dims)
+    return math.prod([shape[d] for d in dims])  # a list: torch.compile traces it, not a generator
 
 
 def group_weights(shape: Sequence[int], dims: Tuple[int, ...], reweight: bool) -> float:

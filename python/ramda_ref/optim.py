@@ -14,6 +14,8 @@ The classes validate, gather tensors and create state lazily; the math is in
 ``pg_stop``      PG stopping rule: ``"inexact"`` (paper eq. 7 with
                  ``eps_t = pg_eps * t^-0.6``) or ``"rtol"`` (the authors').
 ``pg_eps``       ``eps_0`` of that schedule.
+``capturable``   keep the step on the device (default False); see
+                 NOTE: [capturable optimizer] below.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from . import functional as F
 from .groups import grouped_view, normalize_dims
-from .prox import PG_STOPS, REGULARIZERS, SOLVERS
+from .prox import PG_STOPS, REGULARIZERS, SOLVERS, refuse_capturable
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONFINITE_POLICIES = ("raise", "skip")
@@ -59,6 +61,53 @@ def _finite_flags(grads: List[torch.Tensor]) -> torch.Tensor:
     return torch.tensor(flags)
 
 
+#: Per-parameter step counters: numbers, or 0-d tensors in capturable mode.
+_COUNTERS = {"step": torch.float32, "alpha": torch.float64}
+
+
+def _counter(key: str, value, p: torch.Tensor, capturable: bool):
+    """State counter ``key`` in the form the mode needs (NOTE: [capturable
+    optimizer]): a 0-d tensor on ``p``'s device (``step`` float32 as in
+    torch.optim.Adam, ``alpha`` float64), or a Python int / float."""
+    if capturable:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to(device=p.device, dtype=_COUNTERS[key], copy=True).reshape(())
+        # a fill on the device, not a copy from the host (capture-safe)
+        return torch.full((), value, dtype=_COUNTERS[key], device=p.device)
+    value = value.item() if isinstance(value, torch.Tensor) else value  # loading: a host read is fine
+    return int(value) if key == "step" else float(value)
+
+
+def _skip_flags(bad: Dict[torch.device, torch.Tensor], found_inf: Optional[torch.Tensor],
+                devices) -> Dict[torch.device, torch.Tensor]:
+    """One float32 0-d flag per device in ``devices``: 1 when the whole step is
+    skipped (a non-finite gradient on any device, or GradScaler's found_inf,
+    which is a count and may exceed 1), else 0. Cross-device copies are
+    device-to-device; nothing is read on the host."""
+    devices = list(devices)
+    if not devices:
+        return {}
+    home = devices[0]
+    parts = [flag.to(home, non_blocking=True) for flag in bad.values()]
+    if found_inf is not None:
+        parts.append(found_inf.to(home, non_blocking=True) != 0)
+    if not parts:
+        flag = torch.zeros((), dtype=torch.float32, device=home)
+    else:
+        flag = parts[0]
+        for part in parts[1:]:
+            flag = flag | part
+        flag = flag.to(torch.float32)
+    return {d: flag if d == home else flag.to(d, non_blocking=True) for d in devices}
+
+
+def _nonfinite_flag(grads: List[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor on the gradients' device: does any of them hold NaN or Inf?
+    No host read (the capturable screen; the inf-norm is exact, unlike a sum)."""
+    norms = torch._foreach_norm(grads, float("inf"))
+    return ~torch.isfinite(torch.stack(norms)).all()
+
+
 class NonFiniteGradientError(RuntimeError):
     """A gradient holds NaN or Inf; nothing was changed."""
 
@@ -76,6 +125,31 @@ class ProxOptimizer(torch.optim.Optimizer):
     when ``found_inf`` is nonzero and otherwise divides the gradients by
     ``grad_scale`` before the update. The scaler deletes both attributes when
     ``step`` returns (deleting them here would make its ``del`` fail).
+
+    NOTE: [capturable optimizer]
+    ``capturable=True`` (a constructor keyword and param-group key, as in
+    ``torch.optim.Adam``; every group must agree) makes `step` read nothing
+    back to the host, so it can be captured in a CUDA graph and replayed:
+
+    * ``state["step"]`` is a 0-d float32 tensor on the parameter's device (as
+      in Adam) and ``state["alpha"]`` a 0-d float64 one: ``alpha_t`` sums
+      ``lr sqrt(t)`` over every step since the last restart, and in float32
+      its rounding error would grow with the step count into the
+      sparsity threshold ``tau = alpha_t lambda``; float64 keeps it equal to
+      the non-capturable optimizer's Python float, so checkpoints convert
+      without loss. `load_state_dict` converts numbers <-> tensors to the
+      optimizer's own mode (``capturable`` is not taken from the checkpoint).
+    * GradScaler's ``found_inf`` and the non-finite gradient screen become one
+      device flag: when set, the kernels write nothing and the step counters
+      do not advance (``step += 1 - flag``, as fused Adam). ``grad_scale`` is
+      divided out inside the step. Raising on a NaN/Inf gradient would need a
+      host read, so capturable optimizers skip such steps: ``nonfinite``
+      defaults to ``"skip"`` and ``nonfinite="raise"`` is a ValueError.
+    * Backends ``reference`` and ``triton`` only (``auto`` picks triton on
+      CUDA, the reference on CPU); ``nuclear`` and ``pg_stop="rtol"`` are
+      refused (their solves stop on host reads).
+    * Hyperparameters (``lr``, ``momentum``, ...) stay Python numbers: a
+      captured graph replays the values it was captured with.
     """
 
     _name: str = ""
@@ -85,9 +159,10 @@ class ProxOptimizer(torch.optim.Optimizer):
     #: GradScaler's scale while a step runs, by device (read by `_grads`).
     _grad_scales: Optional[Dict[torch.device, torch.Tensor]] = None
 
-    def __init__(self, params, defaults: Dict[str, Any], nonfinite: str = "raise"):
-        if nonfinite not in NONFINITE_POLICIES:
+    def __init__(self, params, defaults: Dict[str, Any], nonfinite: Optional[str] = None):
+        if nonfinite is not None and nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite policy: {nonfinite!r} (expected one of {NONFINITE_POLICIES})")
+        # None until the groups say whether the step is capturable (see _validate_group)
         self.nonfinite = nonfinite
         #: solver iterations per group of the last step, by parameter (not saved).
         self.last_iterations: Dict[torch.Tensor, Optional[torch.Tensor]] = {}
@@ -97,6 +172,8 @@ class ProxOptimizer(torch.optim.Optimizer):
                 raise ValueError("give either 'dims' or its alias 'dim', not both")
             defaults["dims"] = defaults.pop("dim")
         super().__init__(params, defaults)
+        if self.nonfinite is None:
+            self.nonfinite = "skip" if self._capturable() else "raise"
 
     # -- validation ---------------------------------------------------------
 
@@ -138,6 +215,7 @@ class ProxOptimizer(torch.optim.Optimizer):
                           f"or use ramda_kernels.group_parameters)", stacklevel=4)
         self._validate_hparams(group)
         gi = len(self.param_groups) - 1 if gi is None else gi
+        self._validate_capturable(group, gi)
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, gi, i, p)
             if p.is_sparse or p.layout != torch.strided:
@@ -169,6 +247,35 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     def _validate_hparams(self, group: Dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _validate_capturable(self, group: Dict[str, Any], gi: int) -> None:
+        """NOTE: [capturable optimizer]: one mode for all groups, and only what runs
+        without host reads."""
+        cap = group.get("capturable", False)
+        if not _is_bool(cap):
+            raise ValueError(f"Invalid capturable value: {cap!r} (expected True or False)")
+        group["capturable"] = cap
+        for gj, other in enumerate(self.param_groups):
+            if gj != gi and other is not group and other.get("capturable", False) != cap:
+                raise ValueError(f"param_groups[{gi}] has capturable={cap} but param_groups[{gj}] "
+                                 f"has capturable={not cap}: a step is skipped or taken as a whole "
+                                 f"on one device flag, so every param group must agree")
+        if not cap:
+            return
+        if self.nonfinite == "raise":
+            raise ValueError("capturable=True cannot honour nonfinite='raise': finding a NaN/Inf "
+                             "gradient would need a host read; capturable steps skip such steps on "
+                             "the device (leave nonfinite unset or pass nonfinite='skip')")
+        if group["regularizer"] == "nuclear" or (group.get("solver") == "pg"
+                                                 and group.get("pg_stop") == "rtol"):
+            try:
+                refuse_capturable(group["regularizer"], group.get("solver", "exact"),
+                                  group.get("pg_stop", "inexact"))
+            except ValueError as e:
+                raise ValueError(f"param_groups[{gi}]: {e}") from None
+
+    def _capturable(self) -> bool:
+        return bool(self.param_groups) and self.param_groups[0].get("capturable", False)
 
     @staticmethod
     def _check_range(group, key, low, high, low_open=False, high_open=False, kind="number"):
@@ -211,12 +318,15 @@ class ProxOptimizer(torch.optim.Optimizer):
             return f"gradient is on {g.device}, parameter on {p.device}"
         return None
 
-    def _gather(self) -> List[List[torch.Tensor]]:
+    def _gather(self, screen_on_device: bool = False):
         """Parameters with gradients, per group, after checking every gradient.
 
         Raises before any parameter or state changes: sparse and complex
         gradients always; NaN/Inf ones unless ``nonfinite="skip"``, in which
         case an empty list is returned and the step does nothing.
+
+        ``screen_on_device`` (capturable steps): the NaN/Inf screen is not read
+        here; returns ``(work, {device: 0-d bool "some gradient is not finite"})``.
         """
         work = []
         by_device: Dict[torch.device, List] = {}
@@ -234,6 +344,9 @@ class ProxOptimizer(torch.optim.Optimizer):
                     by_device.setdefault(g.device, []).append((gi, i, g))
                 items.append(p)
             work.append(items)
+        if screen_on_device:
+            return work, {device: _nonfinite_flag([g for _, _, g in found])
+                          for device, found in by_device.items()}
         for device, found in by_device.items():
             finite = _finite_flags([g for _, _, g in found])
             if not bool(finite.all()):
@@ -254,9 +367,9 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     def _new_state(self, p: torch.Tensor, group) -> Dict[str, Any]:
         dtype = F.state_dtype(p)
-        state: Dict[str, Any] = {"step": 0}
+        state: Dict[str, Any] = {"step": _counter("step", 0, p, group["capturable"])}
         if self._uses_alpha:
-            state["alpha"] = 0.0
+            state["alpha"] = _counter("alpha", 0.0, p, group["capturable"])
         for key in self._state_keys(group):
             if key == "initial_point":
                 state[key] = p.detach().to(dtype=dtype, copy=True)
@@ -292,6 +405,9 @@ class ProxOptimizer(torch.optim.Optimizer):
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):  # else torch's load refuses it
+            # how the step runs is this optimizer's choice, not the checkpoint's
+            saved_groups = [dict(saved, capturable=current["capturable"])
+                            for saved, current in zip(saved_groups, self.param_groups)]
             saved_groups = [self._complete_group(saved, current, gi) for gi, (saved, current)
                             in enumerate(zip(saved_groups, self.param_groups))]
         saved_state = state_dict["state"]
@@ -305,11 +421,13 @@ class ProxOptimizer(torch.optim.Optimizer):
             if p is None:
                 continue
             state = self.state[p]
+            gi, i, group = where[p]
             for key, value in values.items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                if key in _COUNTERS:
+                    state[key] = _counter(key, value, p, group["capturable"])
+                elif isinstance(value, torch.Tensor) and value.is_floating_point():
                     state[key] = value.to(device=p.device, dtype=F.state_dtype(p),
                                           memory_format=torch.preserve_format, copy=True)
-            gi, i, group = where[p]
             self._repair_loaded_state(p, group, self._param_name(group, gi, i, p))
 
     def _complete_group(self, saved: Dict[str, Any], current: Dict[str, Any], gi: int) -> Dict[str, Any]:
@@ -357,10 +475,11 @@ class ProxOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._capturable():
+            self._capturable_step()
+            return loss
         # GradScaler (see the class docstring). Reading found_inf on the host
-        # synchronizes with the device: a step that stays on the device needs
-        # device-side step counters and alpha, and kernels that take found_inf
-        # (as torch's fused Adam does); left to the CUDA backend.
+        # synchronizes with the device; capturable=True keeps it there.
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             self.last_iterations = {}
@@ -398,7 +517,47 @@ class ProxOptimizer(torch.optim.Optimizer):
                         st["alpha"] = new_alpha
                     self.last_iterations[p] = it
 
-    def _step_bucket(self, group, params, t: int, alpha: Optional[float]):
+    def _capturable_step(self) -> None:
+        """`step` with nothing read back to the host (NOTE: [capturable optimizer]).
+
+        One skip flag per device (GradScaler's ``found_inf`` or a NaN/Inf
+        gradient anywhere); per group the counted steps and ``alpha`` as
+        vectors, the functional called on them with the flag and the scale,
+        and the counters written back only after it returns.
+        """
+        work, bad = self._gather(screen_on_device=True)
+        self.last_iterations = {}
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        skips = _skip_flags(bad, found_inf, {params[0].device for params in work if params})
+        for group, params in zip(self.param_groups, work):
+            if not params:
+                continue
+            for p in params:
+                if len(self.state[p]) == 0:
+                    self.state[p] = self._new_state(p, group)
+            device = params[0].device
+            skip = skips[device]
+            steps = self._states(params, "step")
+            t = torch.stack(steps) + (1.0 - skip)  # step += 1 - flag, as fused Adam
+            alphas = new_alpha = None
+            if self._uses_alpha:
+                # alpha_t = alpha_{t-1} + lr sqrt(t), float64 like the Python float
+                alphas = self._states(params, "alpha")
+                new_alpha = torch.stack(alphas) + t.double().sqrt().mul_(group["lr"]).mul_(1.0 - skip.double())
+            scale = None
+            if grad_scale is not None:
+                scale = grad_scale if grad_scale.device == device else grad_scale.to(device, non_blocking=True)
+            iters = self._step_bucket(group, params, t, new_alpha, capturable=True, found_inf=skip,
+                                      grad_scale=scale)
+            torch._foreach_copy_(steps, list(t.unbind(0)))
+            if alphas is not None:
+                torch._foreach_copy_(alphas, list(new_alpha.unbind(0)))
+            for p, it in zip(params, iters):
+                self.last_iterations[p] = it
+
+    def _step_bucket(self, group, params, t, alpha, **capture):
+        """One functional call; ``capture`` holds the capturable keywords (or nothing)."""
         raise NotImplementedError
 
     def _states(self, params, key) -> List[torch.Tensor]:
@@ -450,7 +609,11 @@ class _DualAveraging(ProxOptimizer):
                 st = self.state[p]
                 if not st:
                     continue
-                st["step"], st["alpha"] = 0, 0.0
+                if isinstance(st["step"], torch.Tensor):  # capturable: keep the tensors
+                    st["step"].zero_()
+                    st["alpha"].zero_()
+                else:
+                    st["step"], st["alpha"] = 0, 0.0
                 st["initial_point"].copy_(p)
                 for key in ("grad_sum", "grad_sum_sq"):
                     if key in st:
@@ -473,11 +636,11 @@ class RAMDA(_DualAveraging):
                  epsilon: float = 1e-6, regularizer: Optional[str] = None, dims=None, view=None,
                  reweight: bool = True, solver: str = "exact", max_iters: int = 100,
                  rtol: float = 1e-8, pg_stop: str = "inexact", pg_eps: float = 1e-3,
-                 nonfinite: str = "raise", **kwargs):
+                 nonfinite: Optional[str] = None, capturable: bool = False, **kwargs):
         defaults = dict(lr=lr, momentum=momentum, lambda_=lambda_, epsilon=epsilon,
                         regularizer=regularizer, dims=dims, view=view, reweight=reweight,
                         solver=solver, max_iters=max_iters, rtol=rtol, pg_stop=pg_stop,
-                        pg_eps=pg_eps, **_alias(kwargs))
+                        pg_eps=pg_eps, capturable=capturable, **_alias(kwargs))
         super().__init__(params, defaults, nonfinite)
 
     def _validate_hparams(self, group):
@@ -485,13 +648,13 @@ class RAMDA(_DualAveraging):
         self._check_range(group, "epsilon", 0.0, math.inf, low_open=True, high_open=True)
         self._check_solver(group)
 
-    def _step_bucket(self, group, params, t, alpha):
+    def _step_bucket(self, group, params, t, alpha, **capture):
         return self._functional(self._name)(
             params, self._grads(params), self._states(params, "initial_point"),
             self._states(params, "grad_sum"), self._states(params, "grad_sum_sq"),
             step=t, alpha=alpha, lr=group["lr"], momentum=group["momentum"],
             epsilon=group["epsilon"], lambda_=group["lambda_"], **self._grouping(group),
-            **self._solver_args(group))
+            **self._solver_args(group), **capture)
 
 
 class RMDA(_DualAveraging):
@@ -503,16 +666,18 @@ class RMDA(_DualAveraging):
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.1, lambda_: float = 0.0,
                  regularizer: Optional[str] = None, dims=None, view=None, reweight: bool = True,
-                 nonfinite: str = "raise", **kwargs):
+                 nonfinite: Optional[str] = None, capturable: bool = False, **kwargs):
         defaults = dict(lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
-                        dims=dims, view=view, reweight=reweight, **_alias(kwargs))
+                        dims=dims, view=view, reweight=reweight, capturable=capturable,
+                        **_alias(kwargs))
         super().__init__(params, defaults, nonfinite)
 
-    def _step_bucket(self, group, params, t, alpha):
+    def _step_bucket(self, group, params, t, alpha, **capture):
         return self._functional(self._name)(
             params, self._grads(params), self._states(params, "initial_point"),
             self._states(params, "grad_sum"), step=t, alpha=alpha, lr=group["lr"],
-            momentum=group["momentum"], lambda_=group["lambda_"], **self._grouping(group))
+            momentum=group["momentum"], lambda_=group["lambda_"], **self._grouping(group),
+            **capture)
 
 
 class ProxAdamW(ProxOptimizer):
@@ -528,12 +693,13 @@ class ProxAdamW(ProxOptimizer):
                  weight_decay: float = 0.0, amsgrad: bool = False, lambda_: float = 0.0,
                  regularizer: Optional[str] = None, dims=None, view=None, reweight: bool = True,
                  solver: str = "exact", max_iters: int = 100, rtol: float = 1e-8,
-                 pg_stop: str = "inexact", pg_eps: float = 1e-3, nonfinite: str = "raise",
-                 **kwargs):
+                 pg_stop: str = "inexact", pg_eps: float = 1e-3, nonfinite: Optional[str] = None,
+                 capturable: bool = False, **kwargs):
         defaults = dict(lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
                         amsgrad=amsgrad, lambda_=lambda_, regularizer=regularizer, dims=dims,
                         view=view, reweight=reweight, solver=solver, max_iters=max_iters,
-                        rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps, **_alias(kwargs))
+                        rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps, capturable=capturable,
+                        **_alias(kwargs))
         super().__init__(params, defaults, nonfinite)
 
     @staticmethod
@@ -556,7 +722,7 @@ class ProxAdamW(ProxOptimizer):
             raise ValueError(f"Invalid amsgrad value: {group['amsgrad']!r} (expected True or False)")
         self._check_solver(group)
 
-    def _step_bucket(self, group, params, t, alpha):
+    def _step_bucket(self, group, params, t, alpha, **capture):
         for p in params:  # amsgrad may be switched on after the state was created
             if group["amsgrad"] and "max_exp_avg_sq" not in self.state[p]:
                 self.state[p]["max_exp_avg_sq"] = self.state[p]["exp_avg_sq"].clone()
@@ -567,7 +733,7 @@ class ProxAdamW(ProxOptimizer):
             self._states(params, "exp_avg_sq"), maxes, step=t, lr=group["lr"], beta1=beta1,
             beta2=beta2, epsilon=group["epsilon"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], lambda_=group["lambda_"], **self._grouping(group),
-            **self._solver_args(group))
+            **self._solver_args(group), **capture)
 
 
 class ProxSGD(ProxOptimizer):
@@ -579,20 +745,21 @@ class ProxSGD(ProxOptimizer):
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.1, lambda_: float = 0.0,
                  regularizer: Optional[str] = None, dims=None, view=None, reweight: bool = True,
-                 nonfinite: str = "raise", **kwargs):
+                 nonfinite: Optional[str] = None, capturable: bool = False, **kwargs):
         defaults = dict(lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
-                        dims=dims, view=view, reweight=reweight, **_alias(kwargs))
+                        dims=dims, view=view, reweight=reweight, capturable=capturable,
+                        **_alias(kwargs))
         super().__init__(params, defaults, nonfinite)
 
     def _validate_hparams(self, group):
         self._check_range(group, "lr", 0.0, math.inf, high_open=True)
         self._check_range(group, "momentum", 0.0, 1.0, low_open=True)
 
-    def _step_bucket(self, group, params, t, alpha):
+    def _step_bucket(self, group, params, t, alpha, **capture):
         return self._functional(self._name)(
             params, self._grads(params), self._states(params, "momentum_buffer"), step=t,
             lr=group["lr"], momentum=group["momentum"], lambda_=group["lambda_"],
-            **self._grouping(group))
+            **self._grouping(group), **capture)
 
 
 def _alias(kwargs: Dict[str, Any]) -> Dict[str, Any]:

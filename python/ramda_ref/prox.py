@@ -10,7 +10,17 @@ fp32/bf16/fp16 parameters, fp64 for fp64), one tensor at a time.
 
 The reference favours being obviously right over being fast: its iterative
 loops stop when every group has converged, which reads a flag back to the
-host. The fused backends run the same iterations without doing that.
+host. The fused backends run the same iterations without doing that; so does
+the reference with ``capturable=True`` (NOTE: [capturable solves]).
+
+NOTE: [capturable solves]
+With ``capturable=True`` nothing here reads a value back to the host: the
+threshold may be a 0-d tensor (never compared with 0 on the host), and the
+Newton and PG loops run their full cap with converged groups masked, which
+gives the same result as stopping early (a masked group no longer changes).
+The two solves whose stopping needs the host stay refused: ``pg_stop="rtol"``
+(a whole-tensor objective compared every iteration) and ``nuclear`` (an SVD,
+which checks its convergence on the host).
 """
 
 from __future__ import annotations
@@ -36,9 +46,33 @@ def newton_tolerance(dtype: torch.dtype) -> float:
     return 4.0 * torch.finfo(dtype).eps
 
 
-def inexact_tolerance(pg_eps: float, step: int) -> float:
-    """The paper's summable schedule ``eps_t = eps_0 * t^-0.6`` (sum of eps_t^2 < inf)."""
+def inexact_tolerance(pg_eps: float, step):
+    """The paper's summable schedule ``eps_t = eps_0 * t^-0.6`` (sum of eps_t^2 < inf).
+
+    ``step`` may be a tensor (capturable steps): the result is then a tensor,
+    computed in float64 like the number it stands for.
+    """
+    if isinstance(step, torch.Tensor):
+        return pg_eps * step.double().pow(-0.6)
     return pg_eps * float(step) ** -0.6
+
+
+def _is_zero(thr) -> bool:
+    """``thr == 0`` for a number; ``False`` for a tensor, which is not read on the
+    host (NOTE: [capturable solves]): a zero tensor threshold goes through the
+    solve, which then returns ``z / d`` as the shortcut would."""
+    return not isinstance(thr, torch.Tensor) and thr == 0
+
+
+def refuse_capturable(regularizer: str, solver: str, pg_stop: str) -> None:
+    """Raise for a solve that cannot run without reading the host (NOTE: [capturable solves])."""
+    if regularizer == "nuclear":
+        raise ValueError("regularizer='nuclear' cannot run with capturable=True: its SVD checks "
+                         "convergence on the host; use capturable=False for nuclear-norm groups")
+    if regularizer in ("l1", "group_lasso") and solver == "pg" and pg_stop == "rtol":
+        raise ValueError("pg_stop='rtol' cannot run with capturable=True: it compares a "
+                         "whole-tensor objective on the host every iteration; use "
+                         "pg_stop='inexact' (per-group, masked on the device)")
 
 
 # ---------------------------------------------------------------------------
@@ -75,7 +109,7 @@ def prox_scalar(y: torch.Tensor, thr: float, regularizer: str, dims: Tuple[int, 
     With ``d`` scalar, minimizing ``1/2 d ||w||^2 - <z, w> + tau psi(w)`` is
     ``prox_{(tau/d) psi}(z/d)``; RMDA and ProxSGD use this directly.
     """
-    if regularizer == "none" or thr == 0:
+    if regularizer == "none" or _is_zero(thr):
         return y
     if regularizer == "l1":
         return soft_threshold(y, thr)
@@ -96,7 +130,8 @@ def exact_l1(z: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
-                      dims: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+                      dims: Tuple[int, ...], capturable: bool = False
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Solve the group-lasso subproblem with threshold ``T = thr`` for every group.
 
     Returns ``(w, newton_iterations_per_group)``.
@@ -107,10 +142,13 @@ def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
     bound ``T max(d_g) / (||z_g|| - T)`` decreases monotonically to the root.
     When ``max(d_g) == min(d_g)`` that bound is the root (group soft-threshold)
     and no iteration is taken.
+
+    ``capturable``: run all ``NEWTON_MAX_ITERS`` steps, masked, instead of
+    stopping on a host read (NOTE: [capturable solves]).
     """
     znorm = group_norm(z, dims)
     iters = torch.zeros_like(znorm, dtype=torch.int32)
-    if thr == 0:
+    if _is_zero(thr):
         return z / d, iters
     active = znorm > thr
     excess = torch.where(active, znorm - thr, torch.ones_like(znorm))
@@ -123,7 +161,7 @@ def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
     safe_norm = torch.where(active, znorm, torch.ones_like(znorm))
     zeta, rel_excess = z / safe_norm, excess / safe_norm
     for _ in range(NEWTON_MAX_ITERS):
-        if bool(done.all()):
+        if not capturable and bool(done.all()):
             break
         delta = _newton_step(zeta, d, sigma, rel_excess, dims)
         # Right of the root delta > 0; a computed delta <= 0 (or NaN) means phi
@@ -192,8 +230,8 @@ def proximal_gradient(z: torch.Tensor, d: torch.Tensor, x0: torch.Tensor, *,
                       penalty: Callable[[torch.Tensor], torch.Tensor],
                       theta: torch.Tensor, gdims: Tuple[int, ...],
                       frozen: Optional[torch.Tensor], max_iters: int, stop: str,
-                      eps_t: float, rtol: float,
-                      anchor: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                      eps_t: float, rtol: float, anchor: Optional[torch.Tensor],
+                      capturable: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run ``Z <- prox_theta(Z - theta * (d*Z - z))`` from ``x0``, per group.
 
     ``theta = 1/max(d_g)`` is shaped like the group norms over ``gdims``;
@@ -210,8 +248,13 @@ def proximal_gradient(z: torch.Tensor, d: torch.Tensor, x0: torch.Tensor, *,
     ``<d*a - z, Z - a> + 1/2 <Z - a, d (Z - a)> + tau psi(Z)``, decreases by
     less than ``rtol * (|Q| + 1)``, after at least two iterations.
 
+    ``capturable``: the ``inexact`` rule runs all ``max_iters`` iterations with
+    stopped groups masked (NOTE: [capturable solves]); ``rtol`` is refused.
+
     Returns ``(Z, iterations_per_group)``.
     """
+    if capturable and stop == "rtol":
+        refuse_capturable("l1", "pg", stop)
     n = z.numel()
     shape = theta.shape
     iters = torch.zeros_like(theta, dtype=torch.int32)
@@ -232,7 +275,7 @@ def proximal_gradient(z: torch.Tensor, d: torch.Tensor, x0: torch.Tensor, *,
     tol_g = eps_t * math.sqrt(gsize / n)
     previous = objective(Z) if stop == "rtol" else None
     for j in range(max_iters):
-        if not bool(active.any()):
+        if not capturable and not bool(active.any()):
             break
         Znew = prox(Z - theta * (d * Z - z), theta)
         Znew = torch.where(active, Znew, Z)
@@ -258,7 +301,8 @@ def solve_subproblem(z: torch.Tensor, d: torch.Tensor, tau: float, *, regularize
                      dims: Tuple[int, ...], reweight: bool = True, solver: str = "exact",
                      x0: Optional[torch.Tensor] = None, anchor: Optional[torch.Tensor] = None,
                      max_iters: int = 100, pg_stop: str = "inexact", eps_t: float = 1e-3,
-                     rtol: float = 1e-8) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     rtol: float = 1e-8, capturable: bool = False
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Minimize ``sum(1/2 d w^2 - z w) + tau * psi(w)`` for one tensor.
 
     ``dims`` are the normalized group dims (group_lasso only). ``x0`` is PG's
@@ -269,17 +313,24 @@ def solve_subproblem(z: torch.Tensor, d: torch.Tensor, tau: float, *, regularize
 
     ``nuclear`` has no closed form with a non-scalar ``d``: it always runs PG
     with an SVD per iteration, whatever ``solver`` says.
+
+    ``capturable``: ``tau`` and ``eps_t`` may be 0-d tensors and nothing is
+    read back to the host (NOTE: [capturable solves]).
     """
-    if regularizer == "none" or tau == 0 or z.numel() == 0:
+    if regularizer == "none" or _is_zero(tau) or z.numel() == 0:
         return z / d, None
+    if capturable:
+        refuse_capturable(regularizer, solver, pg_stop)
     if regularizer == "l1" and solver == "exact":
         return exact_l1(z, d, tau), None
     if regularizer == "group_lasso" and solver == "exact":
-        return exact_group_lasso(z, d, tau * group_weights(z.shape, dims, reweight), dims)
+        return exact_group_lasso(z, d, tau * group_weights(z.shape, dims, reweight), dims,
+                                 capturable)
 
     if x0 is None:
         raise ValueError("the pg solver needs a warm start x0")
-    common = dict(max_iters=max_iters, stop=pg_stop, eps_t=eps_t, rtol=rtol, anchor=anchor)
+    common = dict(max_iters=max_iters, stop=pg_stop, eps_t=eps_t, rtol=rtol, anchor=anchor,
+                  capturable=capturable)
     if regularizer == "group_lasso":
         thr = tau * group_weights(z.shape, dims, reweight)
         theta = 1.0 / group_max(d, dims)
@@ -305,7 +356,7 @@ def solve_subproblem(z: torch.Tensor, d: torch.Tensor, tau: float, *, regularize
 
 __all__ = [
     "REGULARIZERS", "SOLVERS", "PG_STOPS", "NEWTON_MAX_ITERS", "newton_tolerance",
-    "inexact_tolerance", "soft_threshold", "group_soft_threshold", "singular_value_threshold",
+    "inexact_tolerance", "refuse_capturable", "soft_threshold", "group_soft_threshold", "singular_value_threshold",
     "prox_scalar", "exact_l1", "exact_group_lasso", "kkt_residual", "proximal_gradient",
     "solve_subproblem", "normalize_dims", "group_size",
 ]

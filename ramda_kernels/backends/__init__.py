@@ -12,6 +12,11 @@ import is recorded with its error and raised only when asked for by name.
 (bench/RESULTS.md) shows the CUDA extension faster: neither has been timed
 on a GPU yet, and the Triton kernels' column layouts are coalesced while the
 CUDA kernels' are not (NOTE: [CUDA tiling]).
+
+Capturable steps (``capturable=True``, NOTE: [capturable optimizer] in
+``ramda_ref.optim``) run on ``CAPTURABLE_BACKENDS`` only: ``auto`` then picks
+from ``AUTO_ORDER`` restricted to them (triton on CUDA, the reference on CPU),
+and the extension backends asked for by name refuse.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
+#: Backends whose functionals take capturable=True (device step counters, found_inf).
+CAPTURABLE_BACKENDS: Tuple[str, ...] = ("reference", "triton")
 _MODULES = {
     "reference": "ramda_kernels.backends.reference",
     "triton": "ramda_kernels.backends.triton_backend",
@@ -71,28 +78,36 @@ def why_unavailable(name: str, device: torch.device | str) -> Optional[str]:
     return mod.why_unavailable(device)
 
 
-def resolve(name: str, device: torch.device | str) -> str:
+def resolve(name: str, device: torch.device | str, capturable: bool = False) -> str:
     """The concrete backend that ``name`` means for tensors on ``device``.
 
     Raises `BackendUnavailableError` (with the saved import or build error)
-    when a backend asked for by name cannot run there.
+    when a backend asked for by name cannot run there, or cannot run a
+    ``capturable`` step.
     """
     check_name(name)
     device = torch.device(device)
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if capturable and candidate not in CAPTURABLE_BACKENDS:
+                continue
             if why_unavailable(candidate, device) is None:
                 return candidate
         return "reference"
+    if capturable and name not in CAPTURABLE_BACKENDS:
+        raise BackendUnavailableError(
+            f"backend {name!r} does not support capturable=True (no device-side step counters "
+            f"or found_inf yet); capturable steps run on {', '.join(map(repr, CAPTURABLE_BACKENDS))}: "
+            f"pass backend='auto' (triton on CUDA, reference on CPU) or one of those")
     reason = why_unavailable(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
     return name
 
 
-def get(name: str, device: torch.device | str) -> ModuleType:
+def get(name: str, device: torch.device | str, capturable: bool = False) -> ModuleType:
     """The module implementing backend ``name`` (after `resolve`) for ``device``."""
-    return _module(resolve(name, device))
+    return _module(resolve(name, device, capturable))
 
 
 def info() -> Dict[str, Dict[str, Optional[str]]]:
@@ -108,5 +123,5 @@ def info() -> Dict[str, Dict[str, Optional[str]]]:
     return table
 
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "BackendUnavailableError", "check_name", "why_unavailable",
+__all__ = ["BACKENDS", "AUTO_ORDER", "CAPTURABLE_BACKENDS", "BackendUnavailableError", "check_name", "why_unavailable",
            "resolve", "get", "info"]
