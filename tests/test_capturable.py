@@ -33,7 +33,7 @@ from _util import assert_bitwise_equal, assert_close, assert_state_equal  # noqa
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _TRITON_REASON = backends.why_unavailable("triton", DEVICE)
-BACKENDS = ["reference"]
+BACKENDS = ["reference"] + (["triton"] if _TRITON_REASON is None else [])
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="host synchronization and CUDA graphs need a CUDA device")
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter
@@ -164,10 +164,13 @@ def test_capturable_matches_reference(backend, opt, regularizer, solver):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_capturable_bf16_and_amsgrad(backend):
-    """bf16 parameters (fp32 state) and amsgrad's third state tensor."""
+def test_capturable_mixed_dtypes_and_amsgrad(backend):
+    """bf16 and fp32 parameters in one group (fp32 state; two kernel launches, each
+    picking its rows of the scalar table) and amsgrad's third state tensor."""
     gen, base = _base(1)
-    ps = [_params(base, torch.bfloat16), _params(base, torch.bfloat16), _params(base, torch.float64)]
+    mixed = lambda: [torch.nn.Parameter(b.to(DEVICE, torch.bfloat16 if i % 2 else torch.float32))
+                     for i, b in enumerate(base)]
+    ps = [mixed(), mixed(), _params(base, torch.float64)]
     kw = dict(lr=0.02, lambda_=1.5, dims=DIMS, amsgrad=True, weight_decay=0.01)
     opts = [rk.ProxAdamW(ps[0], backend=backend, capturable=True, **kw),
             ramda_ref.ProxAdamW(ps[1], **kw), ramda_ref.ProxAdamW(ps[2], **kw)]
@@ -175,7 +178,7 @@ def test_capturable_bf16_and_amsgrad(backend):
         _set_grads(ps, gen, k)
         for o in opts:
             o.step()
-    _compare(dict(backend=backend, case="bf16 amsgrad"), *opts, "group_lasso")
+    _compare(dict(backend=backend, case="mixed dtypes, amsgrad"), *opts, "group_lasso")
     _check_counters(opts[0], opts[1])
 
 
@@ -339,16 +342,22 @@ def _assert_unchanged(opt, params, snap, msg):
         _assert_state_bitwise(opt.state[p], st, f"{msg}: param {i}")
 
 
+def _two_groups(opt, params, **kwargs):
+    """l1 on the first two tensors (elementwise kernel path), group lasso on the rest."""
+    groups = [dict(params=params[:2], regularizer="l1", lambda_=LAMBDAS[opt]["l1"]),
+              dict(params=params[2:], dims=DIMS, lambda_=LAMBDAS[opt]["group_lasso"])]
+    return getattr(rk, _CLASSES[opt])(groups, **HPARAMS[opt], **kwargs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("opt", list(_CLASSES))
 def test_found_inf_skips_and_grad_scale_unscales(backend, opt):
     """found_inf=1: params, state and step counters bitwise unchanged.
     found_inf=0, grad_scale=s, gradients g*s: the step of gradients g."""
-    reg, solver = "group_lasso", "exact"
     gen, base = _base()
     ps, qs = _params(base), _params(base)
-    a = _build(rk, opt, ps, reg, solver, backend=backend, capturable=True)
-    b = _build(rk, opt, qs, reg, solver, backend=backend, capturable=True)
+    a = _two_groups(opt, ps, backend=backend, capturable=True)
+    b = _two_groups(opt, qs, backend=backend, capturable=True)
     for k in range(4):
         _set_grads((ps, qs), gen, k + 1)
         scale = 2.0 ** (10 + k)  # exact: g*s/s == g

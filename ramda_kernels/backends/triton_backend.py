@@ -35,6 +35,16 @@ before the launch (one extra copy per such tensor and step).
 
 The returned list holds ``None`` for every tensor the kernel handled: the
 fused path does not report per-group iteration counts.
+
+Capturable calls (``capturable=True``, conventions in ``ramda_ref.functional``)
+take the same cached plans; the step-derived scalars, the skip flag and the
+gradient scale go to the kernel as one small fp32 device table per call,
+``[n_tensors, STAB_WIDTH]``, built from the step counters with a dozen tensor
+ops (`_scalar_table`, NOTE: [capturable kernel] in the kernel module), so
+nothing is read back and a CUDA graph replays them. Build the plan (the
+first call with a tensor list) outside a graph capture: it copies its tables
+from the host. Fallback tensors go to the reference's capturable path;
+``nuclear`` and ``pg_stop="rtol"`` are refused.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ import torch
 
 from ramda_ref import functional as _ref
 from ramda_ref.groups import grouped_view, normalize_dims
-from ramda_ref.prox import inexact_tolerance, newton_tolerance
+from ramda_ref.prox import inexact_tolerance, newton_tolerance, refuse_capturable
 
 from ..layout import group_layout, is_dense, same_layout
 
@@ -81,6 +91,8 @@ _REG_NONE, _REG_L1, _REG_GROUP = 0, 1, 2
 _SOLVER = {"exact": 0, "pg": 1}
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ITAB_WIDTH = 9 + 4 * 4
+#: Columns of the capturable scalar table: tau, eps_t, h0..h7, skip flag, gradient scale.
+_STAB_WIDTH = 12
 _MAX_BLOCKS = 4
 _COL_BLOCKS = 9
 
@@ -115,16 +127,20 @@ class _Launch:
     gradients read in place (not staged), ``grad_ptrs`` their addresses as
     written in ``itab``: a new gradient tensor (``zero_grad(set_to_none=True)``
     hands out fresh ones) only rewrites that column, see `_refresh_grads`.
+    ``call_rows``: the call's tensor index of every table row, on the device
+    (picks this launch's rows of a capturable scalar table), or ``None`` when
+    the rows are the call's tensors in order.
     """
 
     __slots__ = ("items", "itab", "ftab", "scratch", "grid", "constexprs", "num_warps",
-                 "grad_rows", "grad_ptrs")
+                 "grad_rows", "grad_ptrs", "call_rows")
 
     def __init__(self, items, itab, ftab, scratch, grid, constexprs, num_warps, grad_rows,
-                 grad_ptrs):
+                 grad_ptrs, call_rows):
         self.items, self.itab, self.ftab, self.scratch = items, itab, ftab, scratch
         self.grid, self.constexprs, self.num_warps = grid, constexprs, num_warps
         self.grad_rows, self.grad_ptrs = grad_rows, grad_ptrs
+        self.call_rows = call_rows
 
 
 class _Plan:
@@ -217,14 +233,14 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
 
     launches = []
     for (device, pdt, gdt), entries in buckets.items():
-        launches.append(_build_launch(opt, entries, device, pdt, gdt, reg=reg, solver=solver,
-                                      flat=flat, scalar_d=scalar_d, amsgrad=amsgrad,
-                                      reweight=reweight))
+        launches.append(_build_launch(opt, entries, device, pdt, gdt, len(params), reg=reg,
+                                      solver=solver, flat=flat, scalar_d=scalar_d,
+                                      amsgrad=amsgrad, reweight=reweight))
     return _Plan(launches, fallback, staged)
 
 
-def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d, amsgrad,
-                  reweight) -> _Launch:
+def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, flat, scalar_d,
+                  amsgrad, reweight) -> _Launch:
     n_state = len(entries[0][3])
     if flat:
         bg = min(_np2(max(p.numel() for _, p, *_ in entries)), _np2(TILE))
@@ -281,8 +297,11 @@ def _build_launch(opt, entries, device, pdt, gdt, *, reg, solver, flat, scalar_d
                       NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
                       UNIT_RED=unit_red)
     num_warps = 8 if bg * be >= 1024 else 4
+    rows = [i for i, *_ in entries]
+    call_rows = (None if rows == list(range(n_call))
+                 else torch.tensor(rows, dtype=torch.int64, device=device))
     return _Launch(items_t, itab_t, ftab_t, scratch, (len(items),), constexprs, num_warps,
-                   grad_rows, grad_ptrs)
+                   grad_rows, grad_ptrs, call_rows)
 
 
 def _refresh_grads(launch: _Launch, grads) -> None:
@@ -304,19 +323,25 @@ def _tl_dtype(dt: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dt]
 
 
-def _launch(launch: _Launch, scalars: Tuple) -> None:
-    """The only place a kernel is launched (tests count calls to it)."""
+def _launch(launch: _Launch, scalars: Tuple, stab: Optional[torch.Tensor] = None) -> None:
+    """The only place a kernel is launched (tests count calls to it). ``stab``:
+    the capturable scalar table of the call (``scalars`` are then ignored)."""
     device = launch.itab.device
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):  # triton launches on the current device
-            _kernel(launch, scalars)
+            _kernel(launch, scalars, stab)
     else:
-        _kernel(launch, scalars)
+        _kernel(launch, scalars, stab)
 
 
-def _kernel(launch: _Launch, scalars: Tuple) -> None:
+def _kernel(launch: _Launch, scalars: Tuple, stab: Optional[torch.Tensor]) -> None:
+    if stab is not None and launch.call_rows is not None:
+        stab = stab.index_select(0, launch.call_rows)
+    # a non-capturable launch never reads stab: any fp32 pointer does
     _K.fused_step_kernel[launch.grid](launch.items, launch.itab, launch.ftab, launch.scratch,
-                                      *scalars, num_warps=launch.num_warps, **launch.constexprs)
+                                      launch.ftab if stab is None else stab, *scalars,
+                                      num_warps=launch.num_warps, CAPTURABLE=stab is not None,
+                                      **launch.constexprs)
 
 
 def _signature(params, grads, states) -> tuple:
@@ -329,8 +354,13 @@ def _signature(params, grads, states) -> tuple:
 
 
 def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool, amsgrad: bool,
-         dims, view, reweight: bool, scalars: Tuple, reference: Callable) -> List[Optional[torch.Tensor]]:
-    """Run one call: cached plan, one launch per dtype bucket, reference for the rest."""
+         dims, view, reweight: bool, scalars: Tuple, reference: Callable,
+         stab: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
+    """Run one call: cached plan, one launch per dtype bucket, reference for the rest.
+
+    ``reference(indices, *tensor_lists)`` runs the fallback tensors; ``stab``
+    is the capturable scalar table (`_scalar_table`), ``None`` otherwise.
+    """
     n = len(params)
     opt = _OPT[name]
     scalar_d = name in ("rmda", "proxsgd")
@@ -354,11 +384,11 @@ def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool,
         buf.copy_(grads[i])
     for launch in plan.launches:
         _refresh_grads(launch, grads)
-        _launch(launch, scalars)
+        _launch(launch, scalars, stab)
     out: List[Optional[torch.Tensor]] = [None] * n
     if plan.fallback:
         idx = plan.fallback
-        res = reference([params[i] for i in idx], [grads[i] for i in idx],
+        res = reference(idx, [params[i] for i in idx], [grads[i] for i in idx],
                         *[[s[i] for i in idx] for s in states])
         for i, r in zip(idx, res):
             out[i] = r
@@ -366,7 +396,54 @@ def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool,
 
 
 def _subset_reference(fn: Callable, **kwargs) -> Callable:
-    return lambda *lists: fn(*lists, **kwargs)
+    return lambda idx, *lists: fn(*lists, **_subset_kwargs(kwargs, idx))
+
+
+def _subset_kwargs(kwargs, idx: List[int]):
+    """The call's keywords for the tensors ``idx``: a capturable call's per-tensor
+    ``step`` / ``alpha`` are cut down to them (0-d views, nothing read)."""
+    if not kwargs.get("capturable"):
+        return kwargs
+    out = dict(kwargs)
+    for key in ("step", "alpha"):
+        if out.get(key) is not None:
+            out[key] = [out[key][i] for i in idx]
+    return out
+
+
+def _as_vector(x) -> torch.Tensor:
+    """Per-tensor counters as one 1-D tensor (a list of 0-d tensors is stacked)."""
+    return x.reshape(-1) if isinstance(x, torch.Tensor) else torch.stack(list(x))
+
+
+def _scalar_table(n: int, device, columns, found_inf, grad_scale) -> torch.Tensor:
+    """The capturable launches' fp32 ``[n, STAB_WIDTH]`` table (NOTE: [capturable
+    kernel]): ``columns`` are ``tau, eps_t, h0..h7``, each a number or a float64
+    vector over the call's tensors (rounded to fp32 here, as a Python float
+    argument is rounded by the launch), then the skip flag and the scale."""
+    tab = torch.empty(n, _STAB_WIDTH, dtype=torch.float32, device=device)
+    extra = [0.0 if found_inf is None else found_inf, 1.0 if grad_scale is None else grad_scale]
+    for j, value in enumerate(list(columns) + extra):
+        if isinstance(value, torch.Tensor):
+            tab[:, j].copy_(value)
+        else:
+            tab[:, j].fill_(value)
+    return tab
+
+
+def _check_capture(capturable: bool, n: int, step, alpha, found_inf, grad_scale,
+                   regularizer: str, solver: str = "exact", pg_stop: str = "inexact") -> None:
+    """The argument rules of a capturable call (as ``ramda_ref.functional``)."""
+    if not capturable:
+        if found_inf is not None or grad_scale is not None:
+            raise ValueError("found_inf and grad_scale are taken with capturable=True only "
+                             "(a non-capturable call divides and skips before it is made)")
+        return
+    refuse_capturable(regularizer, solver, pg_stop)
+    for name, value in (("step", step), ("alpha", alpha)):
+        if value is not None and (isinstance(value, (int, float)) or len(value) != n):
+            raise ValueError(f"capturable=True takes {name} as one 0-d tensor per parameter "
+                             f"({n}), got {type(value).__name__}")
 
 
 def _mode(regularizer: str, solver: str, tau: float, scalar_d: bool) -> Tuple[int, int, bool]:
@@ -395,88 +472,141 @@ def _needs_reference(regularizer: str, solver: str, pg_stop: str, tau: float) ->
 def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors,
           grad_sum_sqs: Tensors, *, step: int, alpha: float, lr: float, momentum: float,
           epsilon: float, lambda_: float, regularizer: str, dims, view, reweight: bool,
-          solver: str, max_iters: int, rtol: float, pg_stop: str, pg_eps: float
-          ) -> List[Optional[torch.Tensor]]:
+          solver: str, max_iters: int, rtol: float, pg_stop: str, pg_eps: float,
+          capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
+          grad_scale: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
     """RAMDA step, fused; math as ``ramda_ref.functional.ramda``."""
     kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, epsilon=epsilon,
                   lambda_=lambda_, regularizer=regularizer, dims=dims, view=view,
                   reweight=reweight, solver=solver, max_iters=max_iters, rtol=rtol,
                   pg_stop=pg_stop, pg_eps=pg_eps)
-    tau = alpha * lambda_
-    if _needs_reference(regularizer, solver, pg_stop, tau):
-        return _ref.ramda(params, grads, initial_points, grad_sums, grad_sum_sqs, **kwargs)
+    _check_capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer,
+                   solver, pg_stop)
+    stab = None
+    if capturable:
+        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
+        tau = 0.0 if lambda_ == 0 else 1.0  # only the mode depends on it: tau > 0 when lambda_ > 0
+        if params:
+            t = _as_vector(step).double()
+            s = lr * t.sqrt()
+            stab = _scalar_table(len(params), t.device, (
+                _as_vector(alpha) * lambda_, inexact_tolerance(pg_eps, t), s, epsilon,
+                1.0 - momentum, momentum, 0.0, 0.0, 0.0, 0.0), found_inf, grad_scale)
+        scalars = (0.0, 0.0, newton_tolerance(torch.float32), max_iters) + (0.0,) * 8
+    else:
+        tau = alpha * lambda_
+        if _needs_reference(regularizer, solver, pg_stop, tau):
+            return _ref.ramda(params, grads, initial_points, grad_sums, grad_sum_sqs, **kwargs)
+        s = lr * math.sqrt(step)
+        scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
+                   s, epsilon, 1.0 - momentum, momentum, 0.0, 0.0, 0.0, 0.0)
     reg, solv, flat = _mode(regularizer, solver, tau, False)
-    s = lr * math.sqrt(step)
-    scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
-               s, epsilon, 1.0 - momentum, momentum, 0.0, 0.0, 0.0, 0.0)
     return _run("ramda", params, grads, [initial_points, grad_sums, grad_sum_sqs], reg=reg,
                 solver=solv, flat=flat, amsgrad=False, dims=dims, view=view, reweight=reweight,
-                scalars=scalars, reference=_subset_reference(_ref.ramda, **kwargs))
+                scalars=scalars, reference=_subset_reference(_ref.ramda, **kwargs), stab=stab)
 
 
 def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors, *,
          step: int, alpha: float, lr: float, momentum: float, lambda_: float, regularizer: str,
-         dims, view, reweight: bool) -> List[Optional[torch.Tensor]]:
+         dims, view, reweight: bool, capturable: bool = False,
+         found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None
+         ) -> List[Optional[torch.Tensor]]:
     """RMDA step, fused; math as ``ramda_ref.functional.rmda``."""
     kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, lambda_=lambda_,
                   regularizer=regularizer, dims=dims, view=view, reweight=reweight)
-    beta = math.sqrt(step)
-    thr = alpha * lambda_ / beta
-    if _needs_reference(regularizer, "exact", "inexact", thr):
-        return _ref.rmda(params, grads, initial_points, grad_sums, **kwargs)
+    _check_capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer)
+    stab = None
+    if capturable:
+        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
+        thr = 0.0 if lambda_ == 0 else 1.0  # the mode only: thr > 0 when lambda_ > 0
+        if params:
+            beta = _as_vector(step).double().sqrt()
+            stab = _scalar_table(len(params), beta.device, (
+                _as_vector(alpha) * lambda_ / beta, 0.0, lr * beta, beta, 1.0 - momentum,
+                momentum, 0.0, 0.0, 0.0, 0.0), found_inf, grad_scale)
+        scalars = (0.0, 0.0, 0.0, 1) + (0.0,) * 8
+    else:
+        beta = math.sqrt(step)
+        thr = alpha * lambda_ / beta
+        if _needs_reference(regularizer, "exact", "inexact", thr):
+            return _ref.rmda(params, grads, initial_points, grad_sums, **kwargs)
+        scalars = (thr, 0.0, 0.0, 1, lr * math.sqrt(step), beta, 1.0 - momentum, momentum,
+                   0.0, 0.0, 0.0, 0.0)
     reg, solv, flat = _mode(regularizer, "exact", thr, True)
-    scalars = (thr, 0.0, 0.0, 1, lr * math.sqrt(step), beta, 1.0 - momentum, momentum,
-               0.0, 0.0, 0.0, 0.0)
     return _run("rmda", params, grads, [initial_points, grad_sums], reg=reg, solver=solv,
                 flat=flat, amsgrad=False, dims=dims, view=view, reweight=reweight,
-                scalars=scalars, reference=_subset_reference(_ref.rmda, **kwargs))
+                scalars=scalars, reference=_subset_reference(_ref.rmda, **kwargs), stab=stab)
 
 
 def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
               max_exp_avg_sqs: Tensors, *, step: int, lr: float, beta1: float, beta2: float,
               epsilon: float, weight_decay: float, amsgrad: bool, lambda_: float,
               regularizer: str, dims, view, reweight: bool, solver: str, max_iters: int,
-              rtol: float, pg_stop: str, pg_eps: float) -> List[Optional[torch.Tensor]]:
+              rtol: float, pg_stop: str, pg_eps: float, capturable: bool = False,
+              found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None
+              ) -> List[Optional[torch.Tensor]]:
     """ProxAdamW step, fused; math as ``ramda_ref.functional.proxadamw``."""
     kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
                   weight_decay=weight_decay, amsgrad=amsgrad, lambda_=lambda_,
                   regularizer=regularizer, dims=dims, view=view, reweight=reweight,
                   solver=solver, max_iters=max_iters, rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps)
+    _check_capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer,
+                   solver, pg_stop)
     tau = lr * lambda_
-    if _needs_reference(regularizer, solver, pg_stop, tau):
-        return _ref.proxadamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kwargs)
+    stab = None
+    if capturable:
+        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
+        if params:
+            t = _as_vector(step).double()
+            stab = _scalar_table(len(params), t.device, (
+                tau, inexact_tolerance(pg_eps, t), 1.0 - lr * weight_decay, beta1, 1.0 - beta1,
+                beta2, 1.0 - beta2, (1.0 - torch.pow(beta2, t)).sqrt(), epsilon,
+                lr / (1.0 - torch.pow(beta1, t))), found_inf, grad_scale)
+        scalars = (0.0, 0.0, newton_tolerance(torch.float32), max_iters) + (0.0,) * 8
+    else:
+        if _needs_reference(regularizer, solver, pg_stop, tau):
+            return _ref.proxadamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kwargs)
+        bias1 = 1.0 - beta1 ** step
+        bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
+                   1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, bias2_sqrt,
+                   epsilon, lr / bias1)
     reg, solv, flat = _mode(regularizer, solver, tau, False)
-    bias1 = 1.0 - beta1 ** step
-    bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
-               1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, bias2_sqrt,
-               epsilon, lr / bias1)
     states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     return _run("proxadamw", params, grads, states, reg=reg, solver=solv, flat=flat,
                 amsgrad=bool(amsgrad), dims=dims, view=view, reweight=reweight, scalars=scalars,
-                reference=_ref_adamw_subset(kwargs, amsgrad))
+                reference=_ref_adamw_subset(kwargs, amsgrad), stab=stab)
 
 
 def _ref_adamw_subset(kwargs, amsgrad: bool) -> Callable:
-    def run(params, grads, m, v, *vmax):
-        return _ref.proxadamw(params, grads, m, v, list(vmax[0]) if amsgrad else [], **kwargs)
+    def run(idx, params, grads, m, v, *vmax):
+        return _ref.proxadamw(params, grads, m, v, list(vmax[0]) if amsgrad else [],
+                              **_subset_kwargs(kwargs, idx))
     return run
 
 
 def proxsgd(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, step: int,
             lr: float, momentum: float, lambda_: float, regularizer: str, dims, view,
-            reweight: bool) -> List[Optional[torch.Tensor]]:
+            reweight: bool, capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
+            grad_scale: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
     """ProxSGD step, fused; math as ``ramda_ref.functional.proxsgd``."""
     kwargs = dict(step=step, lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
                   dims=dims, view=view, reweight=reweight)
+    _check_capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer)
     thr = lr * lambda_
-    if _needs_reference(regularizer, "exact", "inexact", thr):
+    scalars = (thr, 0.0, 0.0, 1, 1.0 - momentum, momentum, lr, 0.0, 0.0, 0.0, 0.0, 0.0)
+    stab = None
+    if capturable:  # no step-derived scalar: the table carries the flag and the scale
+        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
+        if params:
+            stab = _scalar_table(len(params), params[0].device, (thr, 0.0) + scalars[4:],
+                                 found_inf, grad_scale)
+    elif _needs_reference(regularizer, "exact", "inexact", thr):
         return _ref.proxsgd(params, grads, momentum_buffers, **kwargs)
     reg, solv, flat = _mode(regularizer, "exact", thr, True)
-    scalars = (thr, 0.0, 0.0, 1, 1.0 - momentum, momentum, lr, 0.0, 0.0, 0.0, 0.0, 0.0)
     return _run("proxsgd", params, grads, [momentum_buffers], reg=reg, solver=solv, flat=flat,
                 amsgrad=False, dims=dims, view=view, reweight=reweight, scalars=scalars,
-                reference=_subset_reference(_ref.proxsgd, **kwargs))
+                reference=_subset_reference(_ref.proxsgd, **kwargs), stab=stab)
 
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable", "clear_cache", "TILE",

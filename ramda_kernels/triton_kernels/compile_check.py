@@ -19,20 +19,24 @@ import sys
 from typing import Dict, Iterator, List
 
 _SCALARS = [("items", "*i64"), ("itab", "*i64"), ("ftab", "*fp32"), ("scratch", "*fp32"),
-            ("tau", "fp32"), ("eps_t", "fp32"), ("newton_tol", "fp32"), ("max_iters", "i32")] + [
+            ("stab", "*fp32"), ("tau", "fp32"), ("eps_t", "fp32"), ("newton_tol", "fp32"), ("max_iters", "i32")] + [
     (f"h{i}", "fp32") for i in range(8)]
 
 
 def variants(quick: bool = False) -> Iterator[Dict[str, object]]:
     """One constexpr set per code path: optimizer x (flat none / flat l1 / grouped
-    exact or PG, one chunk or many), bf16 and fp32 parameters."""
+    exact or PG, one chunk or many), bf16 and fp32 parameters; the capturable
+    switch (scalars from the device table) on the flat and grouped paths."""
     import triton.language as tl
 
     for opt in (0, 1, 2, 3):
         scalar_d = opt in (1, 3)
         base = dict(OPT=opt, AMSGRAD=opt == 2, P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, NKB=2,
-                    NRB=2, SCALAR_D=scalar_d, ALIGNED=True, UNIT_KEPT=False, UNIT_RED=False)
+                    NRB=2, SCALAR_D=scalar_d, ALIGNED=True, UNIT_KEPT=False, UNIT_RED=False,
+                    CAPTURABLE=False)
         yield dict(base, REG=1, SOLVER=0, FLAT=True, ONE_CHUNK=True, BG=1024, BE=1, NKB=1, NRB=1)
+        yield dict(base, REG=1, SOLVER=0, FLAT=True, ONE_CHUNK=True, BG=1024, BE=1, NKB=1, NRB=1,
+                   CAPTURABLE=True)
         if not quick:
             yield dict(base, REG=0, SOLVER=0, FLAT=True, ONE_CHUNK=True, BG=1024, BE=1, NKB=1,
                        NRB=1, P_DTYPE=tl.float32, G_DTYPE=tl.float32, ALIGNED=False)
@@ -43,6 +47,8 @@ def variants(quick: bool = False) -> Iterator[Dict[str, object]]:
             yield dict(base, REG=2, SOLVER=0, FLAT=False, ONE_CHUNK=one_chunk, **shape)
             if not scalar_d:
                 yield dict(base, REG=2, SOLVER=1, FLAT=False, ONE_CHUNK=one_chunk, **shape)
+                yield dict(base, REG=2, SOLVER=1, FLAT=False, ONE_CHUNK=one_chunk, **shape,
+                           CAPTURABLE=True)
                 if not quick:
                     yield dict(base, REG=1, SOLVER=1, FLAT=False, ONE_CHUNK=one_chunk, BG=1,
                                BE=1024, NKB=1, NRB=1)

@@ -17,6 +17,19 @@ Tables (all on the tensors' device):
   slots each, in memory order, unused slots ``(1, 0)``.
 * ``ftab``   fp32 ``[n_tensors, FTAB_WIDTH]``: ``c_g`` (the group weight) and
   ``sqrt(|g| / n)`` (the share of the inexactness tolerance of one group).
+* ``stab``   fp32 ``[n_tensors, STAB_WIDTH]``, capturable launches only (NOTE:
+  [capturable kernel]): per tensor ``tau, eps_t, h0..h7``, the skip flag and
+  GradScaler's scale, computed on the device from the step counters.
+
+NOTE: [capturable kernel]
+With ``CAPTURABLE`` the step-derived scalars are not kernel arguments (a
+CUDA graph would freeze them) but loaded from ``stab``, one row per tensor,
+so the tensors of one launch may be at different steps. A nonzero skip flag
+(GradScaler's ``found_inf`` or a NaN/Inf gradient) makes the tile empty: the
+element / group count is taken as 0, every load and store is masked off and
+the solver loops do not run, so nothing is written. The gradient is divided
+by the scale as it is loaded. Without ``CAPTURABLE`` none of this is traced:
+the non-capturable kernel is the same code as before.
 
 NOTE: [Triton tiling]
 A program owns a tile of ``BG`` consecutive groups of one tensor and walks
@@ -85,6 +98,13 @@ ITAB_WIDTH = tl.constexpr(9 + 4 * 4)
 FCOL_CG = tl.constexpr(0)
 FCOL_TOL = tl.constexpr(1)
 FTAB_WIDTH = tl.constexpr(2)
+# stab columns (capturable launches): tau, eps_t, h0..h7, skip flag, gradient scale.
+SCOL_TAU = tl.constexpr(0)
+SCOL_EPS = tl.constexpr(1)
+SCOL_H = tl.constexpr(2)
+SCOL_SKIP = tl.constexpr(10)
+SCOL_GSCALE = tl.constexpr(11)
+STAB_WIDTH = tl.constexpr(12)
 
 #: Same cap as ramda_ref.prox.NEWTON_MAX_ITERS.
 NEWTON_MAX_ITERS = tl.constexpr(50)
@@ -140,12 +160,13 @@ def _newton_terms(zeta, d, sigma):
 
 @triton.jit
 def _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
-              h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+              h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+              CAPTURABLE: tl.constexpr):
     """One chunk of a PG iteration on a group larger than a block: ``d``, the
     iterate ``Z`` (from the scratch buffer) and the gradient point
     ``Y = Z - theta (d Z - z)`` whose prox is the next iterate."""
     d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
     Z = tl.load(zs + offs, mask=mask, other=0.0)
     return d, Z, Z - theta[:, None] * (d * Z - z)
 
@@ -215,17 +236,20 @@ def _closed_form(d, z, tau, REG: tl.constexpr, SCALAR_D: tl.constexpr):
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7,
-                 OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7, gs,
+                 OPT: tl.constexpr, AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr):
     """Load one tile and apply the optimizer's state update (SPEC section 1).
 
     Returns ``d, z, x, n0, n1, n2``: the subproblem's diagonal and linear term
     (for RMDA / ProxSGD ``d`` is unused and ``z`` is the prox input ``y``),
     the current point ``x`` (for ProxAdamW after weight decay) and the new
     values of state 0..2. The ``h*`` scalars are documented at
-    ``fused_step_kernel``.
+    ``fused_step_kernel``; ``gs`` is GradScaler's scale (capturable only),
+    divided out as the gradient is read.
     """
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CAPTURABLE:
+        g = g / gs
     x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if OPT == OPT_RAMDA:
         n0 = tl.load(s0 + offs, mask=mask, other=0.0)
@@ -324,13 +348,13 @@ def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB
 
 
 @triton.jit
-def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h5, h6, h7,
+def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h5, h6, h7, gs,
                OPT: tl.constexpr, REG: tl.constexpr, AMSGRAD: tl.constexpr,
-               P_DTYPE: tl.constexpr, SCALAR_D: tl.constexpr):
+               P_DTYPE: tl.constexpr, SCALAR_D: tl.constexpr, CAPTURABLE: tl.constexpr):
     """Elements ``offs < limit`` of a tensor without group reductions."""
     mask = offs < limit
     d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
     w = _closed_form(d, z, tau, REG, SCALAR_D)
     _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
 
@@ -340,14 +364,14 @@ def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_iters,
+def fused_step_kernel(items, itab, ftab, scratch, stab, tau, eps_t, newton_tol, max_iters,
                       h0, h1, h2, h3, h4, h5, h6, h7,
                       OPT: tl.constexpr, REG: tl.constexpr, SOLVER: tl.constexpr,
                       FLAT: tl.constexpr, ONE_CHUNK: tl.constexpr, AMSGRAD: tl.constexpr,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BG: tl.constexpr,
                       BE: tl.constexpr, NKB: tl.constexpr, NRB: tl.constexpr,
                       SCALAR_D: tl.constexpr, ALIGNED: tl.constexpr, UNIT_KEPT: tl.constexpr,
-                      UNIT_RED: tl.constexpr):
+                      UNIT_RED: tl.constexpr, CAPTURABLE: tl.constexpr):
     """One step of optimizer ``OPT`` on the tile ``items[program_id]``.
 
     ``tau`` is the subproblem's threshold before the group weight (RAMDA
@@ -364,7 +388,9 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
     ``SCALAR_D`` is true for RMDA and ProxSGD (closed-form prox); ``ALIGNED``
     promises that every tensor address of the launch is 16-byte aligned;
     ``UNIT_KEPT`` / ``UNIT_RED`` that every tensor has a single kept / reduced
-    block of stride 1 (see `_decode`).
+    block of stride 1 (see `_decode`). ``CAPTURABLE``: ``tau, eps_t, h*``
+    come from row ``row`` of ``stab`` instead (their arguments are ignored),
+    with a skip flag and a gradient scale (NOTE: [capturable kernel]).
     Tiling: see NOTE: [Triton tiling].
     """
     pid = tl.program_id(0)
@@ -377,9 +403,27 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
     s1 = tl.load(meta + COL_S1).to(tl.pointer_type(tl.float32))
     s2 = tl.load(meta + COL_S2).to(tl.pointer_type(tl.float32))
     gi = first + tl.arange(0, BG).to(tl.int64)
+    gs = 1.0
+    skip = False
+    if CAPTURABLE:  # NOTE: [capturable kernel]
+        srow = stab + row * STAB_WIDTH
+        tau = tl.load(srow + SCOL_TAU)
+        eps_t = tl.load(srow + SCOL_EPS)
+        h0 = tl.load(srow + SCOL_H)
+        h1 = tl.load(srow + SCOL_H + 1)
+        h2 = tl.load(srow + SCOL_H + 2)
+        h3 = tl.load(srow + SCOL_H + 3)
+        h4 = tl.load(srow + SCOL_H + 4)
+        h5 = tl.load(srow + SCOL_H + 5)
+        h6 = tl.load(srow + SCOL_H + 6)
+        h7 = tl.load(srow + SCOL_H + 7)
+        skip = tl.load(srow + SCOL_SKIP) != 0.0
+        gs = tl.load(srow + SCOL_GSCALE)
 
     if FLAT:
         numel = tl.load(meta + COL_NUMEL)
+        if CAPTURABLE:
+            numel = tl.where(skip, 0, numel)
         if ALIGNED:  # every address of the launch is a multiple of 16 bytes (host-checked)
             p_ptr = tl.multiple_of(p_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
@@ -392,12 +436,16 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
         # its loads and stores vectorize; only a tensor's last tile is ragged.
         if first + BG <= numel:
             _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, tl.multiple_of(first + BG, BG), tau,
-                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, REG, AMSGRAD, P_DTYPE, SCALAR_D)
+                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, REG, AMSGRAD, P_DTYPE, SCALAR_D,
+                       CAPTURABLE)
         else:
             _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, numel, tau,
-                       h0, h1, h2, h3, h4, h5, h6, h7, OPT, REG, AMSGRAD, P_DTYPE, SCALAR_D)
+                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, REG, AMSGRAD, P_DTYPE, SCALAR_D,
+                       CAPTURABLE)
     else:
         n_groups = tl.load(meta + COL_NGROUPS)
+        if CAPTURABLE:
+            n_groups = tl.where(skip, 0, n_groups)
         gsize = tl.load(meta + COL_GSIZE)
         kept_sizes = meta + COL_BLOCKS
         kept_strides = kept_sizes + MAX_BLOCKS
@@ -411,7 +459,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
         if ONE_CHUNK:
             offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
             d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                               h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                               h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
             if SCALAR_D:
                 w = z * _shrink_scale(tl.sqrt(_gsum(z * z, mask)), T)[:, None]
             else:
@@ -458,7 +506,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
             for c0 in range(0, gsize, BE):
                 offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                 d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                                   h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                                   h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
                 zz += _gsum(z * z, mask)
                 if not SCALAR_D:
                     dmax = tl.maximum(dmax, tl.max(tl.where(mask, d, 0.0), axis=1))
@@ -480,7 +528,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                             offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                             d, z, x, n0, n1, n2 = _load_update(
                                 p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
                             ta, tb, tc = _newton_terms(z * inv_norm[:, None], d, sigma[:, None])
                             sa += _gsum(ta, mask)
                             sb += _gsum(tb, mask)
@@ -508,14 +556,14 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
                             for c0 in range(0, gsize, BE):
                                 offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                                 d, Z, Y = _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
-                                                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                                    h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
                                 yy += _gsum(Y * Y, mask)
                             pscale = _shrink_scale(tl.sqrt(yy), theta * T)
                         ss = zero_g
                         for c0 in range(0, gsize, BE):
                             offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                             d, Z, Y = _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
-                                                h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
                             if REG == REG_GROUP:
                                 Znew = Y * pscale[:, None]
                             else:
@@ -531,7 +579,7 @@ def fused_step_kernel(items, itab, ftab, scratch, tau, eps_t, newton_tol, max_it
             for c0 in range(0, gsize, BE):
                 offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
                 d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                                   h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD)
+                                                   h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
                 if SCALAR_D:
                     w = z * scale[:, None]
                 elif SOLVER == SOLVER_EXACT:
