@@ -33,19 +33,23 @@ def _dispatch(name: str, params, backend: str, capturable: bool = False):
 
 
 def ramda(params, *args, backend: str = "auto", **kwargs):
-    return _dispatch("ramda", params, backend, kwargs.get("capturable", False))(params, *args, **kwargs)
+    fn = _dispatch("ramda", params, backend, kwargs.get("capturable", False))
+    return fn(params, *args, **kwargs)
 
 
 def rmda(params, *args, backend: str = "auto", **kwargs):
-    return _dispatch("rmda", params, backend, kwargs.get("capturable", False))(params, *args, **kwargs)
+    fn = _dispatch("rmda", params, backend, kwargs.get("capturable", False))
+    return fn(params, *args, **kwargs)
 
 
 def proxadamw(params, *args, backend: str = "auto", **kwargs):
-    return _dispatch("proxadamw", params, backend, kwargs.get("capturable", False))(params, *args, **kwargs)
+    fn = _dispatch("proxadamw", params, backend, kwargs.get("capturable", False))
+    return fn(params, *args, **kwargs)
 
 
 def proxsgd(params, *args, backend: str = "auto", **kwargs):
-    return _dispatch("proxsgd", params, backend, kwargs.get("capturable", False))(params, *args, **kwargs)
+    fn = _dispatch("proxsgd", params, backend, kwargs.get("capturable", False))
+    return fn(params, *args, **kwargs)
 
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd"]

@@ -383,6 +383,41 @@ def test_found_inf_skips_and_grad_scale_unscales(backend, opt):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_training(backend):
+    """torch.amp.GradScaler itself: scaled training with an overflow step equals
+    unscaled training without that batch (power-of-two scales divide exactly),
+    and the scaler sees the overflow (its scale halves)."""
+    torch.manual_seed(0)
+    plain = _Net().to(DEVICE)
+    scaled = copy.deepcopy(plain)
+    opt_p, opt_s = (rk.RAMDA(rk.group_parameters(m, lambda_=0.05), lr=0.05, backend=backend,
+                             capturable=True) for m in (plain, scaled))
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0 ** 10, growth_interval=100)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 2, 4, 4, generator=gen).to(DEVICE),
+                torch.randn(3, 4, generator=gen).to(DEVICE)) for _ in range(4)]
+    loss = lambda net, batch: ((net(batch[0]) - batch[1]) ** 2).mean()
+    for k, batch in enumerate(batches):
+        if k != 2:
+            opt_p.zero_grad()
+            loss(plain, batch).backward()
+            opt_p.step()
+        opt_s.zero_grad()
+        scaler.scale(loss(scaled, batch)).backward()
+        if k == 2:
+            scaled.fc.weight.grad[1, 2] = float("inf")
+        scaler.step(opt_s)
+        scale = scaler.get_scale()
+        scaler.update()
+        assert scaler.get_scale() == (scale / 2 if k == 2 else scale)
+    for (n, p), q in zip(plain.named_parameters(), scaled.parameters()):
+        assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"{backend}: param {n}")
+        for key, value in opt_p.state[p].items():
+            assert_close(opt_s.state[q][key], value, rtol=1e-6, atol=1e-7,
+                         msg=f"{backend}: {n} state[{key!r}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
 def test_nonfinite_gradient_is_skipped_on_the_device(backend, bad):
     """capturable defaults to nonfinite='skip': a NaN/Inf gradient anywhere skips

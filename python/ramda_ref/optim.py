@@ -383,6 +383,10 @@ class ProxOptimizer(torch.optim.Optimizer):
         State stays in the state dtype (fp32 for low-precision parameters)
         instead of being cast to the parameter's dtype.
 
+        ``capturable`` stays this optimizer's own (not the checkpoint's), and the
+        step counters are converted to its form: Python numbers, or 0-d device
+        tensors in capturable mode (NOTE: [capturable optimizer]).
+
         A state dict that lacks keys this version needs (an older checkpoint)
         loads with a warning per missing key, never silently wrong:
 
@@ -544,10 +548,11 @@ class ProxOptimizer(torch.optim.Optimizer):
             if self._uses_alpha:
                 # alpha_t = alpha_{t-1} + lr sqrt(t), float64 like the Python float
                 alphas = self._states(params, "alpha")
-                new_alpha = torch.stack(alphas) + t.double().sqrt().mul_(group["lr"]).mul_(1.0 - skip.double())
+                s_t = t.double().sqrt().mul_(group["lr"])
+                new_alpha = torch.stack(alphas) + s_t.mul_(1.0 - skip.double())
             scale = None
-            if grad_scale is not None:
-                scale = grad_scale if grad_scale.device == device else grad_scale.to(device, non_blocking=True)
+            if grad_scale is not None:  # GradScaler keeps one scale, maybe on another device
+                scale = grad_scale.to(device, non_blocking=True)
             iters = self._step_bucket(group, params, t, new_alpha, capturable=True, found_inf=skip,
                                       grad_scale=scale)
             torch._foreach_copy_(steps, list(t.unbind(0)))
