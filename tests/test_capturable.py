@@ -14,7 +14,6 @@ CUDA graph capture and replay) skip without a GPU.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from contextlib import contextmanager
 
