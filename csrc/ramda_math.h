@@ -169,9 +169,12 @@ RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr
 
 // One element's shares of a, b, c at sigma (zeta = z/||z||).
 RAMDA_HD void newton_terms(float zeta, float d, float sigma, float& a, float& b, float& c) {
-  // Two divisions, not a reciprocal: the same roundings as the reference's step.
-  const float denom = d + sigma;
-  const float sd = sigma / denom, dd = d / denom;
+  // One division and two products instead of the reference's two divisions:
+  // each ratio is off by at most one more rounding (no cancellation, both are
+  // products of positive numbers), and this sum is the hot loop of the solve.
+  // dd is not 1 - sd, which cancels when sigma >> d.
+  const float inv = 1.0f / (d + sigma);
+  const float sd = sigma * inv, dd = d * inv;
   const float v = zeta * sd, u = zeta * dd;
   const float v2 = v * v;
   a = v2 * dd;

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <numeric>
 #include <vector>
 
 #include "cpu_step.h"
@@ -64,10 +65,12 @@ void split(const std::vector<TensorArgs>& tensors, std::vector<WorkItem>& items)
     if (run > 0) {
       const int64_t inner = L.kept_size[L.n_kept - 1];
       // J groups per tile: about kTileElems elements, runs of at least
-      // kMinLanes floats, J a multiple of 16 where possible (whole vectors).
+      // kMinLanes floats, and J*R a multiple of 16 where kMaxLanes allows
+      // (whole vectors: a remainder of lanes runs every sweep as scalar code).
       const int64_t max_groups = std::max<int64_t>(1, kMaxLanes / run);
       int64_t want = std::max<int64_t>((kMinLanes + run - 1) / run, kTileElems / gsize);
-      if (want >= 16 && max_groups >= 16) want = std::min(want, max_groups) / 16 * 16;
+      const int64_t m = 16 / std::gcd<int64_t>(run, 16);  // J granule for whole vectors
+      if (max_groups >= m) want = std::min(std::max(m, (want + m / 2) / m * m), max_groups / m * m);
       const int64_t per = std::max<int64_t>(1, std::min(max_groups, want));
       // tiles never cross the innermost kept block (its groups are the adjacent ones)
       for (int64_t g0 = 0; g0 < L.n_groups; g0 += inner)

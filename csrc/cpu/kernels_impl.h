@@ -60,12 +60,16 @@ RAMDA_HD int64_t imin_(int64_t a, int64_t b) { return a < b ? a : b; }
 RAMDA_HD int64_t imax_(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------
-// Pass 1: read gradient, parameter and state of a contiguous run at storage
-// offset `o`, update the state, write the subproblem data to the buffers.
-// Pass 2: write the parameter from the solution w (B0) and x (B2).
+// Pass 1: read gradient, state (and the parameter where the update needs it)
+// of a contiguous run at storage offset `o`, update the state, write the
+// subproblem data to the buffers; x (B2) only for PG, whose warm start it is.
+// Pass 2: write the parameter from the solution w (B0); RAMDA and RMDA read
+// the old parameter again there for the averaging. That read costs no extra
+// memory traffic (the store needs the line anyway), where a buffered copy
+// costs a write and a read of the buffer per element.
 // ---------------------------------------------------------------------------
 
-template <typename P, Optim O>
+template <typename P, Optim O, bool kStoreX>
 inline void pass1(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
                   float* __restrict__ B0, float* __restrict__ B1, float* __restrict__ B2) {
   const P* __restrict__ p = static_cast<const P*>(t.param) + o;
@@ -83,7 +87,7 @@ inline void pass1(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
       s2[i] = u;
       B0[i] = z;
       B1[i] = d;
-      B2[i] = static_cast<float>(p[i]);
+      if constexpr (kStoreX) B2[i] = static_cast<float>(p[i]);
     }
   } else if constexpr (O == Optim::kRmda) {
     const float s = a.s, beta = a.beta;
@@ -92,7 +96,6 @@ inline void pass1(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
       float v = s1[i];
       B0[i] = rmda_y(static_cast<float>(g[i]), s0[i], v, s, beta);
       s1[i] = v;
-      B2[i] = static_cast<float>(p[i]);
     }
   } else if constexpr (O == Optim::kProxAdamW) {
     const AdamCoeffs c = a.adam;
@@ -108,7 +111,7 @@ inline void pass1(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
         s2[i] = vmax;
         B0[i] = z;
         B1[i] = d;
-        B2[i] = x;
+        if constexpr (kStoreX) B2[i] = x;
       }
     } else {
 #pragma omp simd
@@ -120,7 +123,7 @@ inline void pass1(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
         s1[i] = v;
         B0[i] = z;
         B1[i] = d;
-        B2[i] = x;
+        if constexpr (kStoreX) B2[i] = x;
       }
     }
   } else {
@@ -131,19 +134,19 @@ inline void pass1(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
       const float x = static_cast<float>(p[i]);
       B0[i] = proxsgd_y(static_cast<float>(g[i]), x, buf, keep, c, lr);
       s0[i] = buf;
-      B2[i] = x;
     }
   }
 }
 
 template <typename P, Optim O>
 inline void pass2(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
-                  const float* __restrict__ W, const float* __restrict__ X) {
+                  const float* __restrict__ W) {
   P* __restrict__ p = static_cast<P*>(t.param) + o;
   if constexpr (O == Optim::kRamda || O == Optim::kRmda) {
     const float keep = a.keep, c = a.c;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<P>(average(X[i], W[i], keep, c));
+    for (int64_t i = 0; i < n; ++i)
+      p[i] = static_cast<P>(average(static_cast<float>(p[i]), W[i], keep, c));
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<P>(W[i]);
@@ -224,6 +227,16 @@ inline void elementwise_run(const TensorArgs& t, const StepArgs& a, int64_t o, i
 
 struct GroupStats { float znorm, dmax, dmin; };
 
+// NOTE: [Newton sums]
+// The three sums of a Newton step are added in fp32 over blocks of
+// kSumBlock terms and the block sums in fp64. Each term is in [0, 1] (the
+// group is scaled to unit norm), so a block's rounding error is at most
+// kSumBlock * eps(fp32) relative to its sum (about sqrt(kSumBlock) * eps in
+// practice), comparable to the pairwise fp32 sum of the reference; summing
+// every term in fp64 cost a conversion and two double adds per term, the
+// largest share of the solve.
+constexpr int64_t kSumBlock = 32;
+
 // Group norms accumulate in fp64: the screen ||z|| <= T and the shrink
 // factor (||y|| - T)/||y|| cancel, and the reference sums pairwise.
 inline GroupStats stats_contig(const float* __restrict__ z, const float* __restrict__ d, int64_t n) {
@@ -262,16 +275,24 @@ inline void newton_contig(float* __restrict__ z, const float* __restrict__ d,
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) zeta[i] = z[i] / norm;
   }
-  // Sums accumulate in fp64 (the reference sums pairwise).
+  // Sums accumulate in fp32 over blocks of kSumBlock elements, added in fp64
+  // (NOTE: [Newton sums]).
   for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
     double sa = 0.0, sb = 0.0, sc = 0.0;
-#pragma omp simd reduction(+ : sa, sb, sc)
-    for (int64_t i = 0; i < n; ++i) {
-      float ta, tb, tc;
-      newton_terms(zeta[i], d[i], sigma, ta, tb, tc);
-      sa += ta;
-      sb += tb;
-      sc += tc;
+    for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+      const int64_t i1 = imin_(n, i0 + kSumBlock);
+      float fa = 0.0f, fb = 0.0f, fc = 0.0f;
+#pragma omp simd reduction(+ : fa, fb, fc)
+      for (int64_t i = i0; i < i1; ++i) {
+        float ta, tb, tc;
+        newton_terms(zeta[i], d[i], sigma, ta, tb, tc);
+        fa += ta;
+        fb += tb;
+        fc += tc;
+      }
+      sa += fa;
+      sb += fb;
+      sc += fc;
     }
     sigma = newton_update(sigma, static_cast<float>(sa), static_cast<float>(sb),
                           static_cast<float>(sc), s0.rel_excess, done);
@@ -388,25 +409,31 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
   for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
     for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].sigma, al[l] = bl[l] = cl[l] = 0.0;
     // Blocks of kBlk lanes, each swept over all e with its partial sums held
-    // in registers (not reloaded and stored per e); every lane still adds
-    // its terms in the order of e, so the sums are the same bit for bit.
+    // in registers (not reloaded and stored per e): fp32 over kSumBlock
+    // consecutive e, added into fp64 (NOTE: [Newton sums]).
     constexpr int64_t kBlk = 16;
     int64_t l0 = 0;
     for (; l0 + kBlk <= L; l0 += kBlk) {
       double ra[kBlk], rb[kBlk], rc[kBlk];
       float sg[kBlk];
       for (int64_t l = 0; l < kBlk; ++l) ra[l] = rb[l] = rc[l] = 0.0, sg[l] = sigmal[l0 + l];
-      for (int64_t e = 0; e < s.E; ++e) {
-        const float* ze = zeta + e * L + l0;
-        const float* de = d + e * L + l0;
+      for (int64_t e0 = 0; e0 < s.E; e0 += kSumBlock) {
+        const int64_t e1 = imin_(s.E, e0 + kSumBlock);
+        float fa[kBlk], fb[kBlk], fc[kBlk];
+        for (int64_t l = 0; l < kBlk; ++l) fa[l] = fb[l] = fc[l] = 0.0f;
+        for (int64_t e = e0; e < e1; ++e) {
+          const float* ze = zeta + e * L + l0;
+          const float* de = d + e * L + l0;
 #pragma omp simd
-        for (int64_t l = 0; l < kBlk; ++l) {
-          float ta, tb, tc;
-          newton_terms(ze[l], de[l], sg[l], ta, tb, tc);
-          ra[l] += ta;
-          rb[l] += tb;
-          rc[l] += tc;
+          for (int64_t l = 0; l < kBlk; ++l) {
+            float ta, tb, tc;
+            newton_terms(ze[l], de[l], sg[l], ta, tb, tc);
+            fa[l] += ta;
+            fb[l] += tb;
+            fc[l] += tc;
+          }
         }
+        for (int64_t l = 0; l < kBlk; ++l) ra[l] += fa[l], rb[l] += fb[l], rc[l] += fc[l];
       }
       for (int64_t l = 0; l < kBlk; ++l) al[l0 + l] = ra[l], bl[l0 + l] = rb[l], cl[l0 + l] = rc[l];
     }
@@ -611,6 +638,8 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   const int64_t gsize = L.group_size;
   const int64_t groups = w.end - w.begin;
   const Buffers B(groups * gsize);
+  // Only PG reads x (B2): its warm start.
+  const bool pg = (O == Optim::kRamda || O == Optim::kProxAdamW) && a.solver == Solver::kPg;
   const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
   if (w.run > 0) {
     // Lanes: the tile's J groups are adjacent runs of w.run elements, so one
@@ -629,9 +658,9 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
         }
         const int64_t o = base + odo.off;
         float* b0 = B.b[0] + e * s.L;
-        float* b2 = B.b[2] + e * s.L;
-        if (pass == 0) pass1<P, O>(t, a, o, s.L, b0, B.b[1] + e * s.L, b2);
-        else pass2<P, O>(t, a, o, s.L, b0, b2);
+        if (pass == 1) pass2<P, O>(t, a, o, s.L, b0);
+        else if (pg) pass1<P, O, true>(t, a, o, s.L, b0, B.b[1] + e * s.L, B.b[2] + e * s.L);
+        else pass1<P, O, false>(t, a, o, s.L, b0, B.b[1] + e * s.L, nullptr);
       }
       if (pass == 0) solve_lanes<O>(t, a, B, s);
     }
@@ -645,9 +674,10 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
       const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
       Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
       for (int64_t r = 0; r < outer; ++r, odo.next()) {
-        const int64_t bi = j * gsize + r * run;
-        if (pass == 0) pass1<P, O>(t, a, gbase + odo.off, run, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
-        else pass2<P, O>(t, a, gbase + odo.off, run, B.b[0] + bi, B.b[2] + bi);
+        const int64_t bi = j * gsize + r * run, o = gbase + odo.off;
+        if (pass == 1) pass2<P, O>(t, a, o, run, B.b[0] + bi);
+        else if (pg) pass1<P, O, true>(t, a, o, run, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
+        else pass1<P, O, false>(t, a, o, run, B.b[0] + bi, B.b[1] + bi, nullptr);
       }
     }
     if (pass == 0) solve_rows<O>(t, a, B, groups, gsize);
