@@ -120,6 +120,53 @@ def test_groups_larger_than_a_tile(shape, dims, solver):
     _assert_close(sf[1] + sf[2], sr[1] + sr[2], 1e-6, "state")
 
 
+def _step_on_fresh_data(impl, fn_name, shapes, dtype, kwargs):
+    """Parameters and state after one step of ``impl`` from seeded data in ``dtype``."""
+    gen = torch.Generator().manual_seed(0)
+    params, grads, states = [], [], [[], [], []]
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen)
+        params.append(p.to(dtype))
+        grads.append(torch.randn(shape, generator=gen).to(dtype))
+        states[0].append(p.to(dtype).clone())
+        states[1].append((torch.rand(shape, generator=gen) * 0.1).to(dtype))
+        states[2].append((torch.rand(shape, generator=gen) * 0.01).to(dtype))
+    getattr(impl, fn_name)(params, grads, *states, **kwargs)
+    return params + [x for st in states for x in st]
+
+
+@pytest.mark.parametrize("fn_name", ["ramda", "proxadamw"])
+def test_threads_split_work_without_changing_results(fn_name):
+    """A step large enough for the thread pool (dispatch.cpp: kParallelGrain
+    elements per thread) is as accurate as the reference against an fp64 run,
+    and two threads give the same bits as one: each work item is computed
+    whole by one thread."""
+    shapes = [(512, 600), (300, 900), (64, 64, 3, 3)]  # 614,464 elements: two threads
+    if fn_name == "ramda":
+        kw = _ramda_kwargs(lambda_=0.02)
+    else:
+        kw = dict(step=3, lr=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8, weight_decay=0.01,
+                  amsgrad=False, lambda_=0.05, regularizer="group_lasso", dims=(0,), view=None,
+                  reweight=True, solver="exact", max_iters=100, rtol=1e-8, pg_stop="inexact",
+                  pg_eps=1e-3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _step_on_fresh_data(C, fn_name, shapes, torch.float32, kw)
+        torch.set_num_threads(1)
+        one = _step_on_fresh_data(C, fn_name, shapes, torch.float32, kw)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(two, one):
+        assert torch.equal(a, b)
+    slow = _step_on_fresh_data(ref, fn_name, shapes, torch.float32, kw)
+    truth = _step_on_fresh_data(ref, fn_name, shapes, torch.float64, kw)
+    for i, (a, b, t) in enumerate(zip(two[:3], slow[:3], truth[:3])):
+        err = float((a.double() - t).abs().max())
+        ref_err = float((b.double() - t).abs().max())
+        assert err <= max(4 * ref_err, 1e-6 * float(t.abs().max())), f"param {i}: {err:.3g} vs reference {ref_err:.3g}"
+
+
 def test_fp64_and_nondense_tensors_take_the_reference():
     """NOTE: [Extension fallbacks]: fp64 parameters and non-dense views run on the
     reference in the same call; their results are the reference's bit for bit."""

@@ -83,11 +83,30 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp-simd", "-fno-math-errno", "-fno-trap
              "-ffp-contract=off"]
 
 
+def _openmp_flags():
+    """-fopenmp where torch's own thread pool is OpenMP (Linux wheels).
+
+    at::parallel_for is a header template: compiled without -fopenmp, its
+    `#pragma omp parallel` is dropped and the CPU kernels run on one thread
+    whatever torch.set_num_threads says. Linking -fopenmp resolves to the
+    libgomp.so.1 torch has already loaded (same soname), so there is one
+    OpenMP runtime and one thread pool in the process.
+    """
+    import torch
+
+    if not sys.platform.startswith("linux"):
+        return []
+    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1].splitlines()[0]:
+        return []
+    return ["-fopenmp"]
+
+
 def _make_extension(with_cuda: bool):
     from torch.utils import cpp_extension
 
     include_dirs = [CSRC]
     library_dirs = []
+    omp = _openmp_flags()
     inc, lib = _nvidia_wheel_dirs()
     if with_cuda and inc:
         include_dirs.append(inc)
@@ -100,10 +119,10 @@ def _make_extension(with_cuda: bool):
         return cpp_extension.CUDAExtension(
             "ramda_kernels._C", _sources(True), include_dirs=include_dirs,
             library_dirs=library_dirs, define_macros=[("RAMDA_WITH_CUDA", None)],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc})
+            extra_compile_args={"cxx": CXX_FLAGS + omp, "nvcc": nvcc}, extra_link_args=omp)
     return cpp_extension.CppExtension(
         "ramda_kernels._C", _sources(False), include_dirs=include_dirs,
-        extra_compile_args={"cxx": CXX_FLAGS})
+        extra_compile_args={"cxx": CXX_FLAGS + omp}, extra_link_args=omp)
 
 
 def _want_cuda():

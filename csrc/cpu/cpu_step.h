@@ -17,6 +17,7 @@ constexpr int64_t kMinLanes = 16;      // "lanes" tile: at least a cache line pe
 constexpr int64_t kMaxLanes = 512;     // lanes of one "lanes" tile (stack arrays)
 constexpr int64_t kMaxLaneRun = 64;    // longer inner runs use the "rows" tiling
 constexpr int kScratchArrays = 5;
+constexpr int64_t kParallelGrain = 1 << 18;  // elements per thread, at least (dispatch.cpp: step)
 
 struct WorkItem {
   int32_t tensor;

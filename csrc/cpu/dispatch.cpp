@@ -108,7 +108,13 @@ void step(const StepArgs& args, const std::vector<TensorArgs>& tensors) {
   // take them from a shared counter instead of a static split.
   std::atomic<int64_t> next{0};
   const int64_t n = static_cast<int64_t>(items.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  // A thread per kParallelGrain elements at most: waking the pool costs
+  // microseconds when cores are idle and a scheduler tick when they are not,
+  // which small steps (tests, small models) would pay on every step.
+  int64_t elems = 0;
+  for (const TensorArgs& t : tensors) elems += t.numel;
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, elems / kParallelGrain}));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
       run(tensors[items[i].tensor], args, items[i]);
