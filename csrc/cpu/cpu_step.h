@@ -13,7 +13,7 @@ namespace cpu {
 // See NOTE: [Tiling per layout] in kernels_impl.h.
 constexpr int64_t kTileElems = 65536;  // elements per group tile (buffers + lines in L2)
 constexpr int64_t kElemItem = 65536;   // elementwise: elements per work item
-constexpr int64_t kMinLanes = 16;      // "lanes" tile: at least a cache line per run
+constexpr int64_t kMinLanes = 32;      // "lanes" tile: at least two cache lines per run
 constexpr int64_t kMaxLanes = 512;     // lanes of one "lanes" tile (stack arrays)
 constexpr int64_t kMaxLaneRun = 64;    // longer inner runs use the "rows" tiling
 constexpr int kScratchArrays = 5;

@@ -15,8 +15,12 @@
 //   elements. The buffer is laid out [outer][J*R] and the solver sweeps it
 //   vectorized across the J*R lanes with per-lane partial sums, added per
 //   group (each group keeps its own sigma). Runs of consecutive outer
-//   indices are far apart in memory, so they are prefetched kPrefetchRuns
-//   ahead.
+//   indices are far apart in memory. Runs of 32 floats or more at a fixed
+//   stride stream about as fast as contiguous memory when the loop does
+//   little work (a 5-stream microbenchmark: 1.3 vs 1.06 ns/element; 16
+//   floats: 2.0), so tiles aim for J*R >= 32 (cpu_step.h: kMinLanes); with
+//   RAMDA's cube root in the loop the hardware falls behind (2.6 ns/element)
+//   unless the runs are prefetched kPrefetchRuns ahead (1.4).
 // * "rows" (anything else; in practice the innermost block is reduced:
 //   output-wise Linear, filter-wise Conv): a tile is a range of whole
 //   consecutive groups; each group is copied run by run (as z, d, x) into the
@@ -271,9 +275,9 @@ inline void newton_contig(float* __restrict__ z, const float* __restrict__ d,
   float sigma = s0.sigma;
   bool done = s0.done;
   if (!done) {
-    const float norm = s0.norm;
+    const float inv_norm = s0.inv_norm;  // a product per element, not a division (1 ulp)
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) zeta[i] = z[i] / norm;
+    for (int64_t i = 0; i < n; ++i) zeta[i] = z[i] * inv_norm;
   }
   // Sums accumulate in fp32 over blocks of kSumBlock elements, added in fp64
   // (NOTE: [Newton sums]).
@@ -401,10 +405,10 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
     st[j] = newton_start(static_cast<float>(std::sqrt(z2[j])), dmax, dmin, thr);
     pending += !st[j].done;
   }
-  for (int64_t l = 0; l < L; ++l) norml[l] = st[l / s.R].norm;
+  for (int64_t l = 0; l < L; ++l) norml[l] = st[l / s.R].inv_norm;  // products, not divisions
   for (int64_t e = 0; pending > 0 && e < s.E; ++e) {
 #pragma omp simd
-    for (int64_t l = 0; l < L; ++l) zeta[e * L + l] = z[e * L + l] / norml[l];
+    for (int64_t l = 0; l < L; ++l) zeta[e * L + l] = z[e * L + l] * norml[l];
   }
   for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
     for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].sigma, al[l] = bl[l] = cl[l] = 0.0;
@@ -579,18 +583,26 @@ struct Odometer {
   }
 };
 
-constexpr int64_t kPrefetchRuns = 16;
+// Runs ahead that the "lanes" passes prefetch. Measured on 2048 x 512 and
+// 512 x 4608 tiles (32 and 144 floats per run): 2 runs ahead cut pass 1 by
+// 35-45%; 0 and 8-16 were equally slow (too late, or evicted before use).
+constexpr int64_t kPrefetchRuns = 2;
 
-// Prefetch the lines of a run of n elements at offset o: every stream for
-// pass 1, the parameter only for pass 2 (write).
-template <typename P>
-inline void prefetch_run(const TensorArgs& t, int64_t o, int64_t n, bool all) {
+// Prefetch the lines of the run of n elements at offset o that a pass reads:
+// pass 1 the gradient, the state and (where the update or PG needs it) the
+// parameter; pass 2 the parameter.
+template <typename P, Optim O>
+inline void prefetch_run(const TensorArgs& t, int64_t o, int64_t n, bool pass1, bool pg) {
   constexpr int64_t kLine = 64;
-  const char* p = reinterpret_cast<const char*>(static_cast<const P*>(t.param) + o);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(P)); b += kLine) __builtin_prefetch(p + b, 1);
-  if (!all) return;
+  const int64_t pbytes = n * static_cast<int64_t>(sizeof(P));
+  constexpr bool kReadsP = O == Optim::kProxAdamW || O == Optim::kProxSgd;
+  if (!pass1 || kReadsP || pg) {
+    const char* p = reinterpret_cast<const char*>(static_cast<const P*>(t.param) + o);
+    for (int64_t b = 0; b < pbytes; b += kLine) __builtin_prefetch(p + b, 1);
+  }
+  if (!pass1) return;
   const char* g = reinterpret_cast<const char*>(static_cast<const P*>(t.grad) + o);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(P)); b += kLine) __builtin_prefetch(g + b);
+  for (int64_t b = 0; b < pbytes; b += kLine) __builtin_prefetch(g + b);
   const float* st[3] = {t.s0, t.s1, t.s2};
   for (const float* x : st) {
     if (!x) continue;
@@ -647,13 +659,14 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     const Lanes s{gsize / w.run, groups, w.run, groups * w.run};
     const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
     for (int pass = 0; pass < 2; ++pass) {
-      // Runs are far apart in memory (one per outer index), which the
-      // hardware prefetcher does not follow: fetch kPrefetchRuns ahead.
+      // The hardware prefetcher does not follow short runs at a stride while
+      // the loop computes, so fetch kPrefetchRuns runs ahead (NOTE: [Tiling
+      // per layout]).
       Odometer odo(n_outer, L.red_size, L.red_stride), ahead = odo;
       for (int64_t e = 0; e < kPrefetchRuns && e + 1 < s.E; ++e) ahead.next();
       for (int64_t e = 0; e < s.E; ++e, odo.next()) {
         if (e + kPrefetchRuns < s.E) {
-          prefetch_run<P>(t, base + ahead.off, s.L, pass == 0);
+          prefetch_run<P, O>(t, base + ahead.off, s.L, pass == 0, pg);
           ahead.next();
         }
         const int64_t o = base + odo.off;
