@@ -224,3 +224,24 @@ def test_ops_registered_with_torch_library():
 
 def test_auto_picks_cpu():
     assert backends.resolve("auto", "cpu") == "cpu"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_lower_instruction_sets_match_the_reference(isa):
+    """The kernels are compiled once per instruction set (csrc/cpu/kernels_*.cpp)
+    and this machine runs the best one; RAMDA_CPU_ISA picks a lower one, so
+    the parity cases run here against every build (AVX-512 has its own
+    Newton sums: NOTE: [Newton sums with a reciprocal estimate])."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RAMDA_CPU_ISA=isa)
+    probe = subprocess.run([sys.executable, "-c", "import ramda_kernels.backends._ext as e; print(e.EXT.cpu_isa())"],
+                           env=env, capture_output=True, text=True, check=True)
+    if probe.stdout.strip() != isa:
+        pytest.skip(f"this CPU cannot run the {isa} kernels (runs {probe.stdout.strip()})")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                          "-k", "test_parity and (group_lasso or l1 or none-none)"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

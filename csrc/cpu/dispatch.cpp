@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <numeric>
 #include <vector>
 
@@ -20,15 +22,21 @@ struct Isa {
   const char* name;
 };
 
+// The best instruction set this CPU has, or a lower one named by the
+// environment variable RAMDA_CPU_ISA (avx2, default): the tests run every
+// build of the kernels that way on one machine.
 const Isa& isa() {
   static const Isa chosen = []() -> Isa {
+    const char* env = std::getenv("RAMDA_CPU_ISA");
+    const std::string cap = env ? env : "";
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    if ((cap.empty() || cap == "avx512") && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
       return {&isa_avx512::run, "avx512"};
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    if ((cap.empty() || cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
       return {&isa_avx2::run, "avx2"};
 #endif
     return {&isa_default::run, "default"};

@@ -11,10 +11,15 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_step.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define RAMDA_CPU_ISA isa_avx512
+#define RAMDA_CPU_AVX512 1  // explicit AVX-512 code (NOTE: [Newton sums with a reciprocal estimate])
 #include "kernels_impl.h"
 #endif

@@ -18,9 +18,11 @@
 //   indices are far apart in memory. Runs of 32 floats or more at a fixed
 //   stride stream about as fast as contiguous memory when the loop does
 //   little work (a 5-stream microbenchmark: 1.3 vs 1.06 ns/element; 16
-//   floats: 2.0), so tiles aim for J*R >= 32 (cpu_step.h: kMinLanes); with
-//   RAMDA's cube root in the loop the hardware falls behind (2.6 ns/element)
-//   unless the runs are prefetched kPrefetchRuns ahead (1.4).
+//   floats: 2.0), so tiles aim for J*R >= 32 (cpu_step.h: kMinLanes). With
+//   RAMDA's cube root in the loop they take 2.2-2.7 ns/element (full rows:
+//   1.15), and pass 1 of a "lanes" tile costs about 3x that of a "rows"
+//   tile (7-8 vs 2 cycles/element measured with rdtsc on 512x512x3x3
+//   channel-wise vs 2048x512 output-wise): the open problem of issue 5.
 // * "rows" (anything else; in practice the innermost block is reduced:
 //   output-wise Linear, filter-wise Conv): a tile is a range of whole
 //   consecutive groups; each group is copied run by run (as z, d, x) into the
@@ -241,6 +243,62 @@ struct GroupStats { float znorm, dmax, dmin; };
 // largest share of the solve.
 constexpr int64_t kSumBlock = 32;
 
+#if RAMDA_CPU_AVX512
+// NOTE: [Newton sums with a reciprocal estimate]
+// A Newton sweep is one division per element (1/(d + sigma)), and vdivps on
+// 16 lanes costs several times the rest of the terms. The AVX-512 build
+// uses the 14-bit estimate vrcp14ps refined by one Newton-Raphson step
+// instead: the refined reciprocal is within about 1 ulp (the estimate's error
+// squared, 2^-28, plus the FMA's rounding), as accurate as the rest of the
+// term's roundings. Denominators above 2^125, whose reciprocal the estimate
+// flushes to zero, take the division. The solution w = z/(d + sigma) keeps
+// the division (one sweep).
+inline __m512 recip16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 r = _mm512_rcp14_ps(x);
+  r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, one), r);
+  const __mmask16 big = _mm512_cmp_ps_mask(x, _mm512_set1_ps(0x1p125f), _CMP_GT_OQ);
+  if (__builtin_expect(big != 0, 0)) r = _mm512_mask_div_ps(r, big, one, x);
+  return r;
+}
+
+// newton_terms on 16 lanes, added to (fa, fb, fc).
+inline void newton_terms16(__m512 zeta, __m512 d, __m512 sigma, __m512& fa, __m512& fb, __m512& fc) {
+  const __m512 inv = recip16(_mm512_add_ps(d, sigma));
+  const __m512 sd = _mm512_mul_ps(sigma, inv), dd = _mm512_mul_ps(d, inv);
+  const __m512 v = _mm512_mul_ps(zeta, sd), u = _mm512_mul_ps(zeta, dd);
+  const __m512 v2 = _mm512_mul_ps(v, v);
+  fa = _mm512_add_ps(fa, _mm512_mul_ps(v2, dd));
+  fb = _mm512_add_ps(fb, _mm512_mul_ps(v2, sd));
+  fc = _mm512_add_ps(fc, _mm512_mul_ps(u, _mm512_add_ps(zeta, v)));
+}
+
+// Adds 16 fp32 lanes into two fp64 vectors (lanes 0-7, 8-15).
+inline void add_wide(__m512d& lo, __m512d& hi, __m512 x) {
+  lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+  hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+}
+
+// Sums of newton_terms over rows e in [0, E) of 16 lanes at zeta + e*stride,
+// d + e*stride, per lane: fp32 over kSumBlock rows, fp64 across blocks.
+inline void newton_sums16(const float* zeta, const float* d, int64_t stride, int64_t E,
+                          __m512 sigma, double* a, double* b, double* c) {
+  __m512d alo = _mm512_setzero_pd(), ahi = alo, blo = alo, bhi = alo, clo = alo, chi = alo;
+  for (int64_t e0 = 0; e0 < E; e0 += kSumBlock) {
+    const int64_t e1 = imin_(E, e0 + kSumBlock);
+    __m512 fa = _mm512_setzero_ps(), fb = fa, fc = fa;
+    for (int64_t e = e0; e < e1; ++e)
+      newton_terms16(_mm512_loadu_ps(zeta + e * stride), _mm512_loadu_ps(d + e * stride), sigma, fa, fb, fc);
+    add_wide(alo, ahi, fa);
+    add_wide(blo, bhi, fb);
+    add_wide(clo, chi, fc);
+  }
+  _mm512_storeu_pd(a, alo), _mm512_storeu_pd(a + 8, ahi);
+  _mm512_storeu_pd(b, blo), _mm512_storeu_pd(b + 8, bhi);
+  _mm512_storeu_pd(c, clo), _mm512_storeu_pd(c + 8, chi);
+}
+#endif
+
 // Group norms accumulate in fp64: the screen ||z|| <= T and the shrink
 // factor (||y|| - T)/||y|| cancel, and the reference sums pairwise.
 inline GroupStats stats_contig(const float* __restrict__ z, const float* __restrict__ d, int64_t n) {
@@ -283,7 +341,19 @@ inline void newton_contig(float* __restrict__ z, const float* __restrict__ d,
   // (NOTE: [Newton sums]).
   for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
     double sa = 0.0, sb = 0.0, sc = 0.0;
+#if RAMDA_CPU_AVX512
+    // Whole rows of 16 elements as lanes (NOTE: [Newton sums with a
+    // reciprocal estimate]); the last n % 16 below.
+    const int64_t n16 = n / 16 * 16;
+    if (n16 > 0) {
+      double la[16], lb[16], lc[16];
+      newton_sums16(zeta, d, 16, n16 / 16, _mm512_set1_ps(sigma), la, lb, lc);
+      for (int l = 0; l < 16; ++l) sa += la[l], sb += lb[l], sc += lc[l];
+    }
+    for (int64_t i0 = n16; i0 < n; i0 += kSumBlock) {
+#else
     for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+#endif
       const int64_t i1 = imin_(n, i0 + kSumBlock);
       float fa = 0.0f, fb = 0.0f, fc = 0.0f;
 #pragma omp simd reduction(+ : fa, fb, fc)
@@ -417,6 +487,10 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
     // consecutive e, added into fp64 (NOTE: [Newton sums]).
     constexpr int64_t kBlk = 16;
     int64_t l0 = 0;
+#if RAMDA_CPU_AVX512
+    for (; l0 + kBlk <= L; l0 += kBlk)
+      newton_sums16(zeta + l0, d + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0);
+#endif
     for (; l0 + kBlk <= L; l0 += kBlk) {
       double ra[kBlk], rb[kBlk], rc[kBlk];
       float sg[kBlk];
@@ -583,9 +657,11 @@ struct Odometer {
   }
 };
 
-// Runs ahead that the "lanes" passes prefetch. Measured on 2048 x 512 and
-// 512 x 4608 tiles (32 and 144 floats per run): 2 runs ahead cut pass 1 by
-// 35-45%; 0 and 8-16 were equally slow (too late, or evicted before use).
+// Runs ahead that the "lanes" passes prefetch. In a microbenchmark of pass 1
+// alone (4-5 streams, runs of 32 or 144 floats at a fixed stride, RAMDA's
+// cube root in the loop) 2 runs ahead took 1.4-1.8 instead of 2.2-2.7
+// ns/element; in the kernel, A/B runs on the shared 2-core machine showed no
+// difference beyond the noise (+-15%), for 0, 1, 2, 4 or 16 runs ahead.
 constexpr int64_t kPrefetchRuns = 2;
 
 // Prefetch the lines of the run of n elements at offset o that a pass reads:
@@ -659,9 +735,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     const Lanes s{gsize / w.run, groups, w.run, groups * w.run};
     const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
     for (int pass = 0; pass < 2; ++pass) {
-      // The hardware prefetcher does not follow short runs at a stride while
-      // the loop computes, so fetch kPrefetchRuns runs ahead (NOTE: [Tiling
-      // per layout]).
+      // Runs of consecutive outer indices are far apart: fetch kPrefetchRuns ahead.
       Odometer odo(n_outer, L.red_size, L.red_stride), ahead = odo;
       for (int64_t e = 0; e < kPrefetchRuns && e + 1 < s.E; ++e) ahead.next();
       for (int64_t e = 0; e < s.E; ++e, odo.next()) {
