@@ -17,6 +17,7 @@ constexpr int64_t kMinLanes = 32;      // "lanes" tile: at least two cache lines
 constexpr int64_t kMaxLanes = 512;     // lanes of one "lanes" tile (stack arrays)
 constexpr int64_t kMaxLaneRun = 64;    // longer inner runs use the "rows" tiling
 constexpr int kScratchArrays = 5;
+constexpr int64_t kPanelElems = 1 << 21;  // "lanes" panel: elements per work item, at most
 constexpr int64_t kParallelGrain = 1 << 18;  // elements per thread, at least (dispatch.cpp: step)
 
 struct WorkItem {
@@ -24,6 +25,7 @@ struct WorkItem {
   int64_t run;    // "lanes" tile: elements per group per run (1 for columns); 0 otherwise
   int64_t begin;  // elementwise: storage offset; groups: first group
   int64_t end;
+  int64_t tile = 0;  // "lanes" panel: groups per solver tile (0: the item is one tile)
 };
 
 // The instruction set the CPU kernels run with here: "avx512", "avx2" or "default".

@@ -45,7 +45,10 @@ const Isa& isa() {
 }
 
 // See NOTE: [Tiling per layout] (kernels_impl.h).
-void split(const std::vector<TensorArgs>& tensors, std::vector<WorkItem>& items) {
+void split(const StepArgs& a, const std::vector<TensorArgs>& tensors, std::vector<WorkItem>& items) {
+  // Panels for the exact group-lasso solve (NOTE: [Tiling per layout]).
+  const bool panels = (a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW) &&
+                      a.solver == Solver::kExact;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const TensorArgs& t = tensors[i];
     const int32_t ti = static_cast<int32_t>(i);
@@ -80,6 +83,14 @@ void split(const std::vector<TensorArgs>& tensors, std::vector<WorkItem>& items)
       const int64_t m = 16 / std::gcd<int64_t>(run, 16);  // J granule for whole vectors
       if (max_groups >= m) want = std::min(std::max(m, (want + m / 2) / m * m), max_groups / m * m);
       const int64_t per = std::max<int64_t>(1, std::min(max_groups, want));
+      // Panels: whole rows of up to kPanelElems elements, a multiple of the tile.
+      const int64_t panel = kPanelElems / gsize / per * per;
+      if (panels && panel >= 2 * per) {
+        for (int64_t g0 = 0; g0 < L.n_groups; g0 += inner)
+          for (int64_t g = g0; g < g0 + inner; g += panel)
+            items.push_back({ti, run, g, std::min(g0 + inner, g + panel), per});
+        continue;
+      }
       // tiles never cross the innermost kept block (its groups are the adjacent ones)
       for (int64_t g0 = 0; g0 < L.n_groups; g0 += inner)
         for (int64_t g = g0; g < g0 + inner; g += per)
@@ -110,7 +121,7 @@ float* const* scratch(int64_t n) {
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors) {
   const RunFn run = isa().run;
   std::vector<WorkItem> items;
-  split(tensors, items);
+  split(args, tensors, items);
   if (items.empty()) return;
   // Work items differ in cost (Newton iterations vary per group), so threads
   // take them from a shared counter instead of a static split.

@@ -20,9 +20,18 @@
 //   little work (a 5-stream microbenchmark: 1.3 vs 1.06 ns/element; 16
 //   floats: 2.0), so tiles aim for J*R >= 32 (cpu_step.h: kMinLanes). With
 //   RAMDA's cube root in the loop they take 2.2-2.7 ns/element (full rows:
-//   1.15), and pass 1 of a "lanes" tile costs about 3x that of a "rows"
-//   tile (7-8 vs 2 cycles/element measured with rdtsc on 512x512x3x3
-//   channel-wise vs 2048x512 output-wise): the open problem of issue 5.
+//   1.15): pass 1 of a "lanes" tile cost 6-8 cycles/element (rdtsc,
+//   2048x512 input-wise and 512x512x3x3 channel-wise) against 2 for a
+//   "rows" tile.
+//   Hence "lanes" panels for the exact solve (RAMDA, ProxAdamW): a work item
+//   is a panel of up to kPanelElems elements, whole rows of up to a whole
+//   innermost kept block, several tiles wide. Pass 1 streams the panel row
+//   by row into panel-sized buffers z and d laid out like the tensor, the
+//   Newton solve runs tile by tile on them (row stride = panel width; the
+//   tile's d is copied compact for the sweeps), pass 2 streams the rows
+//   again. The buffers leave L2, which costs a strided read of z and d per
+//   tile (1.6 cycles/element), but pass 1 drops to 2.5-3.6 cycles/element.
+//   PG and the scalar-d shrink keep single tiles.
 // * "rows" (anything else; in practice the innermost block is reduced:
 //   output-wise Linear, filter-wise Conv): a tile is a range of whole
 //   consecutive groups; each group is copied run by run (as z, d, x) into the
@@ -437,6 +446,13 @@ struct Lanes {
   int64_t E, J, R, L;
 };
 
+// Whether a group of lanes [l0, l0 + n) (R lanes per group) is still iterating.
+inline bool block_pending(const NewtonStart* st, int64_t l0, int64_t n, int64_t R) {
+  for (int64_t j = l0 / R; j <= (l0 + n - 1) / R; ++j)
+    if (!st[j].done) return true;
+  return false;
+}
+
 template <typename T>
 inline void group_sums(const T* lane, const Lanes& s, T* group) {
   for (int64_t j = 0; j < s.J; ++j) {
@@ -446,8 +462,11 @@ inline void group_sums(const T* lane, const Lanes& s, T* group) {
   }
 }
 
-inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
-                         float* __restrict__ zeta, const Lanes& s, float thr) {
+// z and d have rows of stride ld (>= L: a "lanes" tile's buffer has ld = L,
+// a panel's (NOTE: [Tiling per layout]) the panel's width); zeta and dc are
+// compact [E][L] scratch, dc a copy of d for the sweeps when ld != L.
+inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d, int64_t ld,
+                         float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s, float thr) {
   const int64_t L = s.L;
   double z2l[kMaxLanes], z2[kMaxLanes], al[kMaxLanes], bl[kMaxLanes], cl[kMaxLanes],
       ga[kMaxLanes], gb[kMaxLanes], gc[kMaxLanes];
@@ -455,8 +474,8 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
   NewtonStart st[kMaxLanes];
   for (int64_t l = 0; l < L; ++l) z2l[l] = 0.0, dmaxl[l] = -INFINITY, dminl[l] = INFINITY;
   for (int64_t e = 0; e < s.E; ++e) {
-    const float* ze = z + e * L;
-    const float* de = d + e * L;
+    const float* ze = z + e * ld;
+    const float* de = d + e * ld;
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
       z2l[l] += static_cast<double>(ze[l]) * ze[l];
@@ -478,8 +497,13 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
   for (int64_t l = 0; l < L; ++l) norml[l] = st[l / s.R].inv_norm;  // products, not divisions
   for (int64_t e = 0; pending > 0 && e < s.E; ++e) {
 #pragma omp simd
-    for (int64_t l = 0; l < L; ++l) zeta[e * L + l] = z[e * L + l] * norml[l];
+    for (int64_t l = 0; l < L; ++l) zeta[e * L + l] = z[e * ld + l] * norml[l];
+    if (ld != L) {  // the sweeps read d compact (in L2, whole lines)
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) dc[e * L + l] = d[e * ld + l];
+    }
   }
+  const float* __restrict__ dn = ld != L ? dc : d;
   for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
     for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].sigma, al[l] = bl[l] = cl[l] = 0.0;
     // Blocks of kBlk lanes, each swept over all e with its partial sums held
@@ -488,8 +512,10 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
     constexpr int64_t kBlk = 16;
     int64_t l0 = 0;
 #if RAMDA_CPU_AVX512
+    // Blocks whose groups have all converged are skipped (their sums are not read).
     for (; l0 + kBlk <= L; l0 += kBlk)
-      newton_sums16(zeta + l0, d + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0);
+      if (block_pending(st, l0, kBlk, s.R))
+        newton_sums16(zeta + l0, dn + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0);
 #endif
     for (; l0 + kBlk <= L; l0 += kBlk) {
       double ra[kBlk], rb[kBlk], rc[kBlk];
@@ -501,7 +527,7 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
         for (int64_t l = 0; l < kBlk; ++l) fa[l] = fb[l] = fc[l] = 0.0f;
         for (int64_t e = e0; e < e1; ++e) {
           const float* ze = zeta + e * L + l0;
-          const float* de = d + e * L + l0;
+          const float* de = dn + e * L + l0;
 #pragma omp simd
           for (int64_t l = 0; l < kBlk; ++l) {
             float ta, tb, tc;
@@ -517,7 +543,7 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
     }
     for (int64_t e = 0; l0 < L && e < s.E; ++e) {
       const float* ze = zeta + e * L;
-      const float* de = d + e * L;
+      const float* de = dn + e * L;
 #pragma omp simd
       for (int64_t l = l0; l < L; ++l) {
         float ta, tb, tc;
@@ -542,8 +568,8 @@ inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
   }
   for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].active ? st[l / s.R].sigma : NAN;
   for (int64_t e = 0; e < s.E; ++e) {
-    float* ze = z + e * L;
-    const float* de = d + e * L;
+    float* ze = z + e * ld;
+    const float* de = d + e * ld;
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l)
       ze[l] = sigmal[l] == sigmal[l] ? newton_solution(ze[l], de[l], sigmal[l]) : 0.0f;
@@ -710,7 +736,7 @@ inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B
   constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
   if (!kDual) shrink_lanes(B.b[0], s, t.thr);
   else if (a.solver == Solver::kPg) pg_lanes(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], s, t.thr, t.pg_tol, a.max_iters);
-  else newton_lanes(B.b[0], B.b[1], B.b[3], s, t.thr);
+  else newton_lanes(B.b[0], B.b[1], s.L, B.b[3], B.b[1], s, t.thr);
 }
 
 template <typename P, Optim O>
@@ -729,6 +755,28 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   // Only PG reads x (B2): its warm start.
   const bool pg = (O == Optim::kRamda || O == Optim::kProxAdamW) && a.solver == Solver::kPg;
   const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
+  if (w.tile > 0) {
+    // A panel of "lanes" tiles: pass 1 and pass 2 over whole rows of the
+    // panel (one contiguous run per outer index), the exact solve tile by tile
+    // on the panel's buffers (row stride `width`).
+    const int64_t E = gsize / w.run, width = groups * w.run;
+    const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
+    for (int pass = 0; pass < 2; ++pass) {
+      Odometer odo(n_outer, L.red_size, L.red_stride);
+      for (int64_t e = 0; e < E; ++e, odo.next()) {
+        const int64_t o = base + odo.off;
+        if (pass == 0) pass1<P, O, false>(t, a, o, width, B.b[0] + e * width, B.b[1] + e * width, nullptr);
+        else pass2<P, O>(t, a, o, width, B.b[0] + e * width);
+      }
+      if (pass == 1) break;
+      for (int64_t j0 = 0; j0 < groups; j0 += w.tile) {
+        const int64_t J = imin_(w.tile, groups - j0);
+        const Lanes s{E, J, w.run, J * w.run};
+        newton_lanes(B.b[0] + j0 * w.run, B.b[1] + j0 * w.run, width, B.b[3], B.b[4], s, t.thr);
+      }
+    }
+    return;
+  }
   if (w.run > 0) {
     // Lanes: the tile's J groups are adjacent runs of w.run elements, so one
     // outer element index of all of them is a single contiguous run.
