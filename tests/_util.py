@@ -46,8 +46,9 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, msg: str 
     """Same dtype, shape and bits (NaNs with equal payload compare equal)."""
     assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a = actual.detach().contiguous().view(torch.uint8) if actual.numel() else actual
-    e = expected.detach().contiguous().view(torch.uint8) if expected.numel() else expected
+    # reshape(-1): a 0-d tensor (a capturable step counter) cannot be viewed as bytes
+    a = actual.detach().contiguous().reshape(-1).view(torch.uint8) if actual.numel() else actual
+    e = expected.detach().contiguous().reshape(-1).view(torch.uint8) if expected.numel() else expected
     if torch.equal(a, e):
         return
     diff = (actual.detach().double() - expected.detach().double()).abs()
@@ -198,3 +199,16 @@ def assert_nuclear_optimal(w, z, d, tau: float, tol: float, msg: str = "") -> in
     spec = np.linalg.norm(Pu @ G @ Pv, 2) if min(Pu.shape[0], Pv.shape[0]) else 0.0
     assert spec <= 1 + tol, f"{msg}: ||M||_2 = {spec!r} > 1"
     return r
+
+
+class TinyConvNet(torch.nn.Module):
+    """A Conv2d(2->3, 3x3) and a Linear(12->4) on 2x4x4 inputs: the smallest
+    net with one parameter of each grouped kind, for optimizer plumbing tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.fc = torch.nn.Linear(3 * 2 * 2, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))

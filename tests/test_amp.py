@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 
 import ramda_kernels as rk  # noqa: E402
 from ramda_kernels import backends  # noqa: E402
-from _util import assert_bitwise_equal, assert_close, assert_state_equal  # noqa: E402
+from _util import TinyConvNet, assert_bitwise_equal, assert_close, assert_state_equal  # noqa: E402
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(backends.why_unavailable(b, "cpu") is not None,
                                                      reason=f"{b}: {backends.why_unavailable(b, 'cpu')}"))
@@ -36,14 +36,7 @@ OPTIMIZERS = {
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter
 
 
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(2, 3, 3)
-        self.fc = torch.nn.Linear(3 * 2 * 2, 4)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+Net = TinyConvNet
 
 
 def _groups(net):

@@ -28,7 +28,7 @@ import ramda_kernels as rk  # noqa: E402
 import ramda_ref  # noqa: E402
 from ramda_kernels import backends  # noqa: E402
 from ramda_kernels.testing import HPARAMS, LAMBDAS, ParityResult, compare_runs  # noqa: E402
-from _util import assert_bitwise_equal, assert_close, assert_state_equal  # noqa: E402
+from _util import TinyConvNet, assert_bitwise_equal, assert_close, assert_state_equal  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _TRITON_REASON = backends.why_unavailable("triton", DEVICE)
@@ -308,7 +308,7 @@ def test_cuda_graph_replay_matches_eager(backend, opt, regularizer, solver):
     graph.replay()
     for p, b, st in zip(pg, before, state):
         assert_bitwise_equal(p.detach(), b, "param after a replay with found_inf=1")
-        _assert_state_bitwise(graphed.state[p], st, "state after a replay with found_inf=1")
+        assert_state_equal(graphed.state[p], st, "state after a replay with found_inf=1")
     for k in range(8):
         for p, g in zip(pe, grads[k]):
             p.grad = g.clone()
@@ -325,12 +325,6 @@ def test_cuda_graph_replay_matches_eager(backend, opt, regularizer, solver):
 # GradScaler's hand-off, non-finite gradients
 # ---------------------------------------------------------------------------
 
-def _assert_state_bitwise(a: dict, b: dict, msg: str) -> None:
-    """`assert_state_equal` that also takes the 0-d counter tensors."""
-    flat = lambda st: {k: v.reshape(-1) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-    assert_state_equal(flat(a), flat(b), msg)
-
-
 def _snapshot(opt, params):
     return [p.detach().clone() for p in params], copy.deepcopy([opt.state[p] for p in params])
 
@@ -338,7 +332,7 @@ def _snapshot(opt, params):
 def _assert_unchanged(opt, params, snap, msg):
     for i, (p, b, st) in enumerate(zip(params, *snap)):
         assert_bitwise_equal(p.detach(), b, f"{msg}: param {i}")
-        _assert_state_bitwise(opt.state[p], st, f"{msg}: param {i}")
+        assert_state_equal(opt.state[p], st, f"{msg}: param {i}")
 
 
 def _two_groups(opt, params, **kwargs):
@@ -377,7 +371,7 @@ def test_found_inf_skips_and_grad_scale_unscales(backend, opt):
         b.step()
         for p, q in zip(ps, qs):
             assert_bitwise_equal(p.detach(), q.detach(), f"{opt}/{backend} scaled step {k}")
-            _assert_state_bitwise(a.state[p], b.state[q], f"{opt}/{backend} scaled step {k}")
+            assert_state_equal(a.state[p], b.state[q], f"{opt}/{backend} scaled step {k}")
     del a.grad_scale, a.found_inf
 
 
@@ -553,14 +547,7 @@ def test_auto_picks_a_capturable_backend():
 # torch.compile
 # ---------------------------------------------------------------------------
 
-class _Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(2, 3, 3)
-        self.fc = torch.nn.Linear(3 * 2 * 2, 4)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+_Net = TinyConvNet
 
 
 def test_compiled_model_trains_without_graph_breaks():

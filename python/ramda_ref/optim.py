@@ -498,13 +498,17 @@ class ProxOptimizer(torch.optim.Optimizer):
             self._grad_scales = None
         return loss
 
+    def _init_states(self, group, params) -> None:
+        """State for the parameters of ``group`` stepping for the first time."""
+        for p in params:
+            if len(self.state[p]) == 0:
+                self.state[p] = self._new_state(p, group)
+
     def _step_groups(self, work: List[List[torch.Tensor]]) -> None:
         for group, params in zip(self.param_groups, work):
             if not params:
                 continue
-            for p in params:
-                if len(self.state[p]) == 0:
-                    self.state[p] = self._new_state(p, group)
+            self._init_states(group, params)
             # Tensors that have taken the same number of steps share t and alpha_t.
             buckets: Dict[tuple, List[torch.Tensor]] = {}
             for p in params:
@@ -537,9 +541,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         for group, params in zip(self.param_groups, work):
             if not params:
                 continue
-            for p in params:
-                if len(self.state[p]) == 0:
-                    self.state[p] = self._new_state(p, group)
+            self._init_states(group, params)
             device = params[0].device
             skip = skips[device]
             steps = self._states(params, "step")
