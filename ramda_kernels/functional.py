@@ -5,9 +5,24 @@ arguments of ``ramda_ref.functional.ramda`` (see there for the math and the
 conventions) plus ``backend``, and runs them on the chosen implementation.
 With ``capturable=True`` only the backends of ``backends.CAPTURABLE_BACKENDS``
 run it (``auto`` picks among them).
+
+NOTE: [FSDP2 shards]
+DTensor parameters (FSDP2's ``fully_shard``) are split per tensor. A tensor
+whose every group lies inside this rank's shard (no regularizer; l1 with the
+exact solver; group lasso or its closed-form shrink whose reduced dims are not
+sharded; no ``view``) needs nothing from other ranks: its local shards go to
+the fast backend like any tensor. The rest run on the reference with the
+DTensors themselves, whose reductions combine a group's norm across ranks:
+groups that span shards, ``view`` groupings, nuclear norm, and the PG solver
+(its stopping tolerance scales with the whole tensor's size, and l1-PG
+treats the whole tensor as one group).
 """
 
 from __future__ import annotations
+
+from typing import Callable, List
+
+from ramda_ref.groups import normalize_dims
 
 from . import backends
 
@@ -20,36 +35,68 @@ def _is_dtensor(x) -> bool:
     return type(x).__name__ == "DTensor" and hasattr(x, "placements")
 
 
-def _dispatch(name: str, params, backend: str, capturable: bool = False):
-    if params and _is_dtensor(params[0]):
-        # FSDP2 shards: a group may span ranks, and only the reference's DTensor
-        # reductions combine its norm across them (tests/test_distributed.py).
-        if backend not in ("auto", "reference"):
-            raise backends.BackendUnavailableError(
-                f"backend {backend!r} does not take DTensor (FSDP2) parameters yet; "
-                f"use backend='auto' or 'reference'")
-        backend = "reference"
-    return getattr(backends.get(backend, _device_of(params), capturable), name)
+def _local(x):
+    return x.to_local() if _is_dtensor(x) else x
+
+
+def _inside_shard(p, kwargs) -> bool:
+    """Whether every group of DTensor ``p`` lies in this rank's shard (NOTE: [FSDP2 shards])."""
+    regularizer = kwargs.get("regularizer", "none")
+    if kwargs.get("view") is not None or regularizer == "nuclear":
+        return False
+    if any(pl.is_partial() for pl in p.placements):
+        return False
+    if regularizer == "none" or kwargs.get("lambda_", 0.0) == 0.0:
+        return True
+    if kwargs.get("solver", "exact") != "exact":
+        return False
+    if regularizer == "l1":
+        return True
+    reduced = set(normalize_dims(kwargs.get("dims"), p.dim()))
+    return not any(pl.is_shard() and pl.dim % p.dim() in reduced for pl in p.placements)
+
+
+def _call(name: str, params, args, kwargs, backend: str) -> List:
+    capturable = kwargs.get("capturable", False)
+    if not params or not _is_dtensor(params[0]):
+        return getattr(backends.get(backend, _device_of(params), capturable), name)(params, *args, **kwargs)
+    local = [i for i, p in enumerate(params) if _inside_shard(p, kwargs)]
+    spanning = [i for i in range(len(params)) if i not in set(local)]
+    if spanning and backend not in ("auto", "reference"):
+        raise backends.BackendUnavailableError(
+            f"backend {backend!r} runs FSDP2 (DTensor) parameters only where every group lies "
+            f"inside a shard; {len(spanning)} of them need cross-rank group norms (groups spanning "
+            f"the sharded dim, view, nuclear or the PG solver): use backend='auto' or 'reference'")
+    out: List = [None] * len(params)
+
+    def run(idx, impl: Callable, convert):
+        sub = [convert(params[i]) for i in idx]
+        sub_args = [[convert(a[i]) for i in idx] for a in args]
+        for i, r in zip(idx, impl(sub, *sub_args, **kwargs)):
+            out[i] = r
+
+    if local:
+        dev = params[local[0]].to_local().device
+        run(local, getattr(backends.get(backend, dev, capturable), name), _local)
+    if spanning:
+        run(spanning, getattr(backends.get("reference", _device_of(params), capturable), name), lambda x: x)
+    return out
 
 
 def ramda(params, *args, backend: str = "auto", **kwargs):
-    fn = _dispatch("ramda", params, backend, kwargs.get("capturable", False))
-    return fn(params, *args, **kwargs)
+    return _call("ramda", params, args, kwargs, backend)
 
 
 def rmda(params, *args, backend: str = "auto", **kwargs):
-    fn = _dispatch("rmda", params, backend, kwargs.get("capturable", False))
-    return fn(params, *args, **kwargs)
+    return _call("rmda", params, args, kwargs, backend)
 
 
 def proxadamw(params, *args, backend: str = "auto", **kwargs):
-    fn = _dispatch("proxadamw", params, backend, kwargs.get("capturable", False))
-    return fn(params, *args, **kwargs)
+    return _call("proxadamw", params, args, kwargs, backend)
 
 
 def proxsgd(params, *args, backend: str = "auto", **kwargs):
-    fn = _dispatch("proxsgd", params, backend, kwargs.get("capturable", False))
-    return fn(params, *args, **kwargs)
+    return _call("proxsgd", params, args, kwargs, backend)
 
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd"]

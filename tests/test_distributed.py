@@ -93,10 +93,11 @@ def test_ddp_matches_single_process(tmp_path, name):
 
 # --------------------------------------------------------------------------
 # FSDP2: parameters are DTensor shards (Shard(0)). Groups inside a shard
-# (output-wise, dims=(1,)) stay local; groups spanning shards (input-wise,
-# dims=(0,)) need their norms reduced across ranks, which the DTensor
-# reductions in the reference do: backend="auto" sends DTensor parameters
-# there. Checkpoints go through torch.distributed.checkpoint.
+# (output-wise, dims=(1,)) stay local and run on the fast backend's local
+# shards; groups spanning shards (input-wise, dims=(0,)) need their norms
+# reduced across ranks, which the DTensor reductions in the reference do
+# (NOTE: [FSDP2 shards] in ramda_kernels/functional.py). Checkpoints go
+# through torch.distributed.checkpoint.
 # --------------------------------------------------------------------------
 
 def _mlp():
@@ -104,11 +105,11 @@ def _mlp():
     return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
 
 
-def _mlp_optimizer(model, dims, lam=0.03):
+def _mlp_optimizer(model, dims, lam=0.03, backend="auto"):
     import ramda_kernels as rk
     return rk.RAMDA([{"params": [model[0].weight, model[2].weight], "dims": dims, "lambda_": lam},
                      {"params": [model[0].bias, model[2].bias]}], lr=0.1, momentum=1.0,
-                    backend="auto")
+                    backend=backend)
 
 
 def _mlp_data(steps):
@@ -123,7 +124,7 @@ def _mlp_train(model, opt, batches):
         opt.step()
 
 
-def _fsdp_worker(rank, world, port, dims, ckpt_dir, out_path):
+def _fsdp_worker(rank, world, port, dims, ckpt_dir, out_path, backend):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -135,7 +136,7 @@ def _fsdp_worker(rank, world, port, dims, ckpt_dir, out_path):
         batches = _mlp_data(6)
         model = _mlp()
         fully_shard(model)
-        opt = _mlp_optimizer(model, dims)
+        opt = _mlp_optimizer(model, dims, backend=backend)
         _mlp_train(model, opt, batches[:3])
         msd, osd = get_state_dict(model, opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
@@ -144,7 +145,7 @@ def _fsdp_worker(rank, world, port, dims, ckpt_dir, out_path):
 
         resumed = _mlp()
         fully_shard(resumed)
-        opt2 = _mlp_optimizer(resumed, dims)
+        opt2 = _mlp_optimizer(resumed, dims, backend=backend)
         _mlp_train(resumed, opt2, batches[:1])  # create state so the load has somewhere to go
         msd2, osd2 = get_state_dict(resumed, opt2)
         state = {"model": msd2, "optim": osd2}
@@ -158,14 +159,18 @@ def _fsdp_worker(rank, world, port, dims, ckpt_dir, out_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dims", [(0,), (1,)], ids=["spanning-shards", "inside-shard"])
-def test_fsdp2_matches_unsharded_and_resumes_from_dcp(tmp_path, dims):
+@pytest.mark.parametrize("dims,backend", [((0,), "auto"), ((1,), "auto"), ((1,), "cpu")],
+                         ids=["spanning-shards", "inside-shard", "inside-shard-cpu"])
+def test_fsdp2_matches_unsharded_and_resumes_from_dcp(tmp_path, dims, backend):
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    from ramda_kernels import backends
+    if backend != "auto" and backends.why_unavailable(backend, "cpu"):
+        pytest.skip(f"backend {backend}: {backends.why_unavailable(backend, 'cpu')}")
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), dims, str(tmp_path / "ckpt"), str(out)),
+    mp.start_processes(_fsdp_worker, args=(2, _free_port(), dims, str(tmp_path / "ckpt"), str(out), backend),
                        nprocs=2, join=True, start_method="spawn")
     got = torch.load(out)
     model = _mlp()
@@ -179,3 +184,55 @@ def test_fsdp2_matches_unsharded_and_resumes_from_dcp(tmp_path, dims):
             zero_groups += int((c.norm(dim=dims) == 0).sum())
             assert torch.equal(a.norm(dim=dims) == 0, c.norm(dim=dims) == 0)
     assert zero_groups > 0, "lambda_ should zero some groups so that structure is compared"
+
+
+def test_fsdp2_dispatch_sends_groups_inside_a_shard_to_the_fast_backend(monkeypatch):
+    """NOTE: [FSDP2 shards]: with Shard(0) DTensors, output-wise groups (dims=(1,))
+    run on the fast backend's local shards and match the plain-tensor reference;
+    input-wise groups (dims=(0,)) go to the reference; a fast backend named for
+    them is refused by name. One process, a one-rank mesh."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+    except ImportError:
+        pytest.skip("this torch has no torch.distributed.tensor")
+    import ramda_ref.functional as ref
+    from ramda_kernels import backends, functional
+    if backends.why_unavailable("cpu", "cpu"):
+        pytest.skip(f"cpu backend: {backends.why_unavailable('cpu', 'cpu')}")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        calls = []
+        real_get = backends.get
+
+        def spy(name, device, capturable=False):
+            mod = real_get(name, device, capturable)
+            calls.append(mod.__name__.rsplit(".", 1)[-1])
+            return mod
+
+        monkeypatch.setattr(backends, "get", spy)
+        gen = torch.Generator().manual_seed(0)
+        plain = [torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen) * 0.1,
+                 torch.randn(7, 5, generator=gen), torch.rand(7, 5, generator=gen) * 0.1,
+                 torch.rand(7, 5, generator=gen) * 0.01]  # p, g, W0, V, U
+        kw = dict(step=3, alpha=0.6, lr=0.1, momentum=0.5, epsilon=1e-6, lambda_=0.5,
+                  regularizer="group_lasso", view=None, reweight=True, solver="exact",
+                  max_iters=100, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+        for dims, want in [((1,), "cpu"), ((0,), "reference")]:
+            calls.clear()
+            shards = [DTensor.from_local(x.clone(), mesh, [Shard(0)]) for x in plain]
+            mine = [x.clone() for x in plain]
+            functional.ramda(*[[x] for x in shards], dims=dims, backend="auto", **kw)
+            ref.ramda(*[[x] for x in mine], dims=dims, **kw)
+            assert calls == [want], (dims, calls)
+            for a, b in zip(shards, mine):
+                torch.testing.assert_close(a.full_tensor(), b, rtol=1e-5, atol=1e-7)
+        shards = [DTensor.from_local(x.clone(), mesh, [Shard(0)]) for x in plain]
+        with pytest.raises(backends.BackendUnavailableError, match="cross-rank group norms"):
+            functional.ramda(*[[x] for x in shards], dims=(0,), backend="cpu", **kw)
+    finally:
+        dist.destroy_process_group()
