@@ -31,8 +31,9 @@ struct WorkItem {
 // The instruction set the CPU kernels run with here: "avx512", "avx2" or "default".
 const char* isa_name();
 
-// kScratchArrays thread-local float arrays of at least n elements each.
-float* const* scratch(int64_t n);
+// kScratchArrays thread-local float arrays: the first two of at least n
+// elements, the others of at least `rest` (default n) elements.
+float* const* scratch(int64_t n, int64_t rest = -1);
 
 // One fused step over all tensors of a call (any mix of fp32/bf16/fp16).
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors);

@@ -107,14 +107,16 @@ void split(const StepArgs& a, const std::vector<TensorArgs>& tensors, std::vecto
 
 const char* isa_name() { return isa().name; }
 
-float* const* scratch(int64_t n) {
+float* const* scratch(int64_t n, int64_t rest) {
   // Arrays start 64 bytes past a multiple of 4 KiB from each other, so that
   // same-index accesses to them do not alias in L1 (4K aliasing).
-  const int64_t stride = (n + 1023) / 1024 * 1024 + 16;
+  const auto padded = [](int64_t m) { return (m + 1023) / 1024 * 1024 + 16; };
+  const int64_t head = padded(n), tail = padded(rest < 0 ? n : rest);
+  const int64_t total = 2 * head + (kScratchArrays - 2) * tail;
   thread_local std::vector<float> mem;
   thread_local float* arrays[kScratchArrays];
-  if (static_cast<int64_t>(mem.size()) < kScratchArrays * stride) mem.resize(kScratchArrays * stride);
-  for (int i = 0; i < kScratchArrays; ++i) arrays[i] = mem.data() + i * stride;
+  if (static_cast<int64_t>(mem.size()) < total) mem.resize(total);
+  for (int i = 0; i < kScratchArrays; ++i) arrays[i] = mem.data() + (i < 2 ? i * head : 2 * head + (i - 2) * tail);
   return arrays;
 }
 

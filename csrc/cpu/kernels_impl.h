@@ -63,8 +63,8 @@ constexpr int64_t kChunk = 1024;  // elementwise: elements per inner block
 // B1 = d, B2 = x (the fp32 parameter), B3 = PG iterate Z, B4 = PG gradient point.
 struct Buffers {
   float* b[kScratchArrays];
-  explicit Buffers(int64_t n) {
-    float* const* s = scratch(n);
+  explicit Buffers(int64_t n, int64_t rest = -1) {
+    float* const* s = scratch(n, rest);
     for (int i = 0; i < kScratchArrays; ++i) b[i] = s[i];
   }
 };
@@ -751,7 +751,8 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   const GroupLayout& L = t.layout;
   const int64_t gsize = L.group_size;
   const int64_t groups = w.end - w.begin;
-  const Buffers B(groups * gsize);
+  // A panel's z and d (B0, B1) span the panel; its solver scratch (B3, B4), one tile.
+  const Buffers B(groups * gsize, w.tile > 0 ? imin_(w.tile, groups) * gsize : -1);
   // Only PG reads x (B2): its warm start.
   const bool pg = (O == Optim::kRamda || O == Optim::kProxAdamW) && a.solver == Solver::kPg;
   const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
