@@ -120,8 +120,8 @@ def test_groups_larger_than_a_tile(shape, dims, solver):
     _assert_close(sf[1] + sf[2], sr[1] + sr[2], 1e-6, "state")
 
 
-def _step_on_fresh_data(impl, fn_name, shapes, dtype, kwargs):
-    """Parameters and state after one step of ``impl`` from seeded data in ``dtype``."""
+def _fresh_data(shapes, dtype):
+    """Seeded parameters, gradients and three state lists in ``dtype``."""
     gen = torch.Generator().manual_seed(0)
     params, grads, states = [], [], [[], [], []]
     for shape in shapes:
@@ -131,6 +131,12 @@ def _step_on_fresh_data(impl, fn_name, shapes, dtype, kwargs):
         states[0].append(p.to(dtype).clone())
         states[1].append((torch.rand(shape, generator=gen) * 0.1).to(dtype))
         states[2].append((torch.rand(shape, generator=gen) * 0.01).to(dtype))
+    return params, grads, states
+
+
+def _step_on_fresh_data(impl, fn_name, shapes, dtype, kwargs):
+    """Parameters and state after one step of ``impl`` from `_fresh_data`."""
+    params, grads, states = _fresh_data(shapes, dtype)
     getattr(impl, fn_name)(params, grads, *states, **kwargs)
     return params + [x for st in states for x in st]
 
@@ -165,6 +171,32 @@ def test_threads_split_work_without_changing_results(fn_name):
         err = float((a.double() - t).abs().max())
         ref_err = float((b.double() - t).abs().max())
         assert err <= max(4 * ref_err, 1e-6 * float(t.abs().max())), f"param {i}: {err:.3g} vs reference {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("shape,dims", [((1024, 2100), (0,)), ((40, 6000, 3, 3), (0, 2, 3))],
+                         ids=["columns", "channel-wise-3x3"])
+def test_rows_wider_than_a_panel(shape, dims):
+    """A "lanes" tensor larger than one panel (cpu_step.h: kPanelElems) is cut
+    into panels along its rows, the last one narrower: every part is as
+    accurate as the reference against an fp64 run."""
+    # lambda_ at the median group's threshold (SPEC section 1: z = d W0 - V after
+    # the state update), so that about half of the groups are zero; momentum 1
+    # so that the parameter is the subproblem's solution and shows them.
+    kw = _ramda_kwargs(dims=dims, momentum=1.0)
+    (_,), (g,), ((w0,), (v,), (u,)) = _fresh_data([shape], torch.float64)
+    s_t = kw["lr"] * kw["step"] ** 0.5
+    z = (torch.pow(u + s_t * g * g, 1 / 3) + kw["epsilon"]) * w0 - (v + s_t * g)
+    norms = z.square().sum(dim=dims).sqrt()
+    kw["lambda_"] = float(norms.median()) / (kw["alpha"] * (z.numel() // norms.numel()) ** 0.5)
+    fast = _step_on_fresh_data(C, "ramda", [shape], torch.float32, kw)
+    slow = _step_on_fresh_data(ref, "ramda", [shape], torch.float32, kw)
+    truth = _step_on_fresh_data(ref, "ramda", [shape], torch.float64, kw)
+    err = (fast[0].double() - truth[0]).abs()
+    ref_err = float((slow[0].double() - truth[0]).abs().max())
+    assert float(err.max()) <= max(4 * ref_err, 1e-6 * float(truth[0].abs().max())), (float(err.max()), ref_err)
+    zero = lambda x: x.abs().sum(dim=dims) == 0
+    assert 0 < int(zero(truth[0]).sum()) < zero(truth[0]).numel(), "some groups zero, some not"
+    assert torch.equal(zero(fast[0]), zero(truth[0]))
 
 
 def test_fp64_and_nondense_tensors_take_the_reference():
