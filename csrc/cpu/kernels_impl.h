@@ -22,7 +22,8 @@
 //   RAMDA's cube root in the loop they take 2.2-2.7 ns/element (full rows:
 //   1.15): pass 1 of a "lanes" tile cost 6-8 cycles/element (rdtsc,
 //   2048x512 input-wise and 512x512x3x3 channel-wise) against 2 for a
-//   "rows" tile.
+//   "rows" tile. Software prefetch (2-16 runs ahead) halved that in a
+//   microbenchmark of the loop alone but measured nothing in the kernel.
 //   Hence "lanes" panels for the exact solve (RAMDA, ProxAdamW): a work item
 //   is a panel of up to kPanelElems elements, whole rows of up to a whole
 //   innermost kept block, several tiles wide. Pass 1 streams the panel row
@@ -683,36 +684,6 @@ struct Odometer {
   }
 };
 
-// Runs ahead that the "lanes" passes prefetch. In a microbenchmark of pass 1
-// alone (4-5 streams, runs of 32 or 144 floats at a fixed stride, RAMDA's
-// cube root in the loop) 2 runs ahead took 1.4-1.8 instead of 2.2-2.7
-// ns/element; in the kernel, A/B runs on the shared 2-core machine showed no
-// difference beyond the noise (+-15%), for 0, 1, 2, 4 or 16 runs ahead.
-constexpr int64_t kPrefetchRuns = 2;
-
-// Prefetch the lines of the run of n elements at offset o that a pass reads:
-// pass 1 the gradient, the state and (where the update or PG needs it) the
-// parameter; pass 2 the parameter.
-template <typename P, Optim O>
-inline void prefetch_run(const TensorArgs& t, int64_t o, int64_t n, bool pass1, bool pg) {
-  constexpr int64_t kLine = 64;
-  const int64_t pbytes = n * static_cast<int64_t>(sizeof(P));
-  constexpr bool kReadsP = O == Optim::kProxAdamW || O == Optim::kProxSgd;
-  if (!pass1 || kReadsP || pg) {
-    const char* p = reinterpret_cast<const char*>(static_cast<const P*>(t.param) + o);
-    for (int64_t b = 0; b < pbytes; b += kLine) __builtin_prefetch(p + b, 1);
-  }
-  if (!pass1) return;
-  const char* g = reinterpret_cast<const char*>(static_cast<const P*>(t.grad) + o);
-  for (int64_t b = 0; b < pbytes; b += kLine) __builtin_prefetch(g + b);
-  const float* st[3] = {t.s0, t.s1, t.s2};
-  for (const float* x : st) {
-    if (!x) continue;
-    const char* c = reinterpret_cast<const char*>(x + o);
-    for (int64_t b = 0; b < n * 4; b += kLine) __builtin_prefetch(c + b, 1);
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Work items (split in dispatch.cpp)
 // ---------------------------------------------------------------------------
@@ -784,14 +755,9 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     const Lanes s{gsize / w.run, groups, w.run, groups * w.run};
     const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
     for (int pass = 0; pass < 2; ++pass) {
-      // Runs of consecutive outer indices are far apart: fetch kPrefetchRuns ahead.
-      Odometer odo(n_outer, L.red_size, L.red_stride), ahead = odo;
-      for (int64_t e = 0; e < kPrefetchRuns && e + 1 < s.E; ++e) ahead.next();
+      // No software prefetch (NOTE: [Tiling per layout]).
+      Odometer odo(n_outer, L.red_size, L.red_stride);
       for (int64_t e = 0; e < s.E; ++e, odo.next()) {
-        if (e + kPrefetchRuns < s.E) {
-          prefetch_run<P, O>(t, base + ahead.off, s.L, pass == 0, pg);
-          ahead.next();
-        }
         const int64_t o = base + odo.off;
         float* b0 = B.b[0] + e * s.L;
         if (pass == 1) pass2<P, O>(t, a, o, s.L, b0);
