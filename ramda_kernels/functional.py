@@ -60,8 +60,9 @@ def _call(name: str, params, args, kwargs, backend: str) -> List:
     capturable = kwargs.get("capturable", False)
     if not params or not _is_dtensor(params[0]):
         return getattr(backends.get(backend, _device_of(params), capturable), name)(params, *args, **kwargs)
-    local = [i for i, p in enumerate(params) if _inside_shard(p, kwargs)]
-    spanning = [i for i in range(len(params)) if i not in set(local)]
+    inside = [_inside_shard(p, kwargs) for p in params]
+    local = [i for i, ok in enumerate(inside) if ok]
+    spanning = [i for i, ok in enumerate(inside) if not ok]
     if spanning and backend not in ("auto", "reference"):
         raise backends.BackendUnavailableError(
             f"backend {backend!r} runs FSDP2 (DTensor) parameters only where every group lies "

@@ -81,26 +81,31 @@ def _ramda_kwargs(**over):
     return kw
 
 
+def _fresh_data(shapes, dtype, layout=None):
+    """Seeded parameters (in ``dtype``, passed through ``layout``), gradients and
+    three state lists (in the state dtype: fp64 for fp64, else fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    params, grads, states = [], [], [[], [], []]
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen).to(dtype)
+        if layout is not None:
+            p = layout(p)
+        params.append(p)
+        grads.append(torch.randn(shape, generator=gen).to(dtype))
+        states[0].append(p.to(sdt).clone())
+        states[1].append((torch.rand(shape, generator=gen) * 0.1).to(sdt))
+        states[2].append((torch.rand(shape, generator=gen) * 0.01).to(sdt))
+    return params, grads, states
+
+
 def _run_both(fn_name, shapes, dtype=torch.float32, layout=None, **kwargs):
     """One step of backend ``cpu`` and of the reference from the same state; returns both."""
-    gen = torch.Generator().manual_seed(0)
     out = []
     for impl in (getattr(C, fn_name), getattr(ref, fn_name)):
-        g2 = torch.Generator().manual_seed(0)
-        params, grads, states = [], [], [[], [], []]
-        for shape in shapes:
-            p = torch.randn(shape, generator=g2).to(dtype)
-            if layout is not None:
-                p = layout(p)
-            params.append(p)
-            grads.append(torch.randn(shape, generator=g2).to(dtype))
-            w0 = p.to(torch.float32 if dtype != torch.float64 else dtype).clone()
-            states[0].append(w0)
-            states[1].append(torch.rand(shape, generator=g2).to(w0.dtype) * 0.1)
-            states[2].append(torch.rand(shape, generator=g2).to(w0.dtype) * 0.01)
-        impl(params, grads, states[0], states[1], states[2], **kwargs)
+        params, grads, states = _fresh_data(shapes, dtype, layout)
+        impl(params, grads, *states, **kwargs)
         out.append((params, states))
-    del gen
     return out
 
 
@@ -118,20 +123,6 @@ def test_groups_larger_than_a_tile(shape, dims, solver):
     (pf, sf), (pr, sr) = _run_both("ramda", [shape], **_ramda_kwargs(dims=dims, solver=solver, lambda_=0.002))
     _assert_close(pf, pr, 1e-5, "params")
     _assert_close(sf[1] + sf[2], sr[1] + sr[2], 1e-6, "state")
-
-
-def _fresh_data(shapes, dtype):
-    """Seeded parameters, gradients and three state lists in ``dtype``."""
-    gen = torch.Generator().manual_seed(0)
-    params, grads, states = [], [], [[], [], []]
-    for shape in shapes:
-        p = torch.randn(shape, generator=gen)
-        params.append(p.to(dtype))
-        grads.append(torch.randn(shape, generator=gen).to(dtype))
-        states[0].append(p.to(dtype).clone())
-        states[1].append((torch.rand(shape, generator=gen) * 0.1).to(dtype))
-        states[2].append((torch.rand(shape, generator=gen) * 0.01).to(dtype))
-    return params, grads, states
 
 
 def _step_on_fresh_data(impl, fn_name, shapes, dtype, kwargs):

@@ -35,9 +35,10 @@
 //   PG and the scalar-d shrink keep single tiles.
 // * "rows" (anything else; in practice the innermost block is reduced:
 //   output-wise Linear, filter-wise Conv): a tile is a range of whole
-//   consecutive groups; each group is copied run by run (as z, d, x) into the
-//   buffer group after group, and the solver sweeps one contiguous slice per
-//   group (in L1 for groups up to a few thousand elements).
+//   consecutive groups; each group is copied run by run (as z, d, and x for
+//   PG) into the buffer group after group, and the solver sweeps one
+//   contiguous slice per group (in L1 for groups up to a few thousand
+//   elements).
 // A tile's buffers plus the lines of parameter, gradient and state it
 // touches fit in L2, so the second pass (writing the parameter) and every
 // solver sweep hit cache and memory sees each tensor about once per step.
@@ -61,7 +62,8 @@ constexpr int64_t kChunk = 1024;  // elementwise: elements per inner block
 
 
 // Scratch arrays (thread-local, from scratch()): B0 = z (then w) or y,
-// B1 = d, B2 = x (the fp32 parameter), B3 = PG iterate Z, B4 = PG gradient point.
+// B1 = d, B2 = x (the fp32 parameter; PG only), B3 = PG iterate Z (Newton: zeta),
+// B4 = PG gradient point (Newton on a panel: d compact).
 struct Buffers {
   float* b[kScratchArrays];
   explicit Buffers(int64_t n, int64_t rest = -1) {
@@ -465,7 +467,8 @@ inline void group_sums(const T* lane, const Lanes& s, T* group) {
 
 // z and d have rows of stride ld (>= L: a "lanes" tile's buffer has ld = L,
 // a panel's (NOTE: [Tiling per layout]) the panel's width); zeta and dc are
-// compact [E][L] scratch, dc a copy of d for the sweeps when ld != L.
+// compact [E][L] scratch, dc a copy of d for the sweeps when ld != L (unused,
+// and may be null, when ld == L).
 inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d, int64_t ld,
                          float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s, float thr) {
   const int64_t L = s.L;
@@ -707,7 +710,7 @@ inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B
   constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
   if (!kDual) shrink_lanes(B.b[0], s, t.thr);
   else if (a.solver == Solver::kPg) pg_lanes(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], s, t.thr, t.pg_tol, a.max_iters);
-  else newton_lanes(B.b[0], B.b[1], s.L, B.b[3], B.b[1], s, t.thr);
+  else newton_lanes(B.b[0], B.b[1], s.L, B.b[3], nullptr, s, t.thr);
 }
 
 template <typename P, Optim O>
@@ -727,6 +730,12 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   // Only PG reads x (B2): its warm start.
   const bool pg = (O == Optim::kRamda || O == Optim::kProxAdamW) && a.solver == Solver::kPg;
   const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
+  // One pass over the run of n elements at storage offset o, buffers from index bi.
+  const auto run_pass = [&](int pass, int64_t o, int64_t n, int64_t bi) {
+    if (pass == 1) pass2<P, O>(t, a, o, n, B.b[0] + bi);
+    else if (pg) pass1<P, O, true>(t, a, o, n, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
+    else pass1<P, O, false>(t, a, o, n, B.b[0] + bi, B.b[1] + bi, nullptr);
+  };
   if (w.tile > 0) {
     // A panel of "lanes" tiles: pass 1 and pass 2 over whole rows of the
     // panel (one contiguous run per outer index), the exact solve tile by tile
@@ -735,11 +744,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
     for (int pass = 0; pass < 2; ++pass) {
       Odometer odo(n_outer, L.red_size, L.red_stride);
-      for (int64_t e = 0; e < E; ++e, odo.next()) {
-        const int64_t o = base + odo.off;
-        if (pass == 0) pass1<P, O, false>(t, a, o, width, B.b[0] + e * width, B.b[1] + e * width, nullptr);
-        else pass2<P, O>(t, a, o, width, B.b[0] + e * width);
-      }
+      for (int64_t e = 0; e < E; ++e, odo.next()) run_pass(pass, base + odo.off, width, e * width);
       if (pass == 1) break;
       for (int64_t j0 = 0; j0 < groups; j0 += w.tile) {
         const int64_t J = imin_(w.tile, groups - j0);
@@ -757,13 +762,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     for (int pass = 0; pass < 2; ++pass) {
       // No software prefetch (NOTE: [Tiling per layout]).
       Odometer odo(n_outer, L.red_size, L.red_stride);
-      for (int64_t e = 0; e < s.E; ++e, odo.next()) {
-        const int64_t o = base + odo.off;
-        float* b0 = B.b[0] + e * s.L;
-        if (pass == 1) pass2<P, O>(t, a, o, s.L, b0);
-        else if (pg) pass1<P, O, true>(t, a, o, s.L, b0, B.b[1] + e * s.L, B.b[2] + e * s.L);
-        else pass1<P, O, false>(t, a, o, s.L, b0, B.b[1] + e * s.L, nullptr);
-      }
+      for (int64_t e = 0; e < s.E; ++e, odo.next()) run_pass(pass, base + odo.off, s.L, e * s.L);
       if (pass == 0) solve_lanes<O>(t, a, B, s);
     }
     return;
@@ -775,12 +774,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     for (int64_t j = 0; j < groups; ++j) {
       const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
       Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
-      for (int64_t r = 0; r < outer; ++r, odo.next()) {
-        const int64_t bi = j * gsize + r * run, o = gbase + odo.off;
-        if (pass == 1) pass2<P, O>(t, a, o, run, B.b[0] + bi);
-        else if (pg) pass1<P, O, true>(t, a, o, run, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
-        else pass1<P, O, false>(t, a, o, run, B.b[0] + bi, B.b[1] + bi, nullptr);
-      }
+      for (int64_t r = 0; r < outer; ++r, odo.next()) run_pass(pass, gbase + odo.off, run, j * gsize + r * run);
     }
     if (pass == 0) solve_rows<O>(t, a, B, groups, gsize);
   }
