@@ -324,10 +324,43 @@ void proxsgd_(TensorList params, TensorList grads, TensorList momentum_buffers, 
   run(c, a, params, grads, momentum_buffers, {}, {});
 }
 
+// The optimizers' NaN/Inf gradient screen on CPU tensors: one bool per
+// tensor, true when it is free of NaN and +-Inf.
+Tensor finite_flags(TensorList tensors) {
+  const std::string op = "finite_flags";
+  std::vector<cpu::ScreenArgs> args;
+  args.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& x = tensors[i];
+    TORCH_CHECK(x.layout() == at::kStrided && x.device().is_cpu(), op, ": tensors[", i,
+                "] must be a dense CPU tensor, got ", x.layout(), " on ", x.device());
+    TORCH_CHECK(x.is_contiguous(), op, ": tensors[", i, "] must be contiguous");
+    cpu::ScreenType type;
+    switch (x.scalar_type()) {
+      case at::kFloat: type = cpu::ScreenType::kFp32; break;
+      case at::kBFloat16: type = cpu::ScreenType::kBf16; break;
+      case at::kHalf: type = cpu::ScreenType::kFp16; break;
+      case at::kDouble: type = cpu::ScreenType::kFp64; break;
+      default:
+        TORCH_CHECK(false, op, ": tensors[", i, "] has dtype ", x.scalar_type(),
+                    "; expected float32, bfloat16, float16 or float64");
+    }
+    args.push_back({x.data_ptr(), x.numel(), type});
+  }
+  Tensor out = at::empty({static_cast<int64_t>(tensors.size())}, at::TensorOptions().dtype(at::kBool));
+  {
+    GilRelease nogil;
+    cpu::finite_flags(args, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()));
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace ramda
 
 TORCH_LIBRARY(ramda_kernels, m) {
+  // NaN/Inf screen of the optimizers (CPU): one bool per tensor, true when finite.
+  m.def("finite_flags(Tensor[] tensors) -> Tensor");
   // RAMDA step (SPEC 1): V, U, p updated in place; initial_points read only.
   m.def("ramda_(Tensor(a!)[] params, Tensor[] grads, Tensor[] initial_points, "
         "Tensor(b!)[] grad_sums, Tensor(c!)[] grad_sum_sqs, int step, float alpha, float lr, "
@@ -350,6 +383,7 @@ TORCH_LIBRARY(ramda_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(ramda_kernels, CPU, m) {
+  m.impl("finite_flags", &ramda::finite_flags);
   m.impl("ramda_", &ramda::ramda_);
   m.impl("rmda_", &ramda::rmda_);
   m.impl("proxadamw_", &ramda::proxadamw_);

@@ -13,6 +13,7 @@ import functools
 import ramda_ref
 
 from . import backends, functional
+from .backends import _ext
 
 
 class _BackendChoice:
@@ -27,6 +28,10 @@ class _BackendChoice:
 
     def _functional(self, name):
         return functools.partial(getattr(functional, name), backend=self.backend)
+
+    #: The NaN/Inf gradient screen: the C++ extension's one pass on CPU
+    #: gradients, the reference's otherwise (ramda_kernels.backends._ext).
+    _finite_flags = staticmethod(_ext.finite_flags)
 
 
 class RAMDA(_BackendChoice, ramda_ref.RAMDA):

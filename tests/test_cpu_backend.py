@@ -249,6 +249,65 @@ def test_auto_picks_cpu():
     assert backends.resolve("auto", "cpu") == "cpu"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_finite_flags_match_isfinite(dtype):
+    """The extension's NaN/Inf screen (op ``finite_flags``) against
+    ``torch.isfinite(x).all()``: one bad value at the start, inside, at the
+    end (a vector remainder) or at a chunk boundary of tensors of odd sizes,
+    several chunks long; finite values whose sum overflows stay finite."""
+    gen = torch.Generator().manual_seed(0)
+    big = torch.finfo(dtype).max
+    tensors = []
+    for n in (1, 15, 17, 1000, 65536 + 33, 3 * 65536 + 7):
+        x = torch.randn(n, generator=gen).to(dtype)
+        tensors.append(x)
+        for where in sorted({0, n // 2, n - 1, min(n - 1, 65536)}):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                y = x.clone()
+                y[where] = bad
+                tensors.append(y)
+    tensors.append(torch.full((4097,), big, dtype=dtype))  # the sum overflows; every value is finite
+    tensors.append(torch.empty(0, dtype=dtype))
+    want = torch.tensor([bool(torch.isfinite(x).all()) for x in tensors])
+    assert 0 < int(want.sum()) < len(tensors)
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = torch.ops.ramda_kernels.finite_flags(tensors)
+        finally:
+            torch.set_num_threads(old)
+        assert got.dtype == torch.bool and torch.equal(got, want)
+
+
+def test_finite_flags_errors_and_optimizer_screen():
+    """The op names the tensor it refuses; the optimizers' screen routes what
+    the op does not read (non-contiguous) to the reference's, with the same
+    answer and the same error naming the parameter."""
+    from ramda_kernels.backends import _ext
+    import ramda_kernels as rk
+
+    op = torch.ops.ramda_kernels.finite_flags
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be contiguous"):
+        op([torch.zeros(3), torch.zeros(4, 4).t()])
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] has dtype Int"):
+        op([torch.zeros(3, dtype=torch.int32)])
+    strided = torch.randn(8, 6)[:, ::2]
+    strided[3, 1] = float("nan")
+    assert _ext.finite_flags([torch.randn(5), strided]).tolist() == [True, False]
+    torch.library.opcheck(op.default, ([torch.randn(5), torch.randn(3, 3)],),
+                          test_utils=("test_schema", "test_faketensor"))
+    # the optimizer raises before changing anything, naming the parameter
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    opt = rk.RAMDA([("fc.weight", a), ("fc.bias", b)], backend="cpu", lambda_=0.1, dims=(0,))
+    a.grad, b.grad = torch.randn(4, 3), torch.randn(5)
+    b.grad[4] = float("inf")
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(rk.NonFiniteGradientError, match="fc.bias"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
+
+
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_lower_instruction_sets_match_the_reference(isa):
     """The kernels are compiled once per instruction set (csrc/cpu/kernels_*.cpp)
@@ -265,6 +324,6 @@ def test_lower_instruction_sets_match_the_reference(isa):
     if probe.stdout.strip() != isa:
         pytest.skip(f"this CPU cannot run the {isa} kernels (runs {probe.stdout.strip()})")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                          "-k", "test_parity and (group_lasso or l1 or none-none)"],
+                          "-k", "(test_parity and (group_lasso or l1 or none-none)) or test_finite_flags_match"],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

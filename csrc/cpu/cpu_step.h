@@ -38,10 +38,26 @@ float* const* scratch(int64_t n, int64_t rest = -1);
 // One fused step over all tensors of a call (any mix of fp32/bf16/fp16).
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors);
 
-// One work item, per instruction set.
-namespace isa_default { void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w); }
-namespace isa_avx2 { void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w); }
-namespace isa_avx512 { void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w); }
+// NaN/Inf screen of contiguous tensors (the optimizers' gradient check,
+// python/ramda_ref/optim.py `_finite_flags`): finite[i] = 1 when tensor i
+// holds no NaN or +-Inf. One pass, threads across chunks of all tensors.
+enum class ScreenType : int32_t { kFp32, kBf16, kFp16, kFp64 };
+struct ScreenArgs {
+  const void* data;
+  int64_t numel;
+  ScreenType type;
+};
+void finite_flags(const std::vector<ScreenArgs>& tensors, uint8_t* finite);
+
+// One work item, and whether elements [begin, end) of a screened tensor are
+// all finite, per instruction set.
+#define RAMDA_CPU_ISA_FUNCTIONS                                             \
+  void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w);      \
+  bool all_finite(const ScreenArgs& t, int64_t begin, int64_t end);
+namespace isa_default { RAMDA_CPU_ISA_FUNCTIONS }
+namespace isa_avx2 { RAMDA_CPU_ISA_FUNCTIONS }
+namespace isa_avx512 { RAMDA_CPU_ISA_FUNCTIONS }
+#undef RAMDA_CPU_ISA_FUNCTIONS
 
 }  // namespace cpu
 }  // namespace ramda

@@ -16,9 +16,11 @@ namespace cpu {
 namespace {
 
 using RunFn = void (*)(const TensorArgs&, const StepArgs&, const WorkItem&);
+using FiniteFn = bool (*)(const ScreenArgs&, int64_t, int64_t);
 
 struct Isa {
   RunFn run;
+  FiniteFn all_finite;
   const char* name;
 };
 
@@ -34,12 +36,12 @@ const Isa& isa() {
     if ((cap.empty() || cap == "avx512") && __builtin_cpu_supports("avx512f") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq"))
-      return {&isa_avx512::run, "avx512"};
+      return {&isa_avx512::run, &isa_avx512::all_finite, "avx512"};
     if ((cap.empty() || cap == "avx512" || cap == "avx2") && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return {&isa_avx2::run, "avx2"};
+      return {&isa_avx2::run, &isa_avx2::all_finite, "avx2"};
 #endif
-    return {&isa_default::run, "default"};
+    return {&isa_default::run, &isa_default::all_finite, "default"};
   }();
   return chosen;
 }
@@ -140,6 +142,34 @@ void step(const StepArgs& args, const std::vector<TensorArgs>& tensors) {
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
       run(tensors[items[i].tensor], args, items[i]);
   });
+}
+
+void finite_flags(const std::vector<ScreenArgs>& tensors, uint8_t* finite) {
+  const FiniteFn check = isa().all_finite;
+  // Chunks of kElemItem elements; a tensor is finite when all its chunks are.
+  struct Chunk {
+    int64_t tensor, begin, end;
+  };
+  std::vector<Chunk> chunks;
+  int64_t elems = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    finite[i] = 1;
+    elems += tensors[i].numel;
+    for (int64_t o = 0; o < tensors[i].numel; o += kElemItem)
+      chunks.push_back({static_cast<int64_t>(i), o, std::min(tensors[i].numel, o + kElemItem)});
+  }
+  std::vector<uint8_t> ok(chunks.size(), 1);
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, elems / kParallelGrain}));
+  const int64_t per = (n + workers - 1) / std::max<int64_t>(workers, 1);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t c = w * per; c < std::min(n, (w + 1) * per); ++c)
+        ok[c] = check(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end);
+  });
+  for (int64_t c = 0; c < n; ++c)
+    if (!ok[c]) finite[chunks[c].tensor] = 0;
 }
 
 }  // namespace cpu

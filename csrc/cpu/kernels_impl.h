@@ -862,7 +862,30 @@ void run_dtype(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   }
 }
 
+// x * 0 is +-0 for a finite x and NaN for NaN and +-Inf, so the sum of
+// those products is NaN exactly when some element is not finite (a plain sum
+// can also overflow on finite values, and needs no second look here).
+template <typename T, typename Acc>
+inline bool all_finite_run(const T* __restrict__ x, int64_t n) {
+  Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += static_cast<Acc>(x[i]) * Acc(0);
+  return acc == acc;
+}
+
 }  // namespace
+
+bool all_finite(const ScreenArgs& t, int64_t begin, int64_t end) {
+  const int64_t n = end - begin;
+  switch (t.type) {
+    case ScreenType::kFp32: return all_finite_run<float, float>(static_cast<const float*>(t.data) + begin, n);
+    case ScreenType::kBf16:
+      return all_finite_run<c10::BFloat16, float>(static_cast<const c10::BFloat16*>(t.data) + begin, n);
+    case ScreenType::kFp16: return all_finite_run<c10::Half, float>(static_cast<const c10::Half*>(t.data) + begin, n);
+    case ScreenType::kFp64: return all_finite_run<double, double>(static_cast<const double*>(t.data) + begin, n);
+  }
+  return false;
+}
 
 void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   switch (a.optim) {

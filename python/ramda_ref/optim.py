@@ -158,6 +158,9 @@ class ProxOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     #: GradScaler's scale while a step runs, by device (read by `_grads`).
     _grad_scales: Optional[Dict[torch.device, torch.Tensor]] = None
+    #: The NaN/Inf screen of the non-capturable step: one bool per gradient.
+    #: ramda_kernels' classes swap in the C++ extension's one-pass screen.
+    _finite_flags = staticmethod(_finite_flags)
 
     def __init__(self, params, defaults: Dict[str, Any], nonfinite: Optional[str] = None):
         if nonfinite is not None and nonfinite not in NONFINITE_POLICIES:
@@ -348,7 +351,7 @@ class ProxOptimizer(torch.optim.Optimizer):
             return work, {device: _nonfinite_flag([g for _, _, g in found])
                           for device, found in by_device.items()}
         for device, found in by_device.items():
-            finite = _finite_flags([g for _, _, g in found])
+            finite = self._finite_flags([g for _, _, g in found])
             if not bool(finite.all()):
                 if self.nonfinite == "skip":
                     return [[] for _ in self.param_groups]

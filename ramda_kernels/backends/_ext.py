@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -56,6 +56,31 @@ if EXT is not None:
         # The ops only mutate their inputs and return nothing: the fake kernel has nothing to do.
         torch.library.register_fake(f"ramda_kernels::{_name}")(lambda *args, **kwargs: None)
 
+    @torch.library.register_fake("ramda_kernels::finite_flags")
+    def _finite_flags_fake(tensors):
+        return torch.empty(len(tensors), dtype=torch.bool)
+
+
+#: dtypes the extension's NaN/Inf screen reads.
+_SCREEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def finite_flags(grads: List[torch.Tensor]) -> torch.Tensor:
+    """``ramda_ref.optim._finite_flags`` in one pass of the C++ extension when
+    every gradient is a contiguous CPU tensor it reads (the reference's screen,
+    a sum per tensor and an exact test where the sum overflows, otherwise).
+
+    On ResNet-50's gradients (25.5M fp32 elements, 161 tensors, one thread) the
+    reference's screen took about 10 ms of a 120 ms RAMDA step: a Python-level
+    sum and a host read per tensor. The op reads every gradient once, in
+    chunks spread over the threads, and tests exactly (x * 0 is NaN only for
+    NaN and Inf).
+    """
+    if EXT is None or not all(g.device.type == "cpu" and g.layout == torch.strided
+                              and g.is_contiguous() and g.dtype in _SCREEN_DTYPES for g in grads):
+        return _ref_finite_flags(grads)
+    return torch.ops.ramda_kernels.finite_flags(grads)
+
 
 # ---------------------------------------------------------------------------
 # The four functionals on top of the ops, shared by the ``cpu`` and ``cuda``
@@ -75,9 +100,10 @@ if EXT is not None:
 # iteration counts, so its entries are ``None``.
 # ---------------------------------------------------------------------------
 
-from typing import Callable, List, Sequence  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
 
 from ramda_ref import functional as _ref  # noqa: E402
+from ramda_ref.optim import _finite_flags as _ref_finite_flags  # noqa: E402
 
 from ..layout import is_dense, same_layout  # noqa: E402
 
