@@ -500,104 +500,163 @@ struct LaneStats {
 // The exact solve of a "lanes" tile from its per-lane statistics `ls`: z
 // and d have rows of stride ld (>= L: a "lanes" tile's buffer has ld = L, a
 // panel's (NOTE: [Tiling per layout]) the panel's width); zeta and dc are
-// compact [E][L] scratch, dc a copy of d for the sweeps when ld != L
-// (unused, and may be null, when ld == L). Writes each lane's sigma to
-// sigma_out, NaN for a lane of a zero group; w = newton_solution(z, d, sigma)
-// on the others.
+// compact scratch of E rows of up to L rounded up to 16 lanes. Writes each
+// lane's sigma to sigma_out, NaN for a lane of a zero group; w =
+// newton_solution(z, d, sigma) on the others.
+//
+// NOTE: [Pending lanes only]
+// Groups that need no iteration (zero groups, constant d) are dropped before
+// the sweeps: the lanes of the groups that iterate are gathered into zeta and
+// dc ([E][Lc], Lc = their lane count rounded up to whole 16-lane vectors;
+// pad lanes hold zeta = 0, d = 1 and add nothing). In structured training
+// most groups of a regularized tensor end up zero (the point of it), and the
+// zero groups of a "columns" tile are scattered across the lanes, so
+// skipping only all-converged 16-lane blocks skipped almost nothing. Each
+// group's sums are the same additions in the same order either way.
 inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restrict__ d, int64_t ld,
                                float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s,
                                float thr, const LaneStats& ls, float* __restrict__ sigma_out) {
-  const int64_t L = s.L;
-  double z2[kMaxLanes], al[kMaxLanes], bl[kMaxLanes], cl[kMaxLanes],
-      ga[kMaxLanes], gb[kMaxLanes], gc[kMaxLanes];
-  float sigmal[kMaxLanes], norml[kMaxLanes];
+  constexpr int64_t kCap = kMaxLanes + 16;
+  double z2[kMaxLanes], al[kCap], bl[kCap], cl[kCap], ga[kCap], gb[kCap], gc[kCap];
+  float sigmal[kCap], normc[kCap + 16];
+  int32_t src[kCap], pj[kMaxLanes];
   const float* dmaxl = ls.dmax;
   const float* dminl = ls.dmin;
-  NewtonStart st[kMaxLanes];
+  NewtonStart st[kMaxLanes], cs[kCap];
+  const int64_t R = s.R;
   group_sums(ls.z2, s, z2);
-  int64_t pending = 0;
+  int64_t Jp = 0;
   for (int64_t j = 0; j < s.J; ++j) {
     float dmax = -INFINITY, dmin = INFINITY;
-    for (int64_t r = 0; r < s.R; ++r) {
-      dmax = fmax_(dmax, dmaxl[j * s.R + r]);
-      dmin = fmin_(dmin, dminl[j * s.R + r]);
+    for (int64_t r = 0; r < R; ++r) {
+      dmax = fmax_(dmax, dmaxl[j * R + r]);
+      dmin = fmin_(dmin, dminl[j * R + r]);
     }
     st[j] = newton_start(static_cast<float>(std::sqrt(z2[j])), dmax, dmin, thr);
-    pending += !st[j].done;
+    if (!st[j].done) pj[Jp++] = static_cast<int32_t>(j);
   }
-  for (int64_t l = 0; l < L; ++l) norml[l] = st[l / s.R].inv_norm;  // products, not divisions
-  for (int64_t e = 0; pending > 0 && e < s.E; ++e) {
-#pragma omp simd
-    for (int64_t l = 0; l < L; ++l) zeta[e * L + l] = z[e * ld + l] * norml[l];
-    if (ld != L) {  // the sweeps read d compact (in L2, whole lines)
-#pragma omp simd
-      for (int64_t l = 0; l < L; ++l) dc[e * L + l] = d[e * ld + l];
+  if (Jp > 0) {
+    // Every group iterates and the rows are compact already: sweep in place.
+    const bool gather = Jp < s.J || ld != s.L;
+    const int64_t Lp = Jp * R, L = gather ? (Lp + 15) / 16 * 16 : Lp;
+    const Lanes c{s.E, Jp, R, L};
+    for (int64_t k = 0; k < Jp; ++k) cs[k] = st[pj[k]];
+    for (int64_t k = Jp; k < kCap; ++k) cs[k].done = true, cs[k].sigma = 1.0f;  // pad lanes
+    for (int64_t k = 0; k < Lp; ++k) {
+      src[k] = static_cast<int32_t>(pj[k / R] * R + k % R);
+      normc[k] = cs[k / R].inv_norm;  // products, not divisions
     }
-  }
-  const float* __restrict__ dn = ld != L ? dc : d;
-  for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
-    for (int64_t l = 0; l < L; ++l) sigmal[l] = st[l / s.R].sigma, al[l] = bl[l] = cl[l] = 0.0;
-    // Blocks of kBlk lanes, each swept over all e with its partial sums held
-    // in registers (not reloaded and stored per e): fp32 over kSumBlock
-    // consecutive e, added into fp64 (NOTE: [Newton sums]).
-    constexpr int64_t kBlk = 16;
-    int64_t l0 = 0;
+    for (int64_t k = Lp; k < L + 16; ++k) normc[k] = 0.0f;
 #if RAMDA_CPU_AVX512
-    // Blocks whose groups have all converged are skipped (their sums are not read).
-    for (; l0 + kBlk <= L; l0 += kBlk)
-      if (block_pending(st, l0, kBlk, s.R))
-        newton_sums16(zeta + l0, dn + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0);
+    // Pending-lane masks of the source's 16-lane vectors.
+    const int64_t nblk = (s.L + 15) / 16;
+    __mmask16 keep[kCap / 16];
+    for (int64_t b = 0; b < nblk; ++b) keep[b] = 0;
+    for (int64_t k = 0; k < Lp; ++k) keep[src[k] / 16] |= __mmask16(1u << (src[k] % 16));
 #endif
-    for (; l0 + kBlk <= L; l0 += kBlk) {
-      double ra[kBlk], rb[kBlk], rc[kBlk];
-      float sg[kBlk];
-      for (int64_t l = 0; l < kBlk; ++l) ra[l] = rb[l] = rc[l] = 0.0, sg[l] = sigmal[l0 + l];
-      for (int64_t e0 = 0; e0 < s.E; e0 += kSumBlock) {
-        const int64_t e1 = imin_(s.E, e0 + kSumBlock);
-        float fa[kBlk], fb[kBlk], fc[kBlk];
-        for (int64_t l = 0; l < kBlk; ++l) fa[l] = fb[l] = fc[l] = 0.0f;
-        for (int64_t e = e0; e < e1; ++e) {
-          const float* ze = zeta + e * L + l0;
-          const float* de = dn + e * L + l0;
+    for (int64_t e = 0; e < s.E; ++e) {
+      const float* __restrict__ ze = z + e * ld;
+      const float* __restrict__ de = d + e * ld;
+      float* __restrict__ zo = zeta + e * L;
+      if (!gather) {
 #pragma omp simd
-          for (int64_t l = 0; l < kBlk; ++l) {
-            float ta, tb, tc;
-            newton_terms(ze[l], de[l], sg[l], ta, tb, tc);
-            fa[l] += ta;
-            fb[l] += tb;
-            fc[l] += tc;
+        for (int64_t k = 0; k < L; ++k) zo[k] = ze[k] * normc[k];
+        continue;
+      }
+      float* __restrict__ dout = dc + e * L;
+#if RAMDA_CPU_AVX512
+      // Source vectors compressed by their lanes' pending masks: each store
+      // writes 16 lanes, the next one overwrites those past the pending ones
+      // (the rows are written in order, the buffers have 16 floats of slack).
+      int64_t k = 0;
+      for (int64_t b = 0; b < nblk; ++b) {
+        const __mmask16 m = keep[b];
+        if (!m) continue;
+        const int64_t l = b * 16;
+        const __mmask16 in = l + 16 <= s.L ? __mmask16(0xFFFF) : __mmask16((1u << (s.L - l)) - 1);
+        const __m512 zv = _mm512_maskz_compress_ps(m, _mm512_maskz_loadu_ps(in, ze + l));
+        const __m512 dv = _mm512_maskz_compress_ps(m, _mm512_maskz_loadu_ps(in, de + l));
+        _mm512_storeu_ps(zo + k, _mm512_mul_ps(zv, _mm512_loadu_ps(normc + k)));
+        _mm512_storeu_ps(dout + k, dv);
+        k += __builtin_popcount(m);
+      }
+#else
+#pragma omp simd
+      for (int64_t k = 0; k < Lp; ++k) {
+        zo[k] = ze[src[k]] * normc[k];
+        dout[k] = de[src[k]];
+      }
+#endif
+      for (int64_t k = Lp; k < L; ++k) zo[k] = 0.0f, dout[k] = 1.0f;
+    }
+    const float* __restrict__ dn = gather ? dc : d;
+    int64_t pending = Jp;
+    for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
+      for (int64_t l = 0; l < L; ++l) sigmal[l] = cs[l / R].sigma, al[l] = bl[l] = cl[l] = 0.0;
+      // Blocks of kBlk lanes, each swept over all e with its partial sums held
+      // in registers (not reloaded and stored per e): fp32 over kSumBlock
+      // consecutive e, added into fp64 (NOTE: [Newton sums]).
+      constexpr int64_t kBlk = 16;
+      int64_t l0 = 0;
+#if RAMDA_CPU_AVX512
+      // Blocks whose groups have all converged are skipped (their sums are not read).
+      for (; l0 + kBlk <= L; l0 += kBlk)
+        if (block_pending(cs, l0, kBlk, R))
+          newton_sums16(zeta + l0, dn + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0);
+#endif
+      for (; l0 + kBlk <= L; l0 += kBlk) {
+        double ra[kBlk], rb[kBlk], rc[kBlk];
+        float sg[kBlk];
+        for (int64_t l = 0; l < kBlk; ++l) ra[l] = rb[l] = rc[l] = 0.0, sg[l] = sigmal[l0 + l];
+        for (int64_t e0 = 0; e0 < s.E; e0 += kSumBlock) {
+          const int64_t e1 = imin_(s.E, e0 + kSumBlock);
+          float fa[kBlk], fb[kBlk], fc[kBlk];
+          for (int64_t l = 0; l < kBlk; ++l) fa[l] = fb[l] = fc[l] = 0.0f;
+          for (int64_t e = e0; e < e1; ++e) {
+            const float* ze = zeta + e * L + l0;
+            const float* de = dn + e * L + l0;
+#pragma omp simd
+            for (int64_t l = 0; l < kBlk; ++l) {
+              float ta, tb, tc;
+              newton_terms(ze[l], de[l], sg[l], ta, tb, tc);
+              fa[l] += ta;
+              fb[l] += tb;
+              fc[l] += tc;
+            }
           }
+          for (int64_t l = 0; l < kBlk; ++l) ra[l] += fa[l], rb[l] += fb[l], rc[l] += fc[l];
         }
-        for (int64_t l = 0; l < kBlk; ++l) ra[l] += fa[l], rb[l] += fb[l], rc[l] += fc[l];
+        for (int64_t l = 0; l < kBlk; ++l) al[l0 + l] = ra[l], bl[l0 + l] = rb[l], cl[l0 + l] = rc[l];
       }
-      for (int64_t l = 0; l < kBlk; ++l) al[l0 + l] = ra[l], bl[l0 + l] = rb[l], cl[l0 + l] = rc[l];
-    }
-    for (int64_t e = 0; l0 < L && e < s.E; ++e) {
-      const float* ze = zeta + e * L;
-      const float* de = dn + e * L;
+      // Lanes past the last whole vector: only without gathering (L = Lp).
+      for (int64_t e = 0; l0 < L && e < s.E; ++e) {
+        const float* ze = zeta + e * L;
+        const float* de = dn + e * L;
 #pragma omp simd
-      for (int64_t l = l0; l < L; ++l) {
-        float ta, tb, tc;
-        newton_terms(ze[l], de[l], sigmal[l], ta, tb, tc);
-        al[l] += ta;
-        bl[l] += tb;
-        cl[l] += tc;
+        for (int64_t l = l0; l < L; ++l) {
+          float ta, tb, tc;
+          newton_terms(ze[l], de[l], sigmal[l], ta, tb, tc);
+          al[l] += ta;
+          bl[l] += tb;
+          cl[l] += tc;
+        }
+      }
+      group_sums(al, c, ga);
+      group_sums(bl, c, gb);
+      group_sums(cl, c, gc);
+      pending = 0;
+      for (int64_t k = 0; k < Jp; ++k) {
+        if (cs[k].done) continue;
+        bool dk;
+        cs[k].sigma = newton_update(cs[k].sigma, static_cast<float>(ga[k]), static_cast<float>(gb[k]),
+                                    static_cast<float>(gc[k]), cs[k].rel_excess, dk);
+        cs[k].done = dk;
+        pending += !dk;
       }
     }
-    group_sums(al, s, ga);
-    group_sums(bl, s, gb);
-    group_sums(cl, s, gc);
-    pending = 0;
-    for (int64_t j = 0; j < s.J; ++j) {
-      if (st[j].done) continue;
-      bool dj;
-      st[j].sigma = newton_update(st[j].sigma, static_cast<float>(ga[j]), static_cast<float>(gb[j]),
-                                  static_cast<float>(gc[j]), st[j].rel_excess, dj);
-      st[j].done = dj;
-      pending += !dj;
-    }
+    for (int64_t k = 0; k < Jp; ++k) st[pj[k]].sigma = cs[k].sigma;
   }
-  for (int64_t l = 0; l < L; ++l) sigma_out[l] = st[l / s.R].active ? st[l / s.R].sigma : NAN;
+  for (int64_t l = 0; l < s.L; ++l) sigma_out[l] = st[l / R].active ? st[l / R].sigma : NAN;
 }
 
 // The solution from per-lane sigma (NaN: a zero group).
@@ -621,14 +680,14 @@ struct PanelLanes {
 
 // Exact group lasso of a "lanes" tile ([E][L] buffer, ld = L): w -> z.
 inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
-                         float* __restrict__ zeta, const Lanes& s, float thr) {
+                         float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s, float thr) {
   const int64_t L = s.L;
   double z2l[kMaxLanes];
   float dmaxl[kMaxLanes], dminl[kMaxLanes], sigmal[kMaxLanes];
   const LaneStats ls{z2l, dmaxl, dminl};
   ls.reset(L);
   for (int64_t e = 0; e < s.E; ++e) ls.add(z + e * L, d + e * L, L);
-  newton_lanes_sigma(z, d, L, zeta, nullptr, s, thr, ls, sigmal);
+  newton_lanes_sigma(z, d, L, zeta, dc, s, thr, ls, sigmal);
   for (int64_t e = 0; e < s.E; ++e) {
     float* ze = z + e * L;
     const float* de = d + e * L;
@@ -767,7 +826,7 @@ inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B
   constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
   if (!kDual) shrink_lanes(B.b[0], s, t.thr);
   else if (a.solver == Solver::kPg) pg_lanes(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], s, t.thr, t.pg_tol, a.max_iters);
-  else newton_lanes(B.b[0], B.b[1], B.b[3], s, t.thr);
+  else newton_lanes(B.b[0], B.b[1], B.b[3], B.b[4], s, t.thr);
 }
 
 template <typename P, Optim O>
@@ -782,8 +841,11 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   const GroupLayout& L = t.layout;
   const int64_t gsize = L.group_size;
   const int64_t groups = w.end - w.begin;
-  // A panel's z and d (B0, B1) span the panel; its solver scratch (B3, B4), one tile.
-  const Buffers B(groups * gsize, w.tile > 0 ? imin_(w.tile, groups) * gsize : -1);
+  // A panel's z and d (B0, B1) span the panel; its solver scratch (B3, B4), one
+  // tile, of whole 16-lane vectors for "lanes" (NOTE: [Pending lanes only]).
+  const int64_t tile_groups = w.tile > 0 ? imin_(w.tile, groups) : groups;
+  const Buffers B(groups * gsize, w.run > 0 ? (tile_groups * w.run + 15) / 16 * 16 * (gsize / w.run)
+                                            : tile_groups * gsize);
   // Only PG reads x (B2): its warm start.
   const bool pg = (O == Optim::kRamda || O == Optim::kProxAdamW) && a.solver == Solver::kPg;
   const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
