@@ -417,6 +417,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "True if the CUDA kernels were compiled into this build.");
   m.def(
+      "cpu_panel_elems", []() { return ramda::cpu::kPanelElems; },
+      "Elements of one CPU \"lanes\" panel, at most (csrc/cpu/cpu_step.h; tests size their tensors by it).");
+  m.def(
       "cpu_isa", []() { return std::string(ramda::cpu::isa_name()); },
       "Instruction set the CPU kernels use on this machine: 'avx512', 'avx2' or 'default'.");
 }
