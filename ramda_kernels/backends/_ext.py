@@ -76,7 +76,9 @@ def finite_flags(grads: List[torch.Tensor]) -> torch.Tensor:
     chunks spread over the threads, and tests exactly (x * 0 is NaN only for
     NaN and Inf).
     """
-    if EXT is None or not all(g.device.type == "cpu" and g.layout == torch.strided
+    # Only plain tensors: a DTensor's screen must agree on every rank, which the
+    # reference's sum (a collective) does and a look at the local shard does not.
+    if EXT is None or not all(type(g) is torch.Tensor and g.device.type == "cpu" and g.layout == torch.strided
                               and g.is_contiguous() and g.dtype in _SCREEN_DTYPES for g in grads):
         return _ref_finite_flags(grads)
     return torch.ops.ramda_kernels.finite_flags(grads)
