@@ -39,7 +39,8 @@
 //   consecutive groups; each group is copied run by run (as z, d, and x for
 //   PG) into the buffer group after group, and the solver sweeps one
 //   contiguous slice per group (in L1 for groups up to a few thousand
-//   elements).
+//   elements; the exact solve runs on each group as soon as pass 1 has
+//   written it, NOTE: [Rows solved group by group] in run_item).
 // A tile's buffers plus the lines of parameter, gradient and state it
 // touches fit in L2, so the second pass (writing the parameter) and every
 // solver sweep hit cache and memory sees each tensor about once per step.
@@ -339,16 +340,20 @@ inline float norm_contig(const float* __restrict__ y, int64_t n) {
   return static_cast<float>(std::sqrt(y2));
 }
 
-// Exact group lasso (SPEC section 4) for one contiguous group; w -> z.
-// `zeta` is scratch for the unit-norm group.
-inline void newton_contig(float* __restrict__ z, const float* __restrict__ d,
-                          float* __restrict__ zeta, int64_t n, float thr) {
+// The solution of the exact solve from a group's (or lane's) sigma, NaN for
+// a zero group.
+RAMDA_HD float lane_solution(float z, float d, float sigma) {
+  return sigma == sigma ? newton_solution(z, d, sigma) : 0.0f;
+}
+
+// Exact group lasso (SPEC section 4) for one contiguous group: returns its
+// sigma, NaN for a zero group (w = lane_solution(z, d, sigma)). `zeta` is
+// scratch for the unit-norm group.
+inline float newton_contig_sigma(const float* __restrict__ z, const float* __restrict__ d,
+                                 float* __restrict__ zeta, int64_t n, float thr) {
   const GroupStats st = stats_contig(z, d, n);
   const NewtonStart s0 = newton_start(st.znorm, st.dmax, st.dmin, thr);
-  if (!s0.active) {
-    for (int64_t i = 0; i < n; ++i) z[i] = 0.0f;
-    return;
-  }
+  if (!s0.active) return NAN;
   float sigma = s0.sigma;
   bool done = s0.done;
   if (!done) {
@@ -390,8 +395,7 @@ inline void newton_contig(float* __restrict__ z, const float* __restrict__ d,
     sigma = newton_update(sigma, static_cast<float>(sa), static_cast<float>(sb),
                           static_cast<float>(sc), s0.rel_excess, done);
   }
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) z[i] = newton_solution(z[i], d[i], sigma);
+  return sigma;
 }
 
 // Proximal gradient (SPEC section 5) for one contiguous group, warm started
@@ -659,12 +663,8 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
   for (int64_t l = 0; l < s.L; ++l) sigma_out[l] = st[l / R].active ? st[l / R].sigma : NAN;
 }
 
-// The solution from per-lane sigma (NaN: a zero group).
-RAMDA_HD float lane_solution(float z, float d, float sigma) {
-  return sigma == sigma ? newton_solution(z, d, sigma) : 0.0f;
-}
-
-// Per-lane statistics and sigma of a panel's width (thread-local).
+// Per-lane statistics and sigma of a panel's width (thread-local); the "rows"
+// path keeps one sigma per group of its tile there.
 struct PanelLanes {
   LaneStats stats;
   float* sigma;
@@ -817,7 +817,6 @@ inline void solve_rows(const TensorArgs& t, const StepArgs& a, const Buffers& B,
     const int64_t o = j * gsize;
     if (!kDual) shrink_contig(B.b[0] + o, gsize, t.thr);
     else if (pg) pg_contig(B.b[0] + o, B.b[1] + o, B.b[2] + o, B.b[3] + o, B.b[4] + o, gsize, l1, t.thr, t.pg_tol, a.max_iters);
-    else newton_contig(B.b[0] + o, B.b[1] + o, B.b[3] + o, gsize, t.thr);
   }
 }
 
@@ -905,6 +904,31 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   // Rows: each group is runs of its innermost (stride-1) reduced block.
   const int64_t run = L.red_size[L.n_red - 1];
   const int64_t outer = gsize / run;
+  if (!pg && (O == Optim::kRamda || O == Optim::kProxAdamW)) {
+    // NOTE: [Rows solved group by group]: the exact solve of a group runs
+    // right after pass 1 has written it, while its z and d are in L1 (groups
+    // up to a few thousand elements), and pass 2 computes w = z/(d + sigma)
+    // as it writes the parameter: no sweep over the tile's buffers between
+    // the passes.
+    float* __restrict__ sigma = PanelLanes(groups).sigma;
+    for (int64_t j = 0; j < groups; ++j) {
+      const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
+      Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
+      for (int64_t r = 0; r < outer; ++r, odo.next()) run_pass(0, gbase + odo.off, run, j * gsize + r * run);
+      sigma[j] = newton_contig_sigma(B.b[0] + j * gsize, B.b[1] + j * gsize, B.b[3], gsize, t.thr);
+    }
+    for (int64_t j = 0; j < groups; ++j) {
+      const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
+      Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
+      const float sj = sigma[j];
+      for (int64_t r = 0; r < outer; ++r, odo.next()) {
+        const float* __restrict__ zr = B.b[0] + j * gsize + r * run;
+        const float* __restrict__ dr = B.b[1] + j * gsize + r * run;
+        pass2_with<P, O>(t, a, gbase + odo.off, run, [=](int64_t i) { return lane_solution(zr[i], dr[i], sj); });
+      }
+    }
+    return;
+  }
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t j = 0; j < groups; ++j) {
       const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
