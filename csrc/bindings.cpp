@@ -334,7 +334,9 @@ Tensor finite_flags(TensorList tensors) {
     const Tensor& x = tensors[i];
     TORCH_CHECK(x.layout() == at::kStrided && x.device().is_cpu(), op, ": tensors[", i,
                 "] must be a dense CPU tensor, got ", x.layout(), " on ", x.device());
-    TORCH_CHECK(x.is_contiguous(), op, ": tensors[", i, "] must be contiguous");
+    // dense: the elements fill numel consecutive slots from data_ptr() (torch has
+    // no negative strides), in whatever order (channels_last, transposed)
+    TORCH_CHECK(is_dense(x), op, ": tensors[", i, "] must be dense (no gaps, no overlap)");
     cpu::ScreenType type;
     switch (x.scalar_type()) {
       case at::kFloat: type = cpu::ScreenType::kFp32; break;

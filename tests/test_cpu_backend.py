@@ -306,19 +306,28 @@ def test_finite_flags_match_isfinite(dtype):
 
 def test_finite_flags_errors_and_optimizer_screen():
     """The op names the tensor it refuses; the optimizers' screen routes what
-    the op does not read (non-contiguous) to the reference's, with the same
+    the op does not read (non-dense views) to the reference's, with the same
     answer and the same error naming the parameter."""
     from ramda_kernels.backends import _ext
     import ramda_kernels as rk
 
     op = torch.ops.ramda_kernels.finite_flags
-    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be contiguous"):
-        op([torch.zeros(3), torch.zeros(4, 4).t()])
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be dense"):
+        op([torch.zeros(3), torch.zeros(4, 4)[:, ::2]])
     with pytest.raises(RuntimeError, match=r"tensors\[0\] has dtype Int"):
         op([torch.zeros(3, dtype=torch.int32)])
+    # dense in any order (channels_last, transposed) goes to the op; the rest
+    # (a strided view, a DTensor) to the reference's screen, merged in order
+    cl = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    cl[1, 2, 3, 4] = float("inf")
+    tr = torch.randn(6, 7).t()
+    tr[6, 5] = float("nan")
     strided = torch.randn(8, 6)[:, ::2]
     strided[3, 1] = float("nan")
-    assert _ext.finite_flags([torch.randn(5), strided]).tolist() == [True, False]
+    assert op([cl, tr, torch.randn(3)]).tolist() == [False, False, True]
+    assert _ext.finite_flags([torch.randn(5), strided, cl, torch.randn(2, 2).t()]).tolist() == [
+        True, False, False, True]
+    assert _ext.finite_flags([strided]).tolist() == [False]
     torch.library.opcheck(op.default, ([torch.randn(5), torch.randn(3, 3)],),
                           test_utils=("test_schema", "test_faketensor"))
     # the optimizer raises before changing anything, naming the parameter
