@@ -602,3 +602,79 @@ def test_compiled_reference_step_has_no_graph_breaks():
             assert_close(compiled.state[p][key], value, rtol=1e-6, atol=1e-7,
                          msg=f"compiled vs eager step: state[{key!r}]")
     torch._dynamo.reset()
+
+
+_FUNCTIONAL_LISTS = {"ramda": 5, "rmda": 4, "proxadamw": 5, "proxsgd": 3}
+
+
+@pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton backend: {_TRITON_REASON}")
+@pytest.mark.parametrize("opt", list(_CLASSES))
+def test_triton_ops_declare_what_they_mutate(opt, monkeypatch):
+    """The ops of NOTE: [Triton steps under torch.compile] pass torch.library's
+    opcheck (the schema declares every list the step writes, the fake kernel
+    traces) on the arguments of a real capturable step with group lasso."""
+    from ramda_kernels.backends import _triton_ops, triton_backend as tb
+
+    gen, base = _base()
+    params = _params(base)
+    o = _build(rk, opt, params, "group_lasso", "exact", capturable=True, backend="triton")
+    calls = []
+    real = getattr(tb, opt)
+
+    def spy(*args, **kwargs):
+        calls.append((args, dict(kwargs)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tb, opt, spy)
+    for k in range(2):
+        _set_grads((params,), gen, k + 1)
+        o.step()
+    args, kwargs = calls[-1]
+    assert len(args) == _FUNCTIONAL_LISTS[opt] and kwargs.pop("capturable") is True
+    found_inf, grad_scale = kwargs.pop("found_inf", None), kwargs.pop("grad_scale", None)
+    op, op_args, op_kwargs = _triton_ops.op_args(opt, args, kwargs, found_inf, grad_scale)
+    torch.library.opcheck(op, op_args, op_kwargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton backend: {_TRITON_REASON}")
+@pytest.mark.parametrize("opt", list(_CLASSES))
+def test_compiled_triton_step_has_no_graph_breaks(opt):
+    """NOTE: [Triton steps under torch.compile]: a capturable Triton-backend step
+    compiles with ``fullgraph=True`` (a graph break raises), the graph calls the
+    backend's op once per param group, and the compiled steps equal the eager
+    Triton steps bit for bit (the same kernels run, in the same order).
+    aot_eager: the interpreter runs the kernels on the CPU (on CUDA, inductor
+    would compile around them)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    gen, base = _base()
+    ps, qs = _params(base), _params(base)
+    hp = dict(HPARAMS[opt])
+    if opt != "proxadamw":
+        hp["momentum"] = 0.5
+    groups = lambda params: [{"params": params[1:], "dims": DIMS, "lambda_": LAMBDAS[opt]["group_lasso"]},
+                             {"params": params[:1]}]
+    compiled = getattr(rk, _CLASSES[opt])(groups(ps), capturable=True, backend="triton", **hp)
+    eager = getattr(rk, _CLASSES[opt])(groups(qs), capturable=True, backend="triton", **hp)
+    graphs = []  # the op targets of each graph dynamo hands over (it may trace a frame twice)
+
+    def backend(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return aot_eager(gm, example_inputs)
+
+    step = torch.compile(compiled.step, backend=backend, fullgraph=True)
+    for k in range(3):
+        _set_grads((ps, qs), gen, k + 1)
+        if k == 0:  # the state is created eagerly: one compile for the steps after it
+            compiled.step()
+        else:
+            step()
+        eager.step()
+    assert graphs and all(sum(t.startswith(f"ramda_kernels.triton_{opt}_") for t in g) == 2
+                          for g in graphs), graphs
+    for p, q in zip(ps, qs):
+        assert_bitwise_equal(p, q, msg="compiled vs eager Triton step")
+        for key, value in eager.state[q].items():
+            assert_bitwise_equal(compiled.state[p][key], value, msg=f"state[{key!r}]")
+    torch._dynamo.reset()

@@ -61,6 +61,7 @@ from ramda_ref.groups import grouped_view, normalize_dims
 from ramda_ref.prox import inexact_tolerance, newton_tolerance, refuse_capturable
 
 from ..layout import group_layout, is_dense, same_layout
+from . import _triton_ops
 
 try:
     import triton  # noqa: F401  (the import error is what why_unavailable reports)
@@ -482,6 +483,9 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
                   pg_stop=pg_stop, pg_eps=pg_eps)
     _check_capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer,
                    solver, pg_stop)
+    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
+        return _triton_ops.call("ramda", [params, grads, initial_points, grad_sums, grad_sum_sqs],
+                                kwargs, found_inf, grad_scale)
     stab = None
     if capturable:
         kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
@@ -515,6 +519,9 @@ def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Te
     kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, lambda_=lambda_,
                   regularizer=regularizer, dims=dims, view=view, reweight=reweight)
     _check_capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer)
+    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
+        return _triton_ops.call("rmda", [params, grads, initial_points, grad_sums], kwargs,
+                                found_inf, grad_scale)
     stab = None
     if capturable:
         kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
@@ -552,6 +559,9 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
                   solver=solver, max_iters=max_iters, rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps)
     _check_capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer,
                    solver, pg_stop)
+    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
+        return _triton_ops.call("proxadamw", [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
+                                kwargs, found_inf, grad_scale)
     tau = lr * lambda_
     stab = None
     if capturable:
@@ -593,6 +603,9 @@ def proxsgd(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, step:
     kwargs = dict(step=step, lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
                   dims=dims, view=view, reweight=reweight)
     _check_capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer)
+    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
+        return _triton_ops.call("proxsgd", [params, grads, momentum_buffers], kwargs, found_inf,
+                                grad_scale)
     thr = lr * lambda_
     scalars = (thr, 0.0, 0.0, 1, 1.0 - momentum, momentum, lr, 0.0, 0.0, 0.0, 0.0, 0.0)
     stab = None
