@@ -577,6 +577,19 @@ def test_compiled_model_trains_without_graph_breaks():
     torch._dynamo.reset()
 
 
+def _run_compiled_and_eager(step, compiled, eager, ps, qs, gen, steps: int = 3):
+    """``steps`` steps of both optimizers on the same gradients; the compiled
+    one's first step runs eagerly (it creates the state), so one compile serves
+    the steps after it."""
+    for k in range(steps):
+        _set_grads((ps, qs), gen, k + 1)
+        if k == 0:
+            compiled.step()
+        else:
+            step()
+        eager.step()
+
+
 def test_compiled_reference_step_has_no_graph_breaks():
     """The reference's capturable step itself compiles to graphs with no break
     (NOTE: [capturable solves]: no host reads, so nothing forces one), and the
@@ -589,13 +602,7 @@ def test_compiled_reference_step_has_no_graph_breaks():
     compiled = ramda_ref.RAMDA(groups(ps), lr=0.1, capturable=True)
     eager = ramda_ref.RAMDA(groups(qs), lr=0.1, capturable=True)
     step = torch.compile(compiled.step, backend="aot_eager", fullgraph=True)  # a break raises
-    for k in range(3):
-        _set_grads((ps, qs), gen, k + 1)
-        if k == 0:  # the state is created eagerly: one compile for the steps after it
-            compiled.step()
-        else:
-            step()
-        eager.step()
+    _run_compiled_and_eager(step, compiled, eager, ps, qs, gen)
     for p, q in zip(ps, qs):
         assert_close(p, q, rtol=1e-6, atol=1e-7, msg="compiled vs eager step")
         for key, value in eager.state[q].items():
@@ -664,13 +671,7 @@ def test_compiled_triton_step_has_no_graph_breaks(opt):
         return aot_eager(gm, example_inputs)
 
     step = torch.compile(compiled.step, backend=backend, fullgraph=True)
-    for k in range(3):
-        _set_grads((ps, qs), gen, k + 1)
-        if k == 0:  # the state is created eagerly: one compile for the steps after it
-            compiled.step()
-        else:
-            step()
-        eager.step()
+    _run_compiled_and_eager(step, compiled, eager, ps, qs, gen)
     assert graphs and all(sum(t.startswith(f"ramda_kernels.triton_{opt}_") for t in g) == 2
                           for g in graphs), graphs
     for p, q in zip(ps, qs):
