@@ -5,8 +5,6 @@ averages the gradients, and each rank's optimizer must end where a single
 process that saw the whole batch ends (up to the all-reduce's summation order).
 """
 
-import os
-import socket
 import sys
 
 import pytest
@@ -50,10 +48,15 @@ def _train(model, opt, xs, ys):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, world, port, name, out_path):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _init_group(rank: int, world: int, rendezvous: str) -> None:
+    """A gloo group whose ranks meet through a file in the test's tmp_path:
+    no TCP port to pick first and bind later, so no race for one with other
+    processes on the machine."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+
+
+def _worker(rank, world, rendezvous, name, out_path):
+    _init_group(rank, world, rendezvous)
     try:
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -68,16 +71,10 @@ def _worker(rank, world, port, name, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["ramda", "proxadamw"])
 def test_ddp_matches_single_process(tmp_path, name):
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), name, str(out)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), name, str(out)), nprocs=2, join=True,
                        start_method="spawn")
     ddp_params = torch.load(out)
     model = _model()
@@ -124,14 +121,12 @@ def _mlp_train(model, opt, batches):
         opt.step()
 
 
-def _fsdp_worker(rank, world, port, dims, ckpt_dir, out_path, backend):
+def _fsdp_worker(rank, world, rendezvous, dims, ckpt_dir, out_path, backend):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _init_group(rank, world, rendezvous)
     try:
         batches = _mlp_data(6)
         model = _mlp()
@@ -170,7 +165,7 @@ def test_fsdp2_matches_unsharded_and_resumes_from_dcp(tmp_path, dims, backend):
     if backend != "auto" and backends.why_unavailable(backend, "cpu"):
         pytest.skip(f"backend {backend}: {backends.why_unavailable(backend, 'cpu')}")
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), dims, str(tmp_path / "ckpt"), str(out), backend),
+    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "rendezvous"), dims, str(tmp_path / "ckpt"), str(out), backend),
                        nprocs=2, join=True, start_method="spawn")
     got = torch.load(out)
     model = _mlp()
@@ -186,7 +181,7 @@ def test_fsdp2_matches_unsharded_and_resumes_from_dcp(tmp_path, dims, backend):
     assert zero_groups > 0, "lambda_ should zero some groups so that structure is compared"
 
 
-def test_fsdp2_dispatch_sends_groups_inside_a_shard_to_the_fast_backend(monkeypatch):
+def test_fsdp2_dispatch_sends_groups_inside_a_shard_to_the_fast_backend(monkeypatch, tmp_path):
     """NOTE: [FSDP2 shards]: with Shard(0) DTensors, output-wise groups (dims=(1,))
     run on the fast backend's local shards and match the plain-tensor reference;
     input-wise groups (dims=(0,)) go to the reference; a fast backend named for
@@ -201,9 +196,7 @@ def test_fsdp2_dispatch_sends_groups_inside_a_shard_to_the_fast_backend(monkeypa
         pytest.skip(f"cpu backend: {backends.why_unavailable('cpu', 'cpu')}")
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    _init_group(0, 1, str(tmp_path / "rendezvous"))
     try:
         mesh = init_device_mesh("cpu", (1,))
         calls = []
