@@ -24,7 +24,7 @@ constexpr int kScratchArrays = 5;
 // The cost is thread-local scratch: two panel-sized float buffers, up to
 // 32 MiB per thread that steps a tensor this large.
 constexpr int64_t kPanelElems = 1 << 22;
-constexpr int64_t kParallelGrain = 1 << 18;  // elements per thread, at least (dispatch.cpp: step)
+constexpr int64_t kParallelGrain = 1 << 18;  // elements per thread, at least (dispatch.cpp: for_each_item)
 
 struct WorkItem {
   int32_t tensor;
@@ -44,7 +44,7 @@ float* const* scratch(int64_t n, int64_t rest = -1);
 // One fused step over all tensors of a call (any mix of fp32/bf16/fp16).
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors);
 
-// NaN/Inf screen of contiguous tensors (the optimizers' gradient check,
+// NaN/Inf screen of dense tensors (the optimizers' gradient check,
 // python/ramda_ref/optim.py `_finite_flags`): finite[i] = 1 when tensor i
 // holds no NaN or +-Inf. One pass, threads across chunks of all tensors.
 enum class ScreenType : int32_t { kFp32, kBf16, kFp16, kFp64 };

@@ -122,26 +122,35 @@ float* const* scratch(int64_t n, int64_t rest) {
   return arrays;
 }
 
+namespace {
+
+// Runs fn(i) for i in [0, n) on ATen's thread pool. Items may differ in cost
+// (Newton iterations vary per group), so threads take them from a shared
+// counter instead of a static split. A thread per kParallelGrain of the
+// call's `elems` elements at most: waking the pool costs microseconds when
+// cores are idle and a scheduler tick when they are not, which small steps
+// (tests, small models) would pay on every step.
+template <typename Fn>
+void for_each_item(int64_t n, int64_t elems, const Fn& fn) {
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, elems / kParallelGrain}));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+}  // namespace
+
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors) {
   const RunFn run = isa().run;
   std::vector<WorkItem> items;
   split(args, tensors, items);
-  if (items.empty()) return;
-  // Work items differ in cost (Newton iterations vary per group), so threads
-  // take them from a shared counter instead of a static split.
-  std::atomic<int64_t> next{0};
-  const int64_t n = static_cast<int64_t>(items.size());
-  // A thread per kParallelGrain elements at most: waking the pool costs
-  // microseconds when cores are idle and a scheduler tick when they are not,
-  // which small steps (tests, small models) would pay on every step.
   int64_t elems = 0;
   for (const TensorArgs& t : tensors) elems += t.numel;
-  const int64_t workers = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, elems / kParallelGrain}));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
-      run(tensors[items[i].tensor], args, items[i]);
-  });
+  for_each_item(static_cast<int64_t>(items.size()), elems,
+                [&](int64_t i) { run(tensors[items[i].tensor], args, items[i]); });
 }
 
 void finite_flags(const std::vector<ScreenArgs>& tensors, uint8_t* finite) {
@@ -159,16 +168,10 @@ void finite_flags(const std::vector<ScreenArgs>& tensors, uint8_t* finite) {
       chunks.push_back({static_cast<int64_t>(i), o, std::min(tensors[i].numel, o + kElemItem)});
   }
   std::vector<uint8_t> ok(chunks.size(), 1);
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  const int64_t workers = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, elems / kParallelGrain}));
-  const int64_t per = (n + workers - 1) / std::max<int64_t>(workers, 1);
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w)
-      for (int64_t c = w * per; c < std::min(n, (w + 1) * per); ++c)
-        ok[c] = check(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end);
+  for_each_item(static_cast<int64_t>(chunks.size()), elems, [&](int64_t c) {
+    ok[c] = check(tensors[chunks[c].tensor], chunks[c].begin, chunks[c].end);
   });
-  for (int64_t c = 0; c < n; ++c)
+  for (size_t c = 0; c < chunks.size(); ++c)
     if (!ok[c]) finite[chunks[c].tensor] = 0;
 }
 

@@ -31,8 +31,10 @@
 //   adds each row into per-lane statistics), the Newton solve runs tile by
 //   tile on them (row stride = panel width; the tile's d is copied compact
 //   for the sweeps), pass 2 streams the rows again and computes the solution
-//   on the way (NOTE: [Panel stats and solution] in run_item). The buffers leave L2, which costs a strided read of z and d per
-//   tile (1.6 cycles/element), but pass 1 drops to 2.5-3.6 cycles/element.
+//   on the way (NOTE: [Panel stats and solution] in run_item). The buffers
+//   leave L2, which costs a strided read of z and d per tile when its
+//   iterating groups are gathered (1.5-2 cycles/element), but pass 1 drops
+//   to 2.5-3.6 cycles/element.
 //   PG and the scalar-d shrink keep single tiles.
 // * "rows" (anything else; in practice the innermost block is reduced:
 //   output-wise Linear, filter-wise Conv): a tile is a range of whole
@@ -64,8 +66,8 @@ constexpr int64_t kChunk = 1024;  // elementwise: elements per inner block
 
 
 // Scratch arrays (thread-local, from scratch()): B0 = z (then w) or y,
-// B1 = d, B2 = x (the fp32 parameter; PG only), B3 = PG iterate Z (Newton: zeta),
-// B4 = PG gradient point (Newton on a panel: d compact).
+// B1 = d, B2 = x (the fp32 parameter; PG only), B3 = PG iterate Z (Newton on
+// "lanes": zeta), B4 = PG gradient point (Newton on "lanes": d gathered).
 struct Buffers {
   float* b[kScratchArrays];
   explicit Buffers(int64_t n, int64_t rest = -1) {
@@ -540,7 +542,7 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
     if (!st[j].done) pj[Jp++] = static_cast<int32_t>(j);
   }
   if (Jp > 0) {
-    // Every group iterates and the rows are compact already: sweep in place.
+    // No gather when every group iterates and the rows are compact already.
     const bool gather = Jp < s.J || ld != s.L;
     const int64_t Lp = Jp * R, L = gather ? (Lp + 15) / 16 * 16 : Lp;
     const Lanes c{s.E, Jp, R, L};
@@ -901,9 +903,15 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     }
     return;
   }
-  // Rows: each group is runs of its innermost (stride-1) reduced block.
+  // Rows: each group is runs of its innermost (stride-1) reduced block;
+  // group_runs(j, fn) calls fn(storage offset, buffer index) for each.
   const int64_t run = L.red_size[L.n_red - 1];
   const int64_t outer = gsize / run;
+  const auto group_runs = [&](int64_t j, const auto& fn) {
+    const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
+    Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
+    for (int64_t r = 0; r < outer; ++r, odo.next()) fn(gbase + odo.off, j * gsize + r * run);
+  };
   if (!pg && (O == Optim::kRamda || O == Optim::kProxAdamW)) {
     // NOTE: [Rows solved group by group]: the exact solve of a group runs
     // right after pass 1 has written it, while its z and d are in L1 (groups
@@ -912,29 +920,22 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     // the passes.
     float* __restrict__ sigma = PanelLanes(groups).sigma;
     for (int64_t j = 0; j < groups; ++j) {
-      const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
-      Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
-      for (int64_t r = 0; r < outer; ++r, odo.next()) run_pass(0, gbase + odo.off, run, j * gsize + r * run);
+      group_runs(j, [&](int64_t o, int64_t bi) { run_pass(0, o, run, bi); });
       sigma[j] = newton_contig_sigma(B.b[0] + j * gsize, B.b[1] + j * gsize, B.b[3], gsize, t.thr);
     }
     for (int64_t j = 0; j < groups; ++j) {
-      const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
-      Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
       const float sj = sigma[j];
-      for (int64_t r = 0; r < outer; ++r, odo.next()) {
-        const float* __restrict__ zr = B.b[0] + j * gsize + r * run;
-        const float* __restrict__ dr = B.b[1] + j * gsize + r * run;
-        pass2_with<P, O>(t, a, gbase + odo.off, run, [=](int64_t i) { return lane_solution(zr[i], dr[i], sj); });
-      }
+      group_runs(j, [&](int64_t o, int64_t bi) {
+        const float* __restrict__ zr = B.b[0] + bi;
+        const float* __restrict__ dr = B.b[1] + bi;
+        pass2_with<P, O>(t, a, o, run, [=](int64_t i) { return lane_solution(zr[i], dr[i], sj); });
+      });
     }
     return;
   }
   for (int pass = 0; pass < 2; ++pass) {
-    for (int64_t j = 0; j < groups; ++j) {
-      const int64_t gbase = block_offset(w.begin + j, L.n_kept, L.kept_size, L.kept_stride);
-      Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
-      for (int64_t r = 0; r < outer; ++r, odo.next()) run_pass(pass, gbase + odo.off, run, j * gsize + r * run);
-    }
+    for (int64_t j = 0; j < groups; ++j)
+      group_runs(j, [&](int64_t o, int64_t bi) { run_pass(pass, o, run, bi); });
     if (pass == 0) solve_rows<O>(t, a, B, groups, gsize);
   }
 }
