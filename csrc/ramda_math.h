@@ -1,7 +1,7 @@
-// The update and prox math of SPEC sections 1-5, as small inline functions
-// shared by the CPU (C++) and CUDA kernels. Everything here is fp32 math on
-// scalars; loads, stores, tiling and reductions live in the kernel bodies
-// (csrc/cpu/kernels.cpp, csrc/cuda/kernels.cuh).
+// The update and prox math of docs/math.md sections 1-5, as small inline
+// functions shared by the CPU (C++) and CUDA kernels. Everything here is fp32
+// math on scalars; loads, stores, tiling and reductions live in the kernel
+// bodies (csrc/cpu/kernels_impl.h, csrc/cuda/kernels.cuh).
 //
 // The expressions follow python/ramda_ref operation by operation (same
 // operand order, hyperparameters rounded to fp32 the way torch rounds a
@@ -85,7 +85,7 @@ RAMDA_HD float group_shrink(float norm, float thr) {
 }
 
 // ---------------------------------------------------------------------------
-// Per-element optimizer updates (SPEC section 1). Each reads the gradient and
+// Per-element optimizer updates (docs/math.md section 1). Each reads the gradient and
 // the state, writes the new state and yields the subproblem's (d, z) or the
 // closed-form prox argument y.
 // ---------------------------------------------------------------------------
@@ -134,7 +134,7 @@ RAMDA_HD float proxsgd_y(float g, float x, float& buf, float keep, float c, floa
 RAMDA_HD float average(float x, float w, float keep, float c) { return keep * x + c * w; }
 
 // ---------------------------------------------------------------------------
-// Exact group lasso (SPEC section 4): Newton on
+// Exact group lasso (docs/math.md section 4): Newton on
 //   phi(sigma) = 1/||z/(d+sigma)|| - sigma/T
 // from sigma_hi = T max(d)/(||z|| - T), with the step written without
 // cancellation as ramda_ref.prox._newton_step does (NOTE: [secular equation
@@ -198,7 +198,7 @@ RAMDA_HD float newton_update(float sigma, float a, float b, float c, float rel_e
 RAMDA_HD float newton_solution(float z, float d, float sigma) { return z / (d + sigma); }
 
 // ---------------------------------------------------------------------------
-// Proximal gradient (SPEC section 5), one iteration per element:
+// Proximal gradient (docs/math.md section 5), one iteration per element:
 //   y = Z - theta (d Z - z)  ->  Z' = prox(y)  ->  s = (1/theta - d)(Z - Z').
 // Group lasso needs ||y|| before the prox, so kernels run pg_gradient_point,
 // reduce, then apply group_shrink; l1 applies soft_threshold directly.

@@ -18,11 +18,11 @@ constexpr int64_t kMaxLanes = 512;     // lanes of one "lanes" tile (stack array
 constexpr int64_t kMaxLaneRun = 64;    // longer inner runs use the "rows" tiling
 constexpr int kScratchArrays = 5;
 // "lanes" panel: elements per work item, at most. Large enough that the
-// panels of ResNet-50's largest tensors (512x512x3x3, 2048x1024) are whole
-// rows, i.e. pass 1 and pass 2 stream contiguous memory: 5% faster on its
-// step than 2^20 (A/B, 1 thread), where 2^21 measured the same as 2^20.
-// The cost is thread-local scratch: two panel-sized float buffers, up to
-// 32 MiB per thread that steps a tensor this large.
+// panels of the largest convolutions and projections of a ResNet-50
+// (512x512x3x3, 2048x1024) are whole rows, so that pass 1 and pass 2 stream
+// contiguous memory (NOTE: [Tiling per layout]). The cost is thread-local
+// scratch: two panel-sized float buffers, up to 32 MiB per thread that steps
+// a tensor this large.
 constexpr int64_t kPanelElems = 1 << 22;
 constexpr int64_t kParallelGrain = 1 << 18;  // elements per thread, at least (dispatch.cpp: for_each_item)
 

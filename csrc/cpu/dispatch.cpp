@@ -3,10 +3,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <string>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "cpu_step.h"

@@ -10,8 +10,6 @@
 
 #include "cpu_step.h"
 
-
-
 #define RAMDA_CPU_ISA isa_default
 #include "kernels_impl.h"
 

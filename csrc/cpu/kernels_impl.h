@@ -15,15 +15,11 @@
 //   elements. The buffer is laid out [outer][J*R] and the solver sweeps it
 //   vectorized across the J*R lanes with per-lane partial sums, added per
 //   group (each group keeps its own sigma). Runs of consecutive outer
-//   indices are far apart in memory. Runs of 32 floats or more at a fixed
-//   stride stream about as fast as contiguous memory when the loop does
-//   little work (a 5-stream microbenchmark: 1.3 vs 1.06 ns/element; 16
-//   floats: 2.0), so tiles aim for J*R >= 32 (cpu_step.h: kMinLanes). With
-//   RAMDA's cube root in the loop they take 2.2-2.7 ns/element (full rows:
-//   1.15): pass 1 of a "lanes" tile cost 6-8 cycles/element (rdtsc,
-//   2048x512 input-wise and 512x512x3x3 channel-wise) against 2 for a
-//   "rows" tile. Software prefetch (2-16 runs ahead) halved that in a
-//   microbenchmark of the loop alone but measured nothing in the kernel.
+//   indices are far apart in memory. A strided run streams nearly as fast
+//   as contiguous memory only from about two cache lines on, so tiles aim
+//   for J*R >= kMinLanes (cpu_step.h); even then, once the loop carries
+//   RAMDA's cube root, strided runs cost a few times what whole rows cost,
+//   and software prefetch does not recover it (so the kernels issue none).
 //   Hence "lanes" panels for the exact solve (RAMDA, ProxAdamW): a work item
 //   is a panel of up to kPanelElems elements, whole rows of up to a whole
 //   innermost kept block, several tiles wide. Pass 1 streams the panel row
@@ -32,9 +28,8 @@
 //   tile on them (row stride = panel width; the tile's d is copied compact
 //   for the sweeps), pass 2 streams the rows again and computes the solution
 //   on the way (NOTE: [Panel stats and solution] in run_item). The buffers
-//   leave L2, which costs a strided read of z and d per tile when its
-//   iterating groups are gathered (1.5-2 cycles/element), but pass 1 drops
-//   to 2.5-3.6 cycles/element.
+//   leave L2, so each tile pays a strided read of z and d when its iterating
+//   groups are gathered; streaming whole rows in both passes saves more.
 //   PG and the scalar-d shrink keep single tiles.
 // * "rows" (anything else; in practice the innermost block is reduced:
 //   output-wise Linear, filter-wise Conv): a tile is a range of whole
@@ -62,9 +57,6 @@ namespace cpu {
 namespace RAMDA_CPU_ISA {
 namespace {
 
-constexpr int64_t kChunk = 1024;  // elementwise: elements per inner block
-
-
 // Scratch arrays (thread-local, from scratch()): B0 = z (then w) or y,
 // B1 = d, B2 = x (the fp32 parameter; PG only), B3 = PG iterate Z (Newton on
 // "lanes": zeta), B4 = PG gradient point (Newton on "lanes": d gathered).
@@ -79,173 +71,170 @@ struct Buffers {
 RAMDA_HD float fmax_(float a, float b) { return a > b ? a : b; }
 RAMDA_HD float fmin_(float a, float b) { return a < b ? a : b; }
 RAMDA_HD int64_t imin_(int64_t a, int64_t b) { return a < b ? a : b; }
-RAMDA_HD int64_t imax_(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------
-// Pass 1: read gradient, state (and the parameter where the update needs it)
-// of a contiguous run at storage offset `o`, update the state, write the
-// subproblem data to the buffers; x (B2) only for PG, whose warm start it is.
-// Pass 2: write the parameter from the solution w (B0); RAMDA and RMDA read
-// the old parameter again there for the averaging. That read costs no extra
+// Per-optimizer element updates (docs/math.md section 1), apart from the
+// memory movement of the loops below. Each optimizer is one functor, built
+// from the call's StepArgs:
+//   step(r, i)   reads element i's gradient, state and (where the update needs
+//                it) parameter from the run r, writes the new state and
+//                returns the subproblem data of docs/math.md section 2;
+//   finish(x, w) the new parameter from the old one x and the solution w.
+// kScalarD: d is one scalar (RMDA, ProxSGD), so `z` holds the prox argument y
+// and every prox is closed form; otherwise d varies per element and a group
+// needs the exact or PG solve. Adding an optimizer or a hyperparameter means
+// one functor here (and its math in ramda_math.h); every regularizer path and
+// instruction set runs it through the same loops.
+// ---------------------------------------------------------------------------
+
+// One element's subproblem data: d, z (y for kScalarD), and x, the fp32 point
+// PG starts from (only read when stored for PG).
+struct Elem {
+  float d, z, x;
+};
+
+// Pointers of the contiguous run at storage offset o of one tensor; state
+// roles as in TensorArgs. The members the loops call are always inlined: a
+// call left in a loop body keeps it from vectorizing.
+template <typename P>
+struct Run {
+  P* p;
+  const P* g;
+  float* s0;
+  float* s1;
+  float* s2;
+  Run(const TensorArgs& t, int64_t o)
+      : p(static_cast<P*>(t.param) + o), g(static_cast<const P*>(t.grad) + o), s0(t.s0 + o),
+        s1(t.s1 ? t.s1 + o : nullptr), s2(t.s2 ? t.s2 + o : nullptr) {}
+  [[gnu::always_inline]] float grad(int64_t i) const { return static_cast<float>(g[i]); }
+  [[gnu::always_inline]] float param(int64_t i) const { return static_cast<float>(p[i]); }
+};
+
+// The two properties that pick an optimizer's paths: whether its d is one
+// scalar (kScalarD), and how the solution w becomes the parameter (finish).
+// RAMDA, RMDA: momentum by averaging with the old parameter x.
+template <bool kScalar>
+struct Averaging {
+  static constexpr bool kScalarD = kScalar;
+  float keep, c;
+  explicit Averaging(const StepArgs& a) : keep(a.keep), c(a.c) {}
+  [[gnu::always_inline]] float finish(float x, float w) const { return average(x, w, keep, c); }
+};
+// ProxAdamW, ProxSGD: the solution is the new parameter.
+template <bool kScalar>
+struct Replacing {
+  static constexpr bool kScalarD = kScalar;
+  [[gnu::always_inline]] float finish(float, float w) const { return w; }
+};
+
+// RAMDA: s0 = W0, s1 = V, s2 = U.
+struct RamdaUpdate : Averaging<false> {
+  float s, eps;
+  explicit RamdaUpdate(const StepArgs& a) : Averaging(a), s(a.s), eps(a.eps) {}
+  template <typename P>
+  [[gnu::always_inline]] Elem step(const Run<P>& r, int64_t i) const {
+    float v = r.s1[i], u = r.s2[i];
+    Elem e{};
+    ramda_dz(r.grad(i), r.s0[i], v, u, s, eps, e.d, e.z);
+    r.s1[i] = v;
+    r.s2[i] = u;
+    e.x = r.param(i);
+    return e;
+  }
+};
+
+// RMDA: s0 = W0, s1 = V; d = beta is a scalar, so y = W0 - V/beta.
+struct RmdaUpdate : Averaging<true> {
+  float s, beta;
+  explicit RmdaUpdate(const StepArgs& a) : Averaging(a), s(a.s), beta(a.beta) {}
+  template <typename P>
+  [[gnu::always_inline]] Elem step(const Run<P>& r, int64_t i) const {
+    float v = r.s1[i];
+    Elem e{};
+    e.z = rmda_y(r.grad(i), r.s0[i], v, s, beta);
+    r.s1[i] = v;
+    return e;
+  }
+};
+
+// ProxAdamW: s0 = m, s1 = v, s2 = vmax (kAmsgrad only); the subproblem is
+// centred at the decayed parameter, whose solution is the new parameter.
+template <bool kAmsgrad>
+struct ProxAdamWUpdate : Replacing<false> {
+  AdamCoeffs c;
+  float decay;
+  explicit ProxAdamWUpdate(const StepArgs& a) : c(a.adam), decay(a.decay) {}
+  template <typename P>
+  [[gnu::always_inline]] Elem step(const Run<P>& r, int64_t i) const {
+    float m = r.s0[i], v = r.s1[i], vmax = kAmsgrad ? r.s2[i] : 0.0f;
+    Elem e{};
+    e.x = r.param(i) * decay;
+    proxadamw_dz(r.grad(i), e.x, m, v, vmax, kAmsgrad, c, e.d, e.z);
+    r.s0[i] = m;
+    r.s1[i] = v;
+    if constexpr (kAmsgrad) r.s2[i] = vmax;
+    return e;
+  }
+};
+
+// ProxSGD: s0 = momentum buffer; y = x - lr * buf.
+struct ProxSgdUpdate : Replacing<true> {
+  float keep, c, lr;
+  explicit ProxSgdUpdate(const StepArgs& a) : keep(a.keep), c(a.c), lr(a.lr) {}
+  template <typename P>
+  [[gnu::always_inline]] Elem step(const Run<P>& r, int64_t i) const {
+    float buf = r.s0[i];
+    Elem e{};
+    e.x = r.param(i);
+    e.z = proxsgd_y(r.grad(i), e.x, buf, keep, c, lr);
+    r.s0[i] = buf;
+    return e;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Pass 1: update the state of a contiguous run of n elements at storage
+// offset `o` and write the subproblem data to the buffers; x (B2) only for
+// PG, whose warm start it is.
+// Pass 2: write the parameter from the solution w; RAMDA and RMDA read the
+// old parameter again there for the averaging. That read costs no extra
 // memory traffic (the store needs the line anyway), where a buffered copy
 // costs a write and a read of the buffer per element.
 // ---------------------------------------------------------------------------
 
-template <typename P, Optim O, bool kStoreX>
-inline void pass1(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
-                  float* __restrict__ B0, float* __restrict__ B1, float* __restrict__ B2) {
-  const P* __restrict__ p = static_cast<const P*>(t.param) + o;
-  const P* __restrict__ g = static_cast<const P*>(t.grad) + o;
-  float* __restrict__ s0 = t.s0 + o;
-  float* __restrict__ s1 = t.s1 ? t.s1 + o : nullptr;
-  float* __restrict__ s2 = t.s2 ? t.s2 + o : nullptr;
-  if constexpr (O == Optim::kRamda) {
-    const float s = a.s, eps = a.eps;
+template <typename P, bool kStoreX, typename U>
+inline void pass1(const U& u, const TensorArgs& t, int64_t o, int64_t n, float* __restrict__ B0,
+                  float* __restrict__ B1, float* __restrict__ B2) {
+  const Run<P> r(t, o);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      float v = s1[i], u = s2[i], d, z;
-      ramda_dz(static_cast<float>(g[i]), s0[i], v, u, s, eps, d, z);
-      s1[i] = v;
-      s2[i] = u;
-      B0[i] = z;
-      B1[i] = d;
-      if constexpr (kStoreX) B2[i] = static_cast<float>(p[i]);
-    }
-  } else if constexpr (O == Optim::kRmda) {
-    const float s = a.s, beta = a.beta;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      float v = s1[i];
-      B0[i] = rmda_y(static_cast<float>(g[i]), s0[i], v, s, beta);
-      s1[i] = v;
-    }
-  } else if constexpr (O == Optim::kProxAdamW) {
-    const AdamCoeffs c = a.adam;
-    const float decay = a.decay;
-    if (a.amsgrad) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        float m = s0[i], v = s1[i], vmax = s2[i], d, z;
-        const float x = static_cast<float>(p[i]) * decay;
-        proxadamw_dz(static_cast<float>(g[i]), x, m, v, vmax, true, c, d, z);
-        s0[i] = m;
-        s1[i] = v;
-        s2[i] = vmax;
-        B0[i] = z;
-        B1[i] = d;
-        if constexpr (kStoreX) B2[i] = x;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        float m = s0[i], v = s1[i], vmax = 0.0f, d, z;
-        const float x = static_cast<float>(p[i]) * decay;
-        proxadamw_dz(static_cast<float>(g[i]), x, m, v, vmax, false, c, d, z);
-        s0[i] = m;
-        s1[i] = v;
-        B0[i] = z;
-        B1[i] = d;
-        if constexpr (kStoreX) B2[i] = x;
-      }
-    }
-  } else {
-    const float keep = a.keep, c = a.c, lr = a.lr;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      float buf = s0[i];
-      const float x = static_cast<float>(p[i]);
-      B0[i] = proxsgd_y(static_cast<float>(g[i]), x, buf, keep, c, lr);
-      s0[i] = buf;
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const Elem e = u.step(r, i);
+    B0[i] = e.z;
+    if constexpr (!U::kScalarD) B1[i] = e.d;
+    if constexpr (kStoreX) B2[i] = e.x;
   }
 }
 
 // `w_at(i)`: the solution of element i of the run.
-template <typename P, Optim O, typename Sol>
-inline void pass2_with(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n, Sol w_at) {
+template <typename P, typename U, typename Sol>
+inline void pass2_with(const U& u, const TensorArgs& t, int64_t o, int64_t n, Sol w_at) {
   P* __restrict__ p = static_cast<P*>(t.param) + o;
-  if constexpr (O == Optim::kRamda || O == Optim::kRmda) {
-    const float keep = a.keep, c = a.c;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      p[i] = static_cast<P>(average(static_cast<float>(p[i]), w_at(i), keep, c));
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<P>(w_at(i));
-  }
-}
-
-template <typename P, Optim O>
-inline void pass2(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n,
-                  const float* __restrict__ W) {
-  pass2_with<P, O>(t, a, o, n, [W](int64_t i) { return W[i]; });
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<P>(u.finish(static_cast<float>(p[i]), w_at(i)));
 }
 
 // The elementwise paths (no regularizer, l1 exact, tau == 0) in one loop:
 // state update, closed-form prox and parameter write per element.
-template <typename P, Optim O, bool kL1>
-inline void elementwise_run(const TensorArgs& t, const StepArgs& a, int64_t o, int64_t n) {
-  P* __restrict__ p = static_cast<P*>(t.param) + o;
-  const P* __restrict__ g = static_cast<const P*>(t.grad) + o;
-  float* __restrict__ s0 = t.s0 + o;
-  float* __restrict__ s1 = t.s1 ? t.s1 + o : nullptr;
-  float* __restrict__ s2 = t.s2 ? t.s2 + o : nullptr;
+template <typename P, bool kL1, typename U>
+inline void elementwise_run(const U& u, const TensorArgs& t, int64_t o, int64_t n) {
+  const Run<P> r(t, o);
   const float thr = t.thr;
-  if constexpr (O == Optim::kRamda) {
-    const float s = a.s, eps = a.eps, keep = a.keep, c = a.c;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      float v = s1[i], u = s2[i], d, z;
-      ramda_dz(static_cast<float>(g[i]), s0[i], v, u, s, eps, d, z);
-      s1[i] = v;
-      s2[i] = u;
-      const float w = (kL1 ? soft_threshold(z, thr) : z) / d;
-      p[i] = static_cast<P>(average(static_cast<float>(p[i]), w, keep, c));
-    }
-  } else if constexpr (O == Optim::kRmda) {
-    const float s = a.s, beta = a.beta, keep = a.keep, c = a.c;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      float v = s1[i];
-      const float y = rmda_y(static_cast<float>(g[i]), s0[i], v, s, beta);
-      s1[i] = v;
-      const float w = kL1 ? soft_threshold(y, thr) : y;
-      p[i] = static_cast<P>(average(static_cast<float>(p[i]), w, keep, c));
-    }
-  } else if constexpr (O == Optim::kProxAdamW) {
-    const AdamCoeffs c = a.adam;
-    const float decay = a.decay;
-    if (a.amsgrad) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        float m = s0[i], v = s1[i], vmax = s2[i], d, z;
-        const float x = static_cast<float>(p[i]) * decay;
-        proxadamw_dz(static_cast<float>(g[i]), x, m, v, vmax, true, c, d, z);
-        s0[i] = m;
-        s1[i] = v;
-        s2[i] = vmax;
-        p[i] = static_cast<P>((kL1 ? soft_threshold(z, thr) : z) / d);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        float m = s0[i], v = s1[i], vmax = 0.0f, d, z;
-        const float x = static_cast<float>(p[i]) * decay;
-        proxadamw_dz(static_cast<float>(g[i]), x, m, v, vmax, false, c, d, z);
-        s0[i] = m;
-        s1[i] = v;
-        p[i] = static_cast<P>((kL1 ? soft_threshold(z, thr) : z) / d);
-      }
-    }
-  } else {
-    const float keep = a.keep, c = a.c, lr = a.lr;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      float buf = s0[i];
-      const float y = proxsgd_y(static_cast<float>(g[i]), static_cast<float>(p[i]), buf, keep, c, lr);
-      s0[i] = buf;
-      p[i] = static_cast<P>(kL1 ? soft_threshold(y, thr) : y);
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const Elem e = u.step(r, i);
+    const float y = kL1 ? soft_threshold(e.z, thr) : e.z;
+    const float w = U::kScalarD ? y : y / e.d;
+    r.p[i] = static_cast<P>(u.finish(r.param(i), w));
   }
 }
 
@@ -261,8 +250,8 @@ struct GroupStats { float znorm, dmax, dmin; };
 // group is scaled to unit norm), so a block's rounding error is at most
 // kSumBlock * eps(fp32) relative to its sum (about sqrt(kSumBlock) * eps in
 // practice), comparable to the pairwise fp32 sum of the reference; summing
-// every term in fp64 cost a conversion and two double adds per term, the
-// largest share of the solve.
+// every term in fp64 would put a conversion and two double adds per term
+// into the hot loop of the solve.
 constexpr int64_t kSumBlock = 32;
 
 #if RAMDA_CPU_AVX512
@@ -348,7 +337,7 @@ RAMDA_HD float lane_solution(float z, float d, float sigma) {
   return sigma == sigma ? newton_solution(z, d, sigma) : 0.0f;
 }
 
-// Exact group lasso (SPEC section 4) for one contiguous group: returns its
+// Exact group lasso (docs/math.md section 4) for one contiguous group: returns its
 // sigma, NaN for a zero group (w = lane_solution(z, d, sigma)). `zeta` is
 // scratch for the unit-norm group.
 inline float newton_contig_sigma(const float* __restrict__ z, const float* __restrict__ d,
@@ -400,7 +389,7 @@ inline float newton_contig_sigma(const float* __restrict__ z, const float* __res
   return sigma;
 }
 
-// Proximal gradient (SPEC section 5) for one contiguous group, warm started
+// Proximal gradient (docs/math.md section 5) for one contiguous group, warm started
 // at x; `l1` picks the elementwise prox (whole-tensor l1) over the group
 // prox. The solution is written to z.
 inline void pg_contig(float* __restrict__ z, const float* __restrict__ d,
@@ -517,7 +506,8 @@ struct LaneStats {
 // pad lanes hold zeta = 0, d = 1 and add nothing). In structured training
 // most groups of a regularized tensor end up zero (the point of it), and the
 // zero groups of a "columns" tile are scattered across the lanes, so
-// skipping only all-converged 16-lane blocks skipped almost nothing. Each
+// skipping only 16-lane blocks whose groups have all converged would skip
+// little. Each
 // group's sums are the same additions in the same order either way.
 inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restrict__ d, int64_t ld,
                                float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s,
@@ -809,34 +799,36 @@ struct Odometer {
 // Work items (split in dispatch.cpp)
 // ---------------------------------------------------------------------------
 
-template <Optim O>
+// The solves that run after pass 1 of a whole tile: the scalar-d group
+// soft-threshold, and PG (the exact solve of "rows" runs group by group in
+// run_item).
+template <bool kScalarD>
 inline void solve_rows(const TensorArgs& t, const StepArgs& a, const Buffers& B, int64_t groups,
                        int64_t gsize) {
-  constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
-  const bool pg = kDual && a.solver == Solver::kPg;
   const bool l1 = a.reg == Reg::kL1;  // only reaches here as whole-tensor PG
   for (int64_t j = 0; j < groups; ++j) {
     const int64_t o = j * gsize;
-    if (!kDual) shrink_contig(B.b[0] + o, gsize, t.thr);
-    else if (pg) pg_contig(B.b[0] + o, B.b[1] + o, B.b[2] + o, B.b[3] + o, B.b[4] + o, gsize, l1, t.thr, t.pg_tol, a.max_iters);
+    if (kScalarD) shrink_contig(B.b[0] + o, gsize, t.thr);
+    else pg_contig(B.b[0] + o, B.b[1] + o, B.b[2] + o, B.b[3] + o, B.b[4] + o, gsize, l1, t.thr, t.pg_tol, a.max_iters);
   }
 }
 
-template <Optim O>
+template <bool kScalarD>
 inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B, const Lanes& s) {
-  constexpr bool kDual = O == Optim::kRamda || O == Optim::kProxAdamW;
-  if (!kDual) shrink_lanes(B.b[0], s, t.thr);
+  if (kScalarD) shrink_lanes(B.b[0], s, t.thr);
   else if (a.solver == Solver::kPg) pg_lanes(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], s, t.thr, t.pg_tol, a.max_iters);
   else newton_lanes(B.b[0], B.b[1], B.b[3], B.b[4], s, t.thr);
 }
 
-template <typename P, Optim O>
+// One work item of optimizer update U (RamdaUpdate, ...) on parameters of type P.
+template <typename P, typename U>
 void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
+  const U u(a);
   if (t.path == Path::kElementwise) {
     if (a.reg == Reg::kL1 && t.thr != 0.0f)
-      elementwise_run<P, O, true>(t, a, w.begin, w.end - w.begin);
+      elementwise_run<P, true>(u, t, w.begin, w.end - w.begin);
     else
-      elementwise_run<P, O, false>(t, a, w.begin, w.end - w.begin);
+      elementwise_run<P, false>(u, t, w.begin, w.end - w.begin);
     return;
   }
   const GroupLayout& L = t.layout;
@@ -848,13 +840,14 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   const Buffers B(groups * gsize, w.run > 0 ? (tile_groups * w.run + 15) / 16 * 16 * (gsize / w.run)
                                             : tile_groups * gsize);
   // Only PG reads x (B2): its warm start.
-  const bool pg = (O == Optim::kRamda || O == Optim::kProxAdamW) && a.solver == Solver::kPg;
+  const bool pg = !U::kScalarD && a.solver == Solver::kPg;
   const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
   // One pass over the run of n elements at storage offset o, buffers from index bi.
   const auto run_pass = [&](int pass, int64_t o, int64_t n, int64_t bi) {
-    if (pass == 1) pass2<P, O>(t, a, o, n, B.b[0] + bi);
-    else if (pg) pass1<P, O, true>(t, a, o, n, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
-    else pass1<P, O, false>(t, a, o, n, B.b[0] + bi, B.b[1] + bi, nullptr);
+    const float* __restrict__ W = B.b[0] + bi;
+    if (pass == 1) pass2_with<P>(u, t, o, n, [W](int64_t i) { return W[i]; });
+    else if (pg) pass1<P, true>(u, t, o, n, B.b[0] + bi, B.b[1] + bi, B.b[2] + bi);
+    else pass1<P, false>(u, t, o, n, B.b[0] + bi, B.b[1] + bi, nullptr);
   };
   if (w.tile > 0) {
     // A panel of "lanes" tiles: pass 1 and pass 2 over whole rows of the
@@ -863,7 +856,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     // solution]: pass 1 adds each row it writes into per-lane statistics
     // while the row is in L1, and pass 2 computes w = z/(d + sigma) from the
     // buffers as it writes the parameter, instead of a sweep each over the
-    // panel buffers (which have left L2 by then: 1.6 and 1.5 cycles/element).
+    // panel buffers, which have left L2 by then.
     const int64_t E = gsize / w.run, width = groups * w.run;
     const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
     const PanelLanes pl(width);
@@ -885,7 +878,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     for (int64_t e = 0; e < E; ++e, odo2.next()) {
       const float* __restrict__ ze = z + e * width;
       const float* __restrict__ de = d + e * width;
-      pass2_with<P, O>(t, a, base + odo2.off, width,
+      pass2_with<P>(u, t, base + odo2.off, width,
                        [=](int64_t i) { return lane_solution(ze[i], de[i], sigma[i]); });
     }
     return;
@@ -896,10 +889,9 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     const Lanes s{gsize / w.run, groups, w.run, groups * w.run};
     const int32_t n_outer = w.run > 1 ? L.n_red - 1 : L.n_red;
     for (int pass = 0; pass < 2; ++pass) {
-      // No software prefetch (NOTE: [Tiling per layout]).
       Odometer odo(n_outer, L.red_size, L.red_stride);
       for (int64_t e = 0; e < s.E; ++e, odo.next()) run_pass(pass, base + odo.off, s.L, e * s.L);
-      if (pass == 0) solve_lanes<O>(t, a, B, s);
+      if (pass == 0) solve_lanes<U::kScalarD>(t, a, B, s);
     }
     return;
   }
@@ -912,7 +904,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     Odometer odo(L.n_red - 1, L.red_size, L.red_stride);
     for (int64_t r = 0; r < outer; ++r, odo.next()) fn(gbase + odo.off, j * gsize + r * run);
   };
-  if (!pg && (O == Optim::kRamda || O == Optim::kProxAdamW)) {
+  if (!pg && !U::kScalarD) {
     // NOTE: [Rows solved group by group]: the exact solve of a group runs
     // right after pass 1 has written it, while its z and d are in L1 (groups
     // up to a few thousand elements), and pass 2 computes w = z/(d + sigma)
@@ -928,7 +920,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
       group_runs(j, [&](int64_t o, int64_t bi) {
         const float* __restrict__ zr = B.b[0] + bi;
         const float* __restrict__ dr = B.b[1] + bi;
-        pass2_with<P, O>(t, a, o, run, [=](int64_t i) { return lane_solution(zr[i], dr[i], sj); });
+        pass2_with<P>(u, t, o, run, [=](int64_t i) { return lane_solution(zr[i], dr[i], sj); });
       });
     }
     return;
@@ -936,16 +928,16 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t j = 0; j < groups; ++j)
       group_runs(j, [&](int64_t o, int64_t bi) { run_pass(pass, o, run, bi); });
-    if (pass == 0) solve_rows<O>(t, a, B, groups, gsize);
+    if (pass == 0) solve_rows<U::kScalarD>(t, a, B, groups, gsize);
   }
 }
 
-template <Optim O>
+template <typename U>
 void run_dtype(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   switch (t.dtype) {
-    case DType::kFp32: return run_item<float, O>(t, a, w);
-    case DType::kBf16: return run_item<c10::BFloat16, O>(t, a, w);
-    case DType::kFp16: return run_item<c10::Half, O>(t, a, w);
+    case DType::kFp32: return run_item<float, U>(t, a, w);
+    case DType::kBf16: return run_item<c10::BFloat16, U>(t, a, w);
+    case DType::kFp16: return run_item<c10::Half, U>(t, a, w);
   }
 }
 
@@ -976,10 +968,11 @@ bool all_finite(const ScreenArgs& t, int64_t begin, int64_t end) {
 
 void run(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   switch (a.optim) {
-    case Optim::kRamda: return run_dtype<Optim::kRamda>(t, a, w);
-    case Optim::kRmda: return run_dtype<Optim::kRmda>(t, a, w);
-    case Optim::kProxAdamW: return run_dtype<Optim::kProxAdamW>(t, a, w);
-    case Optim::kProxSgd: return run_dtype<Optim::kProxSgd>(t, a, w);
+    case Optim::kRamda: return run_dtype<RamdaUpdate>(t, a, w);
+    case Optim::kRmda: return run_dtype<RmdaUpdate>(t, a, w);
+    case Optim::kProxAdamW:
+      return a.amsgrad ? run_dtype<ProxAdamWUpdate<true>>(t, a, w) : run_dtype<ProxAdamWUpdate<false>>(t, a, w);
+    case Optim::kProxSgd: return run_dtype<ProxSgdUpdate>(t, a, w);
   }
 }
 

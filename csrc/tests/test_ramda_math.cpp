@@ -34,7 +34,7 @@ void test_cbrt() {
 }
 
 // Newton as a kernel runs it (sums in fp64 like the CPU path), then the KKT
-// residual ||d*w - z + T w/||w|| || / ||z|| in fp64 (SPEC section 4).
+// residual ||d*w - z + T w/||w|| || / ||z|| in fp64 (docs/math.md section 4).
 double newton_kkt(const std::vector<float>& z, const std::vector<float>& d, float thr, int* iters) {
   double z2 = 0.0;
   float dmax = -INFINITY, dmin = INFINITY;
