@@ -159,7 +159,7 @@ def test_errors_name_the_problem(kwargs, match):
 
 
 def test_grouping_word_on_a_norm_layer_is_an_error():
-    with pytest.raises(ValueError, match=r"'0.weight'.*Linear or convolution"):
+    with pytest.raises(ValueError, match=r"'0.weight'.*Linear, Conv1D or convolution"):
         group_parameters(nn.Sequential(nn.LayerNorm(4)), overrides={nn.LayerNorm: "channel"})
 
 

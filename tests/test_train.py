@@ -123,14 +123,55 @@ def test_same_seed_and_backend_give_identical_metrics(tmp_path, capsys):
     assert torch.load(tmp_path / "run0" / "ramda.pt", weights_only=False)["config"]["seed"] == 7
 
 
-def test_compact_declines_a_user_model_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+def test_compact_takes_a_user_model_checkpoint(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 4: a --model checkpoint compacts (it was refused before)."""
+    from ramda_kernels.compact import load_compact
+
     (tmp_path / "my_rk_model2.py").write_text(
-        "import torch\ndef model():\n    return torch.nn.Sequential(torch.nn.Linear(64, 10))\n")
+        "import torch\ndef model():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     assert _run("--task", "digits-mlp", "--model", "my_rk_model2:model", "--epochs", "1",
                 "--max-batches", "2", "--out", str(out)) == 0
+    ckpt = torch.load(out / "ramda.pt", weights_only=False)
+    with torch.no_grad():  # plant 5 unused hidden neurons: fc2's input groups 0..4
+        ckpt["model"]["2.weight"][:, :5] = 0
+    torch.save(ckpt, out / "ramda.pt")
     capsys.readouterr()
-    assert main(["compact", str(out / "ramda.pt")]) == 2
+    assert main(["compact", str(out / "ramda.pt"), "--out", str(tmp_path / "c"), "--repeats", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "outputs equal" in text and "model_fn=<my_rk_model2:model>" in text
+    report = json.loads((tmp_path / "c" / "compact.json").read_text())
+    assert report["model"] == "my_rk_model2:model" and report["units_removed"] == 5
+    with pytest.raises(ValueError, match="pass model_fn="):
+        load_compact(str(tmp_path / "c" / "compact.pt"))
+    import my_rk_model2
+
+    small = load_compact(str(tmp_path / "c" / "compact.pt"), model_fn=my_rk_model2.model)
+    assert small[0].out_features == 27 and small[2].in_features == 27
+    full = my_rk_model2.model()
+    full.load_state_dict(ckpt["model"])
+    full.eval()
+    x = torch.rand(16, 64)
+    torch.testing.assert_close(small(x), full(x), atol=1e-5, rtol=1e-5)
+    # The same --model flag as train's names (or replaces) the model's function.
+    assert main(["compact", str(out / "ramda.pt"), "--model", "no_such_mod_rk:model"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "trained with --model my_rk_model2:model" in err
+    assert err.count("\n") == 1 and "cannot import 'no_such_mod_rk'" in err
+
+
+def test_task_overrides_do_not_apply_to_a_user_model(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 5: charlm's head-group patterns name charlm's layers, not the user's."""
+    (tmp_path / "my_rk_lm.py").write_text(
+        "import torch\ndef model():\n    return torch.nn.Sequential(torch.nn.Embedding(256, 16), "
+        "torch.nn.Linear(16, 256))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for extra in ([], ["--grouping", "input"]):
+        out = tmp_path / f"run{len(extra)}"
+        assert _run("--task", "charlm", "--model", "my_rk_lm:model", "--epochs", "1", "--max-batches", "1",
+                    "--out", str(out), *extra) == 0, capsys.readouterr().err
+        rows = json.loads((out / "ramda.json").read_text())["structure"]["rows"]
+        assert [(r["name"], r["groups"]) for r in rows] == [("1.weight", 16)]
+    capsys.readouterr()

@@ -279,9 +279,15 @@ def compare_configs(args) -> List[Config]:
 
 
 def _grouping_kwargs(cfg: Config, task) -> Dict[str, str]:
-    if cfg.grouping is None:
-        return dict(task.grouping)
-    return {**task.grouping, "conv": cfg.grouping, "linear": cfg.grouping}
+    """`group_parameters` keywords: the task's, where --grouping replaces conv and
+    linear. A --model is not the task's model, so the task's overrides (name
+    patterns of its own layers, e.g. charlm's head groups) do not apply to it."""
+    kwargs = dict(task.grouping)
+    if cfg.model is not None:
+        kwargs.pop("overrides", None)
+    if cfg.grouping is not None:
+        kwargs.update(conv=cfg.grouping, linear=cfg.grouping)
+    return kwargs
 
 
 def build_optimizer(cfg: Config, model, groups):
