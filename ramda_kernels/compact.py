@@ -65,7 +65,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ramda_kernels.grouping import is_conv1d
+from ramda_kernels.grouping import is_conv1d, linear_like as _linear_like
+from ramda_kernels.grouping import transformer_block_kind as _block_kind
 
 FORMAT = "ramda_kernels.compact/1"
 
@@ -425,26 +426,6 @@ def _input_slice_zero(layer: nn.Module, lo: int, hi: int) -> bool:
     """Are input units ``lo:hi`` of a Linear / Conv1D all-zero in its weight?"""
     w = layer.weight.detach()
     return not bool((w[lo:hi] if is_conv1d(layer) else w[:, lo:hi]).any())
-
-
-def _linear_like(m) -> bool:
-    return isinstance(m, nn.Linear) or is_conv1d(m)
-
-
-def _block_kind(m: nn.Module) -> Optional[str]:
-    def has(*names):
-        return all(_linear_like(getattr(m, n, None)) for n in names)
-
-    if has("c_fc", "c_proj") and is_conv1d(m.c_fc):
-        return "gpt2-mlp"
-    if has("gate_proj", "up_proj", "down_proj"):
-        return "llama-mlp"
-    if has("c_attn", "c_proj") and hasattr(m, "split_size") and hasattr(m, "head_dim"):
-        return "gpt2-attention"
-    if has("q_proj", "k_proj", "v_proj", "o_proj") and hasattr(m, "head_dim") \
-            and hasattr(m, "num_key_value_groups"):
-        return "llama-attention"
-    return None
 
 
 def _block_units(m: nn.Module, kind: str) -> Tuple[int, int]:

@@ -97,6 +97,63 @@ def is_conv1d(module: nn.Module) -> bool:
             and tuple(w.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
 
 
+def linear_like(module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def transformer_block_kind(m: nn.Module) -> Optional[str]:
+    """``"gpt2-mlp"``, ``"llama-mlp"``, ``"gpt2-attention"``, ``"llama-attention"``
+    or ``None``: Hugging Face's GPT-2 and LLaMA-style blocks (and any module with
+    the same layer names and attributes), recognized without importing
+    transformers."""
+    def has(*names):
+        return all(linear_like(getattr(m, n, None)) for n in names)
+
+    if has("c_fc", "c_proj") and is_conv1d(m.c_fc):
+        return "gpt2-mlp"
+    if has("gate_proj", "up_proj", "down_proj"):
+        return "llama-mlp"
+    if has("c_attn", "c_proj") and isinstance(getattr(m, "split_size", None), int) \
+            and isinstance(getattr(m, "head_dim", None), int):
+        return "gpt2-attention"
+    if has("q_proj", "k_proj", "v_proj", "o_proj") and isinstance(getattr(m, "head_dim", None), int) \
+            and isinstance(getattr(m, "num_key_value_groups", None), int):
+        return "llama-attention"
+    return None
+
+
+def head_overrides(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """`group_parameters` overrides with one group per attention head of every
+    GPT-2 / LLaMA-style attention block of ``model`` (docs/math.md section 3:
+    ``dims`` are a group's elements after ``view``); MLP neurons need none, the
+    default input-wise groups of ``c_proj`` / ``down_proj`` are one per neuron.
+
+    * GPT-2 ``c_attn.weight`` ``[d, 3*H*dh]`` viewed ``(d, 3, H, dh)``: head
+      ``h``'s q, k and v columns, dims ``(0, 1, 3)``; ``c_proj.weight``
+      ``[H*dh, d]`` viewed ``(H, dh, d)``: its rows, dims ``(1, 2)``.
+    * LLaMA ``q_proj`` / ``k_proj`` / ``v_proj`` ``[heads*dh, d]`` viewed
+      ``(units, -1, d)``, dims ``(1, 2)``; ``o_proj`` ``[d, H*dh]`` viewed
+      ``(d, units, -1)``, dims ``(0, 2)``. With grouped-query attention
+      (``num_key_value_groups > 1``) a unit is one key/value head and the
+      query heads that share it, the smallest part `compact_model` can remove.
+
+    Merge the result with your own overrides: ``overrides={**head_overrides(m), ...}``.
+    """
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        kind = transformer_block_kind(m)
+        if kind == "gpt2-attention" and not hasattr(m, "q_attn"):
+            heads, dh, d = m.split_size // m.head_dim, m.head_dim, m.c_attn.nx
+            out[f"{name}.c_attn"] = {"dims": (0, 1, 3), "view": (d, 3, heads, dh)}
+            out[f"{name}.c_proj"] = {"dims": (1, 2), "view": (heads, dh, m.c_proj.nf)}
+        elif kind == "llama-attention":
+            units = m.k_proj.out_features // m.head_dim
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                out[f"{name}.{proj}"] = {"dims": (1, 2), "view": (units, -1, getattr(m, proj).in_features)}
+            out[f"{name}.o_proj"] = {"dims": (0, 2), "view": (m.o_proj.out_features, units, -1)}
+    return out
+
+
 def _grouped_module(module: nn.Module) -> bool:
     return isinstance(module, (*_CONV, *_CONV_T, nn.Linear)) or is_conv1d(module)
 
@@ -362,4 +419,5 @@ def named_parameters_of(groups: Iterable[Dict[str, Any]]) -> List[Tuple[str, tor
     return out
 
 
-__all__ = ["group_parameters", "GROUPINGS", "named_parameters_of", "is_conv1d"]
+__all__ = ["group_parameters", "GROUPINGS", "named_parameters_of", "is_conv1d", "head_overrides",
+           "transformer_block_kind"]
