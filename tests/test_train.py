@@ -175,3 +175,50 @@ def test_task_overrides_do_not_apply_to_a_user_model(tmp_path, capsys, monkeypat
         rows = json.loads((out / "ramda.json").read_text())["structure"]["rows"]
         assert [(r["name"], r["groups"]) for r in rows] == [("1.weight", 16)]
     capsys.readouterr()
+
+
+_BN_MODEL = """
+import torch
+from torch import nn
+
+def model():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 16, 10))
+"""
+
+
+def test_train_and_compact_recalibrate_batchnorm(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 10: the saved BatchNorm statistics are the ones of the final
+    weights (recomputed on the sample train names), unless --no-recalibrate-bn."""
+    from ramda_kernels import tasks
+    from ramda_kernels.batchnorm import recalibrate_batchnorm
+    from ramda_kernels.commands.train import RECALIBRATE_BATCHES
+
+    (tmp_path / "my_rk_bn.py").write_text(_BN_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_rk_bn
+
+    runs = {}
+    for flag in ([], ["--no-recalibrate-bn"]):
+        out = tmp_path / f"run{len(flag)}"
+        assert _run("--model", "my_rk_bn:model", "--epochs", "1", "--max-batches", "3", "--batch-size", "32",
+                    "--out", str(out), *flag) == 0
+        text = capsys.readouterr().out
+        assert ("are recalibrated on" in text) == (not flag) and ("not recalibrated" in text) == bool(flag)
+        state = torch.load(out / "ramda.pt", weights_only=False)["model"]
+        runs["off" if flag else "on"] = state
+    # Same weights either way (training uses batch statistics), different running statistics.
+    assert torch.equal(runs["on"]["0.weight"], runs["off"]["0.weight"])
+    assert not torch.allclose(runs["on"]["1.running_mean"], runs["off"]["1.running_mean"])
+    x = tasks.get("digits-convnet").load().x_train
+    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:RECALIBRATE_BATCHES * 32]]
+    model = my_rk_bn.model()
+    model.load_state_dict(runs["off"])
+    recalibrate_batchnorm(model, sample, batch_size=32)
+    torch.testing.assert_close(runs["on"]["1.running_mean"], model[1].running_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(runs["on"]["1.running_var"], model[1].running_var, atol=1e-6, rtol=1e-6)
+    # compact recalibrates too (it says so), and keeps the checkpoint's with the flag.
+    for flag in ([], ["--no-recalibrate-bn"]):
+        assert main(["compact", str(tmp_path / "run1" / "ramda.pt"), "--out", str(tmp_path / f"c{len(flag)}"),
+                     "--repeats", "0", *flag]) == 0
+        assert ("recalibrated BatchNorm" in capsys.readouterr().out) == (not flag)

@@ -39,6 +39,10 @@ def add_arguments(parser) -> None:
                         help="evaluation batch size for the check and the timing (default: 512)")
     parser.add_argument("--repeats", type=int, default=20,
                         help="timed passes over the test set per model; 0 skips timing (default: 20)")
+    parser.add_argument("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
+                        help="keep the checkpoint's BatchNorm running statistics instead of "
+                             "re-estimating them on up to 50 batches of training inputs before the check "
+                             "and the save")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); on a busy machine 1 gives "
                              "steadier times")
@@ -140,6 +144,17 @@ def _compact(args, task, state_dict, source) -> int:
         detail = detail if len(detail) <= 300 else detail[:297] + "..."
         owner = f"--model {source.model}" if source.model else f"task {task.name!r}"
         return _error(f"checkpoint {args.checkpoint!r} does not fit {owner}'s model: {detail}")
+    if args.recalibrate_bn:
+        from ramda_kernels.batchnorm import recalibrate_batchnorm
+        from ramda_kernels.commands.train import RECALIBRATE_BATCHES
+
+        # The same statistics for the original and the small model: compaction
+        # keeps BatchNorm's per-channel entries, so it needs no second pass.
+        if recalibrate_batchnorm(model, data.x_train, batch_size=args.batch_size,
+                                 max_batches=RECALIBRATE_BATCHES):
+            n = min(len(data.x_train), RECALIBRATE_BATCHES * args.batch_size)
+            print(f"recalibrated BatchNorm statistics on {n} "
+                  f"training inputs (--no-recalibrate-bn: keep the checkpoint's)")
     example = data.x_test[:2]
     try:
         small, report = compact_model(model, example, eval_inputs=data.x_test, labels=data.y_test,

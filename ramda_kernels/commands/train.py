@@ -37,6 +37,8 @@ OPTIMIZERS = REGULARIZED + PLAIN
 DEFAULT_LR = {"ramda": 1e-2, "rmda": 0.1, "proxadamw": 1e-3, "proxsgd": 0.1, "adamw": 1e-3, "sgd": 0.1}
 REGULARIZERS = ("group_lasso", "l1", "nuclear", "none")
 GROUPINGS = ("channel", "filter", "input", "output")
+#: training batches that recalibrate_batchnorm averages over before an evaluation
+RECALIBRATE_BATCHES = 50
 
 
 class UsageError(ValueError):
@@ -64,6 +66,8 @@ class Config:
     #: --model / --data as given ("module:function"), None for the task's
     model: Optional[str] = None
     data: Optional[str] = None
+    #: re-estimate BatchNorm statistics before each evaluation (--no-recalibrate-bn: off)
+    recalibrate_bn: bool = True
 
 
 @dataclasses.dataclass
@@ -124,6 +128,11 @@ def add_arguments(parser) -> None:
                         help="your own data: FUNCTION() returns ramda_kernels.tasks.Data(x_train, "
                              "y_train, x_test, y_test) (tensors; y are class indices); replaces the "
                              "--task's data")
+    parser.add_argument("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
+                        help="do not re-estimate BatchNorm running statistics on up to "
+                             f"{RECALIBRATE_BATCHES} training batches before each evaluation and "
+                             "the save (they trail the weights, which RAMDA/RMDA move fast once the "
+                             "averaging weight ramps up)")
     parser.add_argument("--max-batches", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -249,7 +258,8 @@ def make_config(args) -> "Config":
                   epochs=epochs, milestones=_milestones(args.milestones, epochs, task),
                   backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
                   out=args.out or os.path.join("runs", task.name), max_batches=args.max_batches,
-                  model=args.model, data=args.data)
+                  model=args.model, data=args.data,
+                  recalibrate_bn=getattr(args, "recalibrate_bn", True))
 
 
 def parse_compare(args) -> List[str]:
@@ -341,6 +351,30 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _recalibrator(cfg: Config, model, x_tr, log):
+    """A function that re-estimates ``model``'s BatchNorm statistics on a fixed
+    sample of up to `RECALIBRATE_BATCHES` training batches (a no-op without
+    BatchNorm layers or with --no-recalibrate-bn). Training is not affected:
+    training-mode BatchNorm uses batch statistics only."""
+    import torch
+
+    from ramda_kernels.batchnorm import recalibrate_batchnorm
+
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                 for m in model.modules())
+    if not has_bn:
+        return lambda: None
+    if not cfg.recalibrate_bn:
+        log("BatchNorm statistics are not recalibrated (--no-recalibrate-bn): eval-mode scores use "
+            "running averages that trail the weights")
+        return lambda: None
+    order = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(cfg.seed))
+    sample = x_tr[order[:RECALIBRATE_BATCHES * cfg.batch_size].to(x_tr.device)]
+    log(f"BatchNorm statistics are recalibrated on {len(sample)} training inputs before each "
+        f"evaluation (--no-recalibrate-bn: off)")
+    return lambda: recalibrate_batchnorm(model, sample, batch_size=cfg.batch_size)
+
+
 def train(cfg: Config, progress: bool = True, log=print) -> Result:
     """Train one configuration; ``log`` gets one line per epoch."""
     import torch
@@ -373,6 +407,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     if cfg.max_batches:
         steps = min(steps, cfg.max_batches)
     history: List[Dict[str, float]] = []
+    recalibrate = _recalibrator(cfg, model, x_tr, log)
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=gen).to(device)
@@ -402,6 +437,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
         scheduler.step()
         report = rk.structure_report(model, measured)
         t = report.totals
+        recalibrate()
         scores = evaluate(model, x_te, y_te)
         row = {"epoch": epoch, "loss": total / seen, "test_accuracy": scores["accuracy"],
                "test_loss": scores["loss"], "test_perplexity": math.exp(min(scores["loss"], 700.0)),
