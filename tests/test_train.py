@@ -222,3 +222,23 @@ def test_train_and_compact_recalibrate_batchnorm(tmp_path, capsys, monkeypatch):
         assert main(["compact", str(tmp_path / "run1" / "ramda.pt"), "--out", str(tmp_path / f"c{len(flag)}"),
                      "--repeats", "0", *flag]) == 0
         assert ("recalibrated BatchNorm" in capsys.readouterr().out) == (not flag)
+
+
+def test_sparsity_onset_is_printed_and_ramp_steps_moves_it(tmp_path, capsys):
+    """Issue 14 item 11: 3 steps per epoch, milestone 1, 2 epochs: the default ramp
+    (99 steps for c0 0.1) ends after the run, --ramp-steps 2 at step 3 + 2 = 5 of 6."""
+    common = ["--task", "digits-mlp", "--epochs", "2", "--milestones", "1", "--max-batches", "3",
+              "--lambda", "1.0"]
+    assert _run(*common, "--out", str(tmp_path / "a")) == 0
+    text = capsys.readouterr().out
+    assert ("sparsity onset: groups can become exactly zero 99 optimizer steps after the last milestone "
+            "(epoch 1), at step 102 of 6; this run ends 96 steps before that") in text
+    assert json.loads((tmp_path / "a" / "ramda.json").read_text())["final"]["group_sparsity"] == 0.0
+    assert _run(*common, "--ramp-steps", "2", "--out", str(tmp_path / "b")) == 0
+    text = capsys.readouterr().out
+    assert "2 optimizer steps after the last milestone (epoch 1), at step 5 of 6\n" in text
+    assert json.loads((tmp_path / "b" / "ramda.json").read_text())["final"]["group_sparsity"] > 0.5
+    assert _run("--ramp-steps", "0") == 2
+    assert "--ramp-steps must be at least 1" in capsys.readouterr().err
+    assert _run(*common, "--milestones", "", "--out", str(tmp_path / "c")) == 0
+    assert "sparsity onset: never" in capsys.readouterr().out

@@ -68,6 +68,9 @@ class Config:
     data: Optional[str] = None
     #: re-estimate BatchNorm statistics before each evaluation (--no-recalibrate-bn: off)
     recalibrate_bn: bool = True
+    #: optimizer steps after the last milestone until ramda/rmda's averaging weight is 1
+    #: (None: the authors' c0 * sqrt(i) ramp, 1/c0^2 - 1 steps)
+    ramp_steps: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -114,6 +117,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--milestones", default=None, metavar="E1,E2,...",
                         help="epochs at which lr *= 0.1 (and ramda/rmda restart); '' for none; "
                              "default: at 2/3 of the epochs")
+    parser.add_argument("--ramp-steps", type=int, default=None, metavar="STEPS",
+                        help="ramda/rmda: optimizer steps after the last milestone until the "
+                             "averaging weight reaches 1, when groups can become exactly zero "
+                             "(default: the authors' ramp c0*sqrt(i), 1/c0^2 - 1 = 99 steps for c0 0.1)")
     parser.add_argument("--backend", default="auto", help="auto, reference, triton, cpu or cuda")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
@@ -247,6 +254,9 @@ def make_config(args) -> "Config":
             load_function(spec, flag)  # fail before training with a one-line error
     if args.max_batches < 0:
         raise UsageError(f"--max-batches must be >= 0, got {args.max_batches}")
+    ramp_steps = getattr(args, "ramp_steps", None)
+    if ramp_steps is not None and ramp_steps < 1:
+        raise UsageError(f"--ramp-steps must be at least 1, got {ramp_steps}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -259,7 +269,7 @@ def make_config(args) -> "Config":
                   backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
                   out=args.out or os.path.join("runs", task.name), max_batches=args.max_batches,
                   model=args.model, data=args.data,
-                  recalibrate_bn=getattr(args, "recalibrate_bn", True))
+                  recalibrate_bn=getattr(args, "recalibrate_bn", True), ramp_steps=ramp_steps)
 
 
 def parse_compare(args) -> List[str]:
@@ -351,6 +361,23 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def onset_message(cfg: Config, scheduler, steps: int) -> str:
+    """When ramda/rmda's group sparsity can appear in this run (docs/math.md
+    section 6): weights are exactly zero only once the averaging weight is 1."""
+    onset = scheduler.onset()
+    if onset is None:
+        return ("sparsity onset: never (no milestone, so the averaging weight stays at its initial "
+                "value and the weights are never exactly zero)")
+    last = cfg.milestones[-1]
+    at, total = last * steps + onset, cfg.epochs * steps
+    text = (f"sparsity onset: groups can become exactly zero {onset} optimizer steps after the last "
+            f"milestone (epoch {last}), at step {at} of {total}")
+    if at > total:
+        text += (f"; this run ends {at - total} steps before that, so expect 0% group sparsity: "
+                 f"train longer or pass --ramp-steps")
+    return text
+
+
 def _recalibrator(cfg: Config, model, x_tr, log):
     """A function that re-estimates ``model``'s BatchNorm statistics on a fixed
     sample of up to `RECALIBRATE_BATCHES` training batches (a no-op without
@@ -394,7 +421,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     try:
         groups = rk.group_parameters(model, lambda_=cfg.lambda_, regularizer=cfg.regularizer, **grouping)
         optimizer = build_optimizer(cfg, model, groups)
-        scheduler = rk.StagewiseScheduler(optimizer, cfg.milestones)
+        scheduler = rk.StagewiseScheduler(optimizer, cfg.milestones, ramp_steps=cfg.ramp_steps)
     except (ValueError, rk.BackendUnavailableError) as e:
         raise UsageError(str(e)) from None
     # Structure is measured on the grouping's groups whatever the optimizer, so
@@ -408,6 +435,8 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
         steps = min(steps, cfg.max_batches)
     history: List[Dict[str, float]] = []
     recalibrate = _recalibrator(cfg, model, x_tr, log)
+    if cfg.optimizer in ("ramda", "rmda") and cfg.regularizer != "none":
+        log(onset_message(cfg, scheduler, steps))
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=gen).to(device)
@@ -486,9 +515,6 @@ def _describe(cfg: Config, backend: Optional[str]) -> str:
     text = (f"task {cfg.task}{custom}  optimizer {opt}  lr {cfg.lr:g}{mom}{reg}  grouping {grouping}\n"
             f"{cfg.epochs} epochs  batch {cfg.batch_size}  milestones {cfg.milestones}  seed {cfg.seed}  "
             f"device {cfg.device}")
-    if cfg.optimizer in ("ramda", "rmda") and cfg.regularizer != "none":
-        text += ("\n(ramda/rmda average the iterates, so weights become exactly zero only after the "
-                 "last milestone, when the averaging weight ramps up to 1)")
     return text
 
 
