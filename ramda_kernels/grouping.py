@@ -298,8 +298,9 @@ def _finish(settings: Dict[str, Any], regularizer: str, lambda_: Optional[float]
             s["view"] = tuple(int(v) for v in s["view"])
         try:
             viewed = grouped_view(p.detach(), s.get("view"))
-        except RuntimeError as e:
-            raise ValueError(f"parameter {name!r}: cannot view shape {tuple(p.shape)} as {s['view']}: {e}") from None
+        except RuntimeError:  # torch's message repeats the view; say it once, with the size
+            raise ValueError(f"parameter {name!r}: cannot view shape {tuple(p.shape)} ({p.numel()} "
+                             f"elements) as {s['view']}") from None
         try:
             s["dims"] = normalize_dims(s.get("dims"), viewed.dim())
         except ValueError as e:

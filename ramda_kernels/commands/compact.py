@@ -130,6 +130,7 @@ def run(args) -> int:
 def _compact(args, task, state_dict, source) -> int:
     import torch
 
+    from ramda_kernels.commands.info import cpu_line
     from ramda_kernels.commands.train import UsageError, _model_and_data
     from ramda_kernels.compact import CompactionError, compact_model, save_compact
 
@@ -171,7 +172,7 @@ def _compact(args, task, state_dict, source) -> int:
                  example_dtype=example.dtype, report=report)
     with open(js, "w") as f:
         json.dump({"checkpoint": args.checkpoint, "task": task.name, "model": source.model,
-                   "data": source.data, "torch": torch.__version__,
+                   "data": source.data, "torch": torch.__version__, "cpu": cpu_line(),
                    "threads": torch.get_num_threads(), "batch_size": args.batch_size,
                    "repeats": args.repeats, "atol": args.atol, "rtol": args.rtol,
                    **report.as_dict()}, f, indent=1)

@@ -495,8 +495,10 @@ def save(result: Result) -> Dict[str, str]:
     paths = {"metrics": os.path.join(cfg.out, f"{cfg.optimizer}.json"),
              "checkpoint": os.path.join(cfg.out, f"{cfg.optimizer}.pt"),
              "plot": os.path.join(cfg.out, f"{cfg.optimizer}.png")}
+    from ramda_kernels.commands.info import cpu_line
+
     meta = {"config": dataclasses.asdict(cfg), "backend": result.backend, "torch": str(torch.__version__),
-            "ramda_kernels": rk.__version__}
+            "ramda_kernels": rk.__version__, "cpu": cpu_line()}
     with open(paths["metrics"], "w") as f:
         json.dump({**meta, "final": result.final, "epochs": result.history,
                    "structure": result.report.as_dict()}, f, indent=1)
