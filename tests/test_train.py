@@ -242,3 +242,37 @@ def test_sparsity_onset_is_printed_and_ramp_steps_moves_it(tmp_path, capsys):
     assert "--ramp-steps must be at least 1" in capsys.readouterr().err
     assert _run(*common, "--milestones", "", "--out", str(tmp_path / "c")) == 0
     assert "sparsity onset: never" in capsys.readouterr().out
+
+
+def _result(optimizer, accuracy, sparsity, model=None):
+    from ramda_kernels.commands.train import Config, Result
+
+    cfg = Config(task="digits-convnet", optimizer=optimizer, regularizer="group_lasso", grouping=None,
+                 lambda_=1e-3, lr=0.1, momentum=None, epochs=len(accuracy), milestones=[], backend="auto",
+                 device="cpu", seed=0, batch_size=64, out="x", model=model)
+    history = [{"epoch": e + 1, "test_accuracy": a, "group_sparsity": g}
+               for e, (a, g) in enumerate(zip(accuracy, sparsity))]
+    return Result(cfg, None, None, None, None, history, None)
+
+
+def test_plot_defects_are_fixed():
+    """Issue 14 item 12: title of a --model run, whole-number epoch ticks,
+    0% lines that stay apart, an accuracy axis that shows a one-point difference."""
+    import matplotlib.pyplot as plt
+
+    from ramda_kernels.commands.train import figure, run_label
+
+    user = _result("ramda", [0.5, 0.9, 0.95], [0, 0, 0], model="mine.py:net")
+    assert run_label(user.config) == "mine.py:net on digits-convnet data"
+    runs = [_result("ramda", [0.10, 0.90, 0.96, 0.97], [0, 0, 0, 0]),
+            _result("adamw", [0.12, 0.91, 0.97, 0.98], [0, 0, 0, 0])]
+    fig = figure(runs, "t")
+    acc, sparsity = fig.axes
+    for ax in (acc, sparsity):
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 4]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    styles = {(ln.get_linestyle(), ln.get_marker()) for ln in sparsity.get_lines()}
+    assert len(styles) == 2  # equal 0% lines are drawn differently
+    lo, hi = acc.get_ylim()
+    assert lo > 50 and hi < 100 and "zoomed" in acc.get_ylabel()  # 96-98% readable, not 10-98%
+    plt.close(fig)

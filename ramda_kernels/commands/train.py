@@ -504,7 +504,7 @@ def save(result: Result) -> Dict[str, str]:
                    "structure": result.report.as_dict()}, f, indent=1)
     torch.save({**meta, "model": result.model.state_dict(), "optimizer": result.optimizer.state_dict(),
                 "scheduler": result.scheduler.state_dict(), "final": result.final}, paths["checkpoint"])
-    plot_runs([result], paths["plot"], f"{cfg.task}: {cfg.optimizer}")
+    plot_runs([result], paths["plot"], f"{run_label(cfg)}: {cfg.optimizer}")
     return paths
 
 
@@ -544,27 +544,70 @@ def _plt():
     return plt
 
 
-def plot_runs(results: List[Result], path: str, title: str) -> str:
-    """Headline metric and group sparsity vs epoch, one line per run, into ``path`` (PNG)."""
+def run_label(cfg: Config) -> str:
+    """What was trained: the task, or the --model / --data functions and the task
+    whose data or defaults they used."""
+    if cfg.model is None and cfg.data is None:
+        return cfg.task
+    model = cfg.model or f"{cfg.task} model"
+    data = cfg.data or f"{cfg.task} data"
+    return f"{model} on {data}"
+
+
+#: line styles and markers per run, so that runs with equal values (0% group
+#: sparsity for every unregularized optimizer) stay visible on top of each other
+_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "x")]
+
+
+def _zoom(ax, series: List[List[float]]) -> bool:
+    """Limit the y axis to the values of the later half of each run (with a
+    margin) when the early epochs would otherwise stretch it so far that the
+    final differences between runs are invisible; return whether it did."""
+    late = [v for ys in series for v in ys[len(ys) // 2:]]
+    every = [v for ys in series for v in ys]
+    if not late or max(every) == min(every):
+        return False
+    lo, hi = min(late), max(late)
+    if (hi - lo) >= 0.25 * (max(every) - min(every)):
+        return False
+    pad = max(0.1 * (hi - lo), 1e-3 * max(abs(hi), 1.0))
+    ax.set_ylim(lo - pad, hi + pad)
+    return True
+
+
+def figure(results: List[Result], title: str):
+    """The matplotlib figure of `plot_runs` (headline metric, group sparsity)."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     key, label, scale = _metric(results[0].config)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
+    metric = []
+    for k, r in enumerate(results):
+        style, marker = _STYLES[k % len(_STYLES)]
         epochs = [h["epoch"] for h in r.history]
-        ax1.plot(epochs, [scale * h[key] for h in r.history], marker=".", label=r.config.optimizer)
-        ax2.plot(epochs, [100 * h["group_sparsity"] for h in r.history], marker=".",
-                 label=r.config.optimizer)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel(label)
-    ax2.set_xlabel("epoch")
+        metric.append([scale * h[key] for h in r.history])
+        ax1.plot(epochs, metric[-1], linestyle=style, marker=marker, markersize=4, label=r.config.optimizer)
+        ax2.plot(epochs, [100 * h["group_sparsity"] for h in r.history], linestyle=style, marker=marker,
+                 markersize=4, label=r.config.optimizer)
+    zoomed = len(results) > 1 and _zoom(ax1, metric)
+    ax1.set_ylabel(label + (" (zoomed on the later epochs)" if zoomed else ""))
     ax2.set_ylabel("group sparsity (%)")
     for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(results: List[Result], path: str, title: str) -> str:
+    """Headline metric and group sparsity vs epoch, one line per run, into ``path`` (PNG)."""
+    fig = figure(results, title)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -619,7 +662,7 @@ def run_compare(args) -> int:
                 f"{cfg.milestones}, seed {cfg.seed}, device {cfg.device}, regularizer "
                 f"{cfg.regularizer} lambda {cfg.lambda_:g} (regularized optimizers only).\n\n")
         f.write(table)
-    plot_runs(results, png, f"{cfg.task}: {', '.join(c.optimizer for c in configs)}")
+    plot_runs(results, png, f"{run_label(cfg)}: {', '.join(c.optimizer for c in configs)}")
     print()
     print(table, end="")
     print(f"wrote {md} and {png} (and <optimizer>.json/.pt/.png per run in {cfg.out})")
