@@ -11,6 +11,7 @@ from ramda_ref import NonFiniteGradientError, StagewiseScheduler
 
 from . import backends, functional
 from .backends import BackendUnavailableError
+from .batchnorm import recalibrate_batchnorm
 from .grouping import group_parameters
 from .optim import RAMDA, RMDA, ProxAdamW, ProxSGD
 from .report import StructureReport, structure_report
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "RAMDA", "RMDA", "ProxAdamW", "ProxSGD", "StagewiseScheduler", "NonFiniteGradientError",
     "BackendUnavailableError", "backends", "functional", "__version__",
-    "group_parameters", "structure_report", "StructureReport",
+    "group_parameters", "structure_report", "StructureReport", "recalibrate_batchnorm",
 ]

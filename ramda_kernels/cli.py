@@ -14,6 +14,12 @@ import sys
 from typing import List, Optional
 
 COMMANDS = ("info", "validate", "train", "compact")
+DESCRIPTION = "ramda-kernels (or python -m ramda_kernels): structured sparsity with fused RAMDA kernels"
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText literal quotes, for a terminal."""
+    return text.replace("``", "").replace("`", "")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +35,7 @@ def _load(name: str):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _Parser(prog="ramda-kernels", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ramda-kernels", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     wanted = next((a for a in argv if not a.startswith("-")), None)
@@ -41,6 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if e.name == f"ramda_kernels.commands.{name}":
                 continue  # subcommand not part of this build
             raise
+        helptext = plain(helptext)
         p = sub.add_parser(name, help=helptext, description=helptext)
         if name == wanted:
             mod.add_arguments(p)

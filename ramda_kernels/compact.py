@@ -65,6 +65,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ramda_kernels.grouping import is_conv1d, linear_like as _linear_like
+from ramda_kernels.grouping import transformer_block_kind as _block_kind
+
 FORMAT = "ramda_kernels.compact/1"
 
 # Functional ops that act on each unit separately (elementwise, or pooling over
@@ -153,7 +156,8 @@ class CompactionReport:
             rows.append(("test accuracy", f"{100 * self.accuracy_before:.2f}%",
                          f"{100 * self.accuracy_after:.2f}%", ""))
         for c in self.layers:
-            rows.append((f"{c.name} ({c.kind} outputs)", str(c.units_before), str(c.units_after),
+            kind = c.kind if " " in c.kind else f"{c.kind} outputs"  # blocks say "... heads"
+            rows.append((f"{c.name} ({kind})", str(c.units_before), str(c.units_after),
                          ratio(c.units_before, c.units_after)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -181,6 +185,8 @@ def count_flops(model: nn.Module, example_inputs) -> int:
     def hook(module, inputs, output):
         if isinstance(module, nn.Linear):
             total[0] += output.numel() * module.in_features
+        elif is_conv1d(module):  # Hugging Face's transposed Linear, weight [in, out]
+            total[0] += output.numel() * module.nx
         else:  # _ConvNd: every output element takes in/groups * prod(kernel) products
             k = 1
             for s in module.kernel_size:
@@ -193,7 +199,7 @@ def count_flops(model: nn.Module, example_inputs) -> int:
 
     _forward_with_hooks(model, example_inputs,
                         [m.register_forward_hook(hook) for m in model.modules()
-                         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))])
+                         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d(m)])
     n = _batch_size(example_inputs)
     return total[0] // max(n, 1)
 
@@ -217,6 +223,19 @@ def _forward(model, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def output_tensors(out) -> List[torch.Tensor]:
+    """The tensors of a model's output: a tensor, or the tensors inside tuples,
+    lists and dicts (Hugging Face's ``ModelOutput`` is a dict), depth first.
+    Other objects (a key/value cache) are state, not outputs, and are left out."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
 
 
 def _batch_size(inputs) -> int:
@@ -261,9 +280,32 @@ def _out_row_zero(module: nn.Module, idx: int) -> bool:
     return not bool(row.any())
 
 
-def _why_not_per_unit(tp, dg, node) -> Optional[str]:
+def _linear_internals(dg) -> set:
+    """grad_fns of the matmuls inside Linear layers applied to ``[N, ..., F]`` inputs.
+
+    A Linear on a 3-D input runs ``view -> addmm(bias, x, weight.t()) -> view``;
+    the module's node is the last view, so the addmm and the transposed weight
+    show up as separate nodes in the consumer's group. They are that Linear's
+    own product (its input slices are checked like any Linear's), not an op
+    that mixes units.
+    """
+    inner = set()
+    for m, node in dg.module2node.items():
+        fn = node.grad_fn if isinstance(m, nn.Linear) else None
+        if fn is None or _op_name(fn) not in ("View", "UnsafeView", "Reshape"):
+            continue
+        for mm, _ in fn.next_functions:
+            if mm is not None and _op_name(mm) in ("Addmm", "Mm"):
+                inner.add(mm)
+                inner.update(f for f, _ in mm.next_functions if f is not None and _op_name(f) == "T")
+    return inner
+
+
+def _why_not_per_unit(tp, dg, node, internals=frozenset()) -> Optional[str]:
     """``None`` if the traced node treats each unit separately, else why not."""
     T = tp.ops.OPTYPE
+    if node.grad_fn is not None and node.grad_fn in internals:
+        return None
     if node.type in (T.ELEMENTWISE, T.CONCAT) and node.grad_fn is not None and any(
             f[0] is None for f in getattr(node.grad_fn, "next_functions", ())):
         # An operand without autograd history (the network input, a buffer)
@@ -333,53 +375,181 @@ def _fold_constants(model: nn.Module, example_inputs,
     return done
 
 
-def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_size: int = 512,
-                  atol: float = 1e-5, rtol: float = 1e-5, repeats: int = 0,
-                  labels: Optional[torch.Tensor] = None,
-                  fold_constants: bool = True) -> Tuple[nn.Module, CompactionReport]:
-    """A copy of ``model`` without the units no consumer uses, and a `CompactionReport`.
+# ---------------------------------------------------------------------------
+# Transformer blocks (Hugging Face GPT-2 and LLaMA-style)
+# ---------------------------------------------------------------------------
+#
+# Torch-Pruning's trace cannot follow a unit through attention (the heads are
+# made by view/transpose and mixed by softmax), and Hugging Face models return
+# caches it cannot walk. The MLP and attention blocks of these models are
+# recognized by their attributes instead and compacted by the rule that needs
+# no trace: a unit whose every weight in the block's output projection is zero
+# contributes nothing to the block's output.
+#
+# * MLP ``down(act(up(x)))`` (GPT-2 ``c_fc``/``c_proj``) or
+#   ``down(act(gate(x)) * up(x))`` (LLaMA): neuron ``j`` goes when its input
+#   slice of the down projection is zero.
+# * Attention ``o(concat_h softmax(q_h k_h^T) v_h)``: head ``h`` goes when its
+#   ``head_dim`` input slice of the output projection is zero, with its q, k,
+#   v slices. With grouped-query attention (LLaMA ``num_key_value_heads <
+#   num_attention_heads``) a key/value head is shared by
+#   ``num_key_value_groups`` query heads, and only whole groups go (the
+#   head-to-group map ``h // groups`` must stay valid).
 
-    The copy is meant for inference: its outputs equal ``model``'s in eval mode
-    (folded constants went through BatchNorm's running statistics).
+def _rows(w: torch.Tensor, keep: List[int], dim: int) -> nn.Parameter:
+    idx = torch.tensor(keep, dtype=torch.long, device=w.device)
+    return nn.Parameter(w.detach().index_select(dim, idx).clone(), requires_grad=w.requires_grad)
 
-    ``example_inputs`` (a tensor, tuple or dict, batch first) is traced once to
-    find which layers consume which units; ``model`` itself is not modified.
-    With ``eval_inputs`` the two models are also compared (`verify`, raising
-    `CompactionError` beyond ``atol``/``rtol``) and, with ``repeats > 0``,
-    timed (`measure`); ``labels`` adds test accuracy to the report.
-    ``fold_constants`` also removes units whose producers' weight rows are all
-    zero and whose consumers are Linear, folding the constant into their bias.
-    The small model carries ``small._compact_history`` (Torch-Pruning's pruning
-    history) for `save_compact`.
-    """
+
+def _keep_outputs(layer: nn.Module, keep: List[int]) -> None:
+    """Keep output units ``keep`` of a Linear or Conv1D."""
+    conv1d = is_conv1d(layer)
+    layer.weight = _rows(layer.weight, keep, 1 if conv1d else 0)
+    if layer.bias is not None:
+        layer.bias = _rows(layer.bias, keep, 0)
+    if conv1d:
+        layer.nf = len(keep)
+    else:
+        layer.out_features = len(keep)
+
+
+def _keep_inputs(layer: nn.Module, keep: List[int]) -> None:
+    conv1d = is_conv1d(layer)
+    layer.weight = _rows(layer.weight, keep, 0 if conv1d else 1)
+    if conv1d:
+        layer.nx = len(keep)
+    else:
+        layer.in_features = len(keep)
+
+
+def _input_slice_zero(layer: nn.Module, lo: int, hi: int) -> bool:
+    """Are input units ``lo:hi`` of a Linear / Conv1D all-zero in its weight?"""
+    w = layer.weight.detach()
+    return not bool((w[lo:hi] if is_conv1d(layer) else w[:, lo:hi]).any())
+
+
+def _block_units(m: nn.Module, kind: str) -> Tuple[int, int]:
+    """``(units, unit width)``: neurons of an MLP (width 1), heads of GPT-2
+    attention, key/value groups of LLaMA attention (width: the query columns
+    of the output projection one group spans)."""
+    if kind == "gpt2-mlp":
+        return m.c_proj.nx, 1
+    if kind == "llama-mlp":
+        return m.down_proj.in_features, 1
+    if kind == "gpt2-attention":
+        return m.split_size // m.head_dim, m.head_dim
+    width = m.head_dim * m.num_key_value_groups
+    return m.o_proj.in_features // width, width
+
+
+_OUT_PROJ = {"gpt2-mlp": "c_proj", "llama-mlp": "down_proj", "gpt2-attention": "c_proj",
+             "llama-attention": "o_proj"}
+
+
+def _block_out(m: nn.Module, kind: str) -> nn.Module:
+    return getattr(m, _OUT_PROJ[kind])
+
+
+def prune_block(m: nn.Module, kind: str, removed: Sequence[int]) -> None:
+    """Remove units ``removed`` (see `_block_units`) of block ``m`` in place."""
+    n, width = _block_units(m, kind)
+    keep = [u for u in range(n) if u not in set(removed)]
+    if kind in ("gpt2-mlp", "llama-mlp"):
+        producers = [m.c_fc] if kind == "gpt2-mlp" else [m.gate_proj, m.up_proj]
+        for layer in producers:
+            _keep_outputs(layer, keep)
+        _keep_inputs(_block_out(m, kind), keep)
+        return
+    cols = [u * width + k for u in keep for k in range(width)]
+    if kind == "gpt2-attention":  # c_attn outputs: [q | k | v], split_size each
+        d = m.split_size
+        _keep_outputs(m.c_attn, [part * d + c for part in range(3) for c in cols])
+        _keep_inputs(m.c_proj, cols)
+        m.split_size = len(cols)
+        m.num_heads = len(keep)
+        return
+    kv = [u * m.head_dim + k for u in keep for k in range(m.head_dim)]
+    _keep_outputs(m.q_proj, cols)
+    _keep_outputs(m.k_proj, kv)
+    _keep_outputs(m.v_proj, kv)
+    _keep_inputs(m.o_proj, cols)
+    for attr in ("num_heads", "num_key_value_heads"):  # informational in recent transformers
+        if isinstance(getattr(m, attr, None), int):
+            setattr(m, attr, len(cols) // m.head_dim if attr == "num_heads" else len(keep))
+
+
+def _compact_blocks(model: nn.Module, skipped: List[str]):
+    """Compact every recognized transformer block of ``model`` in place.
+
+    Returns ``(changes, history, modules)``: a `LayerChange` per block, the
+    ``(name, kind, removed units)`` to replay, and the blocks' Linear /
+    Conv1D layers (left out of the traced pass)."""
+    changes, history, inside, kept_last = [], [], set(), 0
+    for name, m in model.named_modules():
+        kind = _block_kind(m)
+        if kind is None:
+            continue
+        if getattr(m, "is_cross_attention", False) or hasattr(m, "q_attn"):
+            skipped.append(f"{name}: cross-attention is not compacted")
+            continue
+        n, width = _block_units(m, kind)
+        out = _block_out(m, kind)
+        inside.update(id(x) for x in m.modules() if _linear_like(x))
+        zero = [u for u in range(n) if _input_slice_zero(out, u * width, (u + 1) * width)]
+        if kind == "llama-attention" and m.num_key_value_groups > 1:
+            partial = sum(1 for u in range(n) for h in range(m.num_key_value_groups)
+                          if u not in zero and _input_slice_zero(out, u * width + h * m.head_dim,
+                                                                  u * width + (h + 1) * m.head_dim))
+            if partial:
+                skipped.append(f"{name}: {partial} zero query head(s) kept: they share a key/value "
+                               f"head with nonzero heads (grouped-query attention)")
+        if len(zero) == n:
+            zero, kept_last = zero[1:], kept_last + 1
+        if zero:
+            prune_block(m, kind, zero)
+        unit = "neurons" if kind.endswith("mlp") else ("heads" if kind == "gpt2-attention" or
+                                                       m.num_key_value_groups == 1 else "kv groups")
+        changes.append(LayerChange(name, f"{type(m).__name__} {unit}", n, n - len(zero)))
+        history.append((name, kind, zero))
+    return changes, history, inside, kept_last
+
+
+def _compact_traced(small: nn.Module, example_inputs, skipped: List[str], exclude: set,
+                    fold_constants: bool, traced_name: bool):
+    """The dependency-graph pass of `compact_model` on ``small`` (in place),
+    leaving the Linear layers in ``exclude`` (ids; done by `_compact_blocks`)
+    alone. Returns ``(layers, history, kept_last, constant, folded)``. A model
+    Torch-Pruning cannot trace is reported in ``skipped``, not raised."""
     import torch_pruning as tp
 
     T = tp.ops.OPTYPE
-    small = copy.deepcopy(model)
-    was_training = model.training
-    small.eval()
-    params_before = count_params(model)
-    flops_before = count_flops(model, example_inputs)
     captured: List[torch.Tensor] = []
 
     def keep_outputs(out):
-        captured.extend(o for o in tp.utils.flatten_as_list(out) if isinstance(o, torch.Tensor))
-        return out
+        captured.extend(output_tensors(out))
+        return captured
 
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs,
-                                                   output_transform=keep_outputs, verbose=False)
+    try:
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(small, example_inputs=example_inputs,
+                                                       output_transform=keep_outputs, verbose=False)
+    except Exception as e:  # any failure inside the tracer means "cannot trace", never a crash
+        what = "the rest of the model" if traced_name else "model"
+        detail = " ".join(str(e).split())[:160]
+        skipped.append(f"{what}: Torch-Pruning cannot trace it ({type(e).__name__}: {detail})")
+        return [], [], 0, 0, 0
     output_fns = {o.grad_fn for o in captured if o.grad_fn is not None}
     # A layer whose output IS a model output (an output computed after it, e.g.
     # logits * 2, is an OUTPUT node that ends up in the layer's group instead).
     protected = {m for m, node in dg.module2node.items() if node.grad_fn in output_fns}
     names = {m: n for n, m in small.named_modules()}
+    internals = _linear_internals(dg)
 
     before = {m: dg.get_out_channels(m) for m in dg.module2node
-              if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
-    skipped: List[str] = []
+              if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in exclude}
     kept_last = constant = folded = 0
-    roots = [m for m in list(dg.module2node) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    roots = [m for m in list(dg.module2node)
+             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and id(m) not in exclude]
     visited = set()
     for root in roots:
         if root in visited:
@@ -401,7 +571,7 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
                     producers.setdefault(r, []).append((node.module, idx))
                 if node.module in protected:
                     reason = reason or "is a model output"
-            why = _why_not_per_unit(tp, dg, node)
+            why = _why_not_per_unit(tp, dg, node, internals)
             if why:
                 reason = reason or why
             if dg.is_in_channel_pruning_fn(handler) and node.type in (T.CONV, T.LINEAR):
@@ -438,12 +608,45 @@ def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_s
 
     layers = [LayerChange(name, type(m).__name__, before[m], dg.get_out_channels(m),
                           _zero_inputs(m)) for name, m in small.named_modules() if m in before]
+    return layers, [list(h) for h in dg.pruning_history()], kept_last, constant, folded
+
+
+def compact_model(model: nn.Module, example_inputs, *, eval_inputs=None, batch_size: int = 512,
+                  atol: float = 1e-5, rtol: float = 1e-5, repeats: int = 0,
+                  labels: Optional[torch.Tensor] = None,
+                  fold_constants: bool = True) -> Tuple[nn.Module, CompactionReport]:
+    """A copy of ``model`` without the units no consumer uses, and a `CompactionReport`.
+
+    The copy is meant for inference: its outputs equal ``model``'s in eval mode
+    (folded constants went through BatchNorm's running statistics).
+
+    ``example_inputs`` (a tensor, tuple or dict, batch first) is traced once to
+    find which layers consume which units; ``model`` itself is not modified.
+    With ``eval_inputs`` the two models are also compared (`verify`, raising
+    `CompactionError` beyond ``atol``/``rtol``) and, with ``repeats > 0``,
+    timed (`measure`); ``labels`` adds test accuracy to the report.
+    ``fold_constants`` also removes units whose producers' weight rows are all
+    zero and whose consumers are Linear, folding the constant into their bias.
+    The small model carries ``small._compact_history`` (Torch-Pruning's pruning
+    history) for `save_compact`.
+    """
+    small = copy.deepcopy(model)
+    was_training = model.training
+    small.eval()
+    params_before = count_params(model)
+    flops_before = count_flops(model, example_inputs)
+    skipped: List[str] = []
+    block_layers, block_history, inside, kept_blocks = _compact_blocks(small, skipped)
+    layers, history, kept_last, constant, folded = _compact_traced(
+        small, example_inputs, skipped, inside, fold_constants, traced_name=bool(block_layers))
+    layers = block_layers + layers
     small.train(was_training)
-    small._compact_history = [list(h) for h in dg.pruning_history()]
+    small._compact_history = history
+    small._compact_blocks = block_history
     report = CompactionReport(layers=layers, params_before=params_before,
                               params_after=count_params(small), flops_before=flops_before,
                               flops_after=count_flops(small, example_inputs), skipped=skipped,
-                              kept_last_units=kept_last, constant_units=constant,
+                              kept_last_units=kept_last + kept_blocks, constant_units=constant,
                               folded_units=folded)
     if eval_inputs is not None:
         verify(model, small, eval_inputs, report, batch_size=batch_size, atol=atol, rtol=rtol,
@@ -462,7 +665,7 @@ def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> List[torch.T
     was_training = model.training
     model.eval()
     try:
-        parts = [tp.utils.flatten_as_list(model(x[i:i + batch_size]))
+        parts = [output_tensors(model(x[i:i + batch_size]))
                  for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
@@ -525,15 +728,21 @@ def measure(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 512,
 # Saving and loading
 # ---------------------------------------------------------------------------
 
-def save_compact(path: str, small: nn.Module, *, task: str, example_shape: Sequence[int],
-                 report: Optional[CompactionReport] = None) -> None:
-    """Write ``small`` as plain data: its state_dict, shapes, the pruning history
-    that produced it from ``task``'s model and the input shape used to trace it."""
+def save_compact(path: str, small: nn.Module, *, task: Optional[str] = None,
+                 example_shape: Sequence[int], example_dtype: Optional[torch.dtype] = None,
+                 model: Optional[str] = None, report: Optional[CompactionReport] = None) -> None:
+    """Write ``small`` as plain data: its state_dict, shapes, what was removed
+    (transformer blocks' units and Torch-Pruning's history) and the input
+    shape and dtype used to trace it. ``task`` (a registered task) or ``model``
+    (the ``MODULE:FUNCTION`` that builds the full model, for the record) says
+    what `load_compact` has to rebuild."""
     history = getattr(small, "_compact_history", None)
     if history is None:
         raise ValueError("save_compact needs a model returned by compact_model")
-    torch.save({"format": FORMAT, "task": task, "example_shape": list(example_shape),
+    torch.save({"format": FORMAT, "task": task, "model": model, "example_shape": list(example_shape),
+                "example_dtype": str(example_dtype or torch.float32).replace("torch.", ""),
                 "pruning_history": history,
+                "block_history": [list(h) for h in getattr(small, "_compact_blocks", [])],
                 "shapes": {k: list(v.shape) for k, v in small.state_dict().items()},
                 "state_dict": small.state_dict(),
                 "report": report.as_dict() if report is not None else None}, path)
@@ -545,10 +754,13 @@ def load_compact(path: str, model_fn: Optional[Callable[[], nn.Module]] = None) 
 
         from ramda_kernels.compact import load_compact
         model = load_compact("runs/digits-convnet/compact/compact.pt")
+        model = load_compact("small/compact.pt", model_fn=lambda: GPT2LMHeadModel(cfg))
 
-    The task's model (or ``model_fn()``) is built, the pruning history is
-    replayed on it through a Torch-Pruning dependency graph traced with zeros
-    of the saved input shape, and the weights are loaded strictly.
+    The full model is built (``model_fn()``, needed when the model is not a
+    registered task's), the removed transformer-block units are removed again,
+    Torch-Pruning's history is replayed through a dependency graph traced with
+    zeros of the saved input shape and dtype, and the weights are loaded
+    strictly.
     """
     import torch_pruning as tp
 
@@ -558,18 +770,30 @@ def load_compact(path: str, model_fn: Optional[Callable[[], nn.Module]] = None) 
     if model_fn is None:
         from ramda_kernels import tasks
 
+        if blob.get("task") is None or blob.get("model"):
+            raise ValueError(f"{path}: the model was built by {blob.get('model') or 'user code'}, "
+                             f"not a registered task: pass model_fn= (a function returning it)")
         task = tasks.get(blob["task"])
         if task is None:
             raise ValueError(f"{path}: unknown task {blob['task']!r}")
         model_fn = task.model
     model = model_fn()
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, torch.zeros(blob["example_shape"]),
-                                                   verbose=False)
-    dg.load_pruning_history([tuple(h) for h in blob["pruning_history"]])
+    modules = dict(model.named_modules())
+    for name, kind, removed in blob.get("block_history", []):
+        if name not in modules or _block_kind(modules[name]) != kind:
+            raise ValueError(f"{path}: the model built has no {kind} block {name!r}")
+        if removed:
+            prune_block(modules[name], kind, removed)
+    if blob["pruning_history"]:
+        example = torch.zeros(blob["example_shape"], dtype=getattr(torch, blob.get("example_dtype", "float32")))
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(
+                model, example, output_transform=output_tensors, verbose=False)
+        dg.load_pruning_history([tuple(h) for h in blob["pruning_history"]])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 
 
 __all__ = ["compact_model", "CompactionReport", "CompactionError", "LayerChange", "verify",
-           "measure", "count_params", "count_flops", "save_compact", "load_compact"]
+           "measure", "count_params", "count_flops", "save_compact", "load_compact", "output_tensors",
+           "prune_block"]

@@ -12,10 +12,30 @@ ConvTranspose1d/2d/3d  ``"channel"`` (default)     ``(1, 2[, 3[, 4]])`` (input c
                        ``"filter"``                ``(0, 2[, 3[, 4]])`` (output channel)
 Linear                 ``"input"`` (default)       ``(0,)`` (input feature)
                        ``"output"``                ``(1,)`` (output neuron)
+Conv1D (Hugging Face)  ``"input"`` (default)       ``(1,)`` (input feature; weight ``[in, out]``)
+                       ``"output"``                ``(0,)`` (output neuron)
 =====================  ==========================  =====================================
 
+``Conv1D`` is the Linear with a transposed weight of GPT-2 and other Hugging
+Face models (``transformers.pytorch_utils.Conv1D``), recognized by its class
+name and its ``nx``/``nf`` sizes so that this module needs no transformers.
+
+A weight under ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
+``spectral_norm``, ``orthogonal``, ...) is a function of its
+``parametrizations.weight.original*`` tensors; the tensor with the weight's
+shape takes the module's grouping when the parametrization keeps zero groups
+zero: spectral norm (a scalar divisor) always, weight norm when its norm runs
+across the groups (``dim`` among the group's ``dims``, e.g. the default
+``dim=0`` with input-wise groups). Any other parametrization (orthogonal, or
+weight norm with a norm per group, which would divide 0 by 0) is left
+unregularized by default; a module-level override still applies to it.
+
 Biases, normalization layers, embeddings and every other parameter are left
-unregularized (``regularizer="none"``). ``"input"`` is accepted as a synonym
+unregularized (``regularizer="none"``). A 2-D-or-larger parameter that the
+default rules leave unregularized and no override names (other than an
+embedding's weight) gets a warning that names it: it is usually a layer this
+table does not know (``nn.MultiheadAttention``'s ``in_proj_weight``, an LSTM, a
+custom layer), to be given ``dims`` through ``overrides``. ``"input"`` is accepted as a synonym
 of ``"channel"`` and ``"output"`` of ``"filter"`` (and the other way round),
 so one word can set both kinds.
 
@@ -54,6 +74,7 @@ grouped once, under its first name.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -69,6 +90,74 @@ _SIDES = {"channel": "in", "input": "in", "filter": "out", "output": "out"}
 GROUPINGS = tuple(_SIDES)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is ``[in, out]``."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor)
+            and tuple(w.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
+
+
+def linear_like(module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def transformer_block_kind(m: nn.Module) -> Optional[str]:
+    """``"gpt2-mlp"``, ``"llama-mlp"``, ``"gpt2-attention"``, ``"llama-attention"``
+    or ``None``: Hugging Face's GPT-2 and LLaMA-style blocks (and any module with
+    the same layer names and attributes), recognized without importing
+    transformers."""
+    def has(*names):
+        return all(linear_like(getattr(m, n, None)) for n in names)
+
+    if has("c_fc", "c_proj") and is_conv1d(m.c_fc):
+        return "gpt2-mlp"
+    if has("gate_proj", "up_proj", "down_proj"):
+        return "llama-mlp"
+    if has("c_attn", "c_proj") and isinstance(getattr(m, "split_size", None), int) \
+            and isinstance(getattr(m, "head_dim", None), int):
+        return "gpt2-attention"
+    if has("q_proj", "k_proj", "v_proj", "o_proj") and isinstance(getattr(m, "head_dim", None), int) \
+            and isinstance(getattr(m, "num_key_value_groups", None), int):
+        return "llama-attention"
+    return None
+
+
+def head_overrides(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """`group_parameters` overrides with one group per attention head of every
+    GPT-2 / LLaMA-style attention block of ``model`` (docs/math.md section 3:
+    ``dims`` are a group's elements after ``view``); MLP neurons need none, the
+    default input-wise groups of ``c_proj`` / ``down_proj`` are one per neuron.
+
+    * GPT-2 ``c_attn.weight`` ``[d, 3*H*dh]`` viewed ``(d, 3, H, dh)``: head
+      ``h``'s q, k and v columns, dims ``(0, 1, 3)``; ``c_proj.weight``
+      ``[H*dh, d]`` viewed ``(H, dh, d)``: its rows, dims ``(1, 2)``.
+    * LLaMA ``q_proj`` / ``k_proj`` / ``v_proj`` ``[heads*dh, d]`` viewed
+      ``(units, -1, d)``, dims ``(1, 2)``; ``o_proj`` ``[d, H*dh]`` viewed
+      ``(d, units, -1)``, dims ``(0, 2)``. With grouped-query attention
+      (``num_key_value_groups > 1``) a unit is one key/value head and the
+      query heads that share it, the smallest part `compact_model` can remove.
+
+    Merge the result with your own overrides: ``overrides={**head_overrides(m), ...}``.
+    """
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        kind = transformer_block_kind(m)
+        if kind == "gpt2-attention" and not hasattr(m, "q_attn"):
+            heads, dh, d = m.split_size // m.head_dim, m.head_dim, m.c_attn.nx
+            out[f"{name}.c_attn"] = {"dims": (0, 1, 3), "view": (d, 3, heads, dh)}
+            out[f"{name}.c_proj"] = {"dims": (1, 2), "view": (heads, dh, m.c_proj.nf)}
+        elif kind == "llama-attention":
+            units = m.k_proj.out_features // m.head_dim
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                out[f"{name}.{proj}"] = {"dims": (1, 2), "view": (units, -1, getattr(m, proj).in_features)}
+            out[f"{name}.o_proj"] = {"dims": (0, 2), "view": (m.o_proj.out_features, units, -1)}
+    return out
+
+
+def _grouped_module(module: nn.Module) -> bool:
+    return isinstance(module, (*_CONV, *_CONV_T, nn.Linear)) or is_conv1d(module)
+
+
 def _grouping_dims(module: nn.Module, kind: str, weight: torch.Tensor) -> Tuple[int, ...]:
     """``dims`` that give one group per input (``kind`` in channel/input) or
     per output (filter/output) slice of ``module``'s weight."""
@@ -76,18 +165,62 @@ def _grouping_dims(module: nn.Module, kind: str, weight: torch.Tensor) -> Tuple[
         raise ValueError(f"Invalid grouping: {kind!r} (expected one of {GROUPINGS})")
     side = _SIDES[kind]
     spatial = tuple(range(2, weight.dim()))
-    if isinstance(module, _CONV_T):  # weight [in, out/groups, *kernel]
+    if isinstance(module, _CONV_T) or is_conv1d(module):  # weight [in, out(/groups), *kernel]
         return ((1,) if side == "in" else (0,)) + spatial
     if isinstance(module, (*_CONV, nn.Linear)):  # weight [out, in/groups, *kernel]
         return ((0,) if side == "in" else (1,)) + spatial
-    raise ValueError(f"grouping {kind!r} needs a Linear or convolution module, "
+    raise ValueError(f"grouping {kind!r} needs a Linear, Conv1D or convolution module, "
                      f"got {type(module).__name__}; give 'dims' instead")
 
 
-def _primary(module: nn.Module) -> List[str]:
-    """Local names of the parameters a module-level setting applies to."""
+def _parametrized(module: nn.Module) -> Dict[str, Tuple[str, torch.Tensor, Any]]:
+    """``{local name: (tensor name, original, parametrization list)}`` for the
+    ``original*`` tensors of ``module``'s parametrized tensors (``local name`` is
+    ``parametrizations.<tensor>.original*``). The largest original (the last
+    one of a tie: weight norm's direction ``v`` after its magnitude ``g``) is
+    the one grouped as the tensor; the others are listed with tensor name
+    ``None``. The parametrized tensor itself is never evaluated here: spectral
+    norm would run a power iteration and change its buffers."""
+    out = {}
+    plists = getattr(module, "parametrizations", None)
+    if not isinstance(plists, nn.ModuleDict):
+        return out
+    for tname, plist in plists.items():
+        own = list(plist.named_parameters(recurse=False))
+        if not own:
+            continue
+        main = max(range(len(own)), key=lambda i: (own[i][1].numel(), i))
+        for i, (local, p) in enumerate(own):
+            out[f"parametrizations.{tname}.{local}"] = (tname if i == main else None, p, plist)
+    return out
+
+
+def _keeps_zero_groups(plist, dims: Tuple[int, ...], ndim: int) -> bool:
+    """Does every parametrization in ``plist`` map a zero group of its input to
+    a zero group of its output? Spectral norm divides by a scalar; weight norm
+    ``v * g / ||v||`` with the norm taken per index of ``dim`` is safe when
+    that norm runs across the groups (``dim`` in ``dims``, or one norm for the
+    whole tensor), not when a group is a whole norm slice (0 / 0)."""
+    for param in plist:
+        kind = type(param).__name__
+        if kind == "_SpectralNorm":
+            continue
+        if kind == "_WeightNorm":
+            dim = getattr(param, "dim", 0)
+            if dim == -1 or dim % ndim in dims:
+                continue
+        return False
+    return True
+
+
+def _primary(module: nn.Module, extra: Dict[str, Tuple[str, torch.Tensor, Any]]) -> List[str]:
+    """Local names of the parameters a module-level setting applies to: the
+    weight (or its parametrization's original), else all of its own."""
     own = [n for n, _ in module.named_parameters(recurse=False)]
-    return ["weight"] if "weight" in own else own
+    weight = [local for local, (tname, _, _) in extra.items() if tname == "weight"]
+    if "weight" in own or weight:
+        return ["weight"] + weight
+    return own + [local for local, (tname, _, _) in extra.items() if tname is not None]
 
 
 def _type_setting(module: nn.Module, overrides: Dict[Any, Any]):
@@ -98,11 +231,11 @@ def _type_setting(module: nn.Module, overrides: Dict[Any, Any]):
 
 
 def _apply(settings: Dict[str, Any], value, module: nn.Module, p: torch.Tensor,
-           name: str) -> Dict[str, Any]:
+           name: str, is_weight: bool) -> Dict[str, Any]:
     if value is None:
         return {"regularizer": "none"}
     if isinstance(value, str):
-        if p is not getattr(module, "weight", None):
+        if not is_weight:
             raise ValueError(f"parameter {name!r}: a grouping word applies to a module's weight; "
                              f"give 'dims' instead")
         try:
@@ -165,8 +298,9 @@ def _finish(settings: Dict[str, Any], regularizer: str, lambda_: Optional[float]
             s["view"] = tuple(int(v) for v in s["view"])
         try:
             viewed = grouped_view(p.detach(), s.get("view"))
-        except RuntimeError as e:
-            raise ValueError(f"parameter {name!r}: cannot view shape {tuple(p.shape)} as {s['view']}: {e}") from None
+        except RuntimeError:  # torch's message repeats the view; say it once, with the size
+            raise ValueError(f"parameter {name!r}: cannot view shape {tuple(p.shape)} ({p.numel()} "
+                             f"elements) as {s['view']}") from None
         try:
             s["dims"] = normalize_dims(s.get("dims"), viewed.dim())
         except ValueError as e:
@@ -210,17 +344,25 @@ def group_parameters(model: nn.Module, lambda_: Optional[float] = None, *,
 
     groups: Dict[Any, Dict[str, Any]] = {}
     seen = set()
+    unnamed_matrices = []
     for mname, module in model.named_modules():
-        primary = _primary(module)
-        for local, p in module.named_parameters(recurse=False):
+        extra = _parametrized(module)
+        primary = _primary(module, extra)
+        own = list(module.named_parameters(recurse=False))
+        for local, p in own + [(local, p) for local, (_, p, _) in extra.items()]:
             if id(p) in seen:
                 continue
             seen.add(id(p))
             name = f"{mname}.{local}" if mname else local
+            # A parametrized weight's original is grouped as the weight of the
+            # module that owns the parametrization (not of ParametrizationList).
+            is_weight = local == "weight" or (local in extra and extra[local][0] == "weight")
             settings: Dict[str, Any] = {"regularizer": "none"}
-            if local == "weight" and isinstance(module, (*_CONV, *_CONV_T, nn.Linear)):
-                kind = linear if isinstance(module, nn.Linear) else conv
-                settings = {"regularizer": "group_lasso", "dims": _grouping_dims(module, kind, p)}
+            if is_weight and _grouped_module(module):
+                kind = linear if isinstance(module, nn.Linear) or is_conv1d(module) else conv
+                dims = _grouping_dims(module, kind, p)
+                if local == "weight" or _keeps_zero_groups(extra[local][2], dims, p.dim()):
+                    settings = {"regularizer": "group_lasso", "dims": dims}
             chosen = []
             if local in primary:
                 chosen += _type_setting(module, overrides)
@@ -232,8 +374,11 @@ def group_parameters(model: nn.Module, lambda_: Optional[float] = None, *,
             chosen += [overrides[k] for k in ppats]
             used.update(ppats)
             explicit = set()
+            if (not chosen and settings["regularizer"] == "none" and p.dim() >= 2
+                    and sum(n > 1 for n in p.shape) >= 2 and not isinstance(module, nn.Embedding)):
+                unnamed_matrices.append(name)
             for value in chosen:
-                settings = _apply(settings, value, module, p, name)
+                settings = _apply(settings, value, module, p, name, is_weight)
                 if isinstance(value, dict) and "regularizer" in value:
                     explicit.add("regularizer")
                 elif value is None or isinstance(value, str):
@@ -252,6 +397,14 @@ def group_parameters(model: nn.Module, lambda_: Optional[float] = None, *,
         raise ValueError(f"override pattern(s) {unused} select no parameter (a pattern matching a "
                          f"module name selects that module's own weight: use 'name.*' for the "
                          f"modules inside a container)")
+    if unnamed_matrices and regularizer != "none":
+        shown = ", ".join(repr(n) for n in unnamed_matrices[:8])
+        more = f" and {len(unnamed_matrices) - 8} more" if len(unnamed_matrices) > 8 else ""
+        warnings.warn(f"group_parameters: {len(unnamed_matrices)} weight(s) with 2 or more dimensions "
+                      f"are left unregularized (no Linear/Conv1D/convolution rule applies and no "
+                      f"override names them): {shown}{more}; give them 'dims' through overrides, "
+                      f"or None to keep them unregularized without this warning", UserWarning,
+                      stacklevel=2)
     return list(groups.values())
 
 
@@ -267,4 +420,5 @@ def named_parameters_of(groups: Iterable[Dict[str, Any]]) -> List[Tuple[str, tor
     return out
 
 
-__all__ = ["group_parameters", "GROUPINGS", "named_parameters_of"]
+__all__ = ["group_parameters", "GROUPINGS", "named_parameters_of", "is_conv1d", "head_overrides",
+           "transformer_block_kind"]

@@ -18,6 +18,28 @@ def test_info_lists_the_reference_backend(capsys):
     assert any(line.split()[:3] == ["reference", "cpu", "yes"] for line in out.splitlines())
 
 
+def test_info_shows_the_cpu_kernel_isa(capsys, monkeypatch):
+    """Issue 14 item 12: the ISA changes results at the rounding level, so info names it."""
+    from ramda_kernels import _C
+
+    monkeypatch.delenv("RAMDA_CPU_ISA", raising=False)
+    assert main(["info"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("CPU: ")]
+    assert len(line) == 1 and f"CPU kernel ISA: {_C.cpu_isa()} (best this CPU has" in line[0]
+    monkeypatch.setenv("RAMDA_CPU_ISA", "default")
+    assert main(["info"]) == 0
+    assert "(forced by RAMDA_CPU_ISA=default)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["validate"], ["train"], ["compact"]])
+def test_help_has_no_restructuredtext_quotes(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: ramda-kernels" in text and "`" not in text
+
+
 def _train(tmp_path, capsys, *flags):
     out = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--out", str(out), *flags]) == 0

@@ -390,3 +390,57 @@ def test_concatenated_channels_map_back_to_their_producers():
     assert (small.a.out_channels, small.b.out_channels, small.c.in_channels) == (4, 2, 6)
     torch.testing.assert_close(small.b.weight, model.b.weight[[1, 2]], atol=0, rtol=0)
     _assert_same_outputs(model, small, x)
+
+
+def test_transformer_mlp_on_3d_input_compacts_like_on_2d():
+    """Issue 14 item 2: a Linear on [N, T, F] runs view -> addmm -> view; the
+    addmm is the consumer's own product, not an op that mixes units."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    with torch.no_grad():
+        model[2].weight[:, :20] = 0
+    for shape in ((8,), (5, 8)):
+        x = _inputs(shape, n=6)
+        small, report = compact_model(model, x[:2], eval_inputs=x)
+        assert (small[0].out_features, small[2].in_features) == (12, 12), (shape, report.skipped)
+        assert report.skipped == ["2: is a model output"]
+        _assert_same_outputs(model, small, x)
+
+
+def test_charlm_mlp_neurons_are_removed():
+    """Issue 14 item 2: charlm's fc1 neurons whose fc2 input groups are zero go."""
+    torch.manual_seed(0)
+    model = tasks.CharTransformer()
+    with torch.no_grad():
+        model.blocks[1].fc2.weight[:, :100] = 0
+        model.blocks[0].fc2.weight[:, [5, 6, 7]] = 0
+    x = torch.randint(0, 256, (6, 64), generator=torch.Generator().manual_seed(1))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert (small.blocks[0].fc1.out_features, small.blocks[1].fc1.out_features) == (253, 156)
+    assert (small.blocks[0].fc2.in_features, small.blocks[1].fc2.in_features) == (253, 156)
+    assert report.units_removed == 103
+    assert report.max_abs_diff <= ATOL
+    assert any("attn" in s and "mix units" in s for s in report.skipped), report.skipped
+
+
+class _TupleOut(nn.Module):
+    """Returns a tuple with a non-tensor (a cache-like object) and a dict, as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        return logits, object(), {"extra": None, "logits2": logits * 2}
+
+
+def test_tuple_and_dict_outputs_are_accepted():
+    torch.manual_seed(0)
+    model = _TupleOut()
+    with torch.no_grad():
+        model.fc2.weight[:, [1, 4, 9]] = 0
+    x = _inputs((8,))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert small.fc1.out_features == 13 and report.units_removed == 3
+    assert report.max_abs_diff <= ATOL

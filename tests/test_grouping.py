@@ -158,8 +158,14 @@ def test_errors_name_the_problem(kwargs, match):
         group_parameters(nn.Sequential(nn.Linear(4, 5)), **kwargs)
 
 
+def test_view_error_names_the_shape_once():
+    with pytest.raises(ValueError) as e:
+        group_parameters(nn.Sequential(nn.Linear(4, 5)), overrides={"0": {"dims": (0,), "view": (7, -1)}})
+    assert str(e.value) == "parameter '0.weight': cannot view shape (5, 4) (20 elements) as (7, -1)"
+
+
 def test_grouping_word_on_a_norm_layer_is_an_error():
-    with pytest.raises(ValueError, match=r"'0.weight'.*Linear or convolution"):
+    with pytest.raises(ValueError, match=r"'0.weight'.*Linear, Conv1D or convolution"):
         group_parameters(nn.Sequential(nn.LayerNorm(4)), overrides={nn.LayerNorm: "channel"})
 
 

@@ -123,14 +123,156 @@ def test_same_seed_and_backend_give_identical_metrics(tmp_path, capsys):
     assert torch.load(tmp_path / "run0" / "ramda.pt", weights_only=False)["config"]["seed"] == 7
 
 
-def test_compact_declines_a_user_model_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+def test_compact_takes_a_user_model_checkpoint(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 4: a --model checkpoint compacts (it was refused before)."""
+    from ramda_kernels.compact import load_compact
+
     (tmp_path / "my_rk_model2.py").write_text(
-        "import torch\ndef model():\n    return torch.nn.Sequential(torch.nn.Linear(64, 10))\n")
+        "import torch\ndef model():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     assert _run("--task", "digits-mlp", "--model", "my_rk_model2:model", "--epochs", "1",
                 "--max-batches", "2", "--out", str(out)) == 0
+    ckpt = torch.load(out / "ramda.pt", weights_only=False)
+    with torch.no_grad():  # plant 5 unused hidden neurons: fc2's input groups 0..4
+        ckpt["model"]["2.weight"][:, :5] = 0
+    torch.save(ckpt, out / "ramda.pt")
     capsys.readouterr()
-    assert main(["compact", str(out / "ramda.pt")]) == 2
+    assert main(["compact", str(out / "ramda.pt"), "--out", str(tmp_path / "c"), "--repeats", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "outputs equal" in text and "model_fn=<my_rk_model2:model>" in text
+    report = json.loads((tmp_path / "c" / "compact.json").read_text())
+    assert report["model"] == "my_rk_model2:model" and report["units_removed"] == 5
+    with pytest.raises(ValueError, match="pass model_fn="):
+        load_compact(str(tmp_path / "c" / "compact.pt"))
+    import my_rk_model2
+
+    small = load_compact(str(tmp_path / "c" / "compact.pt"), model_fn=my_rk_model2.model)
+    assert small[0].out_features == 27 and small[2].in_features == 27
+    full = my_rk_model2.model()
+    full.load_state_dict(ckpt["model"])
+    full.eval()
+    x = torch.rand(16, 64)
+    torch.testing.assert_close(small(x), full(x), atol=1e-5, rtol=1e-5)
+    # The same --model flag as train's names (or replaces) the model's function.
+    assert main(["compact", str(out / "ramda.pt"), "--model", "no_such_mod_rk:model"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "trained with --model my_rk_model2:model" in err
+    assert err.count("\n") == 1 and "cannot import 'no_such_mod_rk'" in err
+
+
+def test_task_overrides_do_not_apply_to_a_user_model(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 5: charlm's head-group patterns name charlm's layers, not the user's."""
+    (tmp_path / "my_rk_lm.py").write_text(
+        "import torch\ndef model():\n    return torch.nn.Sequential(torch.nn.Embedding(256, 16), "
+        "torch.nn.Linear(16, 256))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for extra in ([], ["--grouping", "input"]):
+        out = tmp_path / f"run{len(extra)}"
+        assert _run("--task", "charlm", "--model", "my_rk_lm:model", "--epochs", "1", "--max-batches", "1",
+                    "--out", str(out), *extra) == 0, capsys.readouterr().err
+        rows = json.loads((out / "ramda.json").read_text())["structure"]["rows"]
+        assert [(r["name"], r["groups"]) for r in rows] == [("1.weight", 16)]
+    capsys.readouterr()
+
+
+_BN_MODEL = """
+import torch
+from torch import nn
+
+def model():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 16, 10))
+"""
+
+
+def test_train_and_compact_recalibrate_batchnorm(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 10: the saved BatchNorm statistics are the ones of the final
+    weights (recomputed on the sample train names), unless --no-recalibrate-bn."""
+    from ramda_kernels import tasks
+    from ramda_kernels.batchnorm import recalibrate_batchnorm
+    from ramda_kernels.commands.train import RECALIBRATE_BATCHES
+
+    (tmp_path / "my_rk_bn.py").write_text(_BN_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_rk_bn
+
+    runs = {}
+    for flag in ([], ["--no-recalibrate-bn"]):
+        out = tmp_path / f"run{len(flag)}"
+        assert _run("--model", "my_rk_bn:model", "--epochs", "1", "--max-batches", "3", "--batch-size", "32",
+                    "--out", str(out), *flag) == 0
+        text = capsys.readouterr().out
+        assert ("are recalibrated on" in text) == (not flag) and ("not recalibrated" in text) == bool(flag)
+        state = torch.load(out / "ramda.pt", weights_only=False)["model"]
+        runs["off" if flag else "on"] = state
+    # Same weights either way (training uses batch statistics), different running statistics.
+    assert torch.equal(runs["on"]["0.weight"], runs["off"]["0.weight"])
+    assert not torch.allclose(runs["on"]["1.running_mean"], runs["off"]["1.running_mean"])
+    x = tasks.get("digits-convnet").load().x_train
+    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:RECALIBRATE_BATCHES * 32]]
+    model = my_rk_bn.model()
+    model.load_state_dict(runs["off"])
+    recalibrate_batchnorm(model, sample, batch_size=32)
+    torch.testing.assert_close(runs["on"]["1.running_mean"], model[1].running_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(runs["on"]["1.running_var"], model[1].running_var, atol=1e-6, rtol=1e-6)
+    # compact recalibrates too (it says so), and keeps the checkpoint's with the flag.
+    for flag in ([], ["--no-recalibrate-bn"]):
+        assert main(["compact", str(tmp_path / "run1" / "ramda.pt"), "--out", str(tmp_path / f"c{len(flag)}"),
+                     "--repeats", "0", *flag]) == 0
+        assert ("recalibrated BatchNorm" in capsys.readouterr().out) == (not flag)
+
+
+def test_sparsity_onset_is_printed_and_ramp_steps_moves_it(tmp_path, capsys):
+    """Issue 14 item 11: 3 steps per epoch, milestone 1, 2 epochs: the default ramp
+    (99 steps for c0 0.1) ends after the run, --ramp-steps 2 at step 3 + 2 = 5 of 6."""
+    common = ["--task", "digits-mlp", "--epochs", "2", "--milestones", "1", "--max-batches", "3",
+              "--lambda", "1.0"]
+    assert _run(*common, "--out", str(tmp_path / "a")) == 0
+    text = capsys.readouterr().out
+    assert ("sparsity onset: groups can become exactly zero 99 optimizer steps after the last milestone "
+            "(epoch 1), at step 102 of 6; this run ends 96 steps before that") in text
+    assert json.loads((tmp_path / "a" / "ramda.json").read_text())["final"]["group_sparsity"] == 0.0
+    assert _run(*common, "--ramp-steps", "2", "--out", str(tmp_path / "b")) == 0
+    text = capsys.readouterr().out
+    assert "2 optimizer steps after the last milestone (epoch 1), at step 5 of 6\n" in text
+    assert json.loads((tmp_path / "b" / "ramda.json").read_text())["final"]["group_sparsity"] > 0.5
+    assert _run("--ramp-steps", "0") == 2
+    assert "--ramp-steps must be at least 1" in capsys.readouterr().err
+    assert _run(*common, "--milestones", "", "--out", str(tmp_path / "c")) == 0
+    assert "sparsity onset: never" in capsys.readouterr().out
+
+
+def _result(optimizer, accuracy, sparsity, model=None):
+    from ramda_kernels.commands.train import Config, Result
+
+    cfg = Config(task="digits-convnet", optimizer=optimizer, regularizer="group_lasso", grouping=None,
+                 lambda_=1e-3, lr=0.1, momentum=None, epochs=len(accuracy), milestones=[], backend="auto",
+                 device="cpu", seed=0, batch_size=64, out="x", model=model)
+    history = [{"epoch": e + 1, "test_accuracy": a, "group_sparsity": g}
+               for e, (a, g) in enumerate(zip(accuracy, sparsity))]
+    return Result(cfg, None, None, None, None, history, None)
+
+
+def test_plot_defects_are_fixed():
+    """Issue 14 item 12: title of a --model run, whole-number epoch ticks,
+    0% lines that stay apart, an accuracy axis that shows a one-point difference."""
+    import matplotlib.pyplot as plt
+
+    from ramda_kernels.commands.train import figure, run_label
+
+    user = _result("ramda", [0.5, 0.9, 0.95], [0, 0, 0], model="mine.py:net")
+    assert run_label(user.config) == "mine.py:net on digits-convnet data"
+    runs = [_result("ramda", [0.10, 0.90, 0.96, 0.97], [0, 0, 0, 0]),
+            _result("adamw", [0.12, 0.91, 0.97, 0.98], [0, 0, 0, 0])]
+    fig = figure(runs, "t")
+    acc, sparsity = fig.axes
+    for ax in (acc, sparsity):
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 4]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    styles = {(ln.get_linestyle(), ln.get_marker()) for ln in sparsity.get_lines()}
+    assert len(styles) == 2  # equal 0% lines are drawn differently
+    lo, hi = acc.get_ylim()
+    assert lo > 50 and hi < 100 and "zoomed" in acc.get_ylabel()  # 96-98% readable, not 10-98%
+    plt.close(fig)

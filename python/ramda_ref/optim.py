@@ -606,6 +606,13 @@ class _DualAveraging(ProxOptimizer):
 
     _uses_alpha = True
 
+    def step(self, closure: Optional[Callable] = None):
+        # momentum is the averaging weight c: warn when a scheduler cycles it (issue 14 item 9).
+        from .schedule import check_momentum_changes
+
+        check_momentum_changes(self)
+        return super().step(closure)
+
     def _validate_hparams(self, group):
         self._check_range(group, "lr", 0.0, math.inf, high_open=True)
         self._check_range(group, "momentum", 0.0, 1.0, low_open=True)
@@ -637,6 +644,11 @@ class RAMDA(_DualAveraging):
     lambda_=0, max_iters=100, rtol=1e-8``. See the module docstring for the
     grouping keys; ``solver="exact"`` solves the subproblem in closed form
     (l1) or by the monotone Newton method (group lasso).
+
+    ``momentum`` is the averaging weight ``c`` of the returned weights, not
+    heavy-ball momentum: a torch scheduler that cycles momentum
+    (``OneCycleLR(cycle_momentum=True)``, ``CyclicLR``) rewrites it to
+    0.85-0.95; pass ``cycle_momentum=False`` (a warning says so once).
     """
 
     _name = "ramda"

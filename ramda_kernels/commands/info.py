@@ -29,4 +29,36 @@ def run(args) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             continue
         print(f"auto on {device}: {backends.resolve('auto', device)}")
+    print(cpu_line())
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform's) and core count."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
+def cpu_line() -> str:
+    """The CPU and the instruction set its kernels use. The ISA changes results
+    at the rounding level (a vector width changes the order of sums), so any
+    quoted figure depends on it; RAMDA_CPU_ISA=avx2/default forces a lower one."""
+    import os
+
+    try:
+        from ramda_kernels import _C
+
+        isa = _C.cpu_isa()
+    except (ImportError, AttributeError) as e:
+        isa = f"unknown (C++ extension not loaded: {type(e).__name__})"
+    forced = os.environ.get("RAMDA_CPU_ISA")
+    how = f"forced by RAMDA_CPU_ISA={forced}" if forced else "best this CPU has; RAMDA_CPU_ISA=avx2|default lowers it"
+    return f"CPU: {cpu_model()}; CPU kernel ISA: {isa} ({how})"

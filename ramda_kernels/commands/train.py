@@ -37,6 +37,8 @@ OPTIMIZERS = REGULARIZED + PLAIN
 DEFAULT_LR = {"ramda": 1e-2, "rmda": 0.1, "proxadamw": 1e-3, "proxsgd": 0.1, "adamw": 1e-3, "sgd": 0.1}
 REGULARIZERS = ("group_lasso", "l1", "nuclear", "none")
 GROUPINGS = ("channel", "filter", "input", "output")
+#: training batches that recalibrate_batchnorm averages over before an evaluation
+RECALIBRATE_BATCHES = 50
 
 
 class UsageError(ValueError):
@@ -64,6 +66,11 @@ class Config:
     #: --model / --data as given ("module:function"), None for the task's
     model: Optional[str] = None
     data: Optional[str] = None
+    #: re-estimate BatchNorm statistics before each evaluation (--no-recalibrate-bn: off)
+    recalibrate_bn: bool = True
+    #: optimizer steps after the last milestone until ramda/rmda's averaging weight is 1
+    #: (None: the authors' c0 * sqrt(i) ramp, 1/c0^2 - 1 steps)
+    ramp_steps: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -110,6 +117,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--milestones", default=None, metavar="E1,E2,...",
                         help="epochs at which lr *= 0.1 (and ramda/rmda restart); '' for none; "
                              "default: at 2/3 of the epochs")
+    parser.add_argument("--ramp-steps", type=int, default=None, metavar="STEPS",
+                        help="ramda/rmda: optimizer steps after the last milestone until the "
+                             "averaging weight reaches 1, when groups can become exactly zero "
+                             "(default: the authors' ramp c0*sqrt(i), 1/c0^2 - 1 = 99 steps for c0 0.1)")
     parser.add_argument("--backend", default="auto", help="auto, reference, triton, cpu or cuda")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
@@ -124,6 +135,11 @@ def add_arguments(parser) -> None:
                         help="your own data: FUNCTION() returns ramda_kernels.tasks.Data(x_train, "
                              "y_train, x_test, y_test) (tensors; y are class indices); replaces the "
                              "--task's data")
+    parser.add_argument("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
+                        help="do not re-estimate BatchNorm running statistics on up to "
+                             f"{RECALIBRATE_BATCHES} training batches before each evaluation and "
+                             "the save (they trail the weights, which RAMDA/RMDA move fast once the "
+                             "averaging weight ramps up)")
     parser.add_argument("--max-batches", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -238,6 +254,9 @@ def make_config(args) -> "Config":
             load_function(spec, flag)  # fail before training with a one-line error
     if args.max_batches < 0:
         raise UsageError(f"--max-batches must be >= 0, got {args.max_batches}")
+    ramp_steps = getattr(args, "ramp_steps", None)
+    if ramp_steps is not None and ramp_steps < 1:
+        raise UsageError(f"--ramp-steps must be at least 1, got {ramp_steps}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -249,7 +268,8 @@ def make_config(args) -> "Config":
                   epochs=epochs, milestones=_milestones(args.milestones, epochs, task),
                   backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
                   out=args.out or os.path.join("runs", task.name), max_batches=args.max_batches,
-                  model=args.model, data=args.data)
+                  model=args.model, data=args.data,
+                  recalibrate_bn=getattr(args, "recalibrate_bn", True), ramp_steps=ramp_steps)
 
 
 def parse_compare(args) -> List[str]:
@@ -279,9 +299,15 @@ def compare_configs(args) -> List[Config]:
 
 
 def _grouping_kwargs(cfg: Config, task) -> Dict[str, str]:
-    if cfg.grouping is None:
-        return dict(task.grouping)
-    return {**task.grouping, "conv": cfg.grouping, "linear": cfg.grouping}
+    """`group_parameters` keywords: the task's, where --grouping replaces conv and
+    linear. A --model is not the task's model, so the task's overrides (name
+    patterns of its own layers, e.g. charlm's head groups) do not apply to it."""
+    kwargs = dict(task.grouping)
+    if cfg.model is not None:
+        kwargs.pop("overrides", None)
+    if cfg.grouping is not None:
+        kwargs.update(conv=cfg.grouping, linear=cfg.grouping)
+    return kwargs
 
 
 def build_optimizer(cfg: Config, model, groups):
@@ -335,6 +361,47 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def onset_message(cfg: Config, scheduler, steps: int) -> str:
+    """When ramda/rmda's group sparsity can appear in this run (docs/math.md
+    section 6): weights are exactly zero only once the averaging weight is 1."""
+    onset = scheduler.onset()
+    if onset is None:
+        return ("sparsity onset: never (no milestone, so the averaging weight stays at its initial "
+                "value and the weights are never exactly zero)")
+    last = cfg.milestones[-1]
+    at, total = last * steps + onset, cfg.epochs * steps
+    text = (f"sparsity onset: groups can become exactly zero {onset} optimizer steps after the last "
+            f"milestone (epoch {last}), at step {at} of {total}")
+    if at > total:
+        text += (f"; this run ends {at - total} steps before that, so expect 0% group sparsity: "
+                 f"train longer or pass --ramp-steps")
+    return text
+
+
+def _recalibrator(cfg: Config, model, x_tr, log):
+    """A function that re-estimates ``model``'s BatchNorm statistics on a fixed
+    sample of up to `RECALIBRATE_BATCHES` training batches (a no-op without
+    BatchNorm layers or with --no-recalibrate-bn). Training is not affected:
+    training-mode BatchNorm uses batch statistics only."""
+    import torch
+
+    from ramda_kernels.batchnorm import recalibrate_batchnorm
+
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                 for m in model.modules())
+    if not has_bn:
+        return lambda: None
+    if not cfg.recalibrate_bn:
+        log("BatchNorm statistics are not recalibrated (--no-recalibrate-bn): eval-mode scores use "
+            "running averages that trail the weights")
+        return lambda: None
+    order = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(cfg.seed))
+    sample = x_tr[order[:RECALIBRATE_BATCHES * cfg.batch_size].to(x_tr.device)]
+    log(f"BatchNorm statistics are recalibrated on {len(sample)} training inputs before each "
+        f"evaluation (--no-recalibrate-bn: off)")
+    return lambda: recalibrate_batchnorm(model, sample, batch_size=cfg.batch_size)
+
+
 def train(cfg: Config, progress: bool = True, log=print) -> Result:
     """Train one configuration; ``log`` gets one line per epoch."""
     import torch
@@ -354,7 +421,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     try:
         groups = rk.group_parameters(model, lambda_=cfg.lambda_, regularizer=cfg.regularizer, **grouping)
         optimizer = build_optimizer(cfg, model, groups)
-        scheduler = rk.StagewiseScheduler(optimizer, cfg.milestones)
+        scheduler = rk.StagewiseScheduler(optimizer, cfg.milestones, ramp_steps=cfg.ramp_steps)
     except (ValueError, rk.BackendUnavailableError) as e:
         raise UsageError(str(e)) from None
     # Structure is measured on the grouping's groups whatever the optimizer, so
@@ -367,6 +434,9 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     if cfg.max_batches:
         steps = min(steps, cfg.max_batches)
     history: List[Dict[str, float]] = []
+    recalibrate = _recalibrator(cfg, model, x_tr, log)
+    if cfg.optimizer in ("ramda", "rmda") and cfg.regularizer != "none":
+        log(onset_message(cfg, scheduler, steps))
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=gen).to(device)
@@ -396,6 +466,7 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
         scheduler.step()
         report = rk.structure_report(model, measured)
         t = report.totals
+        recalibrate()
         scores = evaluate(model, x_te, y_te)
         row = {"epoch": epoch, "loss": total / seen, "test_accuracy": scores["accuracy"],
                "test_loss": scores["loss"], "test_perplexity": math.exp(min(scores["loss"], 700.0)),
@@ -424,14 +495,16 @@ def save(result: Result) -> Dict[str, str]:
     paths = {"metrics": os.path.join(cfg.out, f"{cfg.optimizer}.json"),
              "checkpoint": os.path.join(cfg.out, f"{cfg.optimizer}.pt"),
              "plot": os.path.join(cfg.out, f"{cfg.optimizer}.png")}
+    from ramda_kernels.commands.info import cpu_line
+
     meta = {"config": dataclasses.asdict(cfg), "backend": result.backend, "torch": str(torch.__version__),
-            "ramda_kernels": rk.__version__}
+            "ramda_kernels": rk.__version__, "cpu": cpu_line()}
     with open(paths["metrics"], "w") as f:
         json.dump({**meta, "final": result.final, "epochs": result.history,
                    "structure": result.report.as_dict()}, f, indent=1)
     torch.save({**meta, "model": result.model.state_dict(), "optimizer": result.optimizer.state_dict(),
                 "scheduler": result.scheduler.state_dict(), "final": result.final}, paths["checkpoint"])
-    plot_runs([result], paths["plot"], f"{cfg.task}: {cfg.optimizer}")
+    plot_runs([result], paths["plot"], f"{run_label(cfg)}: {cfg.optimizer}")
     return paths
 
 
@@ -444,9 +517,6 @@ def _describe(cfg: Config, backend: Optional[str]) -> str:
     text = (f"task {cfg.task}{custom}  optimizer {opt}  lr {cfg.lr:g}{mom}{reg}  grouping {grouping}\n"
             f"{cfg.epochs} epochs  batch {cfg.batch_size}  milestones {cfg.milestones}  seed {cfg.seed}  "
             f"device {cfg.device}")
-    if cfg.optimizer in ("ramda", "rmda") and cfg.regularizer != "none":
-        text += ("\n(ramda/rmda average the iterates, so weights become exactly zero only after the "
-                 "last milestone, when the averaging weight ramps up to 1)")
     return text
 
 
@@ -474,27 +544,70 @@ def _plt():
     return plt
 
 
-def plot_runs(results: List[Result], path: str, title: str) -> str:
-    """Headline metric and group sparsity vs epoch, one line per run, into ``path`` (PNG)."""
+def run_label(cfg: Config) -> str:
+    """What was trained: the task, or the --model / --data functions and the task
+    whose data or defaults they used."""
+    if cfg.model is None and cfg.data is None:
+        return cfg.task
+    model = cfg.model or f"{cfg.task} model"
+    data = cfg.data or f"{cfg.task} data"
+    return f"{model} on {data}"
+
+
+#: line styles and markers per run, so that runs with equal values (0% group
+#: sparsity for every unregularized optimizer) stay visible on top of each other
+_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "x")]
+
+
+def _zoom(ax, series: List[List[float]]) -> bool:
+    """Limit the y axis to the values of the later half of each run (with a
+    margin) when the early epochs would otherwise stretch it so far that the
+    final differences between runs are invisible; return whether it did."""
+    late = [v for ys in series for v in ys[len(ys) // 2:]]
+    every = [v for ys in series for v in ys]
+    if not late or max(every) == min(every):
+        return False
+    lo, hi = min(late), max(late)
+    if (hi - lo) >= 0.25 * (max(every) - min(every)):
+        return False
+    pad = max(0.1 * (hi - lo), 1e-3 * max(abs(hi), 1.0))
+    ax.set_ylim(lo - pad, hi + pad)
+    return True
+
+
+def figure(results: List[Result], title: str):
+    """The matplotlib figure of `plot_runs` (headline metric, group sparsity)."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     key, label, scale = _metric(results[0].config)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
+    metric = []
+    for k, r in enumerate(results):
+        style, marker = _STYLES[k % len(_STYLES)]
         epochs = [h["epoch"] for h in r.history]
-        ax1.plot(epochs, [scale * h[key] for h in r.history], marker=".", label=r.config.optimizer)
-        ax2.plot(epochs, [100 * h["group_sparsity"] for h in r.history], marker=".",
-                 label=r.config.optimizer)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel(label)
-    ax2.set_xlabel("epoch")
+        metric.append([scale * h[key] for h in r.history])
+        ax1.plot(epochs, metric[-1], linestyle=style, marker=marker, markersize=4, label=r.config.optimizer)
+        ax2.plot(epochs, [100 * h["group_sparsity"] for h in r.history], linestyle=style, marker=marker,
+                 markersize=4, label=r.config.optimizer)
+    zoomed = len(results) > 1 and _zoom(ax1, metric)
+    ax1.set_ylabel(label + (" (zoomed on the later epochs)" if zoomed else ""))
     ax2.set_ylabel("group sparsity (%)")
     for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(results: List[Result], path: str, title: str) -> str:
+    """Headline metric and group sparsity vs epoch, one line per run, into ``path`` (PNG)."""
+    fig = figure(results, title)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -549,7 +662,7 @@ def run_compare(args) -> int:
                 f"{cfg.milestones}, seed {cfg.seed}, device {cfg.device}, regularizer "
                 f"{cfg.regularizer} lambda {cfg.lambda_:g} (regularized optimizers only).\n\n")
         f.write(table)
-    plot_runs(results, png, f"{cfg.task}: {', '.join(c.optimizer for c in configs)}")
+    plot_runs(results, png, f"{run_label(cfg)}: {', '.join(c.optimizer for c in configs)}")
     print()
     print(table, end="")
     print(f"wrote {md} and {png} (and <optimizer>.json/.pt/.png per run in {cfg.out})")
