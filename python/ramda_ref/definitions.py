@@ -286,19 +286,19 @@ def owners(key: str, exclude: Definition) -> Tuple[str, ...]:
                  if d is not exclude and d.hparam(key) is not None)
 
 
-def unknown_key_message(key: str, definition: Definition) -> str:
-    """Why ``key`` is refused in a param group of ``definition``, with a
-    did-you-mean or the optimizers that take it."""
+def unknown_key_message(key: str, definition: Definition, what: str = "param group key") -> str:
+    """Why ``key`` (a param-group key, or a constructor keyword: ``what``) is
+    refused by ``definition``, with a did-you-mean or the optimizers that take it."""
     others = owners(key, definition)
     if others:
-        return (f"param group key {key!r} is a hyperparameter of {' and '.join(others)}, not of "
+        return (f"{what} {key!r} is a hyperparameter of {' and '.join(others)}, not of "
                 f"{definition.title}: {definition.title} would ignore it")
     known = [h.name for h in definition.hparams] + ["dim"]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close and key.rstrip("_") + "_" in known:
         close = [key.rstrip("_") + "_"]
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return (f"unknown param group key {key!r} for {definition.title}{hint} (it takes "
+    return (f"unknown {what} {key!r} for {definition.title}{hint} (it takes "
             f"{', '.join(known)})")
 
 

@@ -195,6 +195,9 @@ class ProxOptimizer(torch.optim.Optimizer):
         extra = values.pop("kwargs")
         nonfinite = values.pop("nonfinite")
         values.pop("params")
+        unknown = [key for key in extra if key not in ("dim", "dim_")]
+        if unknown:
+            raise TypeError(D.unknown_key_message(unknown[0], self._definition, "keyword argument"))
         defaults = dict(values, **_alias(extra))
         self._init(params, defaults, nonfinite)
 
