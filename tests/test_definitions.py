@@ -188,3 +188,30 @@ def test_tensor_rule_per_capabilities():
     big = torch.zeros([1] * 9)
     assert "9 dimensions" in _rules.tensor_problem(big, big, [], plain)
     assert _rules.tensor_problem(big, big, [], triton) is None
+
+
+# -- the extension missing ----------------------------------------------------------
+
+def test_missing_extension_says_not_built(tmp_path):
+    """A tree without ramda_kernels._C: the backends say "not built" (it said
+    "cannot import name '_C' from partially initialized module")."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "ramda_kernels", tmp_path / "ramda_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "_build_info.json", "__pycache__"))
+    # an editable install of the package elsewhere would otherwise supply its _C
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            "from ramda_kernels import backends\n"
+            "print(backends.why_unavailable('cpu', 'cpu'))\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{root / 'python'}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("not built: "), out.stdout
+    assert "circular import" not in out.stdout

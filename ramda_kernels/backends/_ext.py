@@ -10,6 +10,7 @@ asked for by name). On success the four ops are available as
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import List, Optional
@@ -20,7 +21,9 @@ EXT = None
 IMPORT_ERROR: Optional[BaseException] = None
 
 try:
-    from ramda_kernels import _C as EXT  # noqa: N812
+    # import_module, not ``from ramda_kernels import _C``: while the package is
+    # still initializing, the latter reports a missing module as a circular import
+    EXT = importlib.import_module("ramda_kernels._C")
 except Exception as e:  # ImportError, or an undefined symbol / ABI mismatch
     IMPORT_ERROR = e
 
@@ -40,7 +43,12 @@ def unavailable_reason() -> Optional[str]:
     if EXT is not None:
         return None
     note = build_note()
-    msg = f"ramda_kernels._C is not built or failed to load ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR})"
+    missing = (isinstance(IMPORT_ERROR, ModuleNotFoundError)
+               and IMPORT_ERROR.name == "ramda_kernels._C")
+    if missing:
+        msg = "not built: there is no compiled ramda_kernels._C next to ramda_kernels/__init__.py"
+    else:
+        msg = f"not loadable: ramda_kernels._C failed to import ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR})"
     if note:
         msg += f"; build note: {note}"
     return msg + ". Build it with `pip install --no-build-isolation -e .`"
