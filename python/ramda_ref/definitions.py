@@ -106,13 +106,6 @@ class HParam:
             kind = "" if self.name in ("regularizer", "solver", "pg_stop", "betas") else " value"
             raise ValueError(f"Invalid {self.name}{kind}: {value!r} (expected {problem})")
 
-    def to_functional(self, value) -> Dict[str, Any]:
-        if not self.functional:
-            return {}
-        if len(self.functional) == 1:
-            return {self.functional[0]: value}
-        return dict(zip(self.functional, value))
-
 
 _LR_CHECK = _number(0.0, math.inf, high_open=True)
 _MOMENTUM_CHECK = _number(0.0, 1.0, low_open=True)
@@ -212,8 +205,12 @@ class Definition:
     def functional_kwargs(self, group: Dict[str, Any]) -> Dict[str, Any]:
         """The functional's hyperparameter keywords from a param group."""
         out: Dict[str, Any] = {}
-        for h in self.hparams:
-            out.update(h.to_functional(group[h.name]))
+        for h in self.hparams:  # every step: no per-key dict
+            names = h.functional
+            if len(names) == 1:
+                out[names[0]] = group[h.name]
+            elif names:
+                out.update(zip(names, group[h.name]))
         return out
 
 
