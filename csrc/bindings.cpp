@@ -4,9 +4,10 @@
 // they compose with torch.compile; fake kernels are registered from Python
 // in ramda_kernels/backends/_ext.py).
 //
-// Every op takes exactly the tensor lists and hyperparameters of the
-// matching ramda_ref.functional function (minus what Python routes to the
-// reference: nuclear, pg_stop="rtol", fp64) and updates them in place.
+// Every op takes the tensor lists of the matching ramda_ref.functional
+// function and that step's named scalars (ramda_ref.definitions), minus
+// what Python routes to the reference (nuclear, pg_stop="rtol", fp64), and
+// updates them in place.
 
 #include <ATen/ATen.h>
 #include <ATen/InferSize.h>
@@ -229,99 +230,101 @@ void run(const Call& c, const StepArgs& a, TensorList params, TensorList grads, 
 #endif
 }
 
-void ramda_(TensorList params, TensorList grads, TensorList initial_points, TensorList grad_sums,
-            TensorList grad_sum_sqs, int64_t step, double alpha, double lr, double momentum,
-            double epsilon, double lambda_, std::string regularizer, OptInts dims, OptInts view,
-            bool reweight, std::string solver, int64_t max_iters, double pg_eps) {
-  const std::string op = "ramda_";
-  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
+// The four steps take the named per-step scalars that Python computes once
+// per step from the step counters and the hyperparameters
+// (python/ramda_ref/definitions.py; docs/math.md section 1), in double, and
+// round them to fp32 here the way torch rounds a Python scalar operand.
+
+void check_max_iters(const std::string& op, int64_t max_iters) {
   TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+}
+
+void ramda_(TensorList params, TensorList grads, TensorList initial_points, TensorList grad_sums,
+            TensorList grad_sum_sqs, double s, double epsilon, double keep, double c, double tau,
+            double eps_t, std::string regularizer, OptInts dims, OptInts view, bool reweight,
+            std::string solver, int64_t max_iters) {
+  const std::string op = "ramda_";
+  check_max_iters(op, max_iters);
   const size_t n = params.size();
   check_list(op, "initial_points", initial_points, n);
   check_list(op, "grad_sums", grad_sums, n);
   check_list(op, "grad_sum_sqs", grad_sum_sqs, n);
-  Call c{op, Optim::kRamda, parse_reg(op, regularizer), parse_solver(op, solver), dims, view, reweight};
+  Call call{op, Optim::kRamda, parse_reg(op, regularizer), parse_solver(op, solver), dims, view, reweight};
   StepArgs a;
-  a.optim = c.optim;
-  a.reg = c.reg;
-  a.solver = c.solver;
+  a.optim = call.optim;
+  a.reg = call.reg;
+  a.solver = call.solver;
   a.max_iters = static_cast<int32_t>(max_iters);
-  a.s = static_cast<float>(lr * std::sqrt(static_cast<double>(step)));
+  a.s = static_cast<float>(s);
   a.eps = static_cast<float>(epsilon);
-  a.keep = static_cast<float>(1.0 - momentum);
-  a.c = static_cast<float>(momentum);
-  a.thr_base = alpha * lambda_;
-  a.eps_t = pg_eps * std::pow(static_cast<double>(step), -0.6);
-  run(c, a, params, grads, initial_points, grad_sums, grad_sum_sqs);
+  a.keep = static_cast<float>(keep);
+  a.c = static_cast<float>(c);
+  a.thr_base = tau;
+  a.eps_t = eps_t;
+  run(call, a, params, grads, initial_points, grad_sums, grad_sum_sqs);
 }
 
 void rmda_(TensorList params, TensorList grads, TensorList initial_points, TensorList grad_sums,
-           int64_t step, double alpha, double lr, double momentum, double lambda_,
-           std::string regularizer, OptInts dims, OptInts view, bool reweight) {
+           double s, double beta, double keep, double c, double thr, std::string regularizer,
+           OptInts dims, OptInts view, bool reweight) {
   const std::string op = "rmda_";
-  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
   const size_t n = params.size();
   check_list(op, "initial_points", initial_points, n);
   check_list(op, "grad_sums", grad_sums, n);
-  Call c{op, Optim::kRmda, parse_reg(op, regularizer), Solver::kExact, dims, view, reweight};
+  Call call{op, Optim::kRmda, parse_reg(op, regularizer), Solver::kExact, dims, view, reweight};
   StepArgs a;
-  a.optim = c.optim;
-  a.reg = c.reg;
-  const double beta = std::sqrt(static_cast<double>(step));
-  a.s = static_cast<float>(lr * beta);
+  a.optim = call.optim;
+  a.reg = call.reg;
+  a.s = static_cast<float>(s);
   a.beta = static_cast<float>(beta);
-  a.keep = static_cast<float>(1.0 - momentum);
-  a.c = static_cast<float>(momentum);
-  a.thr_base = alpha * lambda_ / beta;
-  run(c, a, params, grads, initial_points, grad_sums, {});
+  a.keep = static_cast<float>(keep);
+  a.c = static_cast<float>(c);
+  a.thr_base = thr;
+  run(call, a, params, grads, initial_points, grad_sums, {});
 }
 
 void proxadamw_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList max_exp_avg_sqs, int64_t step, double lr, double beta1, double beta2,
-                double epsilon, double weight_decay, bool amsgrad, double lambda_,
-                std::string regularizer, OptInts dims, OptInts view, bool reweight,
-                std::string solver, int64_t max_iters, double pg_eps) {
+                TensorList max_exp_avg_sqs, double decay, double beta1, double one_minus_beta1,
+                double beta2, double one_minus_beta2, double bias2_sqrt, double epsilon,
+                double step_size, double tau, double eps_t, bool amsgrad, std::string regularizer,
+                OptInts dims, OptInts view, bool reweight, std::string solver, int64_t max_iters) {
   const std::string op = "proxadamw_";
-  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
-  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+  check_max_iters(op, max_iters);
   const size_t n = params.size();
   check_list(op, "exp_avgs", exp_avgs, n);
   check_list(op, "exp_avg_sqs", exp_avg_sqs, n);
   if (amsgrad) check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, n);
-  Call c{op, Optim::kProxAdamW, parse_reg(op, regularizer), parse_solver(op, solver), dims, view, reweight};
+  Call call{op, Optim::kProxAdamW, parse_reg(op, regularizer), parse_solver(op, solver), dims, view, reweight};
   StepArgs a;
-  a.optim = c.optim;
-  a.reg = c.reg;
-  a.solver = c.solver;
+  a.optim = call.optim;
+  a.reg = call.reg;
+  a.solver = call.solver;
   a.max_iters = static_cast<int32_t>(max_iters);
   a.amsgrad = amsgrad;
-  const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bias2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
-  a.adam = AdamCoeffs{static_cast<float>(beta1), static_cast<float>(1.0 - beta1),
-                      static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+  a.adam = AdamCoeffs{static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
+                      static_cast<float>(beta2), static_cast<float>(one_minus_beta2),
                       static_cast<float>(bias2_sqrt), static_cast<float>(epsilon),
-                      static_cast<float>(lr / bias1)};
-  a.decay = static_cast<float>(1.0 - lr * weight_decay);
-  a.thr_base = lr * lambda_;
-  a.eps_t = pg_eps * std::pow(static_cast<double>(step), -0.6);
-  run(c, a, params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList{});
+                      static_cast<float>(step_size)};
+  a.decay = static_cast<float>(decay);
+  a.thr_base = tau;
+  a.eps_t = eps_t;
+  run(call, a, params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList{});
 }
 
-void proxsgd_(TensorList params, TensorList grads, TensorList momentum_buffers, int64_t step,
-              double lr, double momentum, double lambda_, std::string regularizer, OptInts dims,
+void proxsgd_(TensorList params, TensorList grads, TensorList momentum_buffers, double keep,
+              double c, double lr, double thr, std::string regularizer, OptInts dims,
               OptInts view, bool reweight) {
   const std::string op = "proxsgd_";
-  TORCH_CHECK(step >= 1, op, ": step must be >= 1, got ", step);
   check_list(op, "momentum_buffers", momentum_buffers, params.size());
-  Call c{op, Optim::kProxSgd, parse_reg(op, regularizer), Solver::kExact, dims, view, reweight};
+  Call call{op, Optim::kProxSgd, parse_reg(op, regularizer), Solver::kExact, dims, view, reweight};
   StepArgs a;
-  a.optim = c.optim;
-  a.reg = c.reg;
-  a.keep = static_cast<float>(1.0 - momentum);
-  a.c = static_cast<float>(momentum);
+  a.optim = call.optim;
+  a.reg = call.reg;
+  a.keep = static_cast<float>(keep);
+  a.c = static_cast<float>(c);
   a.lr = static_cast<float>(lr);
-  a.thr_base = lr * lambda_;
-  run(c, a, params, grads, momentum_buffers, {}, {});
+  a.thr_base = thr;
+  run(call, a, params, grads, momentum_buffers, {}, {});
 }
 
 // The optimizers' NaN/Inf gradient screen on CPU tensors: one bool per
@@ -363,24 +366,27 @@ Tensor finite_flags(TensorList tensors) {
 TORCH_LIBRARY(ramda_kernels, m) {
   // NaN/Inf screen of the optimizers (CPU): one bool per tensor, true when finite.
   m.def("finite_flags(Tensor[] tensors) -> Tensor");
-  // RAMDA step (SPEC 1): V, U, p updated in place; initial_points read only.
+  // The steps update params and the mutated state lists in place; the float
+  // arguments after the tensor lists are the named step scalars of
+  // ramda_ref.definitions, in the order it lists them.
+  // RAMDA: V, U, p updated; initial_points read only.
   m.def("ramda_(Tensor(a!)[] params, Tensor[] grads, Tensor[] initial_points, "
-        "Tensor(b!)[] grad_sums, Tensor(c!)[] grad_sum_sqs, int step, float alpha, float lr, "
-        "float momentum, float epsilon, float lambda_, str regularizer, int[]? dims, int[]? view, "
-        "bool reweight, str solver, int max_iters, float pg_eps) -> ()");
-  // RMDA step: V and p updated in place.
+        "Tensor(b!)[] grad_sums, Tensor(c!)[] grad_sum_sqs, float s, float epsilon, float keep, "
+        "float c, float tau, float eps_t, str regularizer, int[]? dims, int[]? view, "
+        "bool reweight, str solver, int max_iters) -> ()");
+  // RMDA: V and p updated.
   m.def("rmda_(Tensor(a!)[] params, Tensor[] grads, Tensor[] initial_points, "
-        "Tensor(b!)[] grad_sums, int step, float alpha, float lr, float momentum, float lambda_, "
+        "Tensor(b!)[] grad_sums, float s, float beta, float keep, float c, float thr, "
         "str regularizer, int[]? dims, int[]? view, bool reweight) -> ()");
-  // ProxAdamW step: m, v (, vmax) and p updated in place; max_exp_avg_sqs empty unless amsgrad.
+  // ProxAdamW: m, v (, vmax) and p updated; max_exp_avg_sqs empty unless amsgrad.
   m.def("proxadamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, int step, float lr, float beta1, "
-        "float beta2, float epsilon, float weight_decay, bool amsgrad, float lambda_, "
-        "str regularizer, int[]? dims, int[]? view, bool reweight, str solver, int max_iters, "
-        "float pg_eps) -> ()");
-  // ProxSGD step: the momentum buffer and p updated in place.
-  m.def("proxsgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int step, "
-        "float lr, float momentum, float lambda_, str regularizer, int[]? dims, int[]? view, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float decay, float beta1, "
+        "float one_minus_beta1, float beta2, float one_minus_beta2, float bias2_sqrt, "
+        "float epsilon, float step_size, float tau, float eps_t, bool amsgrad, str regularizer, "
+        "int[]? dims, int[]? view, bool reweight, str solver, int max_iters) -> ()");
+  // ProxSGD: the momentum buffer and p updated.
+  m.def("proxsgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "float keep, float c, float lr, float thr, str regularizer, int[]? dims, int[]? view, "
         "bool reweight) -> ()");
 }
 

@@ -63,21 +63,6 @@ class GroupLayout:
             return True
         return self.red_strides[-1] < self.kept_strides[-1]
 
-    def group_offsets(self) -> torch.Tensor:
-        """int64 start offset of every group, in group order (for tests and tables)."""
-        return _block_offsets(self.kept_sizes, self.kept_strides)
-
-    def element_offsets(self) -> torch.Tensor:
-        """int64 offset of every element of a group relative to its start."""
-        return _block_offsets(self.red_sizes, self.red_strides)
-
-
-def _block_offsets(sizes, strides) -> torch.Tensor:
-    off = torch.zeros(1, dtype=torch.int64)
-    for size, stride in zip(sizes, strides):
-        off = (off.unsqueeze(1) + torch.arange(size, dtype=torch.int64) * stride).reshape(-1)
-    return off
-
 
 def group_layout(shape: Sequence[int], strides: Sequence[int], dims: Sequence[int]) -> GroupLayout:
     """Canonical group layout of a tensor of ``shape``/``strides`` grouped by ``dims``.
@@ -109,10 +94,6 @@ def group_layout(shape: Sequence[int], strides: Sequence[int], dims: Sequence[in
         red_sizes=tuple(s for s, _ in reds), red_strides=tuple(st for _, st in reds))
 
 
-def tensor_group_layout(x: torch.Tensor, dims: Sequence[int]) -> GroupLayout:
-    return group_layout(x.shape, x.stride(), dims)
-
-
 def is_dense(x: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order."""
     if x.numel() <= 1:
@@ -133,4 +114,4 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(s == 1 or sa == sb for s, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
-__all__ = ["GroupLayout", "group_layout", "tensor_group_layout", "is_dense", "same_layout"]
+__all__ = ["GroupLayout", "group_layout", "is_dense", "same_layout"]

@@ -9,6 +9,7 @@ loads into an optimizer using another.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import ramda_ref
 
@@ -17,6 +18,14 @@ from .backends import _ext
 
 
 class _BackendChoice:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the reference class's signature (ramda_ref.definitions) plus ``backend``
+        sig = cls._init_signature
+        params = list(sig.parameters.values())
+        backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
+        cls.__signature__ = sig.replace(parameters=params[:-1] + [backend, params[-1]])
+
     def __init__(self, *args, backend: str = "auto", **kwargs):
         backends.check_name(backend)
         self.backend = backend

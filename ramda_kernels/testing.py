@@ -33,11 +33,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 import ramda_ref
+from ramda_ref.definitions import DEFINITIONS, NAMES
 from ramda_ref.groups import grouped_view, normalize_dims
+from ramda_ref.prox import REGULARIZERS, SOLVERS
 
-OPTIMIZERS = ("ramda", "rmda", "proxadamw", "proxsgd")
-REGULARIZERS = ("none", "l1", "group_lasso", "nuclear")
-SOLVERS = ("exact", "pg")
+OPTIMIZERS = NAMES
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64, "mixed": None}
 
@@ -73,8 +73,6 @@ LAMBDAS = {
     "proxadamw": dict(none=0.0, l1=1.0, group_lasso=1.5, nuclear=1.0),
     "proxsgd": dict(none=0.0, l1=1.0, group_lasso=1.0, nuclear=1.0),
 }
-_CLASSES = {"ramda": "RAMDA", "rmda": "RMDA", "proxadamw": "ProxAdamW", "proxsgd": "ProxSGD"}
-_HAS_SOLVER = ("ramda", "proxadamw")
 _FLOOR_ULPS = 4.0
 
 
@@ -114,7 +112,7 @@ def parity_cases(quick: bool = False, optimizers: Sequence[str] = OPTIMIZERS,
     if quick:
         dtypes = [d for d in dtypes if d in ("fp32", "bf16")]
     for opt, reg, dtype in itertools.product(optimizers, REGULARIZERS, dtypes):
-        solvers = SOLVERS if opt in _HAS_SOLVER and reg != "none" else ("exact",)
+        solvers = SOLVERS if DEFINITIONS[opt].solves and reg != "none" else ("exact",)
         if reg == "nuclear":
             solvers = ("exact",)  # nuclear is always PG (vector d) or closed form (scalar d)
         kinds = groupings if reg == "group_lasso" else ("linear-output",)
@@ -147,11 +145,11 @@ def _build(module, name: str, params: List[torch.Tensor], case, backend: Optiona
     group = dict(params=params, regularizer=case["regularizer"], **hp)
     if case["regularizer"] == "group_lasso":
         group.update(dims=dims, view=view)
-    if name in _HAS_SOLVER:
+    if DEFINITIONS[name].solves:
         group.update(solver=case["solver"])
-    if name in ("ramda", "rmda", "proxsgd"):
+    if DEFINITIONS[name].hparam("momentum") is not None:
         group.update(momentum=0.5)
-    cls = getattr(module, _CLASSES[name])
+    cls = getattr(module, DEFINITIONS[name].title)
     kwargs = {} if backend is None else {"backend": backend}
     return cls([group], **kwargs)
 

@@ -13,18 +13,14 @@ under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-import ramda_kernels as rk  # noqa: E402
-from ramda_kernels import backends  # noqa: E402
-from _util import TinyConvNet, assert_bitwise_equal, assert_close, assert_state_equal  # noqa: E402
+import ramda_kernels as rk
+from ramda_kernels import backends
+from _util import TinyConvNet, assert_bitwise_equal, assert_close, assert_state_equal
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(backends.why_unavailable(b, "cpu") is not None,
                                                      reason=f"{b}: {backends.why_unavailable(b, 'cpu')}"))

@@ -14,21 +14,17 @@ CUDA graph capture and replay) skip without a GPU.
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import contextmanager
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-import ramda_kernels as rk  # noqa: E402
-import ramda_ref  # noqa: E402
-from ramda_kernels import backends  # noqa: E402
-from ramda_kernels.testing import HPARAMS, LAMBDAS, ParityResult, compare_runs  # noqa: E402
-from _util import TinyConvNet, assert_bitwise_equal, assert_close, assert_state_equal  # noqa: E402
+import ramda_kernels as rk
+import ramda_ref
+from ramda_kernels import backends
+from ramda_kernels.testing import HPARAMS, LAMBDAS, ParityResult, compare_runs
+from _util import TinyConvNet, assert_bitwise_equal, assert_close, assert_state_equal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _TRITON_REASON = backends.why_unavailable("triton", DEVICE)

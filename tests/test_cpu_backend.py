@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import ramda_ref.functional as ref
+from ramda_ref import definitions as RD
 from ramda_kernels import backends
 from ramda_kernels.testing import parity_cases, run_parity
 
@@ -238,13 +239,19 @@ def test_nuclear_runs_on_the_reference():
         assert torch.equal(a, b)
 
 
+def _ramda_op_kwargs():
+    """The op's keywords for step 1 (alpha_1 = 0.1): the named step scalars of
+    ramda_ref.definitions and the grouping."""
+    hp = dict(lr=0.1, momentum=0.1, epsilon=1e-6, lambda_=0.1, pg_eps=1e-3)
+    return dict(RD.RAMDA.scalars(1, 0.1, hp), regularizer="group_lasso", dims=[0], view=None,
+                reweight=True, solver="exact", max_iters=10)
+
+
 def test_errors_name_the_argument():
     p = torch.zeros(4, 3)
     ok = [torch.zeros(4, 3)]
     op = torch.ops.ramda_kernels.ramda_
-    kw = dict(step=1, alpha=0.1, lr=0.1, momentum=0.1, epsilon=1e-6, lambda_=0.1,
-              regularizer="group_lasso", dims=[0], view=None, reweight=True, solver="exact",
-              max_iters=10, pg_eps=1e-3)
+    kw = _ramda_op_kwargs()
     with pytest.raises(RuntimeError, match=r"grad_sums has 2 tensors but params has 1"):
         op([p], ok, ok, ok * 2, ok, **kw)
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
@@ -262,9 +269,7 @@ def test_ops_registered_with_torch_library():
     p, g = torch.randn(6, 4), torch.randn(6, 4)
     w0, v, u = p.clone(), torch.zeros(6, 4), torch.zeros(6, 4)
     args = ([p], [g], [w0], [v], [u])
-    kwargs = dict(step=1, alpha=0.1, lr=0.1, momentum=0.1, epsilon=1e-6, lambda_=0.1,
-                  regularizer="group_lasso", dims=[0], view=None, reweight=True, solver="exact",
-                  max_iters=10, pg_eps=1e-3)
+    kwargs = _ramda_op_kwargs()
     torch.library.opcheck(torch.ops.ramda_kernels.ramda_.default, args, kwargs,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ramda_ref import definitions as RD
 from ramda_kernels import backends
 from ramda_kernels.testing import parity_cases, run_parity
 
@@ -44,9 +45,9 @@ def test_parity(case):
 
 
 def _ramda_step(params, grads, states, **over):
-    kw = dict(step=2, alpha=0.3, lr=0.1, momentum=0.5, epsilon=1e-6, lambda_=0.1,
-              regularizer="group_lasso", dims=[0], view=None, reweight=True, solver="exact",
-              max_iters=100, pg_eps=1e-3)
+    hp = dict(lr=0.1, momentum=0.5, epsilon=1e-6, lambda_=0.1, pg_eps=1e-3)
+    kw = dict(RD.RAMDA.scalars(2, 0.3, hp), regularizer="group_lasso", dims=[0], view=None,
+              reweight=True, solver="exact", max_iters=100)
     kw.update(over)
     torch.ops.ramda_kernels.ramda_(params, grads, *states, **kw)
 

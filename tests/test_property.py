@@ -26,17 +26,14 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import ramda_kernels as rk  # noqa: E402
-import ramda_ref as R  # noqa: E402
-from ramda_kernels import backends  # noqa: E402
-from ramda_kernels.testing import LAMBDAS, ParityResult, compare_runs  # noqa: E402
+import ramda_kernels as rk
+import ramda_ref as R
+from ramda_kernels import backends
+from ramda_kernels.testing import LAMBDAS, ParityResult, compare_runs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter
 

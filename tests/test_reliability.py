@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import warnings
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-import ramda_kernels as rk  # noqa: E402
-import ramda_ref as R  # noqa: E402
-from ramda_kernels import backends  # noqa: E402
-from _util import assert_bitwise_equal, assert_close, assert_state_equal  # noqa: E402
+import ramda_kernels as rk
+import ramda_ref as R
+from ramda_kernels import backends
+from _util import assert_bitwise_equal, assert_close, assert_state_equal
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter
 

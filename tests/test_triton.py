@@ -1,7 +1,7 @@
 """The Triton backend against the reference: parameters, state and zero groups.
 
 Runs on CUDA when a GPU is visible, else on CPU tensors under the Triton
-interpreter (``TRITON_INTERPRET=1``, set here before triton is imported).
+interpreter (``TRITON_INTERPRET=1``, set by conftest.py).
 The tile sizes are shrunk (``triton_backend.TILE`` / ``MAX_BLOCK_E``) so that
 small tensors already exercise the multi-chunk paths of NOTE: [Triton tiling].
 
@@ -15,16 +15,13 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-import ramda_kernels  # noqa: E402
-import ramda_ref  # noqa: E402
-from ramda_kernels import backends  # noqa: E402
-from ramda_kernels.testing import HPARAMS, LAMBDAS, run_parity  # noqa: E402
-from ramda_ref.groups import grouped_view, normalize_dims  # noqa: E402
+import ramda_kernels
+import ramda_ref
+from ramda_kernels import backends
+from ramda_kernels.testing import HPARAMS, LAMBDAS, run_parity
+from ramda_ref.groups import grouped_view, normalize_dims
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _REASON = backends.why_unavailable("triton", DEVICE)

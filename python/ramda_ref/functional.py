@@ -11,7 +11,8 @@ Common conventions:
   the parameter is rounded once when written.
 * ``step`` is ``t`` of this step (already counted, ``t >= 1``); every tensor
   in one call shares it. RAMDA/RMDA also get ``alpha = alpha_t`` (including
-  this step's ``s_t``).
+  this step's ``s_t``). The numbers a step derives from them and the
+  hyperparameters are ``ramda_ref.definitions``' named step scalars.
 * ``dims`` (normalized per tensor), ``view`` and ``reweight`` describe the
   groups; ``regularizer`` is one of ``none, l1, group_lasso, nuclear``.
 * Each function returns one entry per tensor: the solver's iterations per
@@ -36,13 +37,13 @@ read back to the host, so the call can run inside a CUDA graph.
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence
 
 import torch
 
+from . import definitions as D
 from .groups import grouped_view, normalize_dims
-from .prox import inexact_tolerance, prox_scalar, refuse_capturable, solve_subproblem
+from .prox import prox_scalar, refuse_capturable, solve_subproblem
 
 Tensors = List[torch.Tensor]
 
@@ -122,6 +123,12 @@ def _capture(capturable: bool, n: int, step, alpha, found_inf, grad_scale, regul
     return _Capture(step, alpha, found_inf, grad_scale)
 
 
+def _no_host_reads(cap: Optional[_Capture], p: torch.Tensor) -> bool:
+    """Solve without reading values back: capturable calls, and meta tensors
+    (which hold no values; a meta step gives the shapes, as torch's AdamW does)."""
+    return cap is not None or p.is_meta
+
+
 def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors,
           grad_sum_sqs: Tensors, *, step: int, alpha: float, lr: float, momentum: float,
           epsilon: float, lambda_: float, regularizer: str, dims, view, reweight: bool,
@@ -137,35 +144,32 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
     """
     cap = _capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer,
                    solver, pg_stop)
+    hp = dict(lr=lr, momentum=momentum, epsilon=epsilon, lambda_=lambda_, pg_eps=pg_eps)
     if cap is None:
-        s = lr * math.sqrt(step)
-        tau = alpha * lambda_
-        eps_t = inexact_tolerance(pg_eps, step)
+        sc = D.RAMDA.scalars(step, alpha, hp)
     iterations = []
     for i, (p, g, w0, v, u) in enumerate(zip(params, grads, initial_points, grad_sums, grad_sum_sqs)):
         if cap is not None:
-            t = cap.t(i)
-            s = lr * t.sqrt()
-            tau = cap.alpha[i] * lambda_ if lambda_ != 0 else 0.0
-            eps_t = inexact_tolerance(pg_eps, t)
+            sc = D.RAMDA.scalars(cap.t(i), cap.alpha[i], hp)
             g = cap.grad(g)
             targets = (p, v, u)
             p, v, u = cap.private(*targets)
+        s = sc["s"]
         g = g.to(v.dtype)
         _axpy_(v, s, g)
         if isinstance(s, torch.Tensor):
             u.add_(g * g * s)
         else:
             u.addcmul_(g, g, value=s)
-        d = u.pow(1.0 / 3.0) + epsilon
+        d = u.pow(1.0 / 3.0) + sc["epsilon"]
         z = d * w0 - v
         x = p.to(v.dtype)
         w, it = solve_subproblem(
-            grouped_view(z, view), grouped_view(d, view), tau, regularizer=regularizer,
+            grouped_view(z, view), grouped_view(d, view), sc["tau"], regularizer=regularizer,
             dims=_group_dims(p, regularizer, dims, view), reweight=reweight, solver=solver,
             x0=grouped_view(x, view), anchor=grouped_view(w0, view), max_iters=max_iters,
-            pg_stop=pg_stop, eps_t=eps_t, rtol=rtol, capturable=cap is not None)
-        _write(p, (1.0 - momentum) * x + momentum * w.reshape(x.shape))
+            pg_stop=pg_stop, eps_t=sc["eps_t"], rtol=rtol, capturable=_no_host_reads(cap, p))
+        _write(p, sc["keep"] * x + sc["c"] * w.reshape(x.shape))
         if cap is not None:
             cap.commit(targets, (p, v, u))
         iterations.append(it)
@@ -182,23 +186,20 @@ def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Te
         V += s_t g;  W~ = prox_{(alpha_t/beta_t) lambda psi}(W0 - V/beta_t);  p = (1-c) p + c W~
     """
     cap = _capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer)
+    hp = dict(lr=lr, momentum=momentum, lambda_=lambda_)
     if cap is None:
-        s = lr * math.sqrt(step)
-        beta = math.sqrt(step)
-        thr = alpha * lambda_ / beta
+        sc = D.RMDA.scalars(step, alpha, hp)
     for i, (p, g, w0, v) in enumerate(zip(params, grads, initial_points, grad_sums)):
         if cap is not None:
-            beta = cap.t(i).sqrt()
-            s = lr * beta
-            thr = cap.alpha[i] * lambda_ / beta if lambda_ != 0 else 0.0
+            sc = D.RMDA.scalars(cap.t(i), cap.alpha[i], hp)
             g = cap.grad(g)
             targets = (p, v)
             p, v = cap.private(*targets)
-        _axpy_(v, s, g.to(v.dtype))
-        y = grouped_view(w0 - v / beta, view)
-        w = prox_scalar(y, thr, regularizer, _group_dims(p, regularizer, dims, view), reweight)
+        _axpy_(v, sc["s"], g.to(v.dtype))
+        y = grouped_view(w0 - v / sc["beta"], view)
+        w = prox_scalar(y, sc["thr"], regularizer, _group_dims(p, regularizer, dims, view), reweight)
         x = p.to(v.dtype)
-        _write(p, (1.0 - momentum) * x + momentum * w.reshape(x.shape))
+        _write(p, sc["keep"] * x + sc["c"] * w.reshape(x.shape))
         if cap is not None:
             cap.commit(targets, (p, v))
     return [None] * len(params)
@@ -221,40 +222,34 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
     """
     cap = _capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer,
                    solver, pg_stop)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon, weight_decay=weight_decay,
+              lambda_=lambda_, pg_eps=pg_eps)
     if cap is None:
-        bias1 = 1.0 - beta1 ** step
-        bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        step_size = lr / bias1
-        eps_t = inexact_tolerance(pg_eps, step)
-    tau = lr * lambda_
+        sc = D.PROXADAMW.scalars(step, None, hp)
     maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
     iterations = []
     for i, (p, g, m, v, vmax) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, maxes)):
         if cap is not None:
-            t = cap.t(i)
-            bias1 = 1.0 - torch.pow(beta1, t)
-            bias2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
-            step_size = lr / bias1
-            eps_t = inexact_tolerance(pg_eps, t)
+            sc = D.PROXADAMW.scalars(cap.t(i), None, hp)
             g = cap.grad(g)
             targets = (p, m, v) + ((vmax,) if amsgrad else ())
             private = cap.private(*targets)  # updated in place below
             p, m, v = private[:3]
             vmax = private[3] if amsgrad else None
         g = g.to(m.dtype)
-        x = p.to(m.dtype) * (1.0 - lr * weight_decay)
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        x = p.to(m.dtype) * sc["decay"]
+        m.mul_(sc["beta1"]).add_(g, alpha=sc["one_minus_beta1"])
+        v.mul_(sc["beta2"]).addcmul_(g, g, value=sc["one_minus_beta2"])
         if amsgrad:
             torch.maximum(vmax, v, out=vmax)
             v = vmax
-        d = v.sqrt() / bias2_sqrt + epsilon
-        z = d * x - step_size * m
+        d = v.sqrt() / sc["bias2_sqrt"] + sc["epsilon"]
+        z = d * x - sc["step_size"] * m
         w, it = solve_subproblem(
-            grouped_view(z, view), grouped_view(d, view), tau, regularizer=regularizer,
+            grouped_view(z, view), grouped_view(d, view), sc["tau"], regularizer=regularizer,
             dims=_group_dims(p, regularizer, dims, view), reweight=reweight, solver=solver,
             x0=grouped_view(x, view), anchor=grouped_view(x, view), max_iters=max_iters,
-            pg_stop=pg_stop, eps_t=eps_t, rtol=rtol, capturable=cap is not None)
+            pg_stop=pg_stop, eps_t=sc["eps_t"], rtol=rtol, capturable=_no_host_reads(cap, p))
         _write(p, w)
         if cap is not None:
             cap.commit(targets, private)
@@ -269,15 +264,16 @@ def proxsgd(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, step:
     """ProxSGD: ``buf = (1-c) buf + c g`` (``buf = c g`` at the first step, the
     buffer starting at zero), then ``p = prox_{lr lambda psi}(p - lr buf)``."""
     cap = _capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer)
-    thr = lr * lambda_
+    sc = D.PROXSGD.scalars(step, None, dict(lr=lr, momentum=momentum, lambda_=lambda_))
     for p, g, buf in zip(params, grads, momentum_buffers):
         if cap is not None:
             g = cap.grad(g)
             targets = (p, buf)
             p, buf = cap.private(*targets)
-        buf.mul_(1.0 - momentum).add_(g.to(buf.dtype), alpha=momentum)
-        y = grouped_view(p.to(buf.dtype) - lr * buf, view)
-        _write(p, prox_scalar(y, thr, regularizer, _group_dims(p, regularizer, dims, view), reweight))
+        buf.mul_(sc["keep"]).add_(g.to(buf.dtype), alpha=sc["c"])
+        y = grouped_view(p.to(buf.dtype) - sc["lr"] * buf, view)
+        _write(p, prox_scalar(y, sc["thr"], regularizer, _group_dims(p, regularizer, dims, view),
+                              reweight))
         if cap is not None:
             cap.commit(targets, (p, buf))
     return [None] * len(params)

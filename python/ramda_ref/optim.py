@@ -1,7 +1,9 @@
 """The four optimizers as ``torch.optim.Optimizer`` subclasses.
 
 The classes validate, gather tensors and create state lazily; the math is in
-``functional.py``. Param-group keys follow the authors' package (``lr``,
+``functional.py``; each optimizer's state names, hyperparameters (defaults,
+checks, constructor signature) and step scalars are its ``definitions.py``
+entry. Param-group keys follow the authors' package (``lr``,
 ``momentum``, ``lambda_``, ``epsilon``, ``max_iters``, ``rtol``, ``betas``,
 ``weight_decay``, ``amsgrad``; ``dim`` is accepted for ``dims``) plus:
 
@@ -20,6 +22,7 @@ The classes validate, gather tensors and create state lazily; the math is in
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from itertools import chain
@@ -27,9 +30,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from . import definitions as D
 from . import functional as F
 from .groups import grouped_view, normalize_dims
-from .prox import PG_STOPS, REGULARIZERS, SOLVERS, refuse_capturable
+from .prox import REGULARIZERS, refuse_capturable
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NONFINITE_POLICIES = ("raise", "skip")
@@ -52,6 +56,8 @@ def _finite_flags(grads: List[torch.Tensor]) -> torch.Tensor:
     finite, which a sum of huge finite values can also be. Sums of half
     types accumulate in fp32.
     """
+    if grads[0].device.type == "meta":  # no values to screen (torch's AdamW steps them too)
+        return torch.ones(len(grads), dtype=torch.bool)
     if grads[0].device.type != "cpu":
         return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))]))
     flags = []
@@ -115,8 +121,9 @@ class NonFiniteGradientError(RuntimeError):
 class ProxOptimizer(torch.optim.Optimizer):
     """What the four optimizers share: validation, state, grouping, checks.
 
-    Subclasses set ``_name`` (the functional's name), ``_tensor_state`` and
-    implement ``_validate_hparams`` and ``_step_bucket``.
+    Subclasses set ``_definition`` (``ramda_ref.definitions``): the constructor
+    signature, the defaults and checks of every hyperparameter, the state and
+    the functional call all come from it.
 
     ``torch.amp.GradScaler`` is supported the way torch's fused Adam supports
     it (``_step_supports_amp_scaling``): ``scaler.step(opt)`` does not unscale
@@ -152,9 +159,11 @@ class ProxOptimizer(torch.optim.Optimizer):
       captured graph replays the values it was captured with.
     """
 
+    _definition: Optional[D.Definition] = None
     _name: str = ""
-    _tensor_state: tuple = ()
     _uses_alpha: bool = False
+    #: the constructor's signature, without ``self`` (built from ``_definition``)
+    _init_signature: Optional[inspect.Signature] = None
     _step_supports_amp_scaling = True
     #: GradScaler's scale while a step runs, by device (read by `_grads`).
     _grad_scales: Optional[Dict[torch.device, torch.Tensor]] = None
@@ -162,7 +171,37 @@ class ProxOptimizer(torch.optim.Optimizer):
     #: ramda_kernels' classes swap in the C++ extension's one-pass screen.
     _finite_flags = staticmethod(_finite_flags)
 
-    def __init__(self, params, defaults: Dict[str, Any], nonfinite: Optional[str] = None):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        d = cls.__dict__.get("_definition")
+        if d is None:
+            return
+        cls._name = d.name
+        cls._uses_alpha = "alpha" in d.counters
+        P = inspect.Parameter
+        params = [P("params", P.POSITIONAL_OR_KEYWORD)]
+        params += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default)
+                   for h in d.hparams if h is not D.CAPTURABLE]
+        params += [P("nonfinite", P.KEYWORD_ONLY, default=None),
+                   P("capturable", P.KEYWORD_ONLY, default=False), P("kwargs", P.VAR_KEYWORD)]
+        cls._init_signature = cls.__signature__ = inspect.Signature(params)
+
+    def __init__(self, params, *args, **kwargs):
+        """See the class docstring and ``inspect.signature(cls)`` for the
+        keywords (``dim`` is accepted for ``dims``)."""
+        bound = self._init_signature.bind(params, *args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        extra = values.pop("kwargs")
+        nonfinite = values.pop("nonfinite")
+        values.pop("params")
+        unknown = [key for key in extra if key not in ("dim", "dim_")]
+        if unknown:
+            raise TypeError(D.unknown_key_message(unknown[0], self._definition, "keyword argument"))
+        defaults = dict(values, **_alias(extra))
+        self._init(params, defaults, nonfinite)
+
+    def _init(self, params, defaults: Dict[str, Any], nonfinite: Optional[str]) -> None:
         if nonfinite is not None and nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite policy: {nonfinite!r} (expected one of {NONFINITE_POLICIES})")
         # None until the groups say whether the step is capturable (see _validate_group)
@@ -186,6 +225,8 @@ class ProxOptimizer(torch.optim.Optimizer):
             if "dims" in param_group:
                 raise ValueError("give either 'dims' or its alias 'dim', not both")
             param_group["dims"] = param_group.pop("dim")
+        self._check_keys(param_group)
+        self._fill_param_names(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -193,6 +234,30 @@ class ProxOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _check_keys(self, param_group: Dict[str, Any]) -> None:
+        """Refuse a key this optimizer would silently ignore: a misspelling
+        (``lambda`` for ``lambda_``) or another optimizer's hyperparameter."""
+        d = self._definition
+        known = set(D.TORCH_GROUP_KEYS) | {h.name for h in d.hparams}
+        for key in param_group:
+            if key not in known:
+                raise ValueError(D.unknown_key_message(key, d))
+
+    def _fill_param_names(self, param_group: Dict[str, Any]) -> None:
+        """torch.optim refuses to mix groups with and without ``param_names``:
+        give the unnamed ones positional names instead."""
+        named = ["param_names" in g for g in self.param_groups] + ["param_names" in param_group]
+        if all(named) or not any(named):
+            return
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if "param_names" not in param_group:
+            param_group["param_names"] = [f"param_groups[{len(self.param_groups)}][{i}]"
+                                          for i in range(len(params))]
+        for gi, g in enumerate(self.param_groups):
+            if "param_names" not in g:
+                g["param_names"] = [f"param_groups[{gi}][{i}]" for i in range(len(g["params"]))]
 
     def _validate_group(self, group: Dict[str, Any], gi: Optional[int] = None) -> None:
         """Check and normalize one param group (``gi``: its index, for messages;
@@ -207,16 +272,16 @@ class ProxOptimizer(torch.optim.Optimizer):
             group["dims"] = dims
         if group.get("view") is not None:
             group["view"] = tuple(int(v) for v in group["view"])
-        if not _is_bool(group["reweight"]):
-            raise ValueError(f"Invalid reweight value: {group['reweight']!r} (expected True or False)")
+        for h in self._definition.hparams:
+            if h is not D.CAPTURABLE:
+                h.validate(group[h.name])
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
         lam = group["lambda_"]
-        if not (isinstance(lam, (int, float)) and 0.0 <= lam < math.inf):
-            raise ValueError(f"Invalid lambda_ value: {lam!r} (expected a finite number >= 0)")
         if inferred and group["regularizer"] == "none" and lam > 0:
             warnings.warn(f"param group with lambda_={lam} but neither 'dims' nor 'regularizer': "
                           f"it is not regularized (give dims=... or regularizer='l1' / 'nuclear', "
                           f"or use ramda_kernels.group_parameters)", stacklevel=4)
-        self._validate_hparams(group)
         gi = len(self.param_groups) - 1 if gi is None else gi
         self._validate_capturable(group, gi)
         for i, p in enumerate(group["params"]):
@@ -248,9 +313,6 @@ class ProxOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{name} (shape {tuple(viewed.shape)}): invalid dims "
                                      f"{group['dims']!r}: {e}") from None
 
-    def _validate_hparams(self, group: Dict[str, Any]) -> None:
-        raise NotImplementedError
-
     def _validate_capturable(self, group: Dict[str, Any], gi: int) -> None:
         """NOTE: [capturable optimizer]: one mode for all groups, and only what runs
         without host reads."""
@@ -279,27 +341,6 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     def _capturable(self) -> bool:
         return bool(self.param_groups) and self.param_groups[0].get("capturable", False)
-
-    @staticmethod
-    def _check_range(group, key, low, high, low_open=False, high_open=False, kind="number"):
-        v = group[key]
-        ok = isinstance(v, (int, float)) and not _is_bool(v) and math.isfinite(v)
-        if ok:
-            ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        if not ok:
-            lo = "(" if low_open else "["
-            hi = ")" if high_open else "]"
-            raise ValueError(f"Invalid {key} value: {v!r} (expected a {kind} in {lo}{low}, {high}{hi})")
-
-    def _check_solver(self, group):
-        if group["solver"] not in SOLVERS:
-            raise ValueError(f"Invalid solver: {group['solver']!r} (expected one of {SOLVERS})")
-        if group["pg_stop"] not in PG_STOPS:
-            raise ValueError(f"Invalid pg_stop: {group['pg_stop']!r} (expected one of {PG_STOPS})")
-        if not (_is_int(group["max_iters"]) and group["max_iters"] >= 1):
-            raise ValueError(f"Invalid max_iters value: {group['max_iters']!r} (expected an integer >= 1)")
-        self._check_range(group, "rtol", 0.0, math.inf, high_open=True)
-        self._check_range(group, "pg_eps", 0.0, math.inf, low_open=True, high_open=True)
 
     @staticmethod
     def _param_name(group, gi: int, i: int, p: torch.Tensor) -> str:
@@ -366,7 +407,7 @@ class ProxOptimizer(torch.optim.Optimizer):
     # -- state ---------------------------------------------------------------
 
     def _state_keys(self, group) -> tuple:
-        return self._tensor_state(group) if callable(self._tensor_state) else self._tensor_state
+        return self._definition.state_keys(group)
 
     def _new_state(self, p: torch.Tensor, group) -> Dict[str, Any]:
         dtype = F.state_dtype(p)
@@ -411,7 +452,9 @@ class ProxOptimizer(torch.optim.Optimizer):
           switched on during a run.
         """
         saved_groups = state_dict["param_groups"]
+        self._refuse_foreign(state_dict)
         if len(saved_groups) == len(self.param_groups):  # else torch's load refuses it
+            self._check_loaded_tensors(saved_groups, state_dict["state"])
             # how the step runs is this optimizer's choice, not the checkpoint's
             saved_groups = [dict(saved, capturable=current["capturable"])
                             for saved, current in zip(saved_groups, self.param_groups)]
@@ -436,6 +479,51 @@ class ProxOptimizer(torch.optim.Optimizer):
                     state[key] = value.to(device=p.device, dtype=F.state_dtype(p),
                                           memory_format=torch.preserve_format, copy=True)
             self._repair_loaded_state(p, group, self._param_name(group, gi, i, p))
+
+    def _refuse_foreign(self, state_dict: Dict[str, Any]) -> None:
+        """Refuse the state dict of another optimizer (say torch.optim.AdamW's, or
+        ProxAdamW's in RAMDA): its keys would be dropped or taken for an older
+        checkpoint of this one, and the run would go on with other math."""
+        groups = state_dict["param_groups"]
+        group_keys = set().union(*(g.keys() for g in groups)) if groups else set()
+        states = [v for v in state_dict["state"].values() if isinstance(v, dict)]
+        state_keys = set().union(*(v.keys() for v in states)) if states else set()
+        origin = D.foreign_origin(group_keys, state_keys, self._definition)
+        if origin is None:
+            return
+        name, keys = origin
+        me = type(self).__name__
+        raise ValueError(f"this state dict comes from {name}, not from {me}: it has "
+                         f"{', '.join(map(repr, keys))}, which {me} does not take; nothing was "
+                         f"loaded (load it into {name}, or start {me} from its own state)")
+
+    def _check_loaded_tensors(self, saved_groups, saved_state) -> None:
+        """Every state tensor of the state dict must fit its parameter: same shape,
+        a real floating-point dtype; counters are numbers or one-element tensors.
+        Checked before anything is loaded, so a refused load changes nothing."""
+        d = self._definition
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                continue  # torch's load refuses it with its own message
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                for key, value in (saved_state.get(pid) or {}).items():
+                    problem = None
+                    if key in d.counters:
+                        if isinstance(value, torch.Tensor) and value.numel() != 1:
+                            problem = f"is a tensor of shape {tuple(value.shape)}, not one number"
+                    elif key in d.state:
+                        if not isinstance(value, torch.Tensor):
+                            problem = f"is a {type(value).__name__}, not a tensor"
+                        elif value.shape != p.shape:
+                            problem = f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                        elif not value.is_floating_point():
+                            problem = f"has dtype {value.dtype}, not a floating-point one"
+                    if problem is not None:
+                        names = group.get("param_names")
+                        who = (f"parameter {names[i]!r}" if names is not None and i < len(names)
+                               else f"param_groups[{gi}]['params'][{i}]")
+                        raise ValueError(f"{who}: the loaded state {key!r} {problem}; nothing "
+                                         f"was loaded")
 
     def _complete_group(self, saved: Dict[str, Any], current: Dict[str, Any], gi: int) -> Dict[str, Any]:
         """A saved param group with the hyperparameters it lacks set to their
@@ -568,7 +656,14 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, group, params, t, alpha, **capture):
         """One functional call; ``capture`` holds the capturable keywords (or nothing)."""
-        raise NotImplementedError
+        d = self._definition
+        present = self._state_keys(group)
+        lists = [self._states(params, key) if key in present else [] for key in d.state]
+        kwargs = d.functional_kwargs(group)
+        if self._uses_alpha:
+            kwargs["alpha"] = alpha
+        return self._functional(d.name)(params, self._grads(params), *lists, step=t, **kwargs,
+                                        **capture)
 
     def _states(self, params, key) -> List[torch.Tensor]:
         return [self.state[p][key] for p in params]
@@ -590,36 +685,20 @@ class ProxOptimizer(torch.optim.Optimizer):
             scale = self._grad_scales[device] = any_scale.to(device, non_blocking=True)
         return list(torch._foreach_div(grads, scale))
 
-    @staticmethod
-    def _grouping(group) -> Dict[str, Any]:
-        return dict(regularizer=group["regularizer"], dims=group["dims"], view=group.get("view"),
-                    reweight=group["reweight"])
-
-    @staticmethod
-    def _solver_args(group) -> Dict[str, Any]:
-        return dict(solver=group["solver"], max_iters=group["max_iters"], rtol=group["rtol"],
-                    pg_stop=group["pg_stop"], pg_eps=group["pg_eps"])
-
 
 class _DualAveraging(ProxOptimizer):
     """RAMDA and RMDA: dual averaging around the (re)start point ``W0``."""
 
-    _uses_alpha = True
-
     def step(self, closure: Optional[Callable] = None):
-        # momentum is the averaging weight c: warn when a scheduler cycles it (issue 14 item 9).
+        # momentum is the averaging weight c: warn when a scheduler cycles it.
         from .schedule import check_momentum_changes
 
         check_momentum_changes(self)
         return super().step(closure)
 
-    def _validate_hparams(self, group):
-        self._check_range(group, "lr", 0.0, math.inf, high_open=True)
-        self._check_range(group, "momentum", 0.0, 1.0, low_open=True)
-
     @torch.no_grad()
     def restart(self) -> None:
-        """Restart every tensor at its current weights (SPEC section 6):
+        """Restart every tensor at its current weights (docs/math.md section 6):
         ``t = 0, alpha = 0, W0 = p, V = U = 0``."""
         for group in self.param_groups:
             for p in group["params"]:
@@ -651,55 +730,14 @@ class RAMDA(_DualAveraging):
     0.85-0.95; pass ``cycle_momentum=False`` (a warning says so once).
     """
 
-    _name = "ramda"
-    _tensor_state = ("initial_point", "grad_sum", "grad_sum_sq")
-
-    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.1, lambda_: float = 0.0,
-                 epsilon: float = 1e-6, regularizer: Optional[str] = None, dims=None, view=None,
-                 reweight: bool = True, solver: str = "exact", max_iters: int = 100,
-                 rtol: float = 1e-8, pg_stop: str = "inexact", pg_eps: float = 1e-3,
-                 nonfinite: Optional[str] = None, capturable: bool = False, **kwargs):
-        defaults = dict(lr=lr, momentum=momentum, lambda_=lambda_, epsilon=epsilon,
-                        regularizer=regularizer, dims=dims, view=view, reweight=reweight,
-                        solver=solver, max_iters=max_iters, rtol=rtol, pg_stop=pg_stop,
-                        pg_eps=pg_eps, capturable=capturable, **_alias(kwargs))
-        super().__init__(params, defaults, nonfinite)
-
-    def _validate_hparams(self, group):
-        super()._validate_hparams(group)
-        self._check_range(group, "epsilon", 0.0, math.inf, low_open=True, high_open=True)
-        self._check_solver(group)
-
-    def _step_bucket(self, group, params, t, alpha, **capture):
-        return self._functional(self._name)(
-            params, self._grads(params), self._states(params, "initial_point"),
-            self._states(params, "grad_sum"), self._states(params, "grad_sum_sq"),
-            step=t, alpha=alpha, lr=group["lr"], momentum=group["momentum"],
-            epsilon=group["epsilon"], lambda_=group["lambda_"], **self._grouping(group),
-            **self._solver_args(group), **capture)
+    _definition = D.RAMDA
 
 
 class RMDA(_DualAveraging):
     """Regularized Modernized Dual Averaging: RAMDA with the scalar preconditioner
     ``sqrt(t)``, so the subproblem is a closed-form prox. Defaults ``lr=0.1, momentum=0.1``."""
 
-    _name = "rmda"
-    _tensor_state = ("initial_point", "grad_sum")
-
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.1, lambda_: float = 0.0,
-                 regularizer: Optional[str] = None, dims=None, view=None, reweight: bool = True,
-                 nonfinite: Optional[str] = None, capturable: bool = False, **kwargs):
-        defaults = dict(lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
-                        dims=dims, view=view, reweight=reweight, capturable=capturable,
-                        **_alias(kwargs))
-        super().__init__(params, defaults, nonfinite)
-
-    def _step_bucket(self, group, params, t, alpha, **capture):
-        return self._functional(self._name)(
-            params, self._grads(params), self._states(params, "initial_point"),
-            self._states(params, "grad_sum"), step=t, alpha=alpha, lr=group["lr"],
-            momentum=group["momentum"], lambda_=group["lambda_"], **self._grouping(group),
-            **capture)
+    _definition = D.RMDA
 
 
 class ProxAdamW(ProxOptimizer):
@@ -709,79 +747,20 @@ class ProxAdamW(ProxOptimizer):
     amsgrad=False``; the same grouping and solver keys as RAMDA.
     """
 
-    _name = "proxadamw"
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), epsilon: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False, lambda_: float = 0.0,
-                 regularizer: Optional[str] = None, dims=None, view=None, reweight: bool = True,
-                 solver: str = "exact", max_iters: int = 100, rtol: float = 1e-8,
-                 pg_stop: str = "inexact", pg_eps: float = 1e-3, nonfinite: Optional[str] = None,
-                 capturable: bool = False, **kwargs):
-        defaults = dict(lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
-                        amsgrad=amsgrad, lambda_=lambda_, regularizer=regularizer, dims=dims,
-                        view=view, reweight=reweight, solver=solver, max_iters=max_iters,
-                        rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps, capturable=capturable,
-                        **_alias(kwargs))
-        super().__init__(params, defaults, nonfinite)
-
-    @staticmethod
-    def _tensor_state(group):
-        keys = ("exp_avg", "exp_avg_sq")
-        return keys + ("max_exp_avg_sq",) if group["amsgrad"] else keys
-
-    def _validate_hparams(self, group):
-        self._check_range(group, "lr", 0.0, math.inf, high_open=True)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas: {betas!r} (expected a pair)")
-        group["betas"] = tuple(betas)
-        for i, b in enumerate(betas):
-            if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
-                raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (expected a number in [0, 1))")
-        self._check_range(group, "epsilon", 0.0, math.inf, low_open=True, high_open=True)
-        self._check_range(group, "weight_decay", 0.0, math.inf, high_open=True)
-        if not _is_bool(group["amsgrad"]):
-            raise ValueError(f"Invalid amsgrad value: {group['amsgrad']!r} (expected True or False)")
-        self._check_solver(group)
+    _definition = D.PROXADAMW
 
     def _step_bucket(self, group, params, t, alpha, **capture):
         for p in params:  # amsgrad may be switched on after the state was created
             if group["amsgrad"] and "max_exp_avg_sq" not in self.state[p]:
                 self.state[p]["max_exp_avg_sq"] = self.state[p]["exp_avg_sq"].clone()
-        maxes = self._states(params, "max_exp_avg_sq") if group["amsgrad"] else []
-        beta1, beta2 = group["betas"]
-        return self._functional(self._name)(
-            params, self._grads(params), self._states(params, "exp_avg"),
-            self._states(params, "exp_avg_sq"), maxes, step=t, lr=group["lr"], beta1=beta1,
-            beta2=beta2, epsilon=group["epsilon"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], lambda_=group["lambda_"], **self._grouping(group),
-            **self._solver_args(group), **capture)
+        return super()._step_bucket(group, params, t, alpha, **capture)
 
 
 class ProxSGD(ProxOptimizer):
     """Proximal SGD with momentum by averaging, as in the authors' code.
     Defaults ``lr=0.1, momentum=0.1``."""
 
-    _name = "proxsgd"
-    _tensor_state = ("momentum_buffer",)
-
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.1, lambda_: float = 0.0,
-                 regularizer: Optional[str] = None, dims=None, view=None, reweight: bool = True,
-                 nonfinite: Optional[str] = None, capturable: bool = False, **kwargs):
-        defaults = dict(lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
-                        dims=dims, view=view, reweight=reweight, capturable=capturable,
-                        **_alias(kwargs))
-        super().__init__(params, defaults, nonfinite)
-
-    def _validate_hparams(self, group):
-        self._check_range(group, "lr", 0.0, math.inf, high_open=True)
-        self._check_range(group, "momentum", 0.0, 1.0, low_open=True)
-
-    def _step_bucket(self, group, params, t, alpha, **capture):
-        return self._functional(self._name)(
-            params, self._grads(params), self._states(params, "momentum_buffer"), step=t,
-            lr=group["lr"], momentum=group["momentum"], lambda_=group["lambda_"],
-            **self._grouping(group), **capture)
+    _definition = D.PROXSGD
 
 
 def _alias(kwargs: Dict[str, Any]) -> Dict[str, Any]:

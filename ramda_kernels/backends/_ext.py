@@ -10,6 +10,7 @@ asked for by name). On success the four ops are available as
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import List, Optional
@@ -20,7 +21,9 @@ EXT = None
 IMPORT_ERROR: Optional[BaseException] = None
 
 try:
-    from ramda_kernels import _C as EXT  # noqa: N812
+    # import_module, not ``from ramda_kernels import _C``: while the package is
+    # still initializing, the latter reports a missing module as a circular import
+    EXT = importlib.import_module("ramda_kernels._C")
 except Exception as e:  # ImportError, or an undefined symbol / ABI mismatch
     IMPORT_ERROR = e
 
@@ -40,7 +43,12 @@ def unavailable_reason() -> Optional[str]:
     if EXT is not None:
         return None
     note = build_note()
-    msg = f"ramda_kernels._C is not built or failed to load ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR})"
+    missing = (isinstance(IMPORT_ERROR, ModuleNotFoundError)
+               and IMPORT_ERROR.name == "ramda_kernels._C")
+    if missing:
+        msg = "not built: there is no compiled ramda_kernels._C next to ramda_kernels/__init__.py"
+    else:
+        msg = f"not loadable: ramda_kernels._C failed to import ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR})"
     if note:
         msg += f"; build note: {note}"
     return msg + ". Build it with `pip install --no-build-isolation -e .`"
@@ -101,140 +109,90 @@ def finite_flags(grads: List[torch.Tensor]) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------
 # The four functionals on top of the ops, shared by the ``cpu`` and ``cuda``
-# backends (the op dispatches on the tensors' device).
-#
-# NOTE: [Extension fallbacks]
-# These go to ``ramda_ref.functional`` in the same call (their entries in the
-# returned list are the reference's):
-# * the whole call for regularizer ``nuclear`` (an SVD per PG iteration) and
-#   for ``solver="pg"`` with ``pg_stop="rtol"`` (a whole-tensor objective per
-#   iteration, the authors' parity rule);
-# * a tensor whose parameter is fp64 (fp64 state), whose gradient dtype
-#   differs from the parameter's, whose state is not fp32, whose gradient or
-#   state strides differ from the parameter's, that is not dense, or that
-#   has more than 8 dimensions.
-# The op returns nothing: the fused path does not report per-group solver
-# iteration counts, so its entries are ``None``.
+# backends (the op dispatches on the tensors' device). Each computes its
+# optimizer's named step scalars once (``ramda_ref.definitions``) and hands
+# them to the op by name; what the op does not take goes to the reference in
+# the same call (NOTE: [Fused-backend fallbacks] in ``_rules.py``; the op
+# reads neither non-dense parameters nor more than 8 dimensions). The op
+# returns nothing: the fused path does not report per-group solver iteration
+# counts, so its entries are ``None``.
 # ---------------------------------------------------------------------------
 
-from typing import Callable, Sequence  # noqa: E402
+import functools  # noqa: E402
+from typing import Callable, Dict  # noqa: E402
 
+from ramda_ref import definitions as _D  # noqa: E402
 from ramda_ref import functional as _ref  # noqa: E402
 from ramda_ref.optim import _finite_flags as _ref_finite_flags  # noqa: E402
 
-from ..layout import is_dense, same_layout  # noqa: E402
+from ..layout import is_dense  # noqa: E402
+from ._rules import Capabilities, tensor_problem, whole_call_to_reference  # noqa: E402
 
-_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_DIMS = 8
-
-
-def _fusable(p: torch.Tensor, g: torch.Tensor, states: Sequence[torch.Tensor]) -> bool:
-    if p.dtype not in _FAST_DTYPES or g.dtype != p.dtype or p.dim() > _MAX_DIMS:
-        return False
-    if not (p.is_contiguous() or is_dense(p)) or not same_layout(g, p) or g.device != p.device:
-        return False
-    return all(s.dtype == torch.float32 and s.device == p.device and same_layout(s, p) for s in states)
+#: what the C++ ops read (csrc/bindings.cpp, csrc/ramda_args.h kMaxDims)
+CAPABILITIES = Capabilities(max_dims=8)
 
 
-def _split(params, grads, state_lists) -> tuple:
-    """(indices for the op, indices for the reference)."""
-    fast, slow = [], []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        (fast if _fusable(p, g, [s[i] for s in state_lists]) else slow).append(i)
-    return fast, slow
+def _op_arguments(op_name: str) -> List[str]:
+    """The op's non-tensor-list argument names, from its schema."""
+    schema = getattr(torch.ops.ramda_kernels, op_name).default._schema
+    return [a.name for a in schema.arguments if not str(a.type).startswith("List[Tensor]")]
 
 
-def _run(op: Callable, reference: Callable, params, grads, state_lists, optional_lists, *,
-         op_kwargs, ref_kwargs):
-    """Op on the fusable tensors, reference on the rest; returns the per-tensor list."""
-    fast, slow = _split(params, grads, state_lists)
-    out: List = [None] * len(params)
-    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
-    if fast:
-        lists = [pick(params, fast), pick(grads, fast)] + [pick(s, fast) for s in state_lists]
-        lists += [pick(s, fast) if s else [] for s in optional_lists]
-        op(*lists, **op_kwargs)
-    if slow:
-        lists = [pick(params, slow), pick(grads, slow)] + [pick(s, slow) for s in state_lists]
-        lists += [pick(s, slow) if s else [] for s in optional_lists]
-        res = reference(*lists, **ref_kwargs)
-        for i, r in zip(slow, res):
-            out[i] = r
-    return out
+def _op_value(name: str, value):
+    if name in ("dims", "view"):
+        if value is None:
+            return None
+        return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+    return value
 
 
-def _whole_call_to_reference(regularizer: str, solver: str, pg_stop: str) -> bool:
-    return regularizer == "nuclear" or (solver == "pg" and pg_stop == "rtol" and regularizer != "none")
+def _functional(d: "_D.Definition") -> Callable:
+    """Functional ``d.name`` of the extension backends (signature of the reference's)."""
+    reference = getattr(_ref, d.name)
+    op_name = f"{d.name}_"
+    names: List[str] = []
+
+    @functools.wraps(reference)
+    def step_fn(params, grads, *lists, step, alpha=None, **hp):
+        call_kwargs: Dict = dict(hp, step=step)
+        if "alpha" in d.counters:
+            call_kwargs["alpha"] = alpha
+        if not (isinstance(step, int) and step >= 1):
+            raise ValueError(f"{d.name}: step must be an integer >= 1 (the step being taken), "
+                             f"got {step!r}")
+        scalars = d.scalars(step, alpha, hp)
+        threshold = scalars[d.threshold]
+        if whole_call_to_reference(hp["regularizer"], hp.get("solver", "exact"),
+                                   hp.get("pg_stop", "inexact"), threshold):
+            return reference(params, grads, *lists, **call_kwargs)
+        present = [k in d.state_keys(hp) for k in d.state]
+        fast, slow = [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            states = [lst[i] for lst, on in zip(lists, present) if on]
+            (slow if tensor_problem(p, g, states, CAPABILITIES) else fast).append(i)
+        if not names:
+            names.extend(_op_arguments(op_name))
+        values = dict(hp, **scalars)
+        if threshold == 0:  # nothing is regularized: the op's elementwise path
+            values["regularizer"] = "none"
+        op_kwargs = {n: _op_value(n, values[n]) for n in names}
+        out: List = [None] * len(params)
+        for idx, run in ((fast, lambda *a: getattr(torch.ops.ramda_kernels, op_name)(*a, **op_kwargs)),
+                         (slow, lambda *a: reference(*a, **call_kwargs))):
+            if not idx:
+                continue
+            sub = [[x[i] for i in idx] for x in (params, grads)]
+            sub += [[lst[i] for i in idx] if on else [] for lst, on in zip(lists, present)]
+            res = run(*sub)
+            if res is not None:
+                for i, r in zip(idx, res):
+                    out[i] = r
+        return out
+
+    return step_fn
 
 
-def _dims(dims):
-    if dims is None:
-        return None
-    return [int(dims)] if isinstance(dims, int) else [int(d) for d in dims]
-
-
-def _view(view):
-    return None if view is None else [int(v) for v in view]
-
-
-def ramda(params, grads, initial_points, grad_sums, grad_sum_sqs, *, step, alpha, lr, momentum,
-          epsilon, lambda_, regularizer, dims, view, reweight, solver, max_iters, rtol, pg_stop,
-          pg_eps):
-    ref_kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, epsilon=epsilon,
-                      lambda_=lambda_, regularizer=regularizer, dims=dims, view=view,
-                      reweight=reweight, solver=solver, max_iters=max_iters, rtol=rtol,
-                      pg_stop=pg_stop, pg_eps=pg_eps)
-    if _whole_call_to_reference(regularizer, solver, pg_stop):
-        return _ref.ramda(params, grads, initial_points, grad_sums, grad_sum_sqs, **ref_kwargs)
-    op_kwargs = dict(step=int(step), alpha=float(alpha), lr=float(lr), momentum=float(momentum),
-                     epsilon=float(epsilon), lambda_=float(lambda_), regularizer=regularizer,
-                     dims=_dims(dims), view=_view(view), reweight=bool(reweight), solver=solver,
-                     max_iters=int(max_iters), pg_eps=float(pg_eps))
-    return _run(torch.ops.ramda_kernels.ramda_, _ref.ramda, params, grads,
-                [initial_points, grad_sums, grad_sum_sqs], [], op_kwargs=op_kwargs, ref_kwargs=ref_kwargs)
-
-
-def rmda(params, grads, initial_points, grad_sums, *, step, alpha, lr, momentum, lambda_,
-         regularizer, dims, view, reweight):
-    ref_kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, lambda_=lambda_,
-                      regularizer=regularizer, dims=dims, view=view, reweight=reweight)
-    if _whole_call_to_reference(regularizer, "exact", "inexact"):
-        return _ref.rmda(params, grads, initial_points, grad_sums, **ref_kwargs)
-    op_kwargs = dict(step=int(step), alpha=float(alpha), lr=float(lr), momentum=float(momentum),
-                     lambda_=float(lambda_), regularizer=regularizer, dims=_dims(dims),
-                     view=_view(view), reweight=bool(reweight))
-    return _run(torch.ops.ramda_kernels.rmda_, _ref.rmda, params, grads,
-                [initial_points, grad_sums], [], op_kwargs=op_kwargs, ref_kwargs=ref_kwargs)
-
-
-def proxadamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, beta1, beta2,
-              epsilon, weight_decay, amsgrad, lambda_, regularizer, dims, view, reweight, solver,
-              max_iters, rtol, pg_stop, pg_eps):
-    ref_kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
-                      weight_decay=weight_decay, amsgrad=amsgrad, lambda_=lambda_,
-                      regularizer=regularizer, dims=dims, view=view, reweight=reweight,
-                      solver=solver, max_iters=max_iters, rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps)
-    if _whole_call_to_reference(regularizer, solver, pg_stop):
-        return _ref.proxadamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **ref_kwargs)
-    op_kwargs = dict(step=int(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2),
-                     epsilon=float(epsilon), weight_decay=float(weight_decay),
-                     amsgrad=bool(amsgrad), lambda_=float(lambda_), regularizer=regularizer,
-                     dims=_dims(dims), view=_view(view), reweight=bool(reweight), solver=solver,
-                     max_iters=int(max_iters), pg_eps=float(pg_eps))
-    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    optional = [] if amsgrad else [[]]
-    return _run(torch.ops.ramda_kernels.proxadamw_, _ref.proxadamw, params, grads, states,
-                optional, op_kwargs=op_kwargs, ref_kwargs=ref_kwargs)
-
-
-def proxsgd(params, grads, momentum_buffers, *, step, lr, momentum, lambda_, regularizer, dims,
-            view, reweight):
-    ref_kwargs = dict(step=step, lr=lr, momentum=momentum, lambda_=lambda_,
-                      regularizer=regularizer, dims=dims, view=view, reweight=reweight)
-    if _whole_call_to_reference(regularizer, "exact", "inexact"):
-        return _ref.proxsgd(params, grads, momentum_buffers, **ref_kwargs)
-    op_kwargs = dict(step=int(step), lr=float(lr), momentum=float(momentum),
-                     lambda_=float(lambda_), regularizer=regularizer, dims=_dims(dims),
-                     view=_view(view), reweight=bool(reweight))
-    return _run(torch.ops.ramda_kernels.proxsgd_, _ref.proxsgd, params, grads,
-                [momentum_buffers], [], op_kwargs=op_kwargs, ref_kwargs=ref_kwargs)
+ramda = _functional(_D.RAMDA)
+rmda = _functional(_D.RMDA)
+proxadamw = _functional(_D.PROXADAMW)
+proxsgd = _functional(_D.PROXSGD)

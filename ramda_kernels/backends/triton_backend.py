@@ -15,18 +15,12 @@ fp32 scratch buffer owned by the cached plan (4 bytes per element of every
 tensor in that launch); nothing else is allocated per step.
 
 NOTE: [Triton fallbacks]
-These tensors go to ``ramda_ref.functional`` instead of the kernel, in the
-same call (their entries in the returned list are the reference's):
-
-* regularizer ``nuclear`` (an SVD per PG iteration, not a kernel's job) and
-  ``pg_stop="rtol"`` (a whole-tensor objective per iteration, the authors'
-  parity rule): the whole call;
-* fp64 parameters or gradients (state is fp64 there), state that is not fp32;
-* a state tensor whose strides differ from its parameter's
-  (``layout.same_layout``), or a gradient or state on another device;
-* for the elementwise paths, a parameter that is not dense
-  (``layout.is_dense``); for grouped paths, a layout with more than
-  ``MAX_BLOCKS`` kept or reduced blocks after merging.
+The tensors and calls of NOTE: [Fused-backend fallbacks] (``_rules.py``) go
+to ``ramda_ref.functional`` instead of the kernel, in the same call, with the
+kernel's `CAPABILITIES`: a gradient of another fused dtype than its
+parameter's is read as it is; a non-dense parameter runs the grouped paths
+(not the elementwise ones); and a grouped layout with more than
+``MAX_BLOCKS`` kept or reduced blocks after merging falls back too.
 
 A gradient whose strides differ from its parameter's (say a contiguous
 gradient of a channels_last weight) is not a fallback: the plan keeps a
@@ -49,6 +43,7 @@ from the host. Fallback tensors go to the reference's capturable path;
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -56,12 +51,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ramda_ref import definitions as _D
 from ramda_ref import functional as _ref
 from ramda_ref.groups import grouped_view, normalize_dims
-from ramda_ref.prox import inexact_tolerance, newton_tolerance, refuse_capturable
+from ramda_ref.prox import newton_tolerance
 
-from ..layout import group_layout, is_dense, same_layout
+from ..layout import group_layout, same_layout
 from . import _triton_ops
+from ._rules import Capabilities, tensor_problem, whole_call_to_reference
 
 try:
     import triton  # noqa: F401  (the import error is what why_unavailable reports)
@@ -90,7 +87,6 @@ CACHE_SIZE = 64
 _OPT = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
 _REG_NONE, _REG_L1, _REG_GROUP = 0, 1, 2
 _SOLVER = {"exact": 0, "pg": 1}
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ITAB_WIDTH = 9 + 4 * 4
 #: Columns of the capturable scalar table: tau, eps_t, h0..h7, skip flag, gradient scale.
 _STAB_WIDTH = 12
@@ -182,20 +178,13 @@ def _extent(x: torch.Tensor) -> int:
     return 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
 
 
+#: What the kernel reads beyond the common case (NOTE: [Triton fallbacks]).
+CAPABILITIES = Capabilities(mixed_grad_dtype=True, grad_layout_staged=True, strided_groups=True)
+
+
 def _kernel_ok(p, g, states, flat: bool, device_ok: Callable[[torch.device], bool]) -> bool:
     """Can the kernel take this tensor? See NOTE: [Triton fallbacks]."""
-    if p.dtype not in _KERNEL_DTYPES or g.dtype not in _KERNEL_DTYPES:
-        return False
-    if not device_ok(p.device) or g.device != p.device:
-        return False
-    for t in states:
-        if t.device != p.device or not same_layout(p, t):
-            return False
-    if any(s.dtype != torch.float32 for s in states):
-        return False
-    if flat and not is_dense(p):
-        return False
-    return True
+    return device_ok(p.device) and tensor_problem(p, g, states, CAPABILITIES, flat=flat) is None
 
 
 def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat: bool,
@@ -396,10 +385,6 @@ def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool,
     return out
 
 
-def _subset_reference(fn: Callable, **kwargs) -> Callable:
-    return lambda idx, *lists: fn(*lists, **_subset_kwargs(kwargs, idx))
-
-
 def _subset_kwargs(kwargs, idx: List[int]):
     """The call's keywords for the tensors ``idx``: a capturable call's per-tensor
     ``step`` / ``alpha`` are cut down to them (0-d views, nothing read)."""
@@ -432,21 +417,6 @@ def _scalar_table(n: int, device, columns, found_inf, grad_scale) -> torch.Tenso
     return tab
 
 
-def _check_capture(capturable: bool, n: int, step, alpha, found_inf, grad_scale,
-                   regularizer: str, solver: str = "exact", pg_stop: str = "inexact") -> None:
-    """The argument rules of a capturable call (as ``ramda_ref.functional``)."""
-    if not capturable:
-        if found_inf is not None or grad_scale is not None:
-            raise ValueError("found_inf and grad_scale are taken with capturable=True only "
-                             "(a non-capturable call divides and skips before it is made)")
-        return
-    refuse_capturable(regularizer, solver, pg_stop)
-    for name, value in (("step", step), ("alpha", alpha)):
-        if value is not None and (isinstance(value, (int, float)) or len(value) != n):
-            raise ValueError(f"capturable=True takes {name} as one 0-d tensor per parameter "
-                             f"({n}), got {type(value).__name__}")
-
-
 def _mode(regularizer: str, solver: str, tau: float, scalar_d: bool) -> Tuple[int, int, bool]:
     """(regularizer code, solver code, flat) for a call whose threshold is ``tau``."""
     if regularizer == "none" or tau == 0:
@@ -458,168 +428,96 @@ def _mode(regularizer: str, solver: str, tau: float, scalar_d: bool) -> Tuple[in
     return _REG_GROUP, (0 if scalar_d else _SOLVER[solver]), False
 
 
-def _needs_reference(regularizer: str, solver: str, pg_stop: str, tau: float) -> bool:
-    """Whole call to the reference: see NOTE: [Triton fallbacks]."""
-    if regularizer == "nuclear" and tau != 0:
-        return True
-    return (regularizer in ("l1", "group_lasso") and solver == "pg" and pg_stop == "rtol"
-            and tau != 0)
+#: The kernel's scalar arguments ``tau, eps_t, h0..h7`` (and the same columns
+#: of the capturable table) as named step scalars of ``ramda_ref.definitions``,
+#: per optimizer; ``None`` and missing slots are 0.
+_KERNEL_SLOTS: Dict[str, Tuple[Optional[str], ...]] = {
+    "ramda": ("tau", "eps_t", "s", "epsilon", "keep", "c"),
+    "rmda": ("thr", None, "s", "beta", "keep", "c"),
+    "proxadamw": ("tau", "eps_t", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                  "bias2_sqrt", "epsilon", "step_size"),
+    "proxsgd": ("thr", None, "keep", "c", "lr"),
+}
+
+
+def _kernel_scalars(name: str, scalars: Dict) -> Tuple:
+    """The named step scalars of optimizer ``name`` in the kernel's slots
+    ``tau, eps_t, h0..h7`` (numbers, or float64 vectors in a capturable call)."""
+    slots = _KERNEL_SLOTS[name]
+    values = tuple(0.0 if key is None else scalars[key] for key in slots)
+    return values + (0.0,) * (10 - len(values))
+
+
+def _subset_reference(d: "_D.Definition", present: Sequence[bool], kwargs) -> Callable:
+    """The reference for the fallback tensors ``idx`` of a call: the state lists
+    the kernel does not take (``present`` False) go back in as empty lists."""
+    fn = getattr(_ref, d.name)
+
+    def run(idx, params, grads, *lists):
+        given = iter(lists)
+        full = [list(next(given)) if on else [] for on in present]
+        return fn(params, grads, *full, **_subset_kwargs(kwargs, idx))
+    return run
 
 
 # ---------------------------------------------------------------------------
 # The four functionals (signatures of ramda_ref.functional)
 # ---------------------------------------------------------------------------
 
-def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors,
-          grad_sum_sqs: Tensors, *, step: int, alpha: float, lr: float, momentum: float,
-          epsilon: float, lambda_: float, regularizer: str, dims, view, reweight: bool,
-          solver: str, max_iters: int, rtol: float, pg_stop: str, pg_eps: float,
-          capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
-          grad_scale: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
-    """RAMDA step, fused; math as ``ramda_ref.functional.ramda``."""
-    kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, epsilon=epsilon,
-                  lambda_=lambda_, regularizer=regularizer, dims=dims, view=view,
-                  reweight=reweight, solver=solver, max_iters=max_iters, rtol=rtol,
-                  pg_stop=pg_stop, pg_eps=pg_eps)
-    _check_capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer,
-                   solver, pg_stop)
-    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
-        return _triton_ops.call("ramda", [params, grads, initial_points, grad_sums, grad_sum_sqs],
-                                kwargs, found_inf, grad_scale)
-    stab = None
-    if capturable:
-        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
-        tau = 0.0 if lambda_ == 0 else 1.0  # only the mode depends on it: tau > 0 when lambda_ > 0
-        if params:
+def _functional(d: "_D.Definition") -> Callable:
+    """Functional ``d.name``, fused; math as ``ramda_ref.functional``."""
+    reference = getattr(_ref, d.name)
+    uses_alpha = "alpha" in d.counters
+
+    @functools.wraps(reference)
+    def step_fn(params: Tensors, grads: Tensors, *lists: Tensors, step, alpha=None,
+                capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
+                grad_scale: Optional[torch.Tensor] = None, **hp) -> List[Optional[torch.Tensor]]:
+        kwargs = dict(hp, step=step)
+        if uses_alpha:
+            kwargs["alpha"] = alpha
+        regularizer = hp["regularizer"]
+        solver, pg_stop = hp.get("solver", "exact"), hp.get("pg_stop", "inexact")
+        _ref._capture(capturable, len(params), step, alpha if uses_alpha else None, found_inf,
+                      grad_scale, regularizer, solver, pg_stop)
+        if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
+            return _triton_ops.call(d.name, [params, grads, *lists], kwargs, found_inf, grad_scale)
+        present = [key in d.state_keys(hp) for key in d.state]
+        solve_args = (newton_tolerance(torch.float32), hp["max_iters"]) if d.solves else (0.0, 1)
+        stab = None
+        if capturable:
+            kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
+            if not params:
+                return []
             t = _as_vector(step).double()
-            s = lr * t.sqrt()
-            stab = _scalar_table(len(params), t.device, (
-                _as_vector(alpha) * lambda_, inexact_tolerance(pg_eps, t), s, epsilon,
-                1.0 - momentum, momentum, 0.0, 0.0, 0.0, 0.0), found_inf, grad_scale)
-        scalars = (0.0, 0.0, newton_tolerance(torch.float32), max_iters) + (0.0,) * 8
-    else:
-        tau = alpha * lambda_
-        if _needs_reference(regularizer, solver, pg_stop, tau):
-            return _ref.ramda(params, grads, initial_points, grad_sums, grad_sum_sqs, **kwargs)
-        s = lr * math.sqrt(step)
-        scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
-                   s, epsilon, 1.0 - momentum, momentum, 0.0, 0.0, 0.0, 0.0)
-    reg, solv, flat = _mode(regularizer, solver, tau, False)
-    return _run("ramda", params, grads, [initial_points, grad_sums, grad_sum_sqs], reg=reg,
-                solver=solv, flat=flat, amsgrad=False, dims=dims, view=view, reweight=reweight,
-                scalars=scalars, reference=_subset_reference(_ref.ramda, **kwargs), stab=stab)
+            sc = d.scalars(t, _as_vector(alpha) if uses_alpha else None, hp)
+            stab = _scalar_table(len(params), t.device, _kernel_scalars(d.name, sc), found_inf,
+                                 grad_scale)
+            threshold = sc[d.threshold]
+            if isinstance(threshold, torch.Tensor):  # only the mode depends on it: > 0 iff lambda_ > 0
+                threshold = 0.0 if hp["lambda_"] == 0 else 1.0
+            scalars = (0.0, 0.0) + solve_args + (0.0,) * 8
+        else:
+            sc = d.scalars(step, alpha, hp)
+            threshold = sc[d.threshold]
+            if whole_call_to_reference(regularizer, solver, pg_stop, threshold):
+                return reference(params, grads, *lists, **kwargs)
+            cols = _kernel_scalars(d.name, sc)
+            scalars = cols[:2] + solve_args + cols[2:]
+        reg, solv, flat = _mode(regularizer, solver, threshold, not d.solves)
+        states = [lst for lst, on in zip(lists, present) if on]
+        return _run(d.name, params, grads, states, reg=reg, solver=solv, flat=flat,
+                    amsgrad=bool(hp.get("amsgrad", False)), dims=hp["dims"], view=hp["view"],
+                    reweight=hp["reweight"], scalars=scalars,
+                    reference=_subset_reference(d, present, kwargs), stab=stab)
+
+    return step_fn
 
 
-def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors, *,
-         step: int, alpha: float, lr: float, momentum: float, lambda_: float, regularizer: str,
-         dims, view, reweight: bool, capturable: bool = False,
-         found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None
-         ) -> List[Optional[torch.Tensor]]:
-    """RMDA step, fused; math as ``ramda_ref.functional.rmda``."""
-    kwargs = dict(step=step, alpha=alpha, lr=lr, momentum=momentum, lambda_=lambda_,
-                  regularizer=regularizer, dims=dims, view=view, reweight=reweight)
-    _check_capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer)
-    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
-        return _triton_ops.call("rmda", [params, grads, initial_points, grad_sums], kwargs,
-                                found_inf, grad_scale)
-    stab = None
-    if capturable:
-        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
-        thr = 0.0 if lambda_ == 0 else 1.0  # the mode only: thr > 0 when lambda_ > 0
-        if params:
-            beta = _as_vector(step).double().sqrt()
-            stab = _scalar_table(len(params), beta.device, (
-                _as_vector(alpha) * lambda_ / beta, 0.0, lr * beta, beta, 1.0 - momentum,
-                momentum, 0.0, 0.0, 0.0, 0.0), found_inf, grad_scale)
-        scalars = (0.0, 0.0, 0.0, 1) + (0.0,) * 8
-    else:
-        beta = math.sqrt(step)
-        thr = alpha * lambda_ / beta
-        if _needs_reference(regularizer, "exact", "inexact", thr):
-            return _ref.rmda(params, grads, initial_points, grad_sums, **kwargs)
-        scalars = (thr, 0.0, 0.0, 1, lr * math.sqrt(step), beta, 1.0 - momentum, momentum,
-                   0.0, 0.0, 0.0, 0.0)
-    reg, solv, flat = _mode(regularizer, "exact", thr, True)
-    return _run("rmda", params, grads, [initial_points, grad_sums], reg=reg, solver=solv,
-                flat=flat, amsgrad=False, dims=dims, view=view, reweight=reweight,
-                scalars=scalars, reference=_subset_reference(_ref.rmda, **kwargs), stab=stab)
-
-
-def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
-              max_exp_avg_sqs: Tensors, *, step: int, lr: float, beta1: float, beta2: float,
-              epsilon: float, weight_decay: float, amsgrad: bool, lambda_: float,
-              regularizer: str, dims, view, reweight: bool, solver: str, max_iters: int,
-              rtol: float, pg_stop: str, pg_eps: float, capturable: bool = False,
-              found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None
-              ) -> List[Optional[torch.Tensor]]:
-    """ProxAdamW step, fused; math as ``ramda_ref.functional.proxadamw``."""
-    kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
-                  weight_decay=weight_decay, amsgrad=amsgrad, lambda_=lambda_,
-                  regularizer=regularizer, dims=dims, view=view, reweight=reweight,
-                  solver=solver, max_iters=max_iters, rtol=rtol, pg_stop=pg_stop, pg_eps=pg_eps)
-    _check_capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer,
-                   solver, pg_stop)
-    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
-        return _triton_ops.call("proxadamw", [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
-                                kwargs, found_inf, grad_scale)
-    tau = lr * lambda_
-    stab = None
-    if capturable:
-        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
-        if params:
-            t = _as_vector(step).double()
-            stab = _scalar_table(len(params), t.device, (
-                tau, inexact_tolerance(pg_eps, t), 1.0 - lr * weight_decay, beta1, 1.0 - beta1,
-                beta2, 1.0 - beta2, (1.0 - torch.pow(beta2, t)).sqrt(), epsilon,
-                lr / (1.0 - torch.pow(beta1, t))), found_inf, grad_scale)
-        scalars = (0.0, 0.0, newton_tolerance(torch.float32), max_iters) + (0.0,) * 8
-    else:
-        if _needs_reference(regularizer, solver, pg_stop, tau):
-            return _ref.proxadamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kwargs)
-        bias1 = 1.0 - beta1 ** step
-        bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        scalars = (tau, inexact_tolerance(pg_eps, step), newton_tolerance(torch.float32), max_iters,
-                   1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, bias2_sqrt,
-                   epsilon, lr / bias1)
-    reg, solv, flat = _mode(regularizer, solver, tau, False)
-    states = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    return _run("proxadamw", params, grads, states, reg=reg, solver=solv, flat=flat,
-                amsgrad=bool(amsgrad), dims=dims, view=view, reweight=reweight, scalars=scalars,
-                reference=_ref_adamw_subset(kwargs, amsgrad), stab=stab)
-
-
-def _ref_adamw_subset(kwargs, amsgrad: bool) -> Callable:
-    def run(idx, params, grads, m, v, *vmax):
-        return _ref.proxadamw(params, grads, m, v, list(vmax[0]) if amsgrad else [],
-                              **_subset_kwargs(kwargs, idx))
-    return run
-
-
-def proxsgd(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, step: int,
-            lr: float, momentum: float, lambda_: float, regularizer: str, dims, view,
-            reweight: bool, capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
-            grad_scale: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
-    """ProxSGD step, fused; math as ``ramda_ref.functional.proxsgd``."""
-    kwargs = dict(step=step, lr=lr, momentum=momentum, lambda_=lambda_, regularizer=regularizer,
-                  dims=dims, view=view, reweight=reweight)
-    _check_capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer)
-    if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
-        return _triton_ops.call("proxsgd", [params, grads, momentum_buffers], kwargs, found_inf,
-                                grad_scale)
-    thr = lr * lambda_
-    scalars = (thr, 0.0, 0.0, 1, 1.0 - momentum, momentum, lr, 0.0, 0.0, 0.0, 0.0, 0.0)
-    stab = None
-    if capturable:  # no step-derived scalar: the table carries the flag and the scale
-        kwargs.update(capturable=True, found_inf=found_inf, grad_scale=grad_scale)
-        if params:
-            stab = _scalar_table(len(params), params[0].device, (thr, 0.0) + scalars[4:],
-                                 found_inf, grad_scale)
-    elif _needs_reference(regularizer, "exact", "inexact", thr):
-        return _ref.proxsgd(params, grads, momentum_buffers, **kwargs)
-    reg, solv, flat = _mode(regularizer, "exact", thr, True)
-    return _run("proxsgd", params, grads, [momentum_buffers], reg=reg, solver=solv, flat=flat,
-                amsgrad=False, dims=dims, view=view, reweight=reweight, scalars=scalars,
-                reference=_subset_reference(_ref.proxsgd, **kwargs), stab=stab)
+ramda = _functional(_D.RAMDA)
+rmda = _functional(_D.RMDA)
+proxadamw = _functional(_D.PROXADAMW)
+proxsgd = _functional(_D.PROXSGD)
 
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable", "clear_cache", "TILE",
