@@ -221,10 +221,12 @@ def clone_all(params, grads, states):
             [[s.clone() if s is not None else None for s in st] for st in states])
 
 
-def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=0, hp=None):
+def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=0, hp=None,
+             lambda_=None):
     gen = torch.Generator().manual_seed(seed)
     hp = hp or HP[opt]
-    lambda_ = 0.0 if reg == "none" else LAMBDA[opt]
+    if lambda_ is None:
+        lambda_ = 0.0 if reg == "none" else LAMBDA[opt]
     params, grads, states, dims, view = build_case(opt, grouping, dtype, gen)
     rp, rg, rs = clone_all(params, grads, states)
     run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view)
@@ -260,25 +262,106 @@ def assert_close_to_ref(fast, slow, dtype, solver):
             assert e <= 2e-6 * max(float(y.abs().max()), 1e-30), f"state {k} of params[{i}]: err {e:.3g}"
 
 
-GROUPED = list(GROUPINGS) + list(EXTRA)
+def order_seed(*names):
+    """A block order per test, so that the suite runs many orders."""
+    return sum(ord(c) * 31 ** k for k, c in enumerate("-".join(names))) % (2 ** 63)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("grouping", GROUPED)
-@pytest.mark.parametrize("opt,solver", [("ramda", "exact"), ("ramda", "pg"), ("rmda", "exact"),
-                                        ("proxadamw", "exact"), ("proxadamw", "pg"),
-                                        ("proxsgd", "exact")])
-def test_group_lasso_matches_reference(lib, opt, solver, grouping, dtype):
-    fast, slow, _ = run_both(lib, opt, "group_lasso", solver, grouping, DTYPES[dtype])
+# Rows, columns (with groups of 1, 13 and 1031 > one block), NCHW and
+# channels_last channel-wise, a view (heads), 37/700-element groups and
+# strided tensors. The other groupings of ramda_kernels.testing are the same
+# tilings again and cost seconds each here (one OS thread per CUDA thread).
+LAYOUTS = ["linear-input", "linear-output", "conv2d-channel", "conv2d-channels-last", "heads",
+           "sizes-37-700", "strided"]
+GROUP_SOLVERS = [("ramda", "exact"), ("ramda", "pg"), ("rmda", "exact"), ("proxadamw", "exact"),
+                 ("proxadamw", "pg"), ("proxsgd", "exact")]
+
+
+@pytest.mark.parametrize("grouping", LAYOUTS)
+def test_exact_group_lasso_every_layout(lib, grouping):
+    fast, slow, _ = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32,
+                             order_seed=order_seed(grouping))
+    assert_close_to_ref(fast, slow, torch.float32, "exact")
+
+
+@pytest.mark.parametrize("opt,solver", GROUP_SOLVERS)
+def test_group_lasso_every_optimizer(lib, opt, solver):
+    # channels_last: a "columns" tiling with strided groups
+    fast, slow, _ = run_both(lib, opt, "group_lasso", solver, "conv2d-channels-last", torch.float32,
+                             order_seed=order_seed(opt, solver))
+    assert_close_to_ref(fast, slow, torch.float32, solver)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("opt,solver", [("ramda", "exact"), ("proxadamw", "pg"), ("rmda", "exact")])
+def test_group_lasso_16bit(lib, opt, solver, dtype):
+    fast, slow, _ = run_both(lib, opt, "group_lasso", solver, "heads", DTYPES[dtype],
+                             order_seed=order_seed(opt, solver, dtype))
     assert_close_to_ref(fast, slow, DTYPES[dtype], solver)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("reg,solver", [("none", "exact"), ("l1", "exact"), ("l1", "pg")])
-@pytest.mark.parametrize("opt", list(OPTIM))
+# RMDA/ProxSGD have one (closed-form) solver; l1 + PG is the whole-tensor PG
+# group (RAMDA, ProxAdamW), a few thousand elements in one block.
+ELEMENTWISE = [(o, r, "exact", dt) for o in OPTIM for r in ("none", "l1") for dt in DTYPES]
+ELEMENTWISE += [("ramda", "l1", "pg", "fp32"), ("proxadamw", "l1", "pg", "bf16")]
+
+
+@pytest.mark.parametrize("opt,reg,solver,dtype", ELEMENTWISE)
 def test_elementwise_and_l1_match_reference(lib, opt, reg, solver, dtype):
-    if solver == "pg" and opt not in ("ramda", "proxadamw"):
-        pytest.skip("RMDA/ProxSGD have one (closed-form) solver; covered by the exact case")
-    # linear-input has a 1031 x 3 weight: elementwise chunks and a whole-tensor PG group > a block
-    fast, slow, _ = run_both(lib, opt, reg, solver, "linear-input", DTYPES[dtype])
+    fast, slow, _ = run_both(lib, opt, reg, solver, "linear-input", DTYPES[dtype],
+                             order_seed=order_seed(opt, reg, solver, dtype))
     assert_close_to_ref(fast, slow, DTYPES[dtype], solver)
+
+
+@pytest.mark.parametrize("grouping", ["linear-input", "conv2d-channels-last"])
+def test_zero_groups_exact(lib, grouping):
+    """Momentum 1: the parameter is the subproblem's solution, so the groups the
+    reference zeroes must be exactly zero here, and no others."""
+    hp = dict(HP["ramda"], momentum=1.0)
+    (fp, _), (rp, _), _ = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32,
+                                   hp=hp, lambda_=1.2)
+    zeros = total = 0
+    for a, b in zip(fp, rp):
+        assert torch.equal(a == 0, b == 0)
+        zeros += int((b == 0).sum())
+        total += b.numel()
+    assert 0 < zeros < total, f"{zeros} of {total} elements zero: the case checks nothing"
+
+
+def test_block_order_does_not_matter(lib):
+    runs = [run_both(lib, "ramda", "group_lasso", "exact", "conv2d-channels-last", torch.float32,
+                     order_seed=k)[0][0] for k in (1, 2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_16bit_conversions_match_torch(lib):
+    """The stand-in's c10::Half / c10::BFloat16 (csrc/tests/cuda_host/c10)
+    round like torch: every fp32 near each 16-bit boundary, subnormals, overflow,
+    inf and NaN."""
+    bits = torch.arange(0, 2 ** 16, dtype=torch.int32)
+    h = bits.to(torch.int16).view(torch.float16).float()
+    b = bits.to(torch.int16).view(torch.bfloat16).float()
+    x = torch.cat([h, b, torch.randn(1 << 16) * 1e3, torch.tensor([65519.0, 65520.0, 65536.0, 1e-8,
+                                                                  3e-8, 6e-8, float("inf")])])
+    # neighbours of every representable value and the midpoints between them
+    x = torch.cat([x, x.nextafter(torch.tensor(float("inf"))), x.nextafter(torch.tensor(float("-inf"))),
+                   -x]).contiguous()
+    x = x[~x.isnan()]
+    n = x.numel()
+    half = torch.empty(n, dtype=torch.int16)
+    bf = torch.empty(n, dtype=torch.int16)
+    lib.ramda_cuda_host_to_16bit(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(n),
+                                 ctypes.c_void_p(half.data_ptr()), ctypes.c_void_p(bf.data_ptr()))
+    assert torch.equal(half, x.half().view(torch.int16))
+    assert torch.equal(bf, x.bfloat16().view(torch.int16))
+    back_h, back_b = torch.empty(n), torch.empty(n)
+    lib.ramda_cuda_host_from_16bit(ctypes.c_void_p(half.data_ptr()), ctypes.c_void_p(bf.data_ptr()),
+                                   ctypes.c_int64(n), ctypes.c_void_p(back_h.data_ptr()),
+                                   ctypes.c_void_p(back_b.data_ptr()))
+    assert torch.equal(back_h, half.view(torch.float16).float())
+    assert torch.equal(back_b, bf.view(torch.bfloat16).float())
+    nan = torch.tensor([float("nan")])
+    lib.ramda_cuda_host_to_16bit(ctypes.c_void_p(nan.data_ptr()), ctypes.c_int64(1),
+                                 ctypes.c_void_p(half.data_ptr()), ctypes.c_void_p(bf.data_ptr()))
+    assert half[:1].view(torch.float16).isnan().all() and bf[:1].view(torch.bfloat16).isnan().all()

@@ -89,7 +89,7 @@ struct State {
   std::unique_ptr<std::barrier<CheckTags>> bar;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<int> tag;
-  std::vector<uint64_t> slot;  // the shuffle exchange buffer, one slot per thread
+  std::vector<uint64_t> slot;  // the shuffle exchange buffer: two sets of one slot per thread
   std::atomic<uint64_t> phases{0};  // barrier phases completed (the watchdog's progress)
   std::atomic<bool> broken{false};
   std::mutex error_mu;
@@ -139,19 +139,22 @@ inline void syncthreads(int line) {
   arrive(*state().bar, line);
 }
 
+inline thread_local unsigned shuffle_parity = 0;
+
 // A shuffle synchronizes its warp only (as on the device), so it never hides
-// a missing __syncthreads.
+// a missing __syncthreads. One barrier per shuffle: consecutive shuffles
+// alternate between two slot sets, and a lane can only overwrite a set after
+// the next shuffle's barrier, which every lane reaches after its read.
 template <typename T>
 T shfl_xor(T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   State& s = state();
   const unsigned lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31u;
-  auto& bar = s.warps[threadIdx.x >> 5]->bar;
-  std::memcpy(&s.slot[threadIdx.x], &v, sizeof(T));
-  arrive(bar, kTagShuffle);  // every lane has written
+  uint64_t* slots = s.slot.data() + (shuffle_parity ^= 1u) * blockDim.x;
+  std::memcpy(&slots[threadIdx.x], &v, sizeof(T));
+  arrive(s.warps[threadIdx.x >> 5]->bar, kTagShuffle);  // every lane has written
   T out;
-  std::memcpy(&out, &s.slot[warp0 + ((lane ^ static_cast<unsigned>(lane_mask)) & 31)], sizeof(T));
-  arrive(bar, kTagShuffle);  // every lane has read before the slots are reused
+  std::memcpy(&out, &slots[warp0 + ((lane ^ static_cast<unsigned>(lane_mask)) & 31)], sizeof(T));
   return out;
 }
 
@@ -176,7 +179,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
   s.warps.clear();
   for (unsigned w = 0; w < block.x / 32; ++w) s.warps.push_back(std::make_unique<Warp>(&s, 32 * w));
   s.tag.assign(block.x, 0);
-  s.slot.assign(block.x, 0);
+  s.slot.assign(2 * block.x, 0);
   s.broken = false;
   s.error.clear();
   const std::tuple<Params...> argv(std::forward<Args>(args)...);
