@@ -5,21 +5,24 @@ the device backend uploads) run on CPU threads under the stand-in for the
 CUDA runtime in csrc/tests/cuda_host (NOTE: [CUDA on CPU] there): one thread
 per CUDA thread, barriers for __syncthreads and warp shuffles, blocks in a
 shuffled order, scratch pre-filled with NaN. The library is built by CMake
-(target ramda_cuda_host, no torch) into build/cuda-host on first use and
+(target ramda_cuda_host, no torch) into build/native-tests when `make test`
+has configured it, else into build/cuda-host on first use, and
 loaded with ctypes; the test passes CPU tensors and the per-call scalars the
 bindings compute (csrc/bindings.cpp), runs one step and compares parameters
 and state with python/ramda_ref:
 
-* every optimizer x none / l1 / group lasso x exact / PG x fp32 / bf16 / fp16
-  on every grouping of ramda_kernels.testing.GROUPINGS (rows, columns,
-  NCHW and channels_last channel-wise, conv1d/3d, heads view) plus groups of
-  1, 13, 37, 700 and 1031 (> one 256-thread block) elements and strided
-  (transposed, permuted) tensors;
-* the exact solve's KKT residual on every nonzero group and the zero groups
-  exactly zero;
-* the same result, bit for bit, for two block orders; and that a dropped
-  __syncthreads changes the result (the ThreadSanitizer build in ctest,
-  CMakeLists.txt, shows the race itself).
+* exact group lasso on rows, columns, NCHW and channels_last channel-wise,
+  a heads view, strided (transposed, permuted) tensors and groups of 1, 13,
+  37, 700 and 1031 (> one 256-thread block) elements;
+* every optimizer and solver (exact, PG, closed form) on channels_last,
+  16-bit parameters on grouped paths, none / l1 / whole-tensor PG in fp32,
+  bf16 and fp16;
+* the zero groups exactly zero, the same bits for two block orders, and the
+  stand-in's 16-bit conversions against torch's.
+
+The KKT residuals of the exact solve and the ThreadSanitizer runs (which
+must flag a dropped __syncthreads) are the native test
+csrc/tests/test_cuda_host.cpp, run by ctest.
 
 Real-device behaviour (streams, graph capture, the device's own cbrtf and
 FMA contraction) stays in tests/test_cuda_backend.py.
@@ -40,7 +43,9 @@ import ramda_ref.functional as ref
 from ramda_kernels.testing import GROUPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD = os.path.join(ROOT, "build", "cuda-host")
+# `make test` has configured build/native-tests (the same CMake project) already.
+BUILD = next((d for d in (os.path.join(ROOT, "build", "native-tests"), os.path.join(ROOT, "build", "cuda-host"))
+              if os.path.exists(os.path.join(d, "CMakeCache.txt"))), os.path.join(ROOT, "build", "cuda-host"))
 OPTIM = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
 REG = {"none": 0, "l1": 1, "group_lasso": 2}
 SOLVER = {"exact": 0, "pg": 1}
