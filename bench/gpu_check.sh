@@ -11,7 +11,12 @@
 # run). Logs, the CSV, RESULTS.md and the plot go to $OUT (default
 # bench/out); at most 8 files, as the device tool brings back.
 #
+# Stage 5 runs compute-sanitizer (memcheck, racecheck, synccheck, initcheck)
+# on one small RAMDA + group lasso step per backend (cuda, triton) with what
+# time is left, when the tool is on the machine; verdicts in sanitizer.log.
+#
 # Knobs: RAMDA_CHECK_TOTAL, RAMDA_CHECK_T_BUILD (200), RAMDA_CHECK_T_TESTS (140),
+# RAMDA_CHECK_T_SANITIZE (60 per tool and backend),
 # RAMDA_CHECK_T_VALIDATE (80), RAMDA_CHECK_T_BENCH (130); VALIDATE_ARGS (default
 # --quick), BENCH_ARGS (extra arguments for bench/bench_step.py), PYTEST_K (default
 # "cuda or triton or gpu"); RAMDA_BENCH_COMMIT names the commit when .git is absent.
@@ -127,6 +132,44 @@ BENCH_T=$(budget "${RAMDA_CHECK_T_BENCH:-130}")
 stage bench "$BENCH_T" "$OUT/bench.log" \
     "$PY" bench/bench_step.py --device "$DEVICE" --preset gpu-check $SETS --out-dir "$OUT" \
     --deadline $(( BENCH_T * 3 / 4 )) ${BENCH_ARGS:-}
+
+# -- 5. compute-sanitizer, one small step per backend: fp32 and bf16 tensors,
+#       rows, columns and channels_last groups, exact then PG, each twice (the
+#       second step reuses the cached table, as training does)
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+SAN_STEP='
+import sys, torch, ramda_kernels as rk
+backend = sys.argv[1]
+torch.manual_seed(0)
+shapes = [((13, 7), torch.float32, (0,)), ((7, 300), torch.float32, (1,)),
+          ((8, 3, 3, 3), torch.bfloat16, (0, 2, 3))]
+for solver in ("exact", "pg"):
+    params = []
+    for shape, dt, _ in shapes:
+        p = torch.randn(shape, device="cuda").to(dt)
+        p = p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p
+        params.append(torch.nn.Parameter(p))
+    groups = [dict(params=[p], dims=d) for p, (_, _, d) in zip(params, shapes)]
+    opt = rk.RAMDA(groups, lr=0.1, lambda_=0.4, solver=solver, backend=backend)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in params), solver
+print(backend, "ok")
+'
+if [ "$DEVICE" = cuda ] && [ -n "$SANITIZER" ]; then
+    for backend in cuda triton; do
+        for tool in memcheck racecheck synccheck initcheck; do
+            stage "san-$backend-$tool" "${RAMDA_CHECK_T_SANITIZE:-60}" "$OUT/sanitizer.log" \
+                "$SANITIZER" --tool "$tool" --error-exitcode 3 "$PY" -c "$SAN_STEP" "$backend"
+        done
+    done
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|ok$" "$OUT/sanitizer.log" | sort | uniq -c >> "$SUMMARY"
+else
+    STATUS+=("sanitizer     skipped (device $DEVICE, compute-sanitizer ${SANITIZER:-not found})")
+fi
 
 # -- the short table, last
 {

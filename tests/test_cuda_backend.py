@@ -5,9 +5,12 @@ The same parity cases as tests/test_cpu_backend.py (shared harness
 at step 5, zero groups), on a CUDA device; plus table-cache reuse and a
 check that a step does not synchronize with the host.
 
-Skips with the reason when there is no GPU or the extension was built
-without CUDA. Nothing CUDA is queried at import time (STYLE 11): the reason
-is computed by a fixture when the first test runs.
+These need a real device (the torch op dispatch to CUDA tensors, streams,
+host synchronization, the device's own cbrtf and FMA contraction) and skip
+with the reason when there is no GPU or the extension was built without
+CUDA. The kernels themselves, with the same launch table, run on every
+machine in tests/test_cuda_on_cpu.py (CUDA-on-CPU). Nothing CUDA is queried
+at import time: the reason is computed by a fixture when the first test runs.
 
     timeout 900 python -m pytest -q tests/test_cuda_backend.py
 """
@@ -25,7 +28,8 @@ from ramda_kernels.testing import parity_cases, run_parity
 @pytest.fixture(scope="module", autouse=True)
 def _need_cuda():
     if not torch.cuda.is_available():
-        pytest.skip("cuda backend: no CUDA device visible to torch")
+        pytest.skip("cuda backend: needs a CUDA device (dispatch, streams, sync); the kernels "
+                    "run on the CPU in tests/test_cuda_on_cpu.py")
     reason = backends.why_unavailable("cuda", "cuda")
     if reason is not None:
         pytest.skip(f"cuda backend: {reason}")

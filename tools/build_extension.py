@@ -81,6 +81,10 @@ def _sources(with_cuda: bool):
 # do, so the CPU path's rounding errors track the reference's.
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
              "-ffp-contract=off"]
+# No --use_fast_math: the solver needs IEEE-rounded division and square root
+# and no flush-to-zero (docs/math.md section 9); these are nvcc's defaults,
+# spelled out so that no later flag turns them off. Same as CMakeLists.txt.
+NVCC_FLAGS = ["-O3", "-lineinfo", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"]
 
 
 def _openmp_flags():
@@ -113,7 +117,7 @@ def _make_extension(with_cuda: bool):
         if lib:
             library_dirs.append(lib)
     if with_cuda:
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"] + _cuda_archs()
+        nvcc = ["-std=c++20"] + NVCC_FLAGS + _cuda_archs()
         if inc:
             nvcc.append(f"-I{inc}")
         return cpp_extension.CUDAExtension(

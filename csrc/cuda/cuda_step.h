@@ -12,6 +12,9 @@
 namespace ramda {
 namespace cuda {
 
+// Storage elements per block of an elementwise path.
+constexpr int64_t kElemChunk = 4096;
+
 // One block of the launch: an elementwise chunk or one group.
 struct BlockItem {
   int32_t tensor;  // index into this launch's TensorArgs
@@ -26,7 +29,7 @@ struct Launch {
   const uint8_t* table;
   int64_t n_tensors;
   int64_t n_items;
-  float* scratch;  // fp32 scratch of the grouped tensors (3 per element), or null
+  float* scratch;  // fp32 scratch of the grouped tensors (plan.h: scratch_per_element), or null
 };
 
 void launch_fp32(const Launch& l, const StepArgs& a, cudaStream_t stream);

@@ -9,8 +9,9 @@
 //   consecutive storage elements, coalesced;
 // * grouped paths (group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
 //   group shrink): one block per group. Pass 1 updates the state and writes
-//   z and d for the group to a per-call fp32 scratch laid out group by group
-//   (so the solver's repeated sweeps read contiguous, L2-resident memory);
+//   z and d for the group to an fp32 scratch laid out group by group (so the
+//   solver's repeated sweeps read contiguous, L2-resident memory; allocated
+//   once per plan, only the slots the path uses: plan.h);
 //   the solver reduces over the block (warp shuffles, then shared memory);
 //   the last pass writes the parameter. Element offsets are decoded from the
 //   canonical layout (NOTE: [Group layout]), so any dims and strides are
@@ -20,7 +21,11 @@
 //   which is correct but uncoalesced. A tile of 32 adjacent groups per block
 //   (lane = group), like the CPU "lanes" tiling, is the planned fix.
 // Nothing is read back to the host: every loop bound is a block-uniform
-// value computed on the device.
+// value computed on the device. The block reads its TensorArgs (376 bytes)
+// in place through a const reference into the table, never as a per-thread
+// copy (which would live in local memory).
+// The same bodies run on CPU threads in the tests (NOTE: [CUDA on CPU] in
+// csrc/tests/cuda_host/cuda_runtime.h); only the launch differs.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -35,7 +40,18 @@ namespace ramda {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int64_t kElemChunk = 4096;
+
+// The per-step thresholds of one tensor: fill_thresholds' values (ramda_args.h),
+// computed per block so that the cached table does not change between steps.
+struct Thresholds {
+  float thr;
+  float pg_tol;
+};
+
+__device__ __forceinline__ Thresholds thresholds(const TensorArgs& t, const StepArgs& a) {
+  const double T = a.reg == Reg::kGroupLasso ? a.thr_base * t.cg : a.thr_base;
+  return {static_cast<float>(T), static_cast<float>(a.eps_t * t.tol_scale)};
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -131,13 +147,14 @@ __device__ __forceinline__ void write_param(const TensorArgs& t, const StepArgs&
 }
 
 template <typename P>
-__device__ void elementwise_block(const TensorArgs& t, const StepArgs& a, int64_t begin, int64_t end) {
+__device__ void elementwise_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t begin,
+                                  int64_t end) {
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
-  const bool l1 = a.reg == Reg::kL1 && t.thr != 0.0f;
+  const bool l1 = a.reg == Reg::kL1 && thr != 0.0f;
   for (int64_t o = begin + threadIdx.x; o < end; o += blockDim.x) {
     float z, d;
     element_pass1<P>(t, a, o, z, d);
-    const float y = l1 ? soft_threshold(z, t.thr) : z;
+    const float y = l1 ? soft_threshold(z, thr) : z;
     write_param<P>(t, a, o, dual ? y / d : y);
   }
 }
@@ -147,14 +164,16 @@ __device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t 
 }
 
 template <typename P>
-__device__ void group_block(const TensorArgs& t, const StepArgs& a, int64_t g, float* scratch) {
+__device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
+                            float* scratch) {
   const GroupLayout& L = t.layout;
   const int64_t n = L.group_size;
   const int64_t base = block_offset(g, L.n_kept, L.kept_size, L.kept_stride);
+  // Slots as plan.h allots them: y only (RMDA/ProxSGD), z and d (exact), z, d and Z (PG).
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   float* zs = scratch + t.scratch + g * n;         // z (RAMDA/ProxAdamW) or y (RMDA/ProxSGD)
   float* ds = zs + t.numel;                        // d
   float* Zs = zs + 2 * t.numel;                    // PG iterate
-  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   const bool pg = dual && a.solver == Solver::kPg;
   const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
 
@@ -163,7 +182,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, int64_t g, f
     float z, d;
     element_pass1<P>(t, a, base + element_offset(L, e), z, d);
     zs[e] = z;
-    ds[e] = d;
+    if (dual) ds[e] = d;
     acc[0] += z * z;
     acc[1] = fmaxf(acc[1], d);
     acc[2] = fminf(acc[2], d);
@@ -171,7 +190,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, int64_t g, f
   const int sum_max_min[3] = {0, 1, 2};
   block_reduce<3>(acc, sum_max_min);
   const float znorm = sqrtf(acc[0]), dmax = acc[1], dmin = acc[2];
-  const float thr = t.thr;
+  const float thr = th.thr;
 
   if (!dual) {  // RMDA / ProxSGD: group soft-threshold of y
     const float scale = group_shrink(znorm, thr);
@@ -231,7 +250,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, int64_t g, f
       Zs[e] = zn;
     }
     block_reduce<1>(s2, sum1);
-    if (!(sqrtf(s2[0]) > t.pg_tol)) break;
+    if (!(sqrtf(s2[0]) > th.pg_tol)) break;
   }
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
     write_param<P>(t, a, base + element_offset(L, e), Zs[e]);
@@ -242,16 +261,21 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs
   const auto* tensors = reinterpret_cast<const TensorArgs*>(l.table);
   const auto* items = reinterpret_cast<const BlockItem*>(l.table + l.n_tensors * sizeof(TensorArgs));
   const BlockItem item = items[blockIdx.x];
-  TensorArgs t = tensors[item.tensor];
-  fill_thresholds(t, a);  // per step; the cached table holds only what does not change
-  if (item.group) group_block<P>(t, a, item.begin, l.scratch);
-  else elementwise_block<P>(t, a, item.begin, item.end);
+  const TensorArgs& t = tensors[item.tensor];
+  const Thresholds th = thresholds(t, a);
+  if (item.group) group_block<P>(t, a, th, item.begin, l.scratch);
+  else elementwise_block<P>(t, a, th.thr, item.begin, item.end);
 }
 
 template <typename P>
 void launch(const Launch& l, const StepArgs& a, cudaStream_t stream) {
   if (l.n_items == 0) return;
+#ifdef __CUDACC__
   fused_step_kernel<P><<<static_cast<unsigned>(l.n_items), kThreads, 0, stream>>>(l, a);
+#else
+  (void)stream;
+  cuda_host::launch(dim3(static_cast<unsigned>(l.n_items)), dim3(kThreads), &fused_step_kernel<P>, l, a);
+#endif
 }
 
 }  // namespace cuda

@@ -1,0 +1,235 @@
+// Host-side stand-in for the CUDA runtime, so that the unchanged kernel
+// bodies of csrc/cuda run on CPU threads (tests only; no torch needed).
+//
+// NOTE: [CUDA on CPU]
+// * A launch runs one std::thread per CUDA thread of a block; the same
+//   threads run every block of the grid, one block at a time, in an order
+//   shuffled by a seed (set_block_order), so a block that reads another
+//   block's output gives a result that depends on the seed.
+// * threadIdx/blockIdx are thread_local; blockDim/gridDim are set before the
+//   threads start.
+// * __syncthreads is a std::barrier over the block's threads; __shfl_xor_sync
+//   goes through an exchange buffer between two passes of the same barrier.
+//   Both give ThreadSanitizer the happens-before edges a real barrier gives,
+//   so a missing __syncthreads shows up as a data race; threads that meet at
+//   different barriers raise an error (see CheckTags) instead of deadlocking.
+// * __shared__ is `static`: one copy per kernel instantiation, reused by the
+//   blocks in turn (blocks never overlap).
+// * drop_sync(k) makes the k-th __syncthreads of every block (counted from 1;
+//   block-uniform, so nothing deadlocks) a no-op: the tests' way to show
+//   that a removed barrier is detected.
+// Only 1-D grids and blocks whose size is a multiple of 32 are supported,
+// which is what csrc/cuda uses.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = struct CUstream_st*;
+
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+namespace cuda_host {
+
+// Every thread arrives at a barrier tagged with what it is doing: a
+// __syncthreads (its source line), a warp shuffle, or the end of the block.
+// The barrier's completion step checks that the tags of its threads agree,
+// so threads that disagree raise an error; threads split between the block
+// barrier and a warp barrier cannot meet, and the watchdog in launch()
+// reports that (a missing or divergent barrier either way).
+constexpr int kTagShuffle = -1;
+constexpr int kTagBlockEnd = -2;
+
+struct State;
+struct CheckTags {
+  State* s;
+  unsigned first, count;  // the threads this barrier serves
+  void operator()() noexcept;
+};
+
+struct Warp {
+  explicit Warp(State* s, unsigned first) : bar(32, CheckTags{s, first, 32}) {}
+  std::barrier<CheckTags> bar;
+};
+
+struct State {
+  uint64_t order_seed = 0;
+  int drop_sync = 0;  // 0: none
+  // Per launch:
+  std::unique_ptr<std::barrier<CheckTags>> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<int> tag;
+  std::vector<uint64_t> slot;  // the shuffle exchange buffer: two sets of one slot per thread
+  std::atomic<uint64_t> phases{0};  // barrier phases completed (the watchdog's progress)
+  std::atomic<bool> broken{false};
+  std::mutex error_mu;
+  std::string error;
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+inline thread_local int sync_count = 0;
+
+inline void CheckTags::operator()() noexcept {
+  s->phases.fetch_add(1, std::memory_order_relaxed);
+  for (unsigned i = first + 1; i < first + count; ++i) {
+    if (s->tag[i] != s->tag[first] && !s->broken) {
+      std::lock_guard<std::mutex> lock(s->error_mu);
+      s->broken = true;
+      auto what = [](int t) {
+        return t == kTagShuffle ? std::string("a warp shuffle")
+               : t == kTagBlockEnd ? std::string("the end of the block")
+                                   : "__syncthreads at line " + std::to_string(t);
+      };
+      s->error = "cuda_host: block " + std::to_string(blockIdx.x) + ": thread " + std::to_string(first) +
+                 " is at " + what(s->tag[first]) +
+                 " but thread " + std::to_string(i) + " at " + what(s->tag[i]) +
+                 " (a missing or divergent barrier)";
+    }
+  }
+}
+
+struct Broken {};  // unwinds a thread out of a broken launch
+
+template <typename Barrier>
+void arrive(Barrier& bar, int tag) {
+  State& s = state();
+  s.tag[threadIdx.x] = tag;
+  bar.arrive_and_wait();
+  if (s.broken) throw Broken{};
+}
+
+inline void set_block_order(uint64_t seed) { state().order_seed = seed; }
+inline void drop_sync(int k) { state().drop_sync = k; }
+
+inline void syncthreads(int line) {
+  if (++sync_count == state().drop_sync) return;
+  arrive(*state().bar, line);
+}
+
+inline thread_local unsigned shuffle_parity = 0;
+
+// A shuffle synchronizes its warp only (as on the device), so it never hides
+// a missing __syncthreads. One barrier per shuffle: consecutive shuffles
+// alternate between two slot sets, and a lane can only overwrite a set after
+// the next shuffle's barrier, which every lane reaches after its read.
+template <typename T>
+T shfl_xor(T v, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  State& s = state();
+  const unsigned lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31u;
+  uint64_t* slots = s.slot.data() + (shuffle_parity ^= 1u) * blockDim.x;
+  std::memcpy(&slots[threadIdx.x], &v, sizeof(T));
+  arrive(s.warps[threadIdx.x >> 5]->bar, kTagShuffle);  // every lane has written
+  T out;
+  std::memcpy(&out, &slots[warp0 + ((lane ^ static_cast<unsigned>(lane_mask)) & 31)], sizeof(T));
+  return out;
+}
+
+// Seconds without a completed barrier phase after which a launch is taken to
+// be deadlocked (threads split between the block barrier and a warp barrier).
+constexpr int kWatchdogSeconds = 60;
+
+// kernel<<<grid, block>>>(args...) on CPU threads (see NOTE: [CUDA on CPU]).
+template <typename... Params, typename... Args>
+void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x == 0)
+    throw std::invalid_argument("cuda_host::launch: only 1-D grids and blocks of 32k threads");
+  State& s = state();
+  std::vector<unsigned> order(grid.x);
+  std::iota(order.begin(), order.end(), 0u);
+  std::mt19937_64 rng(s.order_seed);
+  std::shuffle(order.begin(), order.end(), rng);
+  blockDim = block;
+  gridDim = grid;
+  s.bar = std::make_unique<std::barrier<CheckTags>>(static_cast<std::ptrdiff_t>(block.x),
+                                                    CheckTags{&s, 0, block.x});
+  s.warps.clear();
+  for (unsigned w = 0; w < block.x / 32; ++w) s.warps.push_back(std::make_unique<Warp>(&s, 32 * w));
+  s.tag.assign(block.x, 0);
+  s.slot.assign(2 * block.x, 0);
+  s.broken = false;
+  s.error.clear();
+  const std::tuple<Params...> argv(std::forward<Args>(args)...);
+  std::vector<std::thread> threads;
+  threads.reserve(block.x);
+  for (unsigned i = 0; i < block.x; ++i) {
+    threads.emplace_back([&, i] {
+      threadIdx = dim3(i);
+      try {
+        for (unsigned b : order) {
+          blockIdx = dim3(b);
+          sync_count = 0;
+          std::apply(kernel, argv);
+          arrive(*s.bar, kTagBlockEnd);  // blocks run one after the other
+        }
+      } catch (const Broken&) {
+      }
+    });
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  bool finished = false;
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(mu);
+    uint64_t seen = s.phases.load();
+    while (!cv.wait_for(lock, std::chrono::seconds(kWatchdogSeconds), [&] { return finished; })) {
+      const uint64_t now = s.phases.load();
+      if (now == seen) {
+        std::fprintf(stderr, "cuda_host: no barrier completed in %d s: the threads of a block wait at "
+                             "different barriers (a missing or divergent __syncthreads or shuffle)\n",
+                     kWatchdogSeconds);
+        std::_Exit(70);  // the waiting threads cannot be released
+      }
+      seen = now;
+    }
+  });
+  for (auto& t : threads) t.join();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    finished = true;
+  }
+  cv.notify_one();
+  watchdog.join();
+  if (s.broken) throw std::runtime_error(s.error);
+}
+
+}  // namespace cuda_host
+
+#define __syncthreads() cuda_host::syncthreads(__LINE__)
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask: kernels pass the full warp*/, T v, int lane_mask) {
+  return cuda_host::shfl_xor(v, lane_mask);
+}

@@ -1,0 +1,372 @@
+"""The CUDA kernels (csrc/cuda) executed on the CPU, against the reference.
+
+The unchanged kernel bodies and the launch table of csrc/cuda/plan.h (what
+the device backend uploads) run on CPU threads under the stand-in for the
+CUDA runtime in csrc/tests/cuda_host (NOTE: [CUDA on CPU] there): one thread
+per CUDA thread, barriers for __syncthreads and warp shuffles, blocks in a
+shuffled order, scratch pre-filled with NaN. The library is built by CMake
+(target ramda_cuda_host, no torch) into build/native-tests when `make test`
+has configured it, else into build/cuda-host on first use, and
+loaded with ctypes; the test passes CPU tensors and the per-call scalars the
+bindings compute (csrc/bindings.cpp), runs one step and compares parameters
+and state with python/ramda_ref:
+
+* exact group lasso on rows, columns, NCHW and channels_last channel-wise,
+  a heads view, strided (transposed, permuted) tensors and groups of 1, 13,
+  37, 700 and 1031 (> one 256-thread block) elements;
+* every optimizer and solver (exact, PG, closed form) on channels_last,
+  16-bit parameters on grouped paths, none / l1 / whole-tensor PG in fp32,
+  bf16 and fp16;
+* the zero groups exactly zero, the same bits for two block orders, and the
+  stand-in's 16-bit conversions against torch's.
+
+The KKT residuals of the exact solve and the ThreadSanitizer runs (which
+must flag a dropped __syncthreads) are the native test
+csrc/tests/test_cuda_host.cpp, run by ctest.
+
+Real-device behaviour (streams, graph capture, the device's own cbrtf and
+FMA contraction) stays in tests/test_cuda_backend.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import ramda_ref.functional as ref
+from ramda_kernels.testing import GROUPINGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `make test` has configured build/native-tests (the same CMake project) already.
+BUILD = next((d for d in (os.path.join(ROOT, "build", "native-tests"), os.path.join(ROOT, "build", "cuda-host"))
+              if os.path.exists(os.path.join(d, "CMakeCache.txt"))), os.path.join(ROOT, "build", "cuda-host"))
+OPTIM = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
+REG = {"none": 0, "l1": 1, "group_lasso": 2}
+SOLVER = {"exact": 0, "pg": 1}
+DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_DIMS = 8
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """Build (incrementally) and load the CUDA-on-CPU library."""
+    if shutil.which("cmake") is None:
+        pytest.fail("cmake is needed to build the CUDA-on-CPU library (csrc/tests/cuda_host)")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    env = dict(os.environ, RAMDA_TESTS_ONLY="1")
+    if not os.path.exists(os.path.join(BUILD, "CMakeCache.txt")):
+        subprocess.run(["cmake", "-S", ROOT, "-B", BUILD, *gen], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", BUILD, "--target", "ramda_cuda_host"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    so = [f for f in os.listdir(BUILD) if f.startswith("libramda_cuda_host")]
+    assert so, f"no libramda_cuda_host in {BUILD}"
+    h = ctypes.CDLL(os.path.join(BUILD, so[0]))
+    h.ramda_cuda_host_step.restype = ctypes.c_int
+    h.ramda_cuda_host_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                                       ctypes.c_char_p, ctypes.c_int]
+    assert h.ramda_cuda_host_fields(0) == 21 and h.ramda_cuda_host_fields(1) == 9 + 3 * MAX_DIMS
+    return h
+
+
+# --- the per-call scalars and per-tensor metadata, as csrc/bindings.cpp computes them
+
+HP = {
+    "ramda": dict(lr=0.1, momentum=0.5, epsilon=1e-6, alpha=0.3),
+    "rmda": dict(lr=0.1, momentum=0.5, alpha=0.3),
+    "proxadamw": dict(lr=0.02, beta1=0.9, beta2=0.999, epsilon=1e-8, weight_decay=0.01),
+    "proxsgd": dict(lr=0.1, momentum=0.5),
+}
+LAMBDA = {"ramda": 0.4, "rmda": 0.5, "proxadamw": 1.5, "proxsgd": 1.0}
+
+
+def step_fields(opt, reg, solver, step, lambda_, hp, max_iters=100, pg_eps=1e-3, amsgrad=False):
+    v = [0.0] * 21
+    v[0], v[1], v[2], v[3], v[4] = OPTIM[opt], REG[reg], SOLVER[solver], max_iters, float(amsgrad)
+    eps_t = pg_eps * float(step) ** -0.6
+    if opt == "ramda":
+        v[5], v[6] = hp["lr"] * math.sqrt(step), hp["epsilon"]
+        v[7], v[8] = 1.0 - hp["momentum"], hp["momentum"]
+        v[19], v[20] = hp["alpha"] * lambda_, eps_t
+    elif opt == "rmda":
+        beta = math.sqrt(step)
+        v[5], v[9] = hp["lr"] * beta, beta
+        v[7], v[8] = 1.0 - hp["momentum"], hp["momentum"]
+        v[19] = hp["alpha"] * lambda_ / beta
+    elif opt == "proxadamw":
+        b1, b2 = hp["beta1"], hp["beta2"]
+        bias1 = 1.0 - b1 ** step
+        v[12:19] = [b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2 ** step), hp["epsilon"],
+                    hp["lr"] / bias1]
+        v[11] = 1.0 - hp["lr"] * hp["weight_decay"]
+        v[19], v[20] = hp["lr"] * lambda_, eps_t
+    else:
+        v[7], v[8], v[10] = 1.0 - hp["momentum"], hp["momentum"], hp["lr"]
+        v[19] = hp["lr"] * lambda_
+    return v
+
+
+def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight=True):
+    dual = opt in ("ramda", "proxadamw")
+    closed = thr_base == 0.0 or reg == "none" or (reg == "l1" and not (dual and solver == "pg"))
+    ptrs = [p.data_ptr(), g.data_ptr()] + [s.data_ptr() if s is not None else 0 for s in states]
+    desc = ptrs + [p.numel(), DTYPE[p.dtype], 0 if closed else 1, 0] + [0] * (3 * MAX_DIMS)
+    cg, tol_scale = 1.0, 1.0
+    if not closed and p.numel() > 0:
+        if reg == "l1":
+            shape, strides, red = [p.numel()], [1], [True]
+        else:
+            vw = p.view(view) if view is not None else p
+            shape, strides = list(vw.shape), list(vw.stride())
+            nd = len(shape)
+            red = [True] * nd if dims is None else [d in [x % nd for x in dims] for d in range(nd)]
+        gsize = math.prod(s for s, r in zip(shape, red) if r)
+        desc[8] = len(shape)
+        for i, (s, st, r) in enumerate(zip(shape, strides, red)):
+            desc[9 + i], desc[9 + MAX_DIMS + i], desc[9 + 2 * MAX_DIMS + i] = s, st, int(r)
+        cg = math.sqrt(gsize) if reg == "group_lasso" and reweight else 1.0
+        tol_scale = math.sqrt(gsize / p.numel())
+    return desc, [cg, tol_scale]
+
+
+def host_step(lib, fields, tensors, seed=0, drop_sync=0):
+    """tensors: list of (param, grad, [s0, s1, s2], descriptor, weights)."""
+    step = (ctypes.c_double * 21)(*fields)
+    desc = (ctypes.c_int64 * max(1, len(tensors) * (9 + 3 * MAX_DIMS)))(
+        *[x for t in tensors for x in t[3]])
+    w = (ctypes.c_double * max(1, 2 * len(tensors)))(*[x for t in tensors for x in t[4]])
+    err = ctypes.create_string_buffer(512)
+    rc = lib.ramda_cuda_host_step(step, len(tensors), desc, w, seed, drop_sync, err, 512)
+    assert rc == 0, err.value.decode()
+
+
+# --- cases
+
+# Extra shapes (dims=(0,) groups): 37 and 700 element columns, a transposed
+# (strided) weight, and a permuted 3-d tensor.
+EXTRA = {
+    "sizes-37-700": ([(37, 5), (700, 2)], (0,), None, None),
+    "strided": ([(9, 13, "t"), (6, 4, 5, "p")], (0,), None, None),
+}
+
+
+def make_tensor(shape, fmt, gen, dtype, scale=1.0):
+    tag = shape[-1] if isinstance(shape[-1], str) else None
+    shape = tuple(s for s in shape if not isinstance(s, str))
+    if tag == "t":  # a transposed view: dense, column-major
+        x = torch.randn(shape[::-1], generator=gen, dtype=torch.float64).t()
+    elif tag == "p":  # a permuted view: dense, dims out of memory order
+        x = torch.randn((shape[2], shape[0], shape[1]), generator=gen, dtype=torch.float64).permute(1, 2, 0)
+    else:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if fmt is not None and fmt != torch.contiguous_format and x.dim() == 4:
+            x = x.contiguous(memory_format=fmt)
+    return (x * scale).to(dtype)
+
+
+def like(p, fill):
+    s = torch.empty_like(p, dtype=torch.float32)
+    s.copy_(fill)
+    return s
+
+
+def build_case(opt, grouping, dtype, gen):
+    shapes, dims, view, fmt = {**GROUPINGS, **EXTRA}[grouping]
+    params, grads, states = [], [], []
+    for shape in shapes:
+        # groups of different scales, so that some are zeroed and some not
+        p = make_tensor(shape, fmt, gen, dtype, 0.5)
+        rows = torch.rand(p.shape[:1] + (1,) * (p.dim() - 1), generator=gen, dtype=torch.float64)
+        p.copy_((p.double() * (0.3 + rows)).to(dtype))
+        g = like(p, torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(dtype)
+        rnd = lambda: torch.randn(p.shape, generator=gen, dtype=torch.float64)  # noqa: E731
+        if opt == "ramda":
+            st = [like(p, p.double() + 0.1 * rnd()), like(p, 0.2 * rnd()), like(p, 0.5 * rnd().abs())]
+        elif opt == "rmda":
+            st = [like(p, p.double() + 0.1 * rnd()), like(p, 0.2 * rnd()), None]
+        elif opt == "proxadamw":
+            st = [like(p, 0.1 * rnd()), like(p, 0.01 * rnd().abs()), None]
+        else:
+            st = [like(p, 0.3 * rnd()), None, None]
+        params.append(p)
+        grads.append(g)
+        states.append(st)
+    return params, grads, states, dims, view
+
+
+def run_ref(opt, reg, solver, step, lambda_, hp, params, grads, states, dims, view):
+    common = dict(step=step, lambda_=lambda_, regularizer=reg, dims=list(dims) if dims else None,
+                  view=list(view) if view else None, reweight=True)
+    pg = dict(solver=solver, max_iters=100, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+    s = [[x[i] for x in states] for i in range(3)]
+    if opt == "ramda":
+        ref.ramda(params, grads, s[0], s[1], s[2], alpha=hp["alpha"], lr=hp["lr"],
+                  momentum=hp["momentum"], epsilon=hp["epsilon"], **common, **pg)
+    elif opt == "rmda":
+        ref.rmda(params, grads, s[0], s[1], alpha=hp["alpha"], lr=hp["lr"], momentum=hp["momentum"],
+                 **common)
+    elif opt == "proxadamw":
+        ref.proxadamw(params, grads, s[0], s[1], [], lr=hp["lr"], beta1=hp["beta1"],
+                      beta2=hp["beta2"], epsilon=hp["epsilon"], weight_decay=hp["weight_decay"],
+                      amsgrad=False, **common, **pg)
+    else:
+        ref.proxsgd(params, grads, s[0], lr=hp["lr"], momentum=hp["momentum"], **common)
+
+
+def clone_all(params, grads, states):
+    return ([p.clone() for p in params], [g.clone() for g in grads],
+            [[s.clone() if s is not None else None for s in st] for st in states])
+
+
+def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=0, hp=None,
+             lambda_=None):
+    gen = torch.Generator().manual_seed(seed)
+    hp = hp or HP[opt]
+    if lambda_ is None:
+        lambda_ = 0.0 if reg == "none" else LAMBDA[opt]
+    params, grads, states, dims, view = build_case(opt, grouping, dtype, gen)
+    rp, rg, rs = clone_all(params, grads, states)
+    run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view)
+    fields = step_fields(opt, reg, solver, step, lambda_, hp)
+    tensors = []
+    for p, g, st in zip(params, grads, states):
+        desc, w = tensor_fields(p, g, st, opt, reg, solver, fields[19], dims, view)
+        tensors.append((p, g, st, desc, w))
+    host_step(lib, fields, tensors, seed=order_seed)
+    return (params, states), (rp, rs), (dims, view, fields)
+
+
+def assert_close_to_ref(fast, slow, dtype, solver):
+    (fp, fs), (rp, rs) = fast, slow
+    # fp32: a few ulps of the tensor's scale; PG stops on a tolerance, so the
+    # fused and reference iterates may differ by one iteration near it.
+    rel = 5e-3 if solver == "pg" else 2e-6
+    eps16 = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for i, (a, b) in enumerate(zip(fp, rp)):
+        if a.numel() == 0:
+            continue
+        a64, b64 = a.double(), b.double()
+        scale = float(b64.abs().max())
+        # 16-bit parameters: the one rounding of the result may land on the other side
+        bound = rel * max(scale, 1e-30) + 2 * eps16 * b64.abs()
+        err = (a64 - b64).abs()
+        assert bool((err <= bound).all()), (
+            f"params[{i}] {tuple(a.shape)}: max err {float(err.max()):.3g} (scale {scale:.3g})")
+        for k, (x, y) in enumerate(zip(fs[i], rs[i])):
+            if x is None:
+                continue
+            e = float((x.double() - y.double()).abs().max())
+            assert e <= 2e-6 * max(float(y.abs().max()), 1e-30), f"state {k} of params[{i}]: err {e:.3g}"
+
+
+def order_seed(*names):
+    """A block order per test, so that the suite runs many orders."""
+    return sum(ord(c) * 31 ** k for k, c in enumerate("-".join(names))) % (2 ** 63)
+
+
+# Rows, columns (with groups of 1, 13 and 1031 > one block), NCHW and
+# channels_last channel-wise, a view (heads), 37/700-element groups and
+# strided tensors. The other groupings of ramda_kernels.testing are the same
+# tilings again and cost seconds each here (one OS thread per CUDA thread).
+LAYOUTS = ["linear-input", "linear-output", "conv2d-channel", "conv2d-channels-last", "heads",
+           "sizes-37-700", "strided"]
+GROUP_SOLVERS = [("ramda", "exact"), ("ramda", "pg"), ("rmda", "exact"), ("proxadamw", "exact"),
+                 ("proxadamw", "pg"), ("proxsgd", "exact")]
+
+
+@pytest.mark.parametrize("grouping", LAYOUTS)
+def test_exact_group_lasso_every_layout(lib, grouping):
+    fast, slow, _ = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32,
+                             order_seed=order_seed(grouping))
+    assert_close_to_ref(fast, slow, torch.float32, "exact")
+
+
+@pytest.mark.parametrize("opt,solver", GROUP_SOLVERS)
+def test_group_lasso_every_optimizer(lib, opt, solver):
+    # channels_last: a "columns" tiling with strided groups
+    fast, slow, _ = run_both(lib, opt, "group_lasso", solver, "conv2d-channels-last", torch.float32,
+                             order_seed=order_seed(opt, solver))
+    assert_close_to_ref(fast, slow, torch.float32, solver)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("opt,solver", [("ramda", "exact"), ("proxadamw", "pg"), ("rmda", "exact")])
+def test_group_lasso_16bit(lib, opt, solver, dtype):
+    fast, slow, _ = run_both(lib, opt, "group_lasso", solver, "heads", DTYPES[dtype],
+                             order_seed=order_seed(opt, solver, dtype))
+    assert_close_to_ref(fast, slow, DTYPES[dtype], solver)
+
+
+# RMDA/ProxSGD have one (closed-form) solver; l1 + PG is the whole-tensor PG
+# group (RAMDA, ProxAdamW), a few thousand elements in one block.
+ELEMENTWISE = [(o, r, "exact", dt) for o in OPTIM for r in ("none", "l1") for dt in DTYPES]
+ELEMENTWISE += [("ramda", "l1", "pg", "fp32"), ("proxadamw", "l1", "pg", "bf16")]
+
+
+@pytest.mark.parametrize("opt,reg,solver,dtype", ELEMENTWISE)
+def test_elementwise_and_l1_match_reference(lib, opt, reg, solver, dtype):
+    fast, slow, _ = run_both(lib, opt, reg, solver, "linear-input", DTYPES[dtype],
+                             order_seed=order_seed(opt, reg, solver, dtype))
+    assert_close_to_ref(fast, slow, DTYPES[dtype], solver)
+
+
+@pytest.mark.parametrize("grouping", ["linear-input", "conv2d-channels-last"])
+def test_zero_groups_exact(lib, grouping):
+    """Momentum 1: the parameter is the subproblem's solution, so the groups the
+    reference zeroes must be exactly zero here, and no others."""
+    hp = dict(HP["ramda"], momentum=1.0)
+    (fp, _), (rp, _), _ = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32,
+                                   hp=hp, lambda_=1.2)
+    zeros = total = 0
+    for a, b in zip(fp, rp):
+        assert torch.equal(a == 0, b == 0)
+        zeros += int((b == 0).sum())
+        total += b.numel()
+    assert 0 < zeros < total, f"{zeros} of {total} elements zero: the case checks nothing"
+
+
+def test_block_order_does_not_matter(lib):
+    runs = [run_both(lib, "ramda", "group_lasso", "exact", "conv2d-channels-last", torch.float32,
+                     order_seed=k)[0][0] for k in (1, 2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_16bit_conversions_match_torch(lib):
+    """The stand-in's c10::Half / c10::BFloat16 (csrc/tests/cuda_host/c10)
+    round like torch: every fp32 near each 16-bit boundary, subnormals, overflow,
+    inf and NaN."""
+    bits = torch.arange(0, 2 ** 16, dtype=torch.int32)
+    h = bits.to(torch.int16).view(torch.float16).float()
+    b = bits.to(torch.int16).view(torch.bfloat16).float()
+    x = torch.cat([h, b, torch.randn(1 << 16) * 1e3, torch.tensor([65519.0, 65520.0, 65536.0, 1e-8,
+                                                                  3e-8, 6e-8, float("inf")])])
+    # neighbours of every representable value and the midpoints between them
+    x = torch.cat([x, x.nextafter(torch.tensor(float("inf"))), x.nextafter(torch.tensor(float("-inf"))),
+                   -x]).contiguous()
+    x = x[~x.isnan()]
+    n = x.numel()
+    half = torch.empty(n, dtype=torch.int16)
+    bf = torch.empty(n, dtype=torch.int16)
+    lib.ramda_cuda_host_to_16bit(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(n),
+                                 ctypes.c_void_p(half.data_ptr()), ctypes.c_void_p(bf.data_ptr()))
+    assert torch.equal(half, x.half().view(torch.int16))
+    assert torch.equal(bf, x.bfloat16().view(torch.int16))
+    back_h, back_b = torch.empty(n), torch.empty(n)
+    lib.ramda_cuda_host_from_16bit(ctypes.c_void_p(half.data_ptr()), ctypes.c_void_p(bf.data_ptr()),
+                                   ctypes.c_int64(n), ctypes.c_void_p(back_h.data_ptr()),
+                                   ctypes.c_void_p(back_b.data_ptr()))
+    assert torch.equal(back_h, half.view(torch.float16).float())
+    assert torch.equal(back_b, bf.view(torch.bfloat16).float())
+    nan = torch.tensor([float("nan")])
+    lib.ramda_cuda_host_to_16bit(ctypes.c_void_p(nan.data_ptr()), ctypes.c_int64(1),
+                                 ctypes.c_void_p(half.data_ptr()), ctypes.c_void_p(bf.data_ptr()))
+    assert half[:1].view(torch.float16).isnan().all() and bf[:1].view(torch.bfloat16).isnan().all()
