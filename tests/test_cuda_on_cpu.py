@@ -40,6 +40,7 @@ import pytest
 import torch
 
 import ramda_ref.functional as ref
+from ramda_ref.definitions import DEFINITIONS
 from ramda_kernels.testing import GROUPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,29 +89,24 @@ HP = {
 LAMBDA = {"ramda": 0.4, "rmda": 0.5, "proxadamw": 1.5, "proxsgd": 1.0}
 
 
+#: StepArgs slots (module.cpp's field order) of the named per-step scalars of
+#: ramda_ref.definitions; ProxAdamW's epsilon sits in its AdamCoeffs block.
+_SLOTS = {"s": 5, "epsilon": 6, "keep": 7, "c": 8, "beta": 9, "lr": 10, "decay": 11,
+          "tau": 19, "thr": 19, "eps_t": 20}
+_ADAM_SLOTS = {"beta1": 12, "one_minus_beta1": 13, "beta2": 14, "one_minus_beta2": 15,
+               "bias2_sqrt": 16, "epsilon": 17, "step_size": 18}
+
+
 def step_fields(opt, reg, solver, step, lambda_, hp, max_iters=100, pg_eps=1e-3, amsgrad=False):
+    """The StepArgs values of one call: the scalars come from the optimizer's one
+    definition (as the C++ ops get them), nothing is recomputed here."""
     v = [0.0] * 21
     v[0], v[1], v[2], v[3], v[4] = OPTIM[opt], REG[reg], SOLVER[solver], max_iters, float(amsgrad)
-    eps_t = pg_eps * float(step) ** -0.6
-    if opt == "ramda":
-        v[5], v[6] = hp["lr"] * math.sqrt(step), hp["epsilon"]
-        v[7], v[8] = 1.0 - hp["momentum"], hp["momentum"]
-        v[19], v[20] = hp["alpha"] * lambda_, eps_t
-    elif opt == "rmda":
-        beta = math.sqrt(step)
-        v[5], v[9] = hp["lr"] * beta, beta
-        v[7], v[8] = 1.0 - hp["momentum"], hp["momentum"]
-        v[19] = hp["alpha"] * lambda_ / beta
-    elif opt == "proxadamw":
-        b1, b2 = hp["beta1"], hp["beta2"]
-        bias1 = 1.0 - b1 ** step
-        v[12:19] = [b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2 ** step), hp["epsilon"],
-                    hp["lr"] / bias1]
-        v[11] = 1.0 - hp["lr"] * hp["weight_decay"]
-        v[19], v[20] = hp["lr"] * lambda_, eps_t
-    else:
-        v[7], v[8], v[10] = 1.0 - hp["momentum"], hp["momentum"], hp["lr"]
-        v[19] = hp["lr"] * lambda_
+    group = dict(hp, lambda_=lambda_, pg_eps=pg_eps)
+    scalars = DEFINITIONS[opt].scalars(step, hp.get("alpha", 0.0), group)
+    slots = _ADAM_SLOTS if opt == "proxadamw" else {}
+    for name, value in scalars.items():
+        v[slots.get(name, _SLOTS.get(name))] = float(value)
     return v
 
 
