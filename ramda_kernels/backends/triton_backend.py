@@ -266,7 +266,10 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
 def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, flat, scalar_d,
                   amsgrad, reweight) -> _Launch:
     n_state = len(entries[0][3])
-    bg, be, one_chunk, nkb, nrb, unit_kept, unit_red = _tile_shape([e[6] for e in entries], flat)
+    aligned = all(t.data_ptr() % 16 == 0 for _, p, g, st, *_ in entries for t in [p, g, *st])
+    constexprs, num_warps = _specialization(opt, reg, solver, flat, scalar_d, amsgrad, pdt, gdt,
+                                            [e[6] for e in entries], aligned)
+    bg, one_chunk = constexprs["BG"], constexprs["ONE_CHUNK"]
     need_scratch = not flat and not one_chunk and solver == 1 and not scalar_d
     itab, ftab, items = [], [], []
     scratch_len = 0
@@ -297,12 +300,6 @@ def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, f
     ftab_t = torch.tensor(ftab, dtype=torch.float32, device=device)
     items_t = torch.tensor(items, dtype=torch.int64, device=device).reshape(-1)
     scratch = torch.empty(max(scratch_len, 1), dtype=torch.float32, device=device)
-    aligned = all(a % 16 == 0 for r in itab for a in r[:2 + n_state])
-    constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
-                      AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
-                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
-                      UNIT_RED=unit_red)
-    num_warps = 8 if bg * be >= 1024 else 4
     rows = [i for i, *_ in entries]
     call_rows = (None if rows == list(range(n_call))
                  else torch.tensor(rows, dtype=torch.int64, device=device))
@@ -331,6 +328,20 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
     unit_kept = all(lay.kept_strides in ((), (1,)) for lay in lays)
     unit_red = all(lay.red_strides == (1,) for lay in lays)
     return bg, be, one_chunk, nkb, nrb, unit_kept, unit_red
+
+
+def _specialization(opt: int, reg: int, solver: int, flat: bool, scalar_d: bool, amsgrad: bool,
+                    pdt: torch.dtype, gdt: torch.dtype, stats: Sequence[_TileStats],
+                    aligned: bool) -> Tuple[Dict[str, object], int]:
+    """The constexprs (all but ``CAPTURABLE``, a per-call switch) and ``num_warps``
+    of a launch over tensors with these statistics; compile_check.py compiles
+    exactly these."""
+    bg, be, one_chunk, nkb, nrb, unit_kept, unit_red = _tile_shape(stats, flat)
+    constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
+                      AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
+                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
+                      UNIT_RED=unit_red)
+    return constexprs, (8 if bg * be >= 1024 else 4)
 
 
 def _refresh_grads(launch: _Launch, grads) -> None:

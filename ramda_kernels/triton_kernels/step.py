@@ -1,8 +1,8 @@
 """One fused Triton kernel for a whole optimizer step over many tensors.
 
 ``fused_step_kernel`` reads gradient, parameter and state once, updates the
-state, forms the subproblem's ``d`` and ``z`` (SPEC section 2), solves it
-(SPEC sections 3-5) and writes the new parameter, for every tensor of a call
+state, forms the subproblem's ``d`` and ``z`` (docs/math.md section 2), solves it
+(docs/math.md sections 3-5) and writes the new parameter, for every tensor of a call
 in one launch. The host side (``ramda_kernels.backends.triton_backend``)
 builds the metadata tables described below once and caches them.
 
@@ -59,6 +59,26 @@ compiler, which then orders threads along the contiguous axis. ``FLAT`` full
 tiles are masked by a bound the compiler can prove is a multiple of ``BG``
 and, with ``ALIGNED``, use 16-byte vector loads; a tensor's last tile is the
 only ragged one.
+
+NOTE: [two-pass plan] (the target of the grouped tiling; not implemented yet)
+The floor of a step is one read of every input and one write of every
+output (RAMDA fp32: 32 B per element). The multi-chunk path above re-reads
+its inputs once per Newton step (about ``48 + 16k`` B per element for ``k``
+steps). The plan that reaches two passes:
+
+* tiles per size class of group, several launches per step (their number
+  fixed by the classes, not by the tensor count), no column cap: groups up
+  to 8192 elements that are contiguous rows are loaded once, solved in
+  registers and written once (the floor even from a cold start);
+* every other group: pass 1 updates the state (writes V, U), and gathers
+  the group sums ``a, b, c`` of `_newton_terms` at the warm-start ``sigma``
+  (and at a few sigmas around it, for the price of one read); one Newton
+  step from them; pass 2 reads the new state and writes the parameter;
+  further passes only for tiles whose groups have not converged, with the
+  error bounded from what pass 1 measured (docs/math.md section 4);
+* the warm start is an optional per-group ``sigma`` input (one fp32 per
+  group, a new table column pointing at it); without it Newton starts from
+  ``sigma_hi`` as now, so results and the stopping rule do not change.
 
 All math is fp32; parameters are read in ``P_DTYPE`` and rounded once on the
 final store. No value goes back to the host: iterative solves are in-kernel
@@ -178,7 +198,7 @@ def _newton_terms(zeta, d, sigma):
 
 @triton.jit
 def _newton_start(znorm, dmax, dmin, T, gmask):
-    """Screening and the start of the Newton solve, per group (SPEC section 4):
+    """Screening and the start of the Newton solve, per group (docs/math.md section 4):
     ``(active, sigma_hi, todo, relative excess, 1/||z_g||)``. The iteration runs
     on unit-norm groups (NOTE: [secular equation without cancellation] in
     ramda_ref.prox); groups with constant ``d`` start at the root and take no step."""
@@ -192,7 +212,7 @@ def _newton_start(znorm, dmax, dmin, T, gmask):
 
 @triton.jit
 def _newton_step(a, b, c, rel_excess, sigma, todo, tol):
-    """One Newton step on the secular equation of SPEC section 4, from the group
+    """One Newton step on the secular equation of docs/math.md section 4, from the group
     sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``, written
     without cancellation as in ``ramda_ref.prox._newton_step`` (see NOTE:
     [secular equation without cancellation] there).
@@ -221,7 +241,7 @@ def _round_to_bf16(x):
 
 @triton.jit
 def _closed_form(d, z, tau, REG: tl.constexpr, SCALAR_D: tl.constexpr):
-    """Elementwise subproblem solutions (SPEC section 3); with a scalar ``d``
+    """Elementwise subproblem solutions (docs/math.md section 3); with a scalar ``d``
     (RMDA, ProxSGD) ``z`` already is the prox input ``y`` and ``tau`` its threshold."""
     if REG == REG_L1:
         if SCALAR_D:
