@@ -236,7 +236,7 @@ class Model:
                                     heads=ps.SETS[set_name].heads, **hp)
         gen = torch.Generator().manual_seed(seed)
         self.groups: List[Dict[str, Any]] = []
-        self.full_shape: Dict[int, Tuple[int, ...]] = {}   # data_ptr -> the shape it stands for
+        self.full_shape: Dict[int, Tuple[int, ...]] = {}   # data_ptr -> grouped shape it stands for
         self.weight: Dict[int, int] = {}                   # data_ptr -> real elements it stands for
         self.signal: Dict[int, torch.Tensor] = {}
         for g in groups:
@@ -254,7 +254,8 @@ class Model:
                 else:
                     small = (min(numel, 8192),)
                 p = torch.nn.Parameter(self._init(small, dtype, gen))
-                self.full_shape[p.data_ptr()] = shape
+                # the grouped shape the slice stands for: the tiling is chosen from it
+                self.full_shape[p.data_ptr()] = tuple(g["view"]) if g.get("view") else shape
                 self.weight[p.data_ptr()] = count * numel
                 self.signal[p.data_ptr()] = self._signal(small, gen)
                 params.append(p)
@@ -406,7 +407,7 @@ def _combine(launches: List[Dict[str, Any]], model: Model, dtype: torch.dtype,
                 roles[k][j] += v[j]
     passes = {k: (v[0] / v[2], v[1] / v[2]) for k, v in roles.items() if v[2]}
     pbytes = torch.empty((), dtype=dtype).element_size()
-    adamw = 7 * pbytes if pbytes == 4 else 3 * pbytes + 16
+    adamw = 7 * pbytes  # g, p, m, v read, p, m, v written, all in the parameter dtype
     return dict(launches=launches, elements=elements, bytes_per_elem=issued / elements,
                 sector_eff=issued / (SECTOR * sectors) if sectors else float("nan"),
                 passes=passes, adamw_bytes=adamw,
@@ -418,13 +419,15 @@ def _combine(launches: List[Dict[str, Any]], model: Model, dtype: torch.dtype,
 # The matrix
 # ---------------------------------------------------------------------------
 
-def configs(sets, regs, dtypes, optimizers, phases) -> Iterator[Tuple]:
+def configs(sets, regs, dtypes, optimizers, phases, only_groupings=None) -> Iterator[Tuple]:
     for set_name in sets:
         for optimizer in optimizers:
             for reg in regs:
                 regularizer, _, solver = reg.partition(":")
                 groupings = ps.groupings_for(set_name) if regularizer == "group_lasso" else (None,)
                 for grouping in groupings:
+                    if grouping is not None and only_groupings and grouping not in only_groupings:
+                        continue
                     for dt in dtypes:
                         for phase in phases:
                             yield set_name, optimizer, regularizer, solver or "exact", grouping, dt, phase
@@ -440,6 +443,7 @@ def main(argv=None) -> int:
     p.add_argument("--optimizers", default="ramda")
     p.add_argument("--regularizers", default=",".join(REGS),
                    help="comma list of none, l1, group_lasso:exact, group_lasso:pg")
+    p.add_argument("--groupings", help="comma list (default: every grouping of the set)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--phases", default="first,steady")
     p.add_argument("--warmup", type=int, default=4, help="reference steps before the steady-state step")
@@ -454,7 +458,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for set_name, optimizer, regularizer, solver, grouping, dt, phase in configs(
             a.sets.split(","), a.regularizers.split(","), a.dtypes.split(","),
-            a.optimizers.split(","), a.phases.split(",")):
+            a.optimizers.split(","), a.phases.split(","),
+            a.groupings.split(",") if a.groupings else None):
         r = measure(set_name, optimizer, regularizer, solver, grouping, DTYPES[dt],
                     phase == "steady", a.warmup, a.elements, a.bandwidth)
         lanes = [l["lanes"] for l in r["launches"] if "FLAT" not in l["variant"]]

@@ -218,8 +218,9 @@ class _TileStats:
 def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat: bool,
                 scalar_d: bool, amsgrad: bool, dims, view, reweight: bool,
                 like: Optional[Sequence[torch.Size]] = None) -> _Plan:
-    """``like``: per call tensor, the shape whose tiling the launch takes instead
-    of the tensor's own (contiguous layout, same grouping). The traffic meter
+    """``like``: per call tensor, the grouped shape (after ``view``) whose tiling
+    the launch takes instead of the tensor's own (contiguous layout, same
+    ``dims``). The traffic meter
     (bench/traffic.py) runs a copy of a model with fewer groups per tensor under
     the tiling the full model gets; ``None`` everywhere else."""
     device_cache: Dict[torch.device, bool] = {}
@@ -250,7 +251,7 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
                 fallback.append(i)
                 continue
             tiled = lay if like is None else _layout(torch.empty(like[i], device="meta"), reg,
-                                                     dims, view)
+                                                     dims, None)
         numel = p.numel() if like is None else math.prod(like[i])
         buckets.setdefault((p.device, p.dtype, g.dtype), []).append(
             (i, p, g, st, lay, in_place, _TileStats(numel, tiled)))
