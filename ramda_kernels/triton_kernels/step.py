@@ -421,6 +421,19 @@ def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB
 
 
 @triton.jit
+def _load_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2,
+                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+                CAPTURABLE: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr,
+                UNIT_RED: tl.constexpr):
+    """Chunk ``c0`` of a tile's groups, loaded and updated (`_load_update`):
+    ``offs, mask, d, z, x, n0, n1, n2``."""
+    offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
+    d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
+    return offs, mask, d, z, x, n0, n1, n2
+
+
+@triton.jit
 def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h5, h6, h7, gs,
                OPT: tl.constexpr, REG: tl.constexpr, AMSGRAD: tl.constexpr,
                P_DTYPE: tl.constexpr, SCALAR_D: tl.constexpr, CAPTURABLE: tl.constexpr):
@@ -459,10 +472,9 @@ def _stats_chunks(p_ptr, g_ptr, s0, s1, s2, goff, gmask, red_sizes, red_strides,
     dmax = tl.zeros([BG], dtype=tl.float32)
     dmin = tl.zeros([BG], dtype=tl.float32) + float("inf")
     for c0 in range(0, gsize, BE):
-        offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-        d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                           h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD,
-                                           CAPTURABLE)
+        offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
+            c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+            h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
         czz, cmax, cmin = _group_stats(z, d, mask, SCALAR_D)
         zz += czz
         if not SCALAR_D:
@@ -495,11 +507,9 @@ def _newton_solve(d, z, mask, znorm, dmax, dmin, T, gmask, newton_tol,
             sb = tl.zeros([BG], dtype=tl.float32)
             sc = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
-                offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                     UNIT_RED)
-                cd, cz, cx, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, cmask,
-                                                      h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT,
-                                                      AMSGRAD, CAPTURABLE)
+                offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
                 ta, tb, tc = _newton_terms(cz * inv_norm[:, None], cd, sigma[:, None])
                 sa += _gsum(ta, cmask)
                 sb += _gsum(tb, cmask)
@@ -564,22 +574,18 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
             if REG == REG_GROUP:
                 yy = tl.zeros([BG], dtype=tl.float32)
                 for c0 in range(0, gsize, BE):
-                    offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                         UNIT_RED)
-                    cd, cz, cx, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, cmask,
-                                                          h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT,
-                                                          AMSGRAD, CAPTURABLE)
+                    offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
+                        c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                        h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
                     cZ = tl.load(zs + offs, mask=cmask, other=0.0)
                     Y = cZ - theta[:, None] * (cd * cZ - cz)
                     yy += _gsum(Y * Y, cmask)
                 pscale = _shrink_scale(tl.sqrt_rn(yy), theta * T)
             ss = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
-                offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                     UNIT_RED)
-                cd, cz, cx, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, cmask,
-                                                      h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT,
-                                                      AMSGRAD, CAPTURABLE)
+                offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
                 cZ, css = _pg_step(tl.load(zs + offs, mask=cmask, other=0.0), cd, cz, theta, T,
                                    run, cmask, pscale, REG)
                 ss += css
@@ -751,11 +757,9 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, tau, eps_t, newton_tol, 
         else:
             # last pass: write state and parameter
             for c0 in range(0, gsize, BE):
-                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                    UNIT_RED)
-                d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                                   h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT,
-                                                   AMSGRAD, CAPTURABLE)
+                offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
                 if SOLVER == SOLVER_PG and not SCALAR_D:
                     Z = tl.load(zs + offs, mask=mask, other=0.0)
                 w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
