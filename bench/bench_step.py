@@ -18,6 +18,10 @@ Sections (``--sections``; all by default):
              on ``ramda_ref.prox`` directly.
 ``scaling``  step time against the number of tensors at a fixed total size, and
              against the total size.
+``traffic``  (not in the default) bench/traffic.py's memory-traffic table of the
+             Triton step (bytes and 32-byte sectors per element, passes over each
+             tensor, predicted H100 time vs fused AdamW), counted under the
+             Triton interpreter; printed, not written to RESULTS.md.
 
 Bytes: the least a step must move, each input read once and each output
 written once. With ``P`` bytes per parameter element (4 fp32, 2 bf16/fp16;
@@ -535,6 +539,24 @@ def scaling(args, device: torch.device, timer: Timer, available: List[str]) -> L
 # Output
 # ---------------------------------------------------------------------------
 
+def traffic_section(args) -> None:
+    """bench/traffic.py's table (bytes, sectors and passes of the Triton step,
+    counted under the interpreter) for the chosen sets, regularizers and dtypes.
+    A child process: the interpreter must be chosen before triton is imported."""
+    import traffic  # its matrix names only; the child process runs it
+
+    cmd = [sys.executable, str(HERE / "traffic.py")]
+    sets = [s for s in (args.sets or traffic.SETS) if s in traffic.SETS]
+    cmd += ["--sets", ",".join(sets)]
+    if args.regularizers:
+        regs = [r for r in traffic.REGS if r.split(":")[0] in args.regularizers]
+        cmd += ["--regularizers", ",".join(regs)]
+    if args.dtypes:
+        cmd += ["--dtypes", ",".join(d for d in args.dtypes if d in traffic.DTYPES)]
+    log("traffic: " + shlex.join(cmd))
+    subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
+
+
 def _f(x, spec=".3g", empty="") -> str:
     if x is None or x == "":
         return empty
@@ -654,7 +676,7 @@ def parse_args(argv=None):
     p.add_argument("--groupings", type=_csv_list(ps.GROUPINGS), default=list(ps.GROUPINGS))
     p.add_argument("--solvers", type=_csv_list(SOLVERS), default=list(SOLVERS))
     p.add_argument("--dtypes", type=_csv_list(tuple(DTYPES)))
-    p.add_argument("--sections", type=_csv_list(("step", "solver", "scaling")),
+    p.add_argument("--sections", type=_csv_list(("step", "solver", "scaling", "traffic")),
                    default=["step", "solver", "scaling"])
     p.add_argument("--reps", type=int, help="fixed number of timed steps per measurement (default: adaptive)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing (default 1 on CPU, 3 on CUDA)")
@@ -766,6 +788,8 @@ def main(argv=None) -> int:
         rows += solver_study(args, device)
     if "scaling" in args.sections:
         rows += scaling(args, device, timer, available)
+    if "traffic" in args.sections:
+        traffic_section(args)
     add_ratios(rows, copy_row["gbps"])
     log(f"total {time.perf_counter() - t0:.1f} s")
 

@@ -12,6 +12,8 @@ modules and groups them the way a user's model would be grouped.
 * ``gpt2-medium``: GPT-2 medium (24 layers, d=1024, 16 heads, vocab 50257,
   context 1024, tied output layer): 354,823,168 parameters. The fused
   ``c_attn`` projection is an ``nn.Linear(1024, 3072)``, weight ``[3072, 1024]``.
+* ``llama7b-layer``: one LLaMA-7B decoder layer (d=4096, MLP 11008, 32 heads):
+  202,383,360 parameters; ``heads`` groups q/k/v by output head and o by input head.
 * ``gpt2-tiny``: the same layout at d=64, 4 heads, 2 layers (for CPU tests).
 
 Grouping kinds (``group_lasso`` only; SPEC section 3):
@@ -91,6 +93,22 @@ def _gpt2(d: int, layers: int, vocab: int, ctx: int) -> nn.Module:
     return net
 
 
+def _llama_layer(d: int, mlp: int) -> nn.Module:
+    """One LLaMA decoder layer (HF names, no biases): q/k/v/o ``[d, d]``, gate/up
+    ``[mlp, d]``, down ``[d, mlp]``, two RMSNorm weights."""
+    net = nn.Module()
+    net.self_attn = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(net.self_attn, name, nn.Linear(d, d, bias=False))
+    net.mlp = nn.Module()
+    net.mlp.gate_proj = nn.Linear(d, mlp, bias=False)
+    net.mlp.up_proj = nn.Linear(d, mlp, bias=False)
+    net.mlp.down_proj = nn.Linear(mlp, d, bias=False)
+    net.input_layernorm = nn.LayerNorm(d, bias=False)
+    net.post_attention_layernorm = nn.LayerNorm(d, bias=False)
+    return net
+
+
 @dataclass(frozen=True)
 class ParamSet:
     build: Callable[[], nn.Module]
@@ -102,6 +120,7 @@ SETS: Dict[str, ParamSet] = {
     "convnet": ParamSet(_convnet),
     "resnet50": ParamSet(_resnet50),
     "gpt2-medium": ParamSet(lambda: _gpt2(1024, 24, 50257, 1024), gpu_only=True, heads=(1024, 16)),
+    "llama7b-layer": ParamSet(lambda: _llama_layer(4096, 11008), gpu_only=True, heads=(4096, 32)),
     # GPT-2's layout at toy size, so the head grouping runs in CPU tests
     "gpt2-tiny": ParamSet(lambda: _gpt2(64, 2, 512, 64), heads=(64, 4)),
 }
@@ -170,7 +189,9 @@ def fill_grads(model: nn.Module, seed: int = 1) -> None:
 
 def _heads_overrides(d: int, h: int) -> Dict[str, Dict[str, Any]]:
     return {"*.attn.c_attn": {"dims": (1, 2), "view": (3 * h, d // h, d)},
-            "*.attn.c_proj": {"dims": (0, 2), "view": (d, h, d // h)}}
+            "*.attn.c_proj": {"dims": (0, 2), "view": (d, h, d // h)},
+            "*self_attn.[qkv]_proj": {"dims": (1, 2), "view": (h, d // h, d)},
+            "*self_attn.o_proj": {"dims": (0, 2), "view": (d, h, d // h)}}
 
 
 def param_groups(model: nn.Module, regularizer: str, grouping: Optional[str], lambda_: float,
@@ -184,7 +205,12 @@ def param_groups(model: nn.Module, regularizer: str, grouping: Optional[str], la
     conv, linear = ("filter", "output") if grouping == "output" else ("channel", "input")
     if grouping == "heads" and heads is None:
         raise ValueError("the heads grouping needs the set's (d_model, n_heads)")
-    overrides = _heads_overrides(*heads) if grouping == "heads" else None
+    overrides = None
+    if grouping == "heads":  # the patterns of this set's attention naming only
+        import fnmatch
+        names = [n for n, _ in model.named_modules()]
+        overrides = {k: v for k, v in _heads_overrides(*heads).items()
+                     if any(fnmatch.fnmatchcase(n, k) for n in names)}
     try:
         from ramda_kernels import group_parameters
     except ImportError:

@@ -187,8 +187,31 @@ def _kernel_ok(p, g, states, flat: bool, device_ok: Callable[[torch.device], boo
     return device_ok(p.device) and tensor_problem(p, g, states, CAPABILITIES, flat=flat) is None
 
 
+def _layout(p: torch.Tensor, reg: int, dims, view):
+    pv = grouped_view(p, view)
+    gdims = (normalize_dims(dims, pv.dim()) if reg == _REG_GROUP
+             else tuple(range(pv.dim())))  # PG on l1: the whole tensor is one group
+    return group_layout(pv.shape, pv.stride(), gdims)
+
+
+class _TileStats:
+    """What the tile shape of a launch is chosen from, per tensor: its element
+    count and group layout (``None`` on the flat paths)."""
+
+    __slots__ = ("numel", "lay")
+
+    def __init__(self, numel: int, lay):
+        self.numel, self.lay = numel, lay
+
+
 def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat: bool,
-                scalar_d: bool, amsgrad: bool, dims, view, reweight: bool) -> _Plan:
+                scalar_d: bool, amsgrad: bool, dims, view, reweight: bool,
+                like: Optional[Sequence[torch.Size]] = None) -> _Plan:
+    """``like``: per call tensor, the grouped shape (after ``view``) whose tiling
+    the launch takes instead of the tensor's own (contiguous layout, same
+    ``dims``). The traffic meter
+    (bench/traffic.py) runs a copy of a model with fewer groups per tensor under
+    the tiling the full model gets; ``None`` everywhere else."""
     device_cache: Dict[torch.device, bool] = {}
 
     def device_ok(dev):
@@ -210,16 +233,17 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         if not in_place:
             g = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=p.device)
             staged.append((i, g))
-        lay = None
+        lay = tiled = None
         if not flat:
-            pv = grouped_view(p, view)
-            gdims = (normalize_dims(dims, pv.dim()) if reg == _REG_GROUP
-                     else tuple(range(pv.dim())))  # PG on l1: the whole tensor is one group
-            lay = group_layout(pv.shape, pv.stride(), gdims)
+            lay = _layout(p, reg, dims, view)
             if not _blocks_fit(lay):
                 fallback.append(i)
                 continue
-        buckets.setdefault((p.device, p.dtype, g.dtype), []).append((i, p, g, st, lay, in_place))
+            tiled = lay if like is None else _layout(torch.empty(like[i], device="meta"), reg,
+                                                     dims, None)
+        numel = p.numel() if like is None else math.prod(like[i])
+        buckets.setdefault((p.device, p.dtype, g.dtype), []).append(
+            (i, p, g, st, lay, in_place, _TileStats(numel, tiled)))
 
     launches = []
     for (device, pdt, gdt), entries in buckets.items():
@@ -232,30 +256,15 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
 def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, flat, scalar_d,
                   amsgrad, reweight) -> _Launch:
     n_state = len(entries[0][3])
-    if flat:
-        bg = min(_np2(max(p.numel() for _, p, *_ in entries)), _np2(TILE))
-        be, one_chunk, nkb, nrb, unit_kept, unit_red = 1, True, 1, 1, False, False
-    else:
-        max_gs = max(lay.group_size for *_, lay, _ in entries)
-        max_ng = max(lay.n_groups for *_, lay, _ in entries)
-        rows = all(lay.inner_reduced for *_, lay, _ in entries)
-        if rows:
-            be = min(_np2(max_gs), _np2(MAX_BLOCK_E))
-            bg = max(1, min(_np2(TILE) // be, _np2(max_ng)))
-        else:
-            bg = min(_np2(max_ng), COLUMN_GROUPS, _np2(TILE))
-            be = min(_np2(max_gs), _np2(MAX_BLOCK_E), max(1, _np2(TILE) // bg))
-        one_chunk = max_gs <= be
-        nkb = max(1, max(len(lay.kept_sizes) for *_, lay, _ in entries))
-        nrb = max(1, max(len(lay.red_sizes) for *_, lay, _ in entries))
-        unit_kept = all(lay.kept_strides in ((), (1,)) for *_, lay, _ in entries)
-        unit_red = all(lay.red_strides == (1,) for *_, lay, _ in entries)
-
+    aligned = all(t.data_ptr() % 16 == 0 for _, p, g, st, *_ in entries for t in [p, g, *st])
+    constexprs, num_warps = _specialization(opt, reg, solver, flat, scalar_d, amsgrad, pdt, gdt,
+                                            [e[6] for e in entries], aligned)
+    bg, one_chunk = constexprs["BG"], constexprs["ONE_CHUNK"]
     need_scratch = not flat and not one_chunk and solver == 1 and not scalar_d
     itab, ftab, items = [], [], []
     scratch_len = 0
     grad_rows, grad_ptrs = [], []
-    for row, (i, p, g, st, lay, in_place) in enumerate(entries):
+    for row, (i, p, g, st, lay, in_place, _) in enumerate(entries):
         if in_place:
             grad_rows.append((row, i))
             grad_ptrs.append(g.data_ptr())
@@ -281,17 +290,48 @@ def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, f
     ftab_t = torch.tensor(ftab, dtype=torch.float32, device=device)
     items_t = torch.tensor(items, dtype=torch.int64, device=device).reshape(-1)
     scratch = torch.empty(max(scratch_len, 1), dtype=torch.float32, device=device)
-    aligned = all(a % 16 == 0 for r in itab for a in r[:2 + n_state])
-    constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
-                      AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
-                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
-                      UNIT_RED=unit_red)
-    num_warps = 8 if bg * be >= 1024 else 4
     rows = [i for i, *_ in entries]
     call_rows = (None if rows == list(range(n_call))
                  else torch.tensor(rows, dtype=torch.int64, device=device))
     return _Launch(items_t, itab_t, ftab_t, scratch, (len(items),), constexprs, num_warps,
                    grad_rows, grad_ptrs, call_rows)
+
+
+def _tile_shape(stats: Sequence[_TileStats], flat: bool):
+    """``(BG, BE, ONE_CHUNK, NKB, NRB, UNIT_KEPT, UNIT_RED)`` of a launch over
+    tensors with these statistics (NOTE: [Triton tiling])."""
+    if flat:
+        bg = min(_np2(max(s.numel for s in stats)), _np2(TILE))
+        return bg, 1, True, 1, 1, False, False
+    lays = [s.lay for s in stats]
+    max_gs = max(lay.group_size for lay in lays)
+    max_ng = max(lay.n_groups for lay in lays)
+    if all(lay.inner_reduced for lay in lays):
+        be = min(_np2(max_gs), _np2(MAX_BLOCK_E))
+        bg = max(1, min(_np2(TILE) // be, _np2(max_ng)))
+    else:
+        bg = min(_np2(max_ng), COLUMN_GROUPS, _np2(TILE))
+        be = min(_np2(max_gs), _np2(MAX_BLOCK_E), max(1, _np2(TILE) // bg))
+    one_chunk = max_gs <= be
+    nkb = max(1, max(len(lay.kept_sizes) for lay in lays))
+    nrb = max(1, max(len(lay.red_sizes) for lay in lays))
+    unit_kept = all(lay.kept_strides in ((), (1,)) for lay in lays)
+    unit_red = all(lay.red_strides == (1,) for lay in lays)
+    return bg, be, one_chunk, nkb, nrb, unit_kept, unit_red
+
+
+def _specialization(opt: int, reg: int, solver: int, flat: bool, scalar_d: bool, amsgrad: bool,
+                    pdt: torch.dtype, gdt: torch.dtype, stats: Sequence[_TileStats],
+                    aligned: bool) -> Tuple[Dict[str, object], int]:
+    """The constexprs (all but ``CAPTURABLE``, a per-call switch) and ``num_warps``
+    of a launch over tensors with these statistics; compile_check.py compiles
+    exactly these."""
+    bg, be, one_chunk, nkb, nrb, unit_kept, unit_red = _tile_shape(stats, flat)
+    constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
+                      AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
+                      NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
+                      UNIT_RED=unit_red)
+    return constexprs, (8 if bg * be >= 1024 else 4)
 
 
 def _refresh_grads(launch: _Launch, grads) -> None:

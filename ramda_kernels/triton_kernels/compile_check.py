@@ -6,6 +6,12 @@ with the ptxas that ships in the triton wheel) for every code path, so a
 compile error shows on a CPU-only machine::
 
     python -m ramda_kernels.triton_kernels.compile_check [--arch 90] [--quick]
+    python -m ramda_kernels.triton_kernels.compile_check --resources [--json out.json]
+
+``--resources`` compiles every specialization the backend launches for the
+benchmark shape sets, at the launch's own ``num_warps``, and reports
+registers per thread and spills from ``ptxas -v`` (fails above
+``MAX_REGISTERS`` or on any spill).
 
 Exit status 0: every variant compiled; 1: some failed (printed); 2: cannot
 check here (the interpreter is on, or triton has no CUDA backend).
@@ -68,10 +74,173 @@ def compile_variant(constexprs: Dict[str, object], arch: int = 90, num_warps: in
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
 
 
+def ptxas_resources(compiled, arch: int = 90) -> Dict[str, int]:
+    """Registers per thread and spill bytes of a compiled kernel, from ``ptxas -v``
+    on its PTX (the numbers the driver would report at load time; no GPU)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        arch_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch_name}", src,
+                              "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(regs.group(1)) if regs else -1,
+                spill_stores=int(spills.group(1)) if spills else -1,
+                spill_loads=int(spills.group(2)) if spills else -1)
+
+
+def launch_specializations(param_groups, optimizer: str, dtype) -> List[tuple]:
+    """``(constexprs, num_warps)`` of every launch the Triton backend makes for
+    these param groups (dicts with ``params``, which may be meta tensors, and
+    their settings) in parameter dtype ``dtype``, plain and capturable: the
+    backend's own tile choice (``triton_backend._specialization``), no tensor
+    allocated. Tensors are taken as 16-byte aligned, as fresh allocations are."""
+    from ..backends import triton_backend as tb
+
+    opt = tb._OPT[optimizer]
+    scalar_d = optimizer in ("rmda", "proxsgd")
+    out = []
+    for g in param_groups:
+        regularizer = g.get("regularizer", "none")
+        tau = 1.0 if g.get("lambda_", 0.0) > 0 else 0.0
+        reg, solver, flat = tb._mode(regularizer, g.get("solver", "exact"), tau, scalar_d)
+        stats = []
+        for p in g["params"]:
+            lay = None if flat else tb._layout(p, reg, g.get("dims"), g.get("view"))
+            stats.append(tb._TileStats(p.numel(), lay))
+        if not stats:
+            continue
+        constexprs, warps = tb._specialization(opt, reg, solver, flat, scalar_d,
+                                               bool(g.get("amsgrad", False)), dtype, dtype, stats,
+                                               True)
+        for capturable in (False, True):
+            out.append((dict(constexprs, CAPTURABLE=capturable), warps))
+    return out
+
+
+def bench_set_specializations(sets=("resnet50", "gpt2-medium", "llama7b-layer"),
+                              dtypes=None) -> List[tuple]:
+    """The distinct launch specializations of bench/param_sets.py's shape sets
+    (this repository's checkout only): every optimizer, regularizer (none, l1,
+    group lasso with either solver), grouping and kernel dtype."""
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import param_sets as ps
+
+    seen: Dict[tuple, tuple] = {}
+    for name in sets:
+        with torch.device("meta"):
+            model = ps.SETS[name].build()
+        for optimizer in ("ramda", "rmda", "proxadamw", "proxsgd"):
+            for regularizer, solver in (("none", "exact"), ("l1", "exact"), ("l1", "pg"),
+                                        ("group_lasso", "exact"), ("group_lasso", "pg")):
+                has_solver = optimizer in ("ramda", "proxadamw")
+                if solver == "pg" and not has_solver:
+                    continue
+                hp = dict(solver=solver) if has_solver and regularizer != "none" else {}
+                groupings = ps.groupings_for(name) if regularizer == "group_lasso" else (None,)
+                for grouping in groupings:
+                    groups, _ = ps.param_groups(model, regularizer, grouping, 0.1,
+                                                heads=ps.SETS[name].heads, **hp)
+                    for dtype in dtypes or (torch.float32, torch.bfloat16, torch.float16):
+                        for c, w in launch_specializations(groups, optimizer, dtype):
+                            key = (tuple(sorted((k, str(v)) for k, v in c.items())), w)
+                            seen.setdefault(key, (c, w))
+    return list(seen.values())
+
+
+#: Registers per thread above which a variant fails the resource check: 128
+#: leaves two 256-thread blocks per SM on sm_90's 64K registers.
+MAX_REGISTERS = 128
+
+
+def _cache_path() -> str:
+    return os.environ.get("RAMDA_RESOURCE_CACHE", os.path.join(
+        os.path.expanduser("~"), ".cache", "ramda_kernels", "ptx_resources.json"))
+
+
+def _cache_key(constexprs: Dict[str, object], num_warps: int, arch: int) -> str:
+    """Kernel source, triton version, target and specialization: a result is
+    reused only for the exact same compile."""
+    import hashlib
+
+    import triton
+
+    spec = repr(sorted((k, str(v)) for k, v in constexprs.items())) + f"|w{num_warps}|sm{arch}"
+    return hashlib.sha256(_source() + triton.__version__.encode() + spec.encode()).hexdigest()
+
+
+_SOURCE: List[bytes] = []
+
+
+def _source() -> bytes:
+    """The kernel module's code as imported, without comments and docstrings
+    (an edit to those compiles the same kernel), read once: an edit made while
+    a sweep runs must not label the old kernel's numbers with the new code."""
+    if not _SOURCE:
+        import ast
+        import inspect
+
+        from . import step
+        tree = ast.parse(inspect.getsource(step))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                body[0] = ast.Pass()
+        _SOURCE.append(ast.dump(tree).encode())
+    return _SOURCE[0]
+
+
+def resources(specs, arch: int = 90, log=None) -> List[Dict[str, object]]:
+    """Compile every ``(constexprs, num_warps)`` of ``specs`` and read its
+    registers and spills (``ptxas_resources``), reusing the results cached at
+    ``$RAMDA_RESOURCE_CACHE`` (default ``~/.cache/ramda_kernels/ptx_resources.json``)."""
+    import json
+
+    path = _cache_path()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    out = []
+    for constexprs, warps in specs:
+        key = _cache_key(constexprs, warps, arch)
+        if key not in cache:
+            cache[key] = ptxas_resources(compile_variant(constexprs, arch, warps), arch)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(cache, f)
+            os.replace(path + ".tmp", path)
+        name = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items())
+        row = dict(variant=f"{name} num_warps={warps}", **cache[key])
+        if log is not None:
+            print(f"{row['registers']:4d} regs {row['spill_stores']:5d}/{row['spill_loads']:<5d} "
+                  f"spill B  {row['variant']}", file=log, flush=True)
+        out.append(row)
+    return out
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
     parser.add_argument("--quick", action="store_true", help="one variant per code path")
+    parser.add_argument("--resources", action="store_true",
+                        help="registers and spills of every launch specialization of "
+                             "bench/param_sets.py's shape sets (fp32, bf16) instead")
+    parser.add_argument("--json", help="with --resources: write the rows to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("TRITON_INTERPRET is set: the kernel is interpreted, nothing to compile")
@@ -84,6 +253,20 @@ def main(argv: List[str] | None = None) -> int:
     except Exception as e:  # an older layout of triton.backends
         print(f"cannot inspect triton's backends: {e}")
         return 2
+    if args.resources:
+        import json
+
+        import torch
+
+        specs = bench_set_specializations(dtypes=(torch.float32, torch.bfloat16))
+        rows = resources(specs, args.arch, log=sys.stdout)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        bad = [r for r in rows if r["registers"] > MAX_REGISTERS or r["spill_stores"]
+               or r["spill_loads"] or r["registers"] < 0]
+        print(f"{len(rows)} specializations, {len(bad)} over {MAX_REGISTERS} registers or spilling")
+        return 1 if bad else 0
     failed = 0
     for c in variants(args.quick):
         name = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in c.items())

@@ -1,8 +1,8 @@
 """One fused Triton kernel for a whole optimizer step over many tensors.
 
 ``fused_step_kernel`` reads gradient, parameter and state once, updates the
-state, forms the subproblem's ``d`` and ``z`` (SPEC section 2), solves it
-(SPEC sections 3-5) and writes the new parameter, for every tensor of a call
+state, forms the subproblem's ``d`` and ``z`` (docs/math.md section 2), solves it
+(docs/math.md sections 3-5) and writes the new parameter, for every tensor of a call
 in one launch. The host side (``ramda_kernels.backends.triton_backend``)
 builds the metadata tables described below once and caches them.
 
@@ -60,6 +60,26 @@ tiles are masked by a bound the compiler can prove is a multiple of ``BG``
 and, with ``ALIGNED``, use 16-byte vector loads; a tensor's last tile is the
 only ragged one.
 
+NOTE: [two-pass plan] (the target of the grouped tiling; not implemented yet)
+The floor of a step is one read of every input and one write of every
+output (RAMDA fp32: 32 B per element). The multi-chunk path above re-reads
+its inputs once per Newton step (about ``48 + 16k`` B per element for ``k``
+steps). The plan that reaches two passes:
+
+* tiles per size class of group, several launches per step (their number
+  fixed by the classes, not by the tensor count), no column cap: groups up
+  to 8192 elements that are contiguous rows are loaded once, solved in
+  registers and written once (the floor even from a cold start);
+* every other group: pass 1 updates the state (writes V, U), and gathers
+  the group sums ``a, b, c`` of `_newton_terms` at the warm-start ``sigma``
+  (and at a few sigmas around it, for the price of one read); one Newton
+  step from them; pass 2 reads the new state and writes the parameter;
+  further passes only for tiles whose groups have not converged, with the
+  error bounded from what pass 1 measured (docs/math.md section 4);
+* the warm start is an optional per-group ``sigma`` input (one fp32 per
+  group, a new table column pointing at it); without it Newton starts from
+  ``sigma_hi`` as now, so results and the stopping rule do not change.
+
 All math is fp32; parameters are read in ``P_DTYPE`` and rounded once on the
 final store. No value goes back to the host: iterative solves are in-kernel
 ``while`` loops over per-group flags.
@@ -115,14 +135,32 @@ NEWTON_MAX_ITERS = tl.constexpr(50)
 # ---------------------------------------------------------------------------
 
 @triton.jit
+def _div(x, y):
+    """IEEE-rounded ``x / y`` (docs/math.md section 9): ``/`` compiles to an
+    approximate division on the GPU, which is not the math the CPU tests check."""
+    return tl.math.fdiv(x, y, ieee_rounding=True)
+
+
+@triton.jit
+def _recip(y):
+    """IEEE-rounded ``1 / y``."""
+    return tl.math.fdiv(1.0, y, ieee_rounding=True)
+
+
+@triton.jit
 def _cbrt(u):
-    """Real cube root of ``u >= 0``: exp2/log2 estimate plus one Newton step,
-    so the result is within an ulp or two whatever the hardware's approximate
-    log2/exp2 do."""
+    """Real cube root of ``u >= 0``: exp2/log2 estimate plus one Newton step
+    with an IEEE division, so the result is within an ulp or two whatever the
+    hardware's approximate log2/exp2 do. Those flush subnormals to zero, so a
+    ``u`` below ``2^-96`` is scaled by ``2^96`` for the estimate (and the
+    estimate by ``2^-32``): no flush to zero (docs/math.md section 9)."""
     pos = u > 0.0
     safe = tl.where(pos, u, 1.0)
-    y = tl.exp2(tl.log2(safe) * (1.0 / 3.0))
-    y = (2.0 * y + safe / (y * y)) * (1.0 / 3.0)
+    tiny = safe < 1.2621774483536189e-29  # 2^-96
+    scaled = tl.where(tiny, safe * 7.922816251426434e28, safe)
+    y = tl.exp2(tl.log2(scaled) * (1.0 / 3.0))
+    y = tl.where(tiny, y * 2.3283064365386963e-10, y)
+    y = (2.0 * y + _div(safe, y * y)) * (1.0 / 3.0)
     return tl.where(pos, y, 0.0)
 
 
@@ -136,7 +174,7 @@ def _soft(y, thr):
 @triton.jit
 def _shrink_scale(norm, thr):
     """Group soft-threshold factor ``max(norm - thr, 0) / norm`` (0 for a zero norm)."""
-    return tl.maximum(norm - thr, 0.0) / tl.where(norm > 0.0, norm, 1.0)
+    return _div(tl.maximum(norm - thr, 0.0), tl.where(norm > 0.0, norm, 1.0))
 
 
 @triton.jit
@@ -150,7 +188,7 @@ def _newton_terms(zeta, d, sigma):
     """Per-element terms of `_newton_step`'s three group sums, from the unit-norm
     group ``zeta = z * (1/||z_g||)``: ``a = v^2 d/(d+sigma)``, ``b = v^2 sigma/(d+sigma)``
     and ``c = u (zeta + v)`` with ``v = sigma zeta/(d+sigma)``, ``u = d zeta/(d+sigma)``."""
-    inv = 1.0 / (d + sigma)
+    inv = _recip(d + sigma)
     ps = sigma * inv
     pd = d * inv
     v = zeta * ps
@@ -159,44 +197,31 @@ def _newton_terms(zeta, d, sigma):
 
 
 @triton.jit
-def _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
-              h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
-              CAPTURABLE: tl.constexpr):
-    """One chunk of a PG iteration on a group larger than a block: ``d``, the
-    iterate ``Z`` (from the scratch buffer) and the gradient point
-    ``Y = Z - theta (d Z - z)`` whose prox is the next iterate."""
-    d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
-    Z = tl.load(zs + offs, mask=mask, other=0.0)
-    return d, Z, Z - theta[:, None] * (d * Z - z)
-
-
-@triton.jit
 def _newton_start(znorm, dmax, dmin, T, gmask):
-    """Screening and the start of the Newton solve, per group (SPEC section 4):
+    """Screening and the start of the Newton solve, per group (docs/math.md section 4):
     ``(active, sigma_hi, todo, relative excess, 1/||z_g||)``. The iteration runs
     on unit-norm groups (NOTE: [secular equation without cancellation] in
     ramda_ref.prox); groups with constant ``d`` start at the root and take no step."""
     active = (znorm > T) & gmask
     excess = tl.where(active, znorm - T, 1.0)
-    sigma = T * dmax / excess
+    sigma = _div(T * dmax, excess)
     todo = (active & (dmax != dmin)).to(tl.int32)
     safe_norm = tl.where(active, znorm, 1.0)
-    return active, sigma, todo, excess / safe_norm, 1.0 / safe_norm
+    return active, sigma, todo, _div(excess, safe_norm), _recip(safe_norm)
 
 
 @triton.jit
 def _newton_step(a, b, c, rel_excess, sigma, todo, tol):
-    """One Newton step on the secular equation of SPEC section 4, from the group
+    """One Newton step on the secular equation of docs/math.md section 4, from the group
     sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``, written
     without cancellation as in ``ramda_ref.prox._newton_step`` (see NOTE:
     [secular equation without cancellation] there).
     Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
     step, and a group is done once not ``delta > tol * sigma`` (same rules as
     ``ramda_ref.prox.exact_group_lasso``)."""
-    vn = tl.sqrt(a + b)
-    f = rel_excess - c / (1.0 + vn)
-    delta = sigma * f * vn / (a + f * b / vn)
+    vn = tl.sqrt_rn(a + b)
+    f = rel_excess - _div(c, 1.0 + vn)
+    delta = _div(sigma * f * vn, a + _div(f * b, vn))
     step = todo != 0
     sigma = tl.where(step & (delta > 0.0), sigma - delta, sigma)
     todo = tl.where(step & (delta > tol * sigma), todo, 0)
@@ -216,69 +241,117 @@ def _round_to_bf16(x):
 
 @triton.jit
 def _closed_form(d, z, tau, REG: tl.constexpr, SCALAR_D: tl.constexpr):
-    """Elementwise subproblem solutions (SPEC section 3); with a scalar ``d``
+    """Elementwise subproblem solutions (docs/math.md section 3); with a scalar ``d``
     (RMDA, ProxSGD) ``z`` already is the prox input ``y`` and ``tau`` its threshold."""
     if REG == REG_L1:
         if SCALAR_D:
             w = _soft(z, tau)
         else:
-            w = _soft(z, tau) / d
+            w = _div(_soft(z, tau), d)
     else:
         if SCALAR_D:
             w = z
         else:
-            w = z / d
+            w = _div(z, d)
     return w
 
 
 # ---------------------------------------------------------------------------
-# Per-optimizer state update: loads, returns (d, z, x, new states)
+# Per-optimizer state updates (docs/math.md section 1): math only, named scalars
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _ramda_update(g, w0, v, u, s_t, eps):
+    """RAMDA: ``V += s_t g``, ``U += s_t g^2``, ``d = cbrt(U) + eps``, ``z = d W0 - V``.
+    Returns ``d, z, V, U``."""
+    v = v + s_t * g
+    u = u + s_t * g * g
+    d = _cbrt(u) + eps
+    return d, d * w0 - v, v, u
+
+
+@triton.jit
+def _rmda_update(g, w0, v, s_t, beta_t):
+    """RMDA: ``V += s_t g``; the prox input is ``y = W0 - V / beta_t``. Returns ``y, V``."""
+    v = v + s_t * g
+    return w0 - _div(v, beta_t), v
+
+
+@triton.jit
+def _proxadamw_update(g, x, m, v, vmax, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                      bias2_sqrt, eps, step_size, AMSGRAD: tl.constexpr):
+    """ProxAdamW: ``x *= decay`` (``1 - lr wd``), Adam moments, ``d = sqrt(v) /
+    bias2_sqrt + eps`` (``vmax`` with amsgrad), ``z = d x - step_size m``.
+    Returns ``d, z, x, m, v, vmax``."""
+    x = x * decay
+    m = m * beta1 + one_minus_beta1 * g
+    v = v * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        vmax = tl.maximum(vmax, v)
+    else:
+        vmax = v
+    d = _div(tl.sqrt_rn(vmax), bias2_sqrt) + eps
+    return d, d * x - step_size * m, x, m, v, vmax
+
+
+@triton.jit
+def _proxsgd_update(g, x, buf, one_minus_c, c, lr):
+    """ProxSGD: ``buf = (1 - c) buf + c g``; the prox input is ``y = x - lr buf``.
+    Returns ``y, buf``."""
+    buf = buf * one_minus_c + c * g
+    return x - lr * buf, buf
+
+
+@triton.jit
+def _average(x, w, one_minus_c, c):
+    """RAMDA / RMDA's new parameter ``(1 - c) p + c W~``."""
+    return one_minus_c * x + c * w
+
+
+# ---------------------------------------------------------------------------
+# Memory: the one place the slots h0..h7 become named scalars
 # ---------------------------------------------------------------------------
 
 @triton.jit
 def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7, gs,
                  OPT: tl.constexpr, AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr):
-    """Load one tile and apply the optimizer's state update (SPEC section 1).
+    """Load one tile and apply the optimizer's state update.
 
     Returns ``d, z, x, n0, n1, n2``: the subproblem's diagonal and linear term
     (for RMDA / ProxSGD ``d`` is unused and ``z`` is the prox input ``y``),
     the current point ``x`` (for ProxAdamW after weight decay) and the new
-    values of state 0..2. The ``h*`` scalars are documented at
-    ``fused_step_kernel``; ``gs`` is GradScaler's scale (capturable only),
-    divided out as the gradient is read.
+    values of state tensors 0..2. The meaning of ``h0..h7`` per optimizer is
+    the table at ``fused_step_kernel``; ``gs`` is GradScaler's scale
+    (capturable only), divided out as the gradient is read.
     """
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CAPTURABLE:
-        g = g / gs
+        g = _div(g, gs)
     x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if OPT == OPT_RAMDA:
         n0 = tl.load(s0 + offs, mask=mask, other=0.0)
-        n1 = tl.load(s1 + offs, mask=mask, other=0.0) + h0 * g
-        n2 = tl.load(s2 + offs, mask=mask, other=0.0) + h0 * g * g
-        d = _cbrt(n2) + h1
-        z = d * n0 - n1
+        d, z, n1, n2 = _ramda_update(g, w0=n0, v=tl.load(s1 + offs, mask=mask, other=0.0),
+                                     u=tl.load(s2 + offs, mask=mask, other=0.0), s_t=h0, eps=h1)
     elif OPT == OPT_RMDA:
         n0 = tl.load(s0 + offs, mask=mask, other=0.0)
-        n1 = tl.load(s1 + offs, mask=mask, other=0.0) + h0 * g
+        z, n1 = _rmda_update(g, w0=n0, v=tl.load(s1 + offs, mask=mask, other=0.0), s_t=h0,
+                             beta_t=h1)
         n2 = n1
-        z = n0 - n1 / h1
         d = z
     elif OPT == OPT_PROXADAMW:
-        x = x * h0
-        n0 = tl.load(s0 + offs, mask=mask, other=0.0) * h1 + h2 * g
-        n1 = tl.load(s1 + offs, mask=mask, other=0.0) * h3 + h4 * g * g
+        vmax = x
         if AMSGRAD:
-            n2 = tl.maximum(tl.load(s2 + offs, mask=mask, other=0.0), n1)
-            d = tl.sqrt_rn(n2) / h5 + h6
-        else:
-            n2 = n1
-            d = tl.sqrt_rn(n1) / h5 + h6
-        z = d * x - h7 * n0
+            vmax = tl.load(s2 + offs, mask=mask, other=0.0)
+        d, z, x, n0, n1, n2 = _proxadamw_update(
+            g, x, m=tl.load(s0 + offs, mask=mask, other=0.0),
+            v=tl.load(s1 + offs, mask=mask, other=0.0), vmax=vmax, decay=h0, beta1=h1,
+            one_minus_beta1=h2, beta2=h3, one_minus_beta2=h4, bias2_sqrt=h5, eps=h6,
+            step_size=h7, AMSGRAD=AMSGRAD)
     else:
-        n0 = tl.load(s0 + offs, mask=mask, other=0.0) * h0 + h1 * g
+        z, n0 = _proxsgd_update(g, x, buf=tl.load(s0 + offs, mask=mask, other=0.0),
+                                one_minus_c=h0, c=h1, lr=h2)
         n1 = n0
         n2 = n0
-        z = x - h2 * n0
         d = z
     return d, z, x, n0, n1, n2
 
@@ -290,10 +363,10 @@ def _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3,
     if OPT == OPT_RAMDA:
         tl.store(s1 + offs, n1, mask=mask)
         tl.store(s2 + offs, n2, mask=mask)
-        out = h2 * x + h3 * w
+        out = _average(x, w, one_minus_c=h2, c=h3)
     elif OPT == OPT_RMDA:
         tl.store(s1 + offs, n1, mask=mask)
-        out = h2 * x + h3 * w
+        out = _average(x, w, one_minus_c=h2, c=h3)
     elif OPT == OPT_PROXADAMW:
         tl.store(s0 + offs, n0, mask=mask)
         tl.store(s1 + offs, n1, mask=mask)
@@ -348,6 +421,19 @@ def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB
 
 
 @triton.jit
+def _load_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2,
+                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+                CAPTURABLE: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr,
+                UNIT_RED: tl.constexpr):
+    """Chunk ``c0`` of a tile's groups, loaded and updated (`_load_update`):
+    ``offs, mask, d, z, x, n0, n1, n2``."""
+    offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
+    d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
+    return offs, mask, d, z, x, n0, n1, n2
+
+
+@triton.jit
 def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h5, h6, h7, gs,
                OPT: tl.constexpr, REG: tl.constexpr, AMSGRAD: tl.constexpr,
                P_DTYPE: tl.constexpr, SCALAR_D: tl.constexpr, CAPTURABLE: tl.constexpr):
@@ -357,6 +443,169 @@ def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h
                                        h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
     w = _closed_form(d, z, tau, REG, SCALAR_D)
     _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
+
+
+# ---------------------------------------------------------------------------
+# Grouped solves (docs/math.md sections 3-5). Each works on a tile of BG
+# groups either held in registers (ONE_CHUNK: ``d, z, x`` are the tile) or
+# re-read chunk by chunk from memory (the tile's pointers and layout; the
+# register arguments are then unused placeholders).
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _group_stats(z, d, mask, SCALAR_D: tl.constexpr):
+    """Per-group ``sum z^2``, ``max d`` and ``min d`` of one chunk."""
+    zz = _gsum(z * z, mask)
+    if SCALAR_D:
+        return zz, zz, zz
+    return (zz, tl.max(tl.where(mask, d, 0.0), axis=1),
+            tl.min(tl.where(mask, d, float("inf")), axis=1))
+
+
+@triton.jit
+def _stats_chunks(p_ptr, g_ptr, s0, s1, s2, goff, gmask, red_sizes, red_strides, gsize,
+                  h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+                  CAPTURABLE: tl.constexpr, SCALAR_D: tl.constexpr, BG: tl.constexpr,
+                  BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
+    """`_group_stats` over the chunks of groups larger than a chunk."""
+    zz = tl.zeros([BG], dtype=tl.float32)
+    dmax = tl.zeros([BG], dtype=tl.float32)
+    dmin = tl.zeros([BG], dtype=tl.float32) + float("inf")
+    for c0 in range(0, gsize, BE):
+        offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
+            c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+            h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+        czz, cmax, cmin = _group_stats(z, d, mask, SCALAR_D)
+        zz += czz
+        if not SCALAR_D:
+            dmax = tl.maximum(dmax, cmax)
+            dmin = tl.minimum(dmin, cmin)
+    return zz, dmax, dmin
+
+
+@triton.jit
+def _newton_solve(d, z, mask, znorm, dmax, dmin, T, gmask, newton_tol,
+                  p_ptr, g_ptr, s0, s1, s2, goff, red_sizes, red_strides, gsize,
+                  h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+                  CAPTURABLE: tl.constexpr, ONE_CHUNK: tl.constexpr, BG: tl.constexpr,
+                  BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
+    """Exact group lasso (docs/math.md section 4): Newton on the secular
+    equation from ``sigma_hi`` (cold start; a warm start would replace the
+    ``sigma`` of `_newton_start`), same stopping rule as the reference.
+    Returns ``(active, sigma)``; the solution is ``z / (d + sigma)`` on active groups."""
+    active, sigma, todo, rel_excess, inv_norm = _newton_start(znorm, dmax, dmin, T, gmask)
+    zeta = z * inv_norm[:, None]
+    it = 0
+    while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
+        if ONE_CHUNK:
+            ta, tb, tc = _newton_terms(zeta, d, sigma[:, None])
+            sa = _gsum(ta, mask)
+            sb = _gsum(tb, mask)
+            sc = _gsum(tc, mask)
+        else:
+            sa = tl.zeros([BG], dtype=tl.float32)
+            sb = tl.zeros([BG], dtype=tl.float32)
+            sc = tl.zeros([BG], dtype=tl.float32)
+            for c0 in range(0, gsize, BE):
+                offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+                ta, tb, tc = _newton_terms(cz * inv_norm[:, None], cd, sigma[:, None])
+                sa += _gsum(ta, cmask)
+                sb += _gsum(tb, cmask)
+                sc += _gsum(tc, cmask)
+        sigma, todo = _newton_step(sa, sb, sc, rel_excess, sigma, todo, newton_tol)
+        it += 1
+    return active, sigma
+
+
+@triton.jit
+def _pg_step(Z, d, z, theta, T, run, mask, pscale, REG: tl.constexpr):
+    """One PG iteration on one chunk (docs/math.md section 5): gradient point
+    ``Y = Z - theta (d Z - z)``, its prox (group shrink by ``pscale``, the
+    group's factor, or soft threshold ``theta T``), groups with ``run == 0``
+    kept, and the per-group squared step residual. Returns ``(Znew, ss)``."""
+    Y = Z - theta[:, None] * (d * Z - z)
+    if REG == REG_GROUP:
+        Znew = Y * pscale[:, None]
+    else:
+        Znew = _soft(Y, (theta * T)[:, None])
+    Znew = tl.where((run != 0)[:, None], Znew, Z)
+    s = (_recip(theta)[:, None] - d) * (Z - Znew)
+    return Znew, _gsum(s * s, mask)
+
+
+@triton.jit
+def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
+              p_ptr, g_ptr, s0, s1, s2, goff, red_sizes, red_strides, gsize,
+              h0, h1, h2, h3, h4, h5, h6, h7, gs, REG: tl.constexpr, OPT: tl.constexpr,
+              AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+              BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
+    """The paper's Algorithm 2 (docs/math.md section 5) from ``Z = x``, step
+    ``theta = 1 / max d``, until the step residual is at most ``tol_g``.
+    ONE_CHUNK keeps ``Z`` in registers; otherwise it lives in ``zs`` (the
+    scratch buffer at the tensor's offsets), two chunk passes per iteration
+    for group lasso (the prox needs ``||Y_g||`` first), one for l1.
+    Returns ``(active, Z)`` (``Z`` meaningful with ONE_CHUNK only)."""
+    if REG == REG_GROUP:
+        active = (znorm > T) & gmask
+    else:
+        active = gmask
+    theta = _recip(dmax)
+    Z = tl.where(active[:, None] & mask, x, 0.0)
+    if not ONE_CHUNK:
+        for c0 in range(0, gsize, BE):
+            offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
+            cx = tl.load(p_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+            if OPT == OPT_PROXADAMW:
+                cx = cx * h0  # the decayed point, as _proxadamw_update forms it
+            tl.store(zs + offs, tl.where(active[:, None], cx, 0.0), mask=cmask)
+        tl.debug_barrier()
+    run = active.to(tl.int32)
+    it = 0
+    while (it < max_iters) & (tl.sum(run, axis=0) > 0):
+        pscale = theta
+        if ONE_CHUNK:
+            if REG == REG_GROUP:
+                Y = Z - theta[:, None] * (d * Z - z)
+                pscale = _shrink_scale(tl.sqrt_rn(_gsum(Y * Y, mask)), theta * T)
+            Z, ss = _pg_step(Z, d, z, theta, T, run, mask, pscale, REG)
+        else:
+            if REG == REG_GROUP:
+                yy = tl.zeros([BG], dtype=tl.float32)
+                for c0 in range(0, gsize, BE):
+                    offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
+                        c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                        h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+                    cZ = tl.load(zs + offs, mask=cmask, other=0.0)
+                    Y = cZ - theta[:, None] * (cd * cZ - cz)
+                    yy += _gsum(Y * Y, cmask)
+                pscale = _shrink_scale(tl.sqrt_rn(yy), theta * T)
+            ss = tl.zeros([BG], dtype=tl.float32)
+            for c0 in range(0, gsize, BE):
+                offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+                cZ, css = _pg_step(tl.load(zs + offs, mask=cmask, other=0.0), cd, cz, theta, T,
+                                   run, cmask, pscale, REG)
+                ss += css
+                tl.store(zs + offs, cZ, mask=cmask)
+            tl.debug_barrier()
+        run = tl.where(tl.sqrt_rn(ss) > tol_g, run, 0)
+        it += 1
+    return active, Z
+
+
+@triton.jit
+def _solution(d, z, Z, active, sigma, scale, SCALAR_D: tl.constexpr, SOLVER: tl.constexpr):
+    """The subproblem's solution on one chunk from the solve's per-group result."""
+    if SCALAR_D:
+        w = z * scale[:, None]
+    elif SOLVER == SOLVER_EXACT:
+        w = tl.where(active[:, None], _div(z, d + sigma[:, None]), 0.0)
+    else:
+        w = Z
+    return w
 
 
 # ---------------------------------------------------------------------------
@@ -374,16 +623,29 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, tau, eps_t, newton_tol, 
                       UNIT_RED: tl.constexpr, CAPTURABLE: tl.constexpr):
     """One step of optimizer ``OPT`` on the tile ``items[program_id]``.
 
-    ``tau`` is the subproblem's threshold before the group weight (RAMDA
-    ``alpha_t*lambda``, ProxAdamW ``lr*lambda``, RMDA ``alpha_t*lambda/beta_t``,
-    ProxSGD ``lr*lambda``), ``eps_t`` the PG inexactness tolerance,
-    ``newton_tol`` Newton's relative stopping tolerance, ``max_iters`` PG's cap.
-    ``h0..h7`` (unused ones are 0):
+    Scalar arguments (the launch boundary ``triton_backend._launch(launch,
+    scalars, stab)`` passes ``scalars`` in this order; a capturable launch
+    ignores them and reads the same quantities from ``stab``):
 
-    * RAMDA:     ``s_t, eps, 1-c, c``
-    * RMDA:      ``s_t, beta_t, 1-c, c``
-    * ProxAdamW: ``1-lr*wd, b1, 1-b1, b2, 1-b2, sqrt(1-b2^t), eps, lr/(1-b1^t)``
-    * ProxSGD:   ``1-c, c, lr``
+    * ``tau``: the subproblem's threshold before the group weight (RAMDA
+      ``alpha_t*lambda``, ProxAdamW ``lr*lambda``, RMDA ``alpha_t*lambda/beta_t``,
+      ProxSGD ``lr*lambda``);
+    * ``eps_t``: the PG inexactness tolerance; ``newton_tol``: Newton's
+      relative stopping tolerance; ``max_iters``: PG's iteration cap;
+    * ``h0..h7``: the optimizer's per-step scalars, named where `_load_update`
+      and `_store` pass them on (unused ones are 0):
+
+      =========  ======  ======  =========  ======  =========  ==========  ===  =========
+      optimizer  h0      h1      h2         h3      h4         h5          h6   h7
+      =========  ======  ======  =========  ======  =========  ==========  ===  =========
+      RAMDA      s_t     eps     1-c        c
+      RMDA       s_t     beta_t  1-c        c
+      ProxAdamW  1-lr*wd beta1   1-beta1    beta2   1-beta2    bias2_sqrt  eps  step_size
+      ProxSGD    1-c     c       lr
+      =========  ======  ======  =========  ======  =========  ==========  ===  =========
+
+      with ``s_t = lr*sqrt(t)``, ``beta_t = sqrt(t)``, ``bias2_sqrt =
+      sqrt(1-beta2^t)``, ``step_size = lr/(1-beta1^t)`` (docs/math.md section 1).
 
     ``SCALAR_D`` is true for RMDA and ProxSGD (closed-form prox); ``ALIGNED``
     promises that every tensor address of the launch is 16-byte aligned;
@@ -451,139 +713,55 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, tau, eps_t, newton_tol, 
         kept_strides = kept_sizes + MAX_BLOCKS
         red_sizes = kept_strides + MAX_BLOCKS
         red_strides = red_sizes + MAX_BLOCKS
+        zs = scratch + tl.load(meta + COL_SCRATCH)
         gmask = gi < n_groups
         goff = _decode(gi, kept_sizes, kept_strides, NKB, UNIT_KEPT)
         T = tau * tl.load(ftab + row * FTAB_WIDTH + FCOL_CG)
         tol_g = eps_t * tl.load(ftab + row * FTAB_WIDTH + FCOL_TOL)
-        zero_g = tl.zeros([BG], dtype=tl.float32)
+        # the tile in registers (ONE_CHUNK), else placeholders the solves ignore
+        offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
         if ONE_CHUNK:
-            offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
             d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                               h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
-            if SCALAR_D:
-                w = z * _shrink_scale(tl.sqrt(_gsum(z * z, mask)), T)[:, None]
+                                               h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD,
+                                               CAPTURABLE)
+            zz, dmax, dmin = _group_stats(z, d, mask, SCALAR_D)
+        else:
+            d = tl.zeros([BG, BE], dtype=tl.float32)
+            z = d
+            x = d
+            zz, dmax, dmin = _stats_chunks(p_ptr, g_ptr, s0, s1, s2, goff, gmask, red_sizes,
+                                           red_strides, gsize, h0, h1, h2, h3, h4, h5, h6, h7, gs,
+                                           OPT, AMSGRAD, CAPTURABLE, SCALAR_D, BG, BE, NRB,
+                                           UNIT_RED)
+        znorm = tl.sqrt_rn(zz)
+        dmax = tl.where(gmask, dmax, 1.0)
+        scale = _shrink_scale(znorm, T)
+        sigma = scale
+        active = gmask
+        Z = z
+        if not SCALAR_D:
+            if SOLVER == SOLVER_EXACT:
+                active, sigma = _newton_solve(d, z, mask, znorm, dmax, dmin, T, gmask, newton_tol,
+                                              p_ptr, g_ptr, s0, s1, s2, goff, red_sizes,
+                                              red_strides, gsize, h0, h1, h2, h3, h4, h5, h6, h7,
+                                              gs, OPT, AMSGRAD, CAPTURABLE, ONE_CHUNK, BG, BE, NRB,
+                                              UNIT_RED)
             else:
-                znorm = tl.sqrt(_gsum(z * z, mask))
-                dmax = tl.where(gmask, tl.max(tl.where(mask, d, 0.0), axis=1), 1.0)
-                if SOLVER == SOLVER_EXACT:
-                    dmin = tl.min(tl.where(mask, d, float("inf")), axis=1)
-                    active, sigma, todo, rel_excess, inv_norm = _newton_start(znorm, dmax, dmin, T, gmask)
-                    zeta = z * inv_norm[:, None]
-                    it = 0
-                    while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
-                        ta, tb, tc = _newton_terms(zeta, d, sigma[:, None])
-                        sigma, todo = _newton_step(_gsum(ta, mask), _gsum(tb, mask), _gsum(tc, mask),
-                                                   rel_excess, sigma, todo, newton_tol)
-                        it += 1
-                    w = tl.where(active[:, None], z / (d + sigma[:, None]), 0.0)
-                else:
-                    if REG == REG_GROUP:
-                        active = (znorm > T) & gmask
-                    else:
-                        active = gmask
-                    theta = 1.0 / dmax
-                    Z = tl.where(active[:, None] & mask, x, 0.0)
-                    run = active.to(tl.int32)
-                    it = 0
-                    while (it < max_iters) & (tl.sum(run, axis=0) > 0):
-                        Y = Z - theta[:, None] * (d * Z - z)
-                        if REG == REG_GROUP:
-                            Znew = Y * _shrink_scale(tl.sqrt(_gsum(Y * Y, mask)), theta * T)[:, None]
-                        else:
-                            Znew = _soft(Y, (theta * T)[:, None])
-                        Znew = tl.where((run != 0)[:, None], Znew, Z)
-                        s = (1.0 / theta[:, None] - d) * (Z - Znew)
-                        run = tl.where(tl.sqrt(_gsum(s * s, mask)) > tol_g, run, 0)
-                        Z = Znew
-                        it += 1
-                    w = Z
+                active, Z = _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
+                                      p_ptr, g_ptr, s0, s1, s2, goff, red_sizes, red_strides,
+                                      gsize, h0, h1, h2, h3, h4, h5, h6, h7, gs, REG, OPT,
+                                      AMSGRAD, CAPTURABLE, ONE_CHUNK, BG, BE, NRB, UNIT_RED)
+        if ONE_CHUNK:
+            w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
             _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
         else:
-            # Pass 1: group statistics of z and d.
-            zz = zero_g
-            dmax = zero_g
-            dmin = zero_g + float("inf")
+            # last pass: write state and parameter
             for c0 in range(0, gsize, BE):
-                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                                   h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
-                zz += _gsum(z * z, mask)
-                if not SCALAR_D:
-                    dmax = tl.maximum(dmax, tl.max(tl.where(mask, d, 0.0), axis=1))
-                    dmin = tl.minimum(dmin, tl.min(tl.where(mask, d, float("inf")), axis=1))
-            znorm = tl.sqrt(zz)
-            dmax = tl.where(gmask, dmax, 1.0)
-            scale = _shrink_scale(znorm, T)
-            sigma = zero_g
-            active = gmask
-            if not SCALAR_D:
-                if SOLVER == SOLVER_EXACT:
-                    active, sigma, todo, rel_excess, inv_norm = _newton_start(znorm, dmax, dmin, T, gmask)
-                    it = 0
-                    while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
-                        sa = zero_g
-                        sb = zero_g
-                        sc = zero_g
-                        for c0 in range(0, gsize, BE):
-                            offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                            d, z, x, n0, n1, n2 = _load_update(
-                                p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
-                            ta, tb, tc = _newton_terms(z * inv_norm[:, None], d, sigma[:, None])
-                            sa += _gsum(ta, mask)
-                            sb += _gsum(tb, mask)
-                            sc += _gsum(tc, mask)
-                        sigma, todo = _newton_step(sa, sb, sc, rel_excess, sigma, todo, newton_tol)
-                        it += 1
-                else:
-                    if REG == REG_GROUP:
-                        active = (znorm > T) & gmask
-                    theta = 1.0 / dmax
-                    zs = scratch + tl.load(meta + COL_SCRATCH)
-                    for c0 in range(0, gsize, BE):
-                        offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                        x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                        if OPT == OPT_PROXADAMW:
-                            x = x * h0
-                        tl.store(zs + offs, tl.where(active[:, None], x, 0.0), mask=mask)
-                    tl.debug_barrier()
-                    run = active.to(tl.int32)
-                    it = 0
-                    while (it < max_iters) & (tl.sum(run, axis=0) > 0):
-                        pscale = zero_g
-                        if REG == REG_GROUP:
-                            yy = zero_g
-                            for c0 in range(0, gsize, BE):
-                                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                                d, Z, Y = _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
-                                                    h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
-                                yy += _gsum(Y * Y, mask)
-                            pscale = _shrink_scale(tl.sqrt(yy), theta * T)
-                        ss = zero_g
-                        for c0 in range(0, gsize, BE):
-                            offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                            d, Z, Y = _pg_trial(p_ptr, g_ptr, s0, s1, s2, zs, offs, mask, theta,
-                                                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
-                            if REG == REG_GROUP:
-                                Znew = Y * pscale[:, None]
-                            else:
-                                Znew = _soft(Y, (theta * T)[:, None])
-                            Znew = tl.where((run != 0)[:, None], Znew, Z)
-                            s = (1.0 / theta[:, None] - d) * (Z - Znew)
-                            ss += _gsum(s * s, mask)
-                            tl.store(zs + offs, Znew, mask=mask)
-                        tl.debug_barrier()
-                        run = tl.where(tl.sqrt(ss) > tol_g, run, 0)
-                        it += 1
-            # Last pass: write state and parameter.
-            for c0 in range(0, gsize, BE):
-                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-                d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                                   h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
-                if SCALAR_D:
-                    w = z * scale[:, None]
-                elif SOLVER == SOLVER_EXACT:
-                    w = tl.where(active[:, None], z / (d + sigma[:, None]), 0.0)
-                else:
-                    w = tl.load(scratch + tl.load(meta + COL_SCRATCH) + offs, mask=mask, other=0.0)
-                _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
+                offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
+                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+                if SOLVER == SOLVER_PG and not SCALAR_D:
+                    Z = tl.load(zs + offs, mask=mask, other=0.0)
+                w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
+                _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD,
+                       P_DTYPE)

@@ -1,0 +1,122 @@
+"""The traffic meter of bench/traffic.py counts what kernels move (fast: tiny kernels).
+
+Each figure is derived by hand from the kernel: a copy moves 4 B in and 4 B
+out per fp32 element; a stride-8 fp32 read uses 4 of every 32-byte sector; a
+kernel that reads its input twice makes two passes. Then the real fused step
+on one small tensor: the flat RAMDA step reads each of its five inputs once
+and writes its three outputs once (32 B per fp32 element).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import traffic  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the meter counts the Triton interpreter's loads and stores")
+
+
+@triton.jit
+def _copy(src, dst, n, STRIDE: tl.constexpr, TWICE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(src + offs * STRIDE, mask=mask)
+    if TWICE:
+        x += tl.load(src + offs * STRIDE, mask=mask)
+    tl.store(dst + offs, x, mask=mask)
+
+
+def _run(src, dst, n, stride=1, twice=False, block=64):
+    meter = traffic.Meter()
+    meter.region("src", src)
+    meter.region("dst", dst)
+    with meter.counting():
+        _copy[(triton.cdiv(n, block),)](src, dst, n, STRIDE=stride, TWICE=twice, BLOCK=block)
+    return meter
+
+
+def test_copy_counts_8_bytes_per_element():
+    n = 1000  # not a multiple of the block: the masked lanes of the last block count nothing
+    src, dst = torch.randn(n), torch.empty(n)
+    m = _run(src, dst, n)
+    torch.testing.assert_close(dst, src)
+    o = m.by_name()
+    assert o["src"]["read"] + o["dst"]["written"] == 8 * n
+    assert m.passes("src") == (1.0, 0.0) and m.passes("dst") == (0.0, 1.0)
+    traffic.check_single_pass(m, ["src", "dst"])
+    # 1000 fp32 = 125 sectors each way when the blocks start on sector boundaries
+    assert o["src"]["sectors"] == o["dst"]["sectors"] == 125
+    assert m.lanes_active == 2 * n and m.lanes == 2 * 64 * 16
+
+
+def test_strided_read_counts_one_sector_per_element():
+    n, stride = 256, 8  # fp32 at a 32-byte stride: every element in its own sector
+    src, dst = torch.randn(n * stride), torch.empty(n)
+    m = _run(src, dst, n, stride=stride)
+    torch.testing.assert_close(dst, src[::stride])
+    o = m.by_name()
+    assert o["src"]["read"] == 4 * n
+    assert o["src"]["sectors"] == n  # efficiency 4 / 32
+    assert o["dst"]["sectors"] == n * 4 // 32
+    stride2 = 2  # two fp32 of each sector used: half the elements' sectors
+    m = _run(torch.randn(n * stride2), dst, n, stride=stride2)
+    assert m.by_name()["src"]["sectors"] == n * 4 * stride2 // 32
+
+
+def test_double_read_fails_the_single_pass_check():
+    n = 512
+    src, dst = torch.randn(n), torch.empty(n)
+    m = _run(src, dst, n, twice=True)
+    assert m.passes("src") == (2.0, 0.0)
+    with pytest.raises(AssertionError, match="src: 2 read"):
+        traffic.check_single_pass(m, ["src", "dst"])
+
+
+def test_unnamed_memory_is_counted_as_other():
+    n = 128
+    src, dst = torch.randn(n), torch.empty(n)
+    meter = traffic.Meter()
+    meter.region("src", src)  # dst left unnamed
+    with meter.counting():
+        _copy[(2,)](src, dst, n, STRIDE=1, TWICE=False, BLOCK=64)
+    assert meter.by_name()["other"]["written"] == 4 * n
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+def test_fused_flat_step_is_one_pass_per_tensor():
+    """RAMDA without a regularizer on one dense tensor: one read of g, p, W0, V,
+    U and one write of p, V, U, whole sectors (the floor of bench_step.py)."""
+    import ramda_kernels
+    from ramda_kernels.backends import triton_backend as tb
+
+    p = torch.nn.Parameter(torch.randn(3000))
+    opt = ramda_kernels.RAMDA([p], lr=0.1, backend="triton")
+    p.grad = torch.randn(3000)
+    opt.step()  # builds state and plan
+    p.grad = torch.randn(3000)
+    meter = traffic.Meter()
+    meter.region("param", p)
+    meter.region("grad", p.grad)
+    state = [k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.numel() == p.numel()]
+    for k in state:
+        meter.region(k, opt.state[p][k])
+    assert len(state) == 3
+    with meter.counting():
+        opt.step()
+    o = meter.by_name()
+    moved = sum(o[k]["read"] + o[k]["written"] for k in ["param", "grad"] + state)
+    assert moved == 32 * p.numel()
+    traffic.check_single_pass(meter, ["param", "grad"] + state)
+    tb.clear_cache()
