@@ -25,7 +25,7 @@ Sections (``--sections``; all by default):
 
 Bytes: the least a step must move, each input read once and each output
 written once. With ``P`` bytes per parameter element (4 fp32, 2 bf16/fp16;
-gradients have the parameter's dtype) and fp32 state (SPEC section 1, 4 B):
+gradients have the parameter's dtype) and fp32 state (docs/math.md section 1, 4 B):
 
 =========  ==========================================  ===============  ======
 optimizer  read                     write              bytes / element  fp32
@@ -92,7 +92,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HAS_SOLVER = ("ramda", "proxadamw")
 BASELINES = ("adamw-fused", "adamw-foreach")
 
-#: state tensors read and written per element (SPEC section 1), fp32.
+#: state tensors read and written per element (docs/math.md section 1), fp32.
 STATE_RW = {"ramda": (3, 2), "rmda": (2, 1), "proxadamw": (2, 2), "proxsgd": (1, 1)}
 STATE_BYTES = 4
 #: the optimizers' own default learning rates; lambda_ per regularizer picked so

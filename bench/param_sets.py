@@ -16,7 +16,7 @@ modules and groups them the way a user's model would be grouped.
   202,383,360 parameters; ``heads`` groups q/k/v by output head and o by input head.
 * ``gpt2-tiny``: the same layout at d=64, 4 heads, 2 layers (for CPU tests).
 
-Grouping kinds (``group_lasso`` only; SPEC section 3):
+Grouping kinds (``group_lasso`` only; docs/math.md section 3):
 
 * ``input``: Conv2d channel-wise ``dims=(0,2,3)``, Linear input-wise ``dims=(0,)``;
 * ``output``: Conv2d filter-wise ``dims=(1,2,3)``, Linear output-wise ``dims=(1,)``;

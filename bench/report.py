@@ -29,7 +29,7 @@ paper's proximal-gradient solver (`solver="pg"`, the authors' algorithm) for the
 same optimizer, regularizer and grouping (for RMDA, ProxSGD and `reg=none`, which
 have no iterative solver, that baseline is the reference itself); `bytes/param`
 is the least a step must move (each input read once, each output written once;
-state is fp32, SPEC section 1); `GB/s` is those bytes over the median time and
+state is fp32, docs/math.md section 1); `GB/s` is those bytes over the median time and
 `%copy` that rate over a large `copy_` measured in the same run (above 100% when
 a small set stays in cache). `extra MiB` is the peak memory a step allocates
 beyond parameters, gradients and state (CUDA only). `zero` is the share of
@@ -37,7 +37,7 @@ all-zero groups (group lasso) or zero entries (l1) of the parameters after
 timing, for the record only: rows take different numbers of steps (faster
 backends take more in the same time budget), so it is not comparable between
 rows; RAMDA and RMDA average `p` with the subproblem's solution (momentum 0.1),
-so `p` shows no exact zeros until that weight reaches 1 (SPEC section 6).
+so `p` shows no exact zeros until that weight reaches 1 (docs/math.md section 6).
 """
 
 

@@ -1,6 +1,6 @@
 """Physically smaller dense models from structured-sparse ones, with equal outputs.
 
-Group lasso with channel-wise Conv / input-wise Linear groups (SPEC section 3)
+Group lasso with channel-wise Conv / input-wise Linear groups (docs/math.md section 3)
 zeroes whole *input* slices of a layer: ``conv.weight[:, c] == 0`` or
 ``linear.weight[:, j] == 0``. Such a slice means the layer ignores unit ``c`` of
 its input, i.e. output unit ``c`` of the layer that produced it. `compact_model`

@@ -1,4 +1,4 @@
-"""Param groups for structured sparsity, built from a model (SPEC section 3).
+"""Param groups for structured sparsity, built from a model (docs/math.md section 3).
 
 ``group_parameters(model)`` walks the model and gives each parameter the
 grouping the RAMDA paper uses:

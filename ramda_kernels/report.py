@@ -1,4 +1,4 @@
-"""How much structure a model has: the SPEC section 7 metrics, per tensor and in total.
+"""How much structure a model has: the docs/math.md section 7 metrics, per tensor and in total.
 
 ``structure_report(model)`` (default grouping of `group_parameters`),
 ``structure_report(model, groups)`` (param groups or an optimizer) or
@@ -181,7 +181,7 @@ def tensor_structure(name: str, p: torch.Tensor, regularizer: str, dims=None, vi
 
 def structure_report(model_or_optimizer, groups: Optional[Iterable[Dict[str, Any]]] = None,
                      **grouping) -> StructureReport:
-    """Structure of ``model_or_optimizer``'s regularized tensors (SPEC section 7).
+    """Structure of ``model_or_optimizer``'s regularized tensors (docs/math.md section 7).
 
     With a model, the grouping comes from ``groups`` (param groups such as
     `group_parameters` returns, or an optimizer), else from

@@ -225,7 +225,7 @@ class CharTransformer(nn.Module):
 
 
 def charlm_overrides(d: int = 64, heads: int = 4) -> Dict[str, Any]:
-    """`group_parameters` overrides giving one group per attention head (SPEC section 3:
+    """`group_parameters` overrides giving one group per attention head (docs/math.md section 3:
     ``dims`` are the reduced dims, i.e. a group's elements, after ``view``).
 
     ``q/k/v.weight`` [d, d] viewed as ``(heads, d/heads, d)``: the head's output

@@ -11,7 +11,7 @@ the same gradients for ``steps`` steps and compares:
 * ``truth``: the reference on float64 copies.
 
 A tensor passes when ``max|fast - truth| <= 4 max|ref - truth| + floor``
-(STYLE point 9: the fast path may be at most a small multiple of the
+(the fast path may be at most a small multiple of the
 reference's own error at that precision, in max norm per tensor; ``floor`` is
 a few ulps of the dtype times the tensor's scale). State is compared the same way. Which groups
 are exactly zero must match the reference, except groups that sit on the

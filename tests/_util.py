@@ -1,6 +1,6 @@
 """Helpers shared by the reference tests: verbose comparisons and independent math.
 
-Everything mathematical here is written from SPEC.md with numpy / explicit
+Everything mathematical here is written from docs/math.md with numpy / explicit
 per-group loops, not with ``ramda_ref``'s own helpers, so that a test built on
 it can fail when the reference is wrong.
 """

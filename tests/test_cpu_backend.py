@@ -171,7 +171,7 @@ def _check_zero_groups_against_fp64(shape, dims, zero_fraction):
     """One RAMDA step of the cpu backend with lambda_ set so that about
     `zero_fraction` of the groups are zero: as accurate as the reference
     against an fp64 run, and the same groups zero."""
-    # lambda_ at that quantile of the groups' thresholds (SPEC section 1: z =
+    # lambda_ at that quantile of the groups' thresholds (docs/math.md section 1: z =
     # d W0 - V after the state update); momentum 1 so that the parameter is
     # the subproblem's solution and shows the zero groups.
     kw = _ramda_kwargs(dims=dims, momentum=1.0)

@@ -58,7 +58,7 @@ def _ramda_step(params, grads, states, **over):
 
 def test_repeated_steps_do_not_synchronize():
     """After the first step (which builds and uploads the cached table), a
-    step issues no host synchronization (SPEC section 8)."""
+    step issues no host synchronization (docs/math.md section 8)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(64, 33), (7, 5, 3, 3), (1, 1), (0, 4)]
     params = [torch.randn(s, device="cuda", generator=gen) for s in shapes]

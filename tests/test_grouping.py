@@ -1,6 +1,6 @@
 """group_parameters: the paper's default grouping, overrides, merging, errors.
 
-Expected dims are written out by hand from SPEC section 3 (weight layouts
+Expected dims are written out by hand from docs/math.md section 3 (weight layouts
 ``Linear [out, in]``, ``Conv [out, in, *k]``, ``ConvTranspose [in, out, *k]``).
 """
 

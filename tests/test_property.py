@@ -1,6 +1,6 @@
 """Property tests (hypothesis): random shapes, groupings, layouts, dtypes,
 hyperparameters and gradient scales, judged by the parity harness's rule
-(``ramda_kernels.testing.compare_runs``, STYLE point 9): after a few steps the
+(``ramda_kernels.testing.compare_runs``): after a few steps the
 result under test is within 4x the same-dtype reference's own error against a
 float64 reference run (plus a few ulps), state included, and the same groups
 are zero except groups on the threshold.

@@ -1,4 +1,4 @@
-"""The four reference optimizers against SPEC section 1, worked out by hand.
+"""The four reference optimizers against docs/math.md section 1, worked out by hand.
 
 The expected numbers are written from the paper's update rules in numpy, step
 by step, on tiny tensors; groups are formed by hand (``_util.to_groups``).
@@ -289,7 +289,7 @@ def test_channels_last_equals_contiguous(opt_cls, dtype, name, make, fmt, dims):
     """A channels_last weight is grouped in place and gives the contiguous answer.
 
     Not bitwise: the group norms are summed in the tensor's own memory order
-    (SPEC section 3), so the result may differ by rounding; the zero groups
+    (docs/math.md section 3), so the result may differ by rounding; the zero groups
     and the memory format must match exactly."""
     scale = _group_scales(_weight(make, 0).shape, dims)
     a = torch.nn.Parameter((_weight(make, 0).detach() * scale).to(dtype))

@@ -1,4 +1,4 @@
-"""Restarts and schedules (SPEC section 6), simulated by hand in numpy."""
+"""Restarts and schedules (docs/math.md section 6), simulated by hand in numpy."""
 
 from __future__ import annotations
 

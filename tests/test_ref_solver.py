@@ -1,4 +1,4 @@
-"""The subproblem solvers of the reference (SPEC sections 2-5) against math.
+"""The subproblem solvers of the reference (docs/math.md sections 2-5) against math.
 
 Every check here is a closed form, an optimality (KKT) condition written out in
 ``_util``, a brute-force minimizer, or a high-precision solve; never the
@@ -45,7 +45,7 @@ def _check_kkt(w, z, d, T, dims, tol=1e-10, msg=""):
 
 
 # ---------------------------------------------------------------------------
-# Exact group lasso (SPEC section 4)
+# Exact group lasso (docs/math.md section 4)
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spread", [1.0, 1e2, 1e6])
@@ -102,7 +102,7 @@ def test_exact_group_size_one_is_l1():
 
 @pytest.mark.parametrize("kind", ["zeros", "below"])
 def test_exact_all_groups_zero(kind):
-    """The authors' solver fails here (SPEC section 8); every group must be exactly 0."""
+    """The authors' solver fails here (docs/math.md section 8); every group must be exactly 0."""
     g = _gen(7)
     z = torch.zeros(6, 10, dtype=F64) if kind == "zeros" else 1e-3 * torch.randn(6, 10, generator=g, dtype=F64)
     d = log_uniform((6, 10), 1.0, 1e6, g)
@@ -155,7 +155,7 @@ def test_exact_threshold_boundary(factor):
             _check_kkt(w, zk, dk, T, (1,), msg=f"group {k} factor {factor!r}")
             ref = _mp_solve(zk[0], dk[0], T)
             # the solution is ill-conditioned near the threshold; judge by KKT,
-            # and only ask for the right magnitude elementwise (SPEC section 4.3)
+            # and only ask for the right magnitude elementwise (docs/math.md section 4.3)
             assert_close(w[0], ref, rtol=1e-2 if factor > 1 - 1e-9 else 1e-8,
                          msg=f"group {k} vs 60-digit solve")
             assert int(iters.max()) <= 15
@@ -218,7 +218,7 @@ def test_exact_l1_closed_form():
 
 
 # ---------------------------------------------------------------------------
-# Proximal gradient (SPEC section 5)
+# Proximal gradient (docs/math.md section 5)
 # ---------------------------------------------------------------------------
 
 def test_pg_converges_to_exact():
@@ -289,7 +289,7 @@ def _own_pg_objectives(z, d, x0, T, anchor, n_iter):
 
 
 def _own_pg_inexact(z, d, x0, T, eps_t, max_iters=100000):
-    """PG with the per-group stop of SPEC section 5 (rows are the groups): group g
+    """PG with the per-group stop of docs/math.md section 5 (rows are the groups): group g
     stops after the first iteration with ``||(1/theta - d)(Z_j - Z_{j+1})_g|| <=
     eps_t sqrt(|g| / n)``. Returns the answer and the iterations per group."""
     Z, D = z.numpy(), d.numpy()
@@ -330,7 +330,7 @@ def test_pg_inexact_iteration_counts():
 @pytest.mark.parametrize("spread", [1.0, 50.0])
 def test_pg_rtol_rule(spread):
     """The authors' rule: stop at the first k >= 2 with (Q_{k-1} - Q_k)/(|Q_k| + 1) < rtol,
-    with the objective computed correctly (quadratic part once, SPEC section 8)."""
+    with the objective computed correctly (quadratic part once, docs/math.md section 8)."""
     z, d, T = _problem((20, 16), (1,), spread, seed=17)
     if spread == 1.0:
         d = torch.full_like(d, 2.0)  # PG is exact after one step, yet takes two

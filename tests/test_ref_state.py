@@ -1,4 +1,4 @@
-"""Optimizer state of the reference: dtype policy and exact resume (SPEC section 1, 8)."""
+"""Optimizer state of the reference: dtype policy and exact resume (docs/math.md section 1, 8)."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def test_load_keeps_hyperparameters_and_alpha():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_restart_state(dtype):
-    """restart(): t = 0, alpha = 0, W0 = p, V = U = 0 (SPEC section 6)."""
+    """restart(): t = 0, alpha = 0, W0 = p, V = U = 0 (docs/math.md section 6)."""
     torch.manual_seed(0)
     net = Net().to(dtype)
     opt = R.RAMDA(_groups(net), lambda_=0.01)

@@ -1,4 +1,4 @@
-"""structure_report against hand-counted zeros (SPEC section 7).
+"""structure_report against hand-counted zeros (docs/math.md section 7).
 
 Each tensor below has zeros placed by hand; the expected counts are worked
 out in the comments, not computed by the code under test.

@@ -131,7 +131,7 @@ def _close(what: str, fast: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor
            failures: list) -> None:
     """``|fast - ref| <= rel * (|ref| + scale/16) + 4 |ref - truth|``, scale = max |ref|.
 
-    The second term (STYLE point 9) admits the reference's own error against
+    The second term admits the reference's own error against
     the float64 run: a group whose ``||z_g||`` barely exceeds its threshold
     has an ill-conditioned solution in fp32 on both sides.
     """

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused step, templated on the parameter type; each
-// kernels_<dtype>.cu instantiates one (STYLE 6: one instantiation group per
+// kernels_<dtype>.cu instantiates one (one instantiation group per
 // file). The math is ramda_math.h, shared with the CPU kernels.
 //
 // NOTE: [CUDA tiling]
@@ -198,7 +198,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
       write_param<P>(t, a, base + element_offset(L, e), zs[e] * scale);
     return;
   }
-  if (!pg) {  // exact Newton (SPEC section 4), step without cancellation (ramda_math.h)
+  if (!pg) {  // exact Newton (docs/math.md section 4), step without cancellation (ramda_math.h)
     const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
     float sigma = st.sigma;
     bool done = st.done;
@@ -220,7 +220,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
                      st.active ? newton_solution(zs[e], ds[e], sigma) : 0.0f);
     return;
   }
-  // Proximal gradient (SPEC section 5), warm started at x; screened groups are zero.
+  // Proximal gradient (docs/math.md section 5), warm started at x; screened groups are zero.
   if (!l1 && znorm <= thr) {
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
       write_param<P>(t, a, base + element_offset(L, e), 0.0f);

@@ -1,4 +1,4 @@
-"""Pure-torch reference of RAMDA, RMDA, ProxAdamW and ProxSGD (see SPEC.md).
+"""Pure-torch reference of RAMDA, RMDA, ProxAdamW and ProxSGD (the math is docs/math.md).
 
 A readable per-tensor loop: the test oracle for every fast backend of
 ``ramda_kernels`` and its portable fallback. Imports only torch.

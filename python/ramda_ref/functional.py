@@ -1,4 +1,4 @@
-"""One step of each optimizer on a list of tensors (SPEC section 1), as a plain loop.
+"""One step of each optimizer on a list of tensors (docs/math.md section 1), as a plain loop.
 
 Every backend of ``ramda_kernels`` implements these four functions with the
 same signature; this module is the oracle they are tested against.

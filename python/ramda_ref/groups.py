@@ -1,4 +1,4 @@
-"""How a tensor splits into groups (SPEC section 3), in plain torch.
+"""How a tensor splits into groups (docs/math.md section 3), in plain torch.
 
 `dims` names the dimensions reduced by a group's norm, i.e. the elements of
 one group, exactly as the authors' code names them: Linear ``[out, in]`` with

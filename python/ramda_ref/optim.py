@@ -9,7 +9,7 @@ entry. Param-group keys follow the authors' package (``lr``,
 
 ``regularizer``  ``"none" | "l1" | "group_lasso" | "nuclear"``; by default
                  ``"group_lasso"`` when ``dims`` is given, else ``"none"``.
-``dims``         dimensions reduced by a group's norm (SPEC section 3).
+``dims``         dimensions reduced by a group's norm (docs/math.md section 3).
 ``view``         optional shape the tensor is viewed as before grouping.
 ``reweight``     ``c_g = sqrt(|g|)`` (default True) or 1.
 ``solver``       ``"exact"`` (default) or ``"pg"`` (the paper's Algorithm 2).
@@ -447,7 +447,7 @@ class ProxOptimizer(torch.optim.Optimizer):
           from the step count and ``lr`` is wrong once ``lr`` has changed (a
           scheduler, a restart); Adam moments at 0 with ``t > 0`` skip the
           bias correction. A restart is a state the algorithm itself reaches
-          (SPEC section 6). One exception: a missing ``max_exp_avg_sq`` with
+          (docs/math.md section 6). One exception: a missing ``max_exp_avg_sq`` with
           ``amsgrad=True`` starts from ``exp_avg_sq``, as when amsgrad is
           switched on during a run.
         """

@@ -1,4 +1,4 @@
-"""The proximal subproblem every optimizer reduces to (SPEC sections 2-5).
+"""The proximal subproblem every optimizer reduces to (docs/math.md sections 2-5).
 
 For one parameter tensor, with a diagonal preconditioner ``d > 0``::
 
@@ -37,7 +37,7 @@ SOLVERS = ("exact", "pg")
 PG_STOPS = ("inexact", "rtol")
 
 #: Newton on the secular equation converges quadratically from the right;
-#: this cap is never reached in practice (SPEC section 4: ~8 steps at d spread 1e6).
+#: this cap is never reached in practice (docs/math.md section 4: ~8 steps at d spread 1e6).
 NEWTON_MAX_ITERS = 50
 
 
@@ -121,7 +121,7 @@ def prox_scalar(y: torch.Tensor, thr: float, regularizer: str, dims: Tuple[int, 
 
 
 # ---------------------------------------------------------------------------
-# Exact solves with a diagonal preconditioner (SPEC section 4)
+# Exact solves with a diagonal preconditioner (docs/math.md section 4)
 # ---------------------------------------------------------------------------
 
 def exact_l1(z: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
@@ -178,7 +178,7 @@ def _newton_step(zeta, d, sigma, rel_excess, dims):
     """The Newton step ``phi(sigma) / phi'(sigma)`` of `exact_group_lasso`, per group,
     from the unit-norm groups ``zeta = z/||z_g||`` and ``rel_excess = (||z_g|| - T)/||z_g||``.
 
-    NOTE: [secular equation without cancellation]. Written as in SPEC section 4,
+    NOTE: [secular equation without cancellation]. Written as in docs/math.md section 4,
     ``phi = 1/r - sigma/T`` and ``phi' = sum(q^2/(d+sigma))/r^3 - 1/T`` are
     differences of two nearly equal numbers when ``||z_g||`` is just above ``T``
     (then sigma is huge): in fp32 the computed step can exceed sigma itself,
@@ -222,7 +222,7 @@ def kkt_residual(w: torch.Tensor, z: torch.Tensor, d: torch.Tensor, thr: float,
 
 
 # ---------------------------------------------------------------------------
-# Proximal gradient (SPEC section 5, the paper's Algorithm 2)
+# Proximal gradient (docs/math.md section 5, the paper's Algorithm 2)
 # ---------------------------------------------------------------------------
 
 def proximal_gradient(z: torch.Tensor, d: torch.Tensor, x0: torch.Tensor, *,

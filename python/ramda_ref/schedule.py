@@ -1,4 +1,4 @@
-"""The authors' stage-wise recipe (SPEC section 6) as a scheduler object.
+"""The authors' stage-wise recipe (docs/math.md section 6) as a scheduler object.
 
 Call ``scheduler.step()`` once at the end of every epoch, like
 ``torch.optim.lr_scheduler.MultiStepLR``. At a milestone (the epoch count

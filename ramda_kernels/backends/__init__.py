@@ -8,10 +8,11 @@ for lack of a compiled extension or of triton: a backend module that cannot
 import is recorded with its error and raised only when asked for by name.
 
 ``auto`` picks, per call, the first available backend of
-``AUTO_ORDER[device.type]``. For CUDA that is Triton until a GPU benchmark
-(bench/RESULTS.md) shows the CUDA extension faster: neither has been timed
-on a GPU yet, and the Triton kernels' column layouts are coalesced while the
-CUDA kernels' are not (NOTE: [CUDA tiling]).
+``AUTO_ORDER[device.type]``. On CUDA that is Triton, then the CUDA extension:
+the extension's grouped kernels still give column layouts (the default
+grouping: channel-wise Conv, input-wise Linear) one block per strided group,
+which is uncoalesced (NOTE: [CUDA tiling]), and no traffic count or GPU timing
+yet shows it moving fewer bytes per element than Triton (bench/RESULTS.md).
 
 Capturable steps (``capturable=True``, NOTE: [capturable optimizer] in
 ``ramda_ref.optim``) run on ``CAPTURABLE_BACKENDS`` only: ``auto`` then picks

@@ -2,7 +2,7 @@
 
 Same functions and signatures as ``ramda_ref.functional``. One op call per
 functional call runs every tensor (any mix of fp32/bf16/fp16) with threads
-across groups (csrc/cpu/kernels.cpp, NOTE: [Tiling per layout]); what the
+across groups (csrc/cpu/kernels_impl.h, NOTE: [Tiling per layout]); what the
 op does not take goes to the reference in the same call (NOTE: [Extension
 fallbacks] in ``_ext.py``). Fused entries of the returned list are ``None``.
 """

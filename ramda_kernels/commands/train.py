@@ -33,7 +33,7 @@ HELP = "train a small model with RAMDA (or another optimizer) and report its str
 REGULARIZED = ("ramda", "rmda", "proxadamw", "proxsgd")
 PLAIN = ("adamw", "sgd")
 OPTIMIZERS = REGULARIZED + PLAIN
-#: each optimizer's own default learning rate (SPEC section 1, torch for adamw/sgd)
+#: each optimizer's own default learning rate (docs/math.md section 1, torch for adamw/sgd)
 DEFAULT_LR = {"ramda": 1e-2, "rmda": 0.1, "proxadamw": 1e-3, "proxsgd": 0.1, "adamw": 1e-3, "sgd": 0.1}
 REGULARIZERS = ("group_lasso", "l1", "nuclear", "none")
 GROUPINGS = ("channel", "filter", "input", "output")
