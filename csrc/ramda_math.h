@@ -29,13 +29,6 @@ namespace ramda {
 // (ramda_ref.prox.newton_tolerance). Cap: ramda_ref.prox.NEWTON_MAX_ITERS.
 constexpr float kNewtonTol = 4.0f * 1.1920928955078125e-07f;
 constexpr int kNewtonMaxIters = 50;
-// The stop rule that predicts convergence (docs/math.md section 4, item 4):
-// Newton converges quadratically from the right, so a step of relative size
-// r leaves a relative error of order r^2, here at most 1e-8 (about
-// kNewtonTol / 50), under what fp32 resolves. Stopping on that prediction
-// saves the sweep whose only use is to confirm a step under kNewtonTol. The
-// CPU kernels use it; the reference, Triton and CUDA stop at kNewtonTol.
-constexpr float kNewtonPredictTol = 1.0e-4f;
 
 // Real cube root of x >= 0, branch and division free so that a loop over it
 // vectorizes cheaply (libm's cbrtf does not vectorize). Two Newton steps for
@@ -190,16 +183,14 @@ RAMDA_HD void newton_terms(float zeta, float d, float sigma, float& a, float& b,
 }
 
 // One Newton step from the group sums; returns the new sigma and sets `done`
-// once the step is below `tol` relative (kNewtonTol: as
-// ramda_ref.prox.exact_group_lasso; kNewtonPredictTol: the predicted stop) or
-// not positive (phi at its rounding floor: sigma is the root).
-RAMDA_HD float newton_update(float sigma, float a, float b, float c, float rel_excess, bool& done,
-                             float tol = kNewtonTol) {
+// once the step is below kNewtonTol relative or not positive (phi at its
+// rounding floor: sigma is the root), as ramda_ref.prox.exact_group_lasso.
+RAMDA_HD float newton_update(float sigma, float a, float b, float c, float rel_excess, bool& done) {
   const float vn = sqrtf(a + b);
   const float f = rel_excess - c / (1.0f + vn);
   const float delta = sigma * f * vn / (a + f * b / vn);
   const float next = delta > 0.0f ? sigma - delta : sigma;
-  done = !(delta > tol * next);
+  done = !(delta > kNewtonTol * next);
   return next;
 }
 

@@ -384,7 +384,7 @@ inline float newton_contig_sigma(const float* __restrict__ z, const float* __res
       sc += fc;
     }
     sigma = newton_update(sigma, static_cast<float>(sa), static_cast<float>(sb),
-                          static_cast<float>(sc), s0.rel_excess, done, kNewtonPredictTol);
+                          static_cast<float>(sc), s0.rel_excess, done);
   }
   return sigma;
 }
@@ -645,7 +645,7 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
         if (cs[k].done) continue;
         bool dk;
         cs[k].sigma = newton_update(cs[k].sigma, static_cast<float>(ga[k]), static_cast<float>(gb[k]),
-                                    static_cast<float>(gc[k]), cs[k].rel_excess, dk, kNewtonPredictTol);
+                                    static_cast<float>(gc[k]), cs[k].rel_excess, dk);
         cs[k].done = dk;
         pending += !dk;
       }
