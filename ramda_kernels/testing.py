@@ -155,9 +155,13 @@ def _build(module, name: str, params: List[torch.Tensor], case, backend: Optiona
 
 
 def _set_momentum(opt, value: float) -> None:
-    for g in opt.param_groups:
+    """Jump to the end of the averaging ramp, as `StagewiseScheduler` would
+    (so the optimizer does not warn about a momentum schedule it did not see)."""
+    scheduled = {}
+    for k, g in enumerate(opt.param_groups):
         if "momentum" in g:
-            g["momentum"] = value
+            g["momentum"] = scheduled[k] = value
+    opt._scheduled_momentum = scheduled
 
 
 def _zero_mask(x: torch.Tensor, regularizer: str, dims, view) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
