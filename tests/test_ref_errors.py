@@ -259,3 +259,15 @@ def test_lambda_without_groups_warns():
         warnings.simplefilter("error")
         R.RAMDA([p], lambda_=1e-3, regularizer="l1")
         R.RAMDA([{"params": [p], "regularizer": "none", "lambda_": 1e-3}])
+
+
+@pytest.mark.parametrize("group, problem", [
+    (dict(dims=(3,)), "invalid dims"),
+    (dict(dims=(0,), view=(7, -1)), "cannot be viewed as"),
+])
+def test_grouping_errors_name_the_shape_once(group, problem):
+    """An unnamed parameter's message carries its shape once, named or not."""
+    p = torch.nn.Parameter(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match=problem) as e:
+        R.RAMDA([dict(params=[p], lambda_=0.1, **group)])
+    assert str(e.value).count("(5, 4)") == 1, str(e.value)

@@ -304,14 +304,15 @@ class ProxOptimizer(torch.optim.Optimizer):
             try:
                 viewed = grouped_view(p.detach(), group.get("view"))
             except RuntimeError as e:
-                raise ValueError(f"{name}: cannot view shape {tuple(p.shape)} as "
-                                 f"{group['view']}: {e}") from None
+                shape = "" if "(shape" in name else f" of shape {tuple(p.shape)}"
+                raise ValueError(f"{name}{shape}: cannot be viewed as {group['view']}: {e}") from None
             if group["regularizer"] == "group_lasso":
                 try:
                     normalize_dims(group["dims"], viewed.dim())
                 except ValueError as e:
-                    raise ValueError(f"{name} (shape {tuple(viewed.shape)}): invalid dims "
-                                     f"{group['dims']!r}: {e}") from None
+                    shape = (f" (viewed as {tuple(viewed.shape)})" if group.get("view") is not None
+                             else "" if "(shape" in name else f" (shape {tuple(p.shape)})")
+                    raise ValueError(f"{name}{shape}: invalid dims {group['dims']!r}: {e}") from None
 
     def _validate_capturable(self, group: Dict[str, Any], gi: int) -> None:
         """NOTE: [capturable optimizer]: one mode for all groups, and only what runs
