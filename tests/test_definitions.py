@@ -128,6 +128,30 @@ def test_proxadamw_state_dict_is_refused_by_ramda():
     back.load_state_dict(src.state_dict())  # its own kind still loads
 
 
+@pytest.mark.parametrize("src_cls, dst_cls", [(rk.RMDA, rk.RAMDA), (R.RMDA, rk.RAMDA),
+                                              (rk.ProxSGD, rk.RMDA)])
+def test_state_dict_of_an_optimizer_whose_keys_fit_is_refused(src_cls, dst_cls):
+    """RMDA's keys are a subset of RAMDA's, so only the saver's name tells them apart."""
+    p = _model_param(4, 6)
+    src = src_cls([p], lambda_=0.1, dims=(1,))
+    src.step()
+    dst = dst_cls([p], lambda_=0.1, dims=(1,))
+    with pytest.raises(ValueError, match=rf"comes from {src_cls.__name__}, not from {dst_cls.__name__}"):
+        dst.load_state_dict(src.state_dict())
+    assert len(dst.state) == 0
+    same = type(src)([p], lambda_=0.1, dims=(1,))
+    same.load_state_dict(src.state_dict())  # its own kind still loads
+
+
+def test_reference_and_kernels_state_dicts_interchange():
+    p = _model_param(4, 6)
+    ref = R.RAMDA([p], lambda_=0.1, dims=(1,))
+    ref.step()
+    fast = rk.RAMDA([p], lambda_=0.1, dims=(1,))
+    fast.load_state_dict(ref.state_dict())
+    assert fast.state[p]["step"] == 1
+
+
 @pytest.mark.parametrize("bad", ["shape", "dtype"])
 def test_state_tensor_mismatch_is_named_on_load(bad):
     p = _model_param(4, 6)

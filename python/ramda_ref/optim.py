@@ -481,10 +481,24 @@ class ProxOptimizer(torch.optim.Optimizer):
                                           memory_format=torch.preserve_format, copy=True)
             self._repair_loaded_state(p, group, self._param_name(group, gi, i, p))
 
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state dict plus ``"optimizer"``: which of the four saved it, so
+        that loading refuses another one's even where its keys are a subset of
+        this one's (RMDA's in RAMDA). Checkpoints without it (older ones, or
+        those rebuilt by torch.distributed.checkpoint) are judged by their keys."""
+        saved = super().state_dict()
+        saved["optimizer"] = self._definition.title
+        return saved
+
     def _refuse_foreign(self, state_dict: Dict[str, Any]) -> None:
         """Refuse the state dict of another optimizer (say torch.optim.AdamW's, or
         ProxAdamW's in RAMDA): its keys would be dropped or taken for an older
         checkpoint of this one, and the run would go on with other math."""
+        me = type(self).__name__
+        saver = state_dict.get("optimizer")
+        if saver is not None and saver != self._definition.title:
+            raise ValueError(f"this state dict comes from {saver}, not from {me}; nothing was "
+                             f"loaded (load it into {saver}, or start {me} from its own state)")
         groups = state_dict["param_groups"]
         group_keys = set().union(*(g.keys() for g in groups)) if groups else set()
         states = [v for v in state_dict["state"].values() if isinstance(v, dict)]
@@ -493,7 +507,6 @@ class ProxOptimizer(torch.optim.Optimizer):
         if origin is None:
             return
         name, keys = origin
-        me = type(self).__name__
         raise ValueError(f"this state dict comes from {name}, not from {me}: it has "
                          f"{', '.join(map(repr, keys))}, which {me} does not take; nothing was "
                          f"loaded (load it into {name}, or start {me} from its own state)")
