@@ -301,18 +301,20 @@ class ProxOptimizer(torch.optim.Optimizer):
             if p.dim() == 0:
                 raise ValueError(f"{name}: regularizer {group['regularizer']!r} needs a tensor "
                                  f"with at least one dimension, got a 0-d tensor")
+            bare = self._param_name(group, gi, i, p, shape=False)  # these messages give the shape
             try:
                 viewed = grouped_view(p.detach(), group.get("view"))
             except RuntimeError as e:
-                shape = "" if "(shape" in name else f" of shape {tuple(p.shape)}"
-                raise ValueError(f"{name}{shape}: cannot be viewed as {group['view']}: {e}") from None
+                raise ValueError(f"{bare} (shape {tuple(p.shape)}): cannot be viewed as "
+                                 f"{group['view']}: {e}") from None
             if group["regularizer"] == "group_lasso":
                 try:
                     normalize_dims(group["dims"], viewed.dim())
                 except ValueError as e:
-                    shape = (f" (viewed as {tuple(viewed.shape)})" if group.get("view") is not None
-                             else "" if "(shape" in name else f" (shape {tuple(p.shape)})")
-                    raise ValueError(f"{name}{shape}: invalid dims {group['dims']!r}: {e}") from None
+                    viewed_as = ("" if group.get("view") is None
+                                 else f", viewed as {tuple(viewed.shape)}")
+                    raise ValueError(f"{bare} (shape {tuple(p.shape)}{viewed_as}): invalid dims "
+                                     f"{group['dims']!r}: {e}") from None
 
     def _validate_capturable(self, group: Dict[str, Any], gi: int) -> None:
         """NOTE: [capturable optimizer]: one mode for all groups, and only what runs
@@ -344,11 +346,14 @@ class ProxOptimizer(torch.optim.Optimizer):
         return bool(self.param_groups) and self.param_groups[0].get("capturable", False)
 
     @staticmethod
-    def _param_name(group, gi: int, i: int, p: torch.Tensor) -> str:
+    def _param_name(group, gi: int, i: int, p: torch.Tensor, shape: bool = True) -> str:
+        """How messages name a parameter: its name, else its place (and its
+        shape, unless the message states the shape itself)."""
         names = group.get("param_names")
         if names is not None and i < len(names):
             return f"parameter {names[i]!r}"
-        return f"parameter param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+        where = f"parameter param_groups[{gi}]['params'][{i}]"
+        return f"{where} (shape {tuple(p.shape)})" if shape else where
 
     @staticmethod
     def _grad_problem(p: torch.Tensor, g: torch.Tensor) -> Optional[str]:
