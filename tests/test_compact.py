@@ -444,3 +444,58 @@ def test_tuple_and_dict_outputs_are_accepted():
     small, report = compact_model(model, x[:2], eval_inputs=x)
     assert small.fc1.out_features == 13 and report.units_removed == 3
     assert report.max_abs_diff <= ATOL
+
+
+# -- zero unit groups (group_parameters(grouping="units")) ------------------
+
+class _ResNet(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c * 16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = torch.relu(h + self.b2(self.c2(torch.relu(self.b1(self.c1(h))))))
+        return self.fc(h.flatten(1))
+
+
+def _zero_units(group, which):
+    """Set every element of the units ``which`` of a unit param group to zero."""
+    with torch.no_grad():
+        for k in which:
+            for i, dim, (a, b, c) in group["units"][k]:
+                p = group["params"][i]
+                idx = [slice(None)] * p.dim()
+                idx[dim] = slice(a, b, c)
+                p[tuple(idx)] = 0
+
+
+def _macs_resnet(c_res, c_in, c=6):
+    """Multiply-adds per 4x4 sample: stem (1 -> c_res), c1 (c_res -> c_in), c2 (c_in -> c_res), fc."""
+    return 16 * 9 * (1 * c_res + c_res * c_in + c_in * c_res) + 16 * c_res * 10
+
+
+@pytest.mark.parametrize("residual, inner", [(1, 0), (0, 2), (2, 3)])
+def test_zero_units_of_a_resnet_are_removed_with_equal_outputs(residual, inner):
+    from ramda_kernels.grouping import group_parameters
+
+    torch.manual_seed(0)
+    model = _ResNet()
+    x = _inputs((1, 4, 4))
+    model.train()
+    model(x)  # nonzero running statistics: a zero unit must stay zero through BatchNorm
+    (group,) = [g for g in group_parameters(model, lambda_=1e-3, grouping="units", example_inputs=x)
+                if "units" in g]
+    res = [k for k, u in enumerate(group["units"])
+           if group["param_names"][u[0][0]] in ("c2.weight", "stem.weight")]
+    inn = [k for k, u in enumerate(group["units"]) if group["param_names"][u[0][0]] == "c1.weight"]
+    _zero_units(group, res[:residual] + inn[:inner])
+    small, report = compact_model(model, x, eval_inputs=x)
+    _assert_same_outputs(model, small, x)
+    assert report.flops_before == _macs_resnet(6, 6)
+    assert report.flops_after == _macs_resnet(6 - residual, 6 - inner)
+    assert small.stem.out_channels == 6 - residual and small.c1.out_channels == 6 - inner
+    assert small.fc.in_features == 16 * (6 - residual)

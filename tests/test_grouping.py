@@ -190,3 +190,87 @@ def test_optimizer_errors_name_the_parameter():
     opt = rk.RAMDA(groups)
     with pytest.raises(rk.NonFiniteGradientError, match="'0.weight'"):
         opt.step()
+
+
+# -- grouping="units" (ramda_kernels/units.py; docs/math.md section 3, "Coupled groups") --
+
+class _ResNet(nn.Module):
+    """stem -> BN -> one residual block (conv-BN-relu-conv-BN, added to its input) -> fc."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c * 16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = torch.relu(h + self.b2(self.c2(torch.relu(self.b1(self.c1(h))))))
+        return self.fc(h.flatten(1))
+
+
+def _members(group):
+    """{unit: {(name, dim): sorted indices}} from the units key, by plain expansion."""
+    out = []
+    for unit in group["units"]:
+        m = {}
+        for i, dim, (a, b, c) in unit:
+            m.setdefault((group["param_names"][i], dim), []).extend(range(a, b, c))
+        out.append({k: sorted(v) for k, v in m.items()})
+    return out
+
+
+def test_units_of_a_resnet_are_residual_channels_and_block_channels():
+    model = _ResNet()
+    groups = group_parameters(model, lambda_=1e-3, grouping="units", example_inputs=torch.randn(2, 1, 4, 4))
+    (unit_group,) = [g for g in groups if "units" in g]
+    members = _members(unit_group)
+    assert len(members) == 8  # 4 residual channels + 4 channels inside the block
+    residual = [m for m in members if ("stem.weight", 0) in m]
+    inner = [m for m in members if ("c1.weight", 0) in m]
+    assert len(residual) == len(inner) == 4
+    for k, m in enumerate(sorted(residual, key=lambda m: m[("stem.weight", 0)])):
+        # every writer of channel k (stem, block's last conv) with its BN entries, and the
+        # classifier's 16 input features of channel k; not the block's first conv (grouped)
+        assert m == {("stem.weight", 0): [k], ("stem.bias", 0): [k], ("bn.weight", 0): [k],
+                     ("bn.bias", 0): [k], ("c2.weight", 0): [k], ("b2.weight", 0): [k],
+                     ("b2.bias", 0): [k], ("fc.weight", 1): list(range(16 * k, 16 * k + 16))}
+    for k, m in enumerate(sorted(inner, key=lambda m: m[("c1.weight", 0)])):
+        assert m == {("c1.weight", 0): [k], ("b1.weight", 0): [k], ("b1.bias", 0): [k]}
+    # the classifier's outputs and its bias stay: not in any unit, and not regularized
+    assert settings(groups)["fc.bias"]["regularizer"] == "none"
+
+
+def test_units_of_the_charlm_block_are_heads_and_mlp_neurons():
+    from ramda_kernels.tasks import CharTransformer
+
+    model = CharTransformer(layers=1, d=16, heads=4, context=8)
+    groups = group_parameters(model, lambda_=1e-3, grouping="units",
+                              example_inputs=torch.zeros(2, 8, dtype=torch.long))
+    (unit_group,) = [g for g in groups if "units" in g]
+    members = _members(unit_group)
+    heads = [m for m in members if ("blocks.0.attn.q.weight", 0) in m]
+    neurons = [m for m in members if ("blocks.0.fc1.weight", 0) in m]
+    assert len(heads) == 4 and len(neurons) == 64 and len(members) == 68
+    h = heads[1]
+    for proj in ("q", "k", "v"):
+        assert h[(f"blocks.0.attn.{proj}.weight", 0)] == list(range(4, 8))
+        assert h[(f"blocks.0.attn.{proj}.bias", 0)] == list(range(4, 8))
+    assert h[("blocks.0.attn.out.weight", 1)] == list(range(4, 8))
+    j = neurons[5]
+    assert j == {("blocks.0.fc1.weight", 0): [5], ("blocks.0.fc1.bias", 0): [5],
+                 ("blocks.0.fc2.weight", 1): [5]}
+    # the residual stream goes through LayerNorm, embeddings and the output: no unit
+    names = {n for m in members for n, _ in m}
+    assert not any(n.startswith(("tok", "pos", "ln", "head", "blocks.0.ln")) for n in names)
+
+
+def test_units_grouping_errors():
+    model = _ResNet()
+    with pytest.raises(ValueError, match="give example_inputs"):
+        group_parameters(model, grouping="units")
+    with pytest.raises(ValueError, match="Invalid grouping: 'unit'"):
+        group_parameters(model, grouping="unit", example_inputs=torch.randn(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="regularizer='l1'"):
+        group_parameters(model, grouping="units", regularizer="l1", example_inputs=torch.randn(1, 1, 4, 4))
