@@ -119,7 +119,8 @@ class CompactionReport:
     skipped: List[str] = dataclasses.field(default_factory=list)
     #: removable units kept so that no layer becomes zero-wide
     kept_last_units: int = 0
-    #: constant units (zero producer rows) removed by folding them into Linear biases
+    #: constant units (zero producer rows) removed by folding them into Linear biases, or
+    #: dropped whatever reads them when the constant is exactly zero
     folded_units: int = 0
     #: constant units that could not be folded (a Conv consumer, ...): kept
     constant_units: int = 0

@@ -268,24 +268,26 @@ def test_units_of_a_returned_tensor_are_kept():
 
 def test_constant_units_fold_into_linear_biases():
     """Output-wise / filter-wise zero groups: a zero weight row makes a unit the
-    constant act(bias); Linear consumers absorb it, a Conv consumer cannot."""
+    constant act(bias); Linear consumers absorb it, a Conv consumer cannot unless it is 0."""
     model = _convnet()
     with torch.no_grad():
-        model.conv1.weight[[0, 1]] = 0     # read by conv2 (zero padding): kept
+        model.conv1.weight[[0, 1, 2]] = 0  # read by conv2 (zero padding): kept if relu(bias) != 0
+        model.conv1.bias[[0, 1]] = 0.5
+        model.conv1.bias[2] = -1.0         # relu(-1) = 0: an exactly zero map, removed
         model.conv2.weight[[3, 8, 9]] = 0  # read by fc1 through flatten: folded
         model.conv2.bias[8] = -1.0         # relu(-1) = 0: folded too, nothing to add
         model.fc1.weight[[5, 6]] = 0       # read by fc2: folded
         model.fc1.bias[5] = 0.7
     x = _inputs((1, 8, 8))
     small, report = compact_model(model, x[:2], eval_inputs=x)
-    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == (32, 61, 126)
-    assert report.folded_units == 5 and report.constant_units == 2
-    assert sum(p.numel() for p in small.parameters()) == _convnet_params(32, 61, 126)
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == (31, 61, 126)
+    assert report.folded_units == 6 and report.constant_units == 2
+    assert sum(p.numel() for p in small.parameters()) == _convnet_params(31, 61, 126)
     _assert_same_outputs(model, small, x)
 
     unfolded, report = compact_model(model, x[:2], fold_constants=False)
     assert sum(p.numel() for p in unfolded.parameters()) == _convnet_params(32, 64, 128)
-    assert report.folded_units == 0 and report.constant_units == 7
+    assert report.folded_units == 0 and report.constant_units == 8
 
 
 class _InputAdded(nn.Module):

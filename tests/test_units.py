@@ -280,12 +280,19 @@ def test_missing_gradient_is_refused_before_anything_changes():
     assert not opt.state[other]
 
 
-def test_fused_backends_send_unit_groups_to_the_reference():
-    rk = pytest.importorskip("ramda_kernels")
+@pytest.mark.parametrize("backend", ["auto", "cpu", "triton"])
+@pytest.mark.parametrize("name", ["RAMDA", "ProxAdamW"])
+def test_fused_backends_send_unit_groups_to_the_reference(backend, name):
+    import ramda_kernels as rk
+    from ramda_kernels.backends import BackendUnavailableError
+
     params, units = _coupled()
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = rk.RAMDA([{"params": params, "units": units, "lambda_": 0.1}], backend="auto")
-    ref = ramda_ref.RAMDA([{"params": copies, "units": units, "lambda_": 0.1}])
+    try:
+        opt = getattr(rk, name)([{"params": params, "units": units, "lambda_": 0.1}], backend=backend)
+    except BackendUnavailableError as e:
+        pytest.skip(f"backend {backend!r} not available here: {e}")
+    ref = getattr(ramda_ref, name)([{"params": copies, "units": units, "lambda_": 0.1}])
     for _ in range(3):
         for p, q in zip(params, copies):
             p.grad = torch.randn_like(p)
