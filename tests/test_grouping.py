@@ -194,22 +194,6 @@ def test_optimizer_errors_name_the_parameter():
 
 # -- grouping="units" (ramda_kernels/units.py; docs/math.md section 3, "Coupled groups") --
 
-class _ResNet(nn.Module):
-    """stem -> BN -> one residual block (conv-BN-relu-conv-BN, added to its input) -> fc."""
-
-    def __init__(self, c=4):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.fc = nn.Linear(c * 16, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.stem(x)))
-        h = torch.relu(h + self.b2(self.c2(torch.relu(self.b1(self.c1(h))))))
-        return self.fc(h.flatten(1))
-
-
 def _members(group):
     """{unit: {(name, dim): sorted indices}} from the units key, by plain expansion."""
     out = []
@@ -222,22 +206,29 @@ def _members(group):
 
 
 def test_units_of_a_resnet_are_residual_channels_and_block_channels():
-    model = _ResNet()
-    groups = group_parameters(model, lambda_=1e-3, grouping="units", example_inputs=torch.randn(2, 1, 4, 4))
+    from ramda_kernels.tasks import DigitsResNet
+
+    model = DigitsResNet(channels=4)
+    groups = group_parameters(model, lambda_=1e-3, grouping="units", example_inputs=torch.randn(2, 1, 8, 8))
     (unit_group,) = [g for g in groups if "units" in g]
     members = _members(unit_group)
-    assert len(members) == 8  # 4 residual channels + 4 channels inside the block
+    assert len(members) == 12  # 4 residual channels + 4 channels inside each of the 2 blocks
     residual = [m for m in members if ("stem.weight", 0) in m]
-    inner = [m for m in members if ("c1.weight", 0) in m]
-    assert len(residual) == len(inner) == 4
+    assert len(residual) == 4
     for k, m in enumerate(sorted(residual, key=lambda m: m[("stem.weight", 0)])):
-        # every writer of channel k (stem, block's last conv) with its BN entries, and the
-        # classifier's 16 input features of channel k; not the block's first conv (grouped)
-        assert m == {("stem.weight", 0): [k], ("stem.bias", 0): [k], ("bn.weight", 0): [k],
-                     ("bn.bias", 0): [k], ("c2.weight", 0): [k], ("b2.weight", 0): [k],
-                     ("b2.bias", 0): [k], ("fc.weight", 1): list(range(16 * k, 16 * k + 16))}
-    for k, m in enumerate(sorted(inner, key=lambda m: m[("c1.weight", 0)])):
-        assert m == {("c1.weight", 0): [k], ("b1.weight", 0): [k], ("b1.bias", 0): [k]}
+        # every writer of channel k (stem, both blocks' last convs) with its BN entries, and
+        # the classifier's input k; not the blocks' first convs (their outputs are units)
+        assert m == {("stem.weight", 0): [k], ("bn.weight", 0): [k], ("bn.bias", 0): [k],
+                     ("block1.conv2.weight", 0): [k], ("block1.bn2.weight", 0): [k],
+                     ("block1.bn2.bias", 0): [k], ("block2.conv2.weight", 0): [k],
+                     ("block2.bn2.weight", 0): [k], ("block2.bn2.bias", 0): [k],
+                     ("fc.weight", 1): [k]}
+    for block in ("block1", "block2"):
+        inner = [m for m in members if (f"{block}.conv1.weight", 0) in m]
+        for k, m in enumerate(sorted(inner, key=lambda m: m[(f"{block}.conv1.weight", 0)])):
+            assert m == {(f"{block}.conv1.weight", 0): [k], (f"{block}.bn1.weight", 0): [k],
+                         (f"{block}.bn1.bias", 0): [k]}
+        assert len(inner) == 4
     # the classifier's outputs and its bias stay: not in any unit, and not regularized
     assert settings(groups)["fc.bias"]["regularizer"] == "none"
 
@@ -267,7 +258,7 @@ def test_units_of_the_charlm_block_are_heads_and_mlp_neurons():
 
 
 def test_units_grouping_errors():
-    model = _ResNet()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="give example_inputs"):
         group_parameters(model, grouping="units")
     with pytest.raises(ValueError, match="Invalid grouping: 'unit'"):
