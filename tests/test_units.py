@@ -300,3 +300,59 @@ def test_fused_backends_send_unit_groups_to_the_reference(backend, name):
         opt.step()
         ref.step()
     assert all(torch.equal(p, q) for p, q in zip(params, copies))
+
+
+# -- units of Hugging Face models (tiny configs, never downloaded) --------------------
+
+def _hf(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, bos_token_id=0, eos_token_id=0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, **common)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=16, pad_token_id=0, **common)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hf_heads_and_neurons_are_units_and_zero_ones_are_removed(kind):
+    from ramda_kernels.compact import compact_model
+    from ramda_kernels.grouping import group_parameters
+
+    model = _hf(kind)
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    groups = group_parameters(model, lambda_=1e-3, grouping="units", example_inputs=x[:2])
+    (group,) = [g for g in groups if "units" in g]
+    names = group["param_names"]
+    first = [names[u[0][0]] for u in group["units"]]
+    layer = "transformer.h.0" if kind == "gpt2" else "model.layers.0"
+    attn = f"{layer}.attn.c_attn.weight" if kind == "gpt2" else f"{layer}.self_attn.q_proj.weight"
+    mlp = f"{layer}.mlp.c_fc.weight" if kind == "gpt2" else f"{layer}.mlp.gate_proj.weight"
+    # GPT-2: 4 heads and 128 neurons per layer; LLaMA: 2 key/value heads (each with its 2
+    # query heads) and 48 neurons per layer
+    heads, neurons = (4, 128) if kind == "gpt2" else (2, 48)
+    assert first.count(attn) == heads and first.count(mlp) == neurons
+    assert len(group["units"]) == 2 * (heads + neurons)
+    # unit sizes: GPT-2 head = q,k,v columns (3 x 32 x 8) + biases (3 x 8) + c_proj rows (8 x 32);
+    # LLaMA unit = 2 query heads' rows (16 x 32) + k, v rows (2 x 8 x 32) + o_proj columns (32 x 16)
+    head = [u for u in group["units"] if names[u[0][0]] == attn][1]
+    size = sum(len(range(*r)) * group["params"][i].numel() // group["params"][i].shape[d]
+               for i, d, r in head)
+    assert size == (3 * 32 * 8 + 3 * 8 + 8 * 32 if kind == "gpt2" else 16 * 32 + 2 * 8 * 32 + 32 * 16)
+    # zero unit 1 (a head) and three neurons of layer 0 through the key: compact removes them
+    units = [k for k, n in enumerate(first) if n == attn][1:2] + [k for k, n in enumerate(first)
+                                                                    if n == mlp][:3]
+    with torch.no_grad():
+        for k in units:
+            for i, dim, (a, b, c) in group["units"][k]:
+                p = group["params"][i]
+                idx = [slice(None)] * p.dim()
+                idx[dim] = slice(a, b, c)
+                p[tuple(idx)] = 0
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    assert report.units_removed == 1 + 3  # LLaMA counts the key/value group as one unit
+    with torch.no_grad():
+        torch.testing.assert_close(small(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
