@@ -305,6 +305,7 @@ def test_fused_backends_send_unit_groups_to_the_reference(backend, name):
 # -- units of Hugging Face models (tiny configs, never downloaded) --------------------
 
 def _hf(kind):
+    """A tiny GPT-2 or LLaMA-style (grouped-query, 2 key/value heads) model."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     common = dict(vocab_size=64, bos_token_id=0, eos_token_id=0)
@@ -319,6 +320,8 @@ def _hf(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_hf_heads_and_neurons_are_units_and_zero_ones_are_removed(kind):
+    from test_compact import _zero_units
+
     from ramda_kernels.compact import compact_model
     from ramda_kernels.grouping import group_parameters
 
@@ -345,13 +348,7 @@ def test_hf_heads_and_neurons_are_units_and_zero_ones_are_removed(kind):
     # zero unit 1 (a head) and three neurons of layer 0 through the key: compact removes them
     units = [k for k, n in enumerate(first) if n == attn][1:2] + [k for k, n in enumerate(first)
                                                                     if n == mlp][:3]
-    with torch.no_grad():
-        for k in units:
-            for i, dim, (a, b, c) in group["units"][k]:
-                p = group["params"][i]
-                idx = [slice(None)] * p.dim()
-                idx[dim] = slice(a, b, c)
-                p[tuple(idx)] = 0
+    _zero_units(group, units)
     small, report = compact_model(model, x[:2], eval_inputs=x)
     assert report.units_removed == 1 + 3  # LLaMA counts the key/value group as one unit
     with torch.no_grad():
