@@ -38,10 +38,13 @@ Units are never removed when
 Filter-wise / output-wise zero groups (a zero weight ROW of every producer of
 a unit) make the unit a constant, ``act(bias)``. When every consumer of such a
 unit is a Linear layer (also through flatten), the constant is folded into the
-consumers' biases and the unit removed (`_fold_constants`). Left out: constant
-units read by a convolution (with zero padding a constant map contributes
-differently at the border, so no bias can absorb it); they are kept and
-counted as ``constant_units``.
+consumers' biases and the unit removed (`_fold_constants`). A unit whose
+constant is exactly zero (a zero unit group of ``group_parameters(...,
+grouping="units")``: producer rows, biases and BatchNorm entries all zero) is
+removed whatever its consumers, convolutions included, with their slices.
+Left out: nonzero constant units read by a convolution (with zero padding a
+constant map contributes differently at the border, so no bias can absorb
+it); they are kept and counted as ``constant_units``.
 
 The result is checked by running both models (`verify`); the command
 ``ramda-kernels compact`` refuses to save a model whose outputs differ.
@@ -116,7 +119,8 @@ class CompactionReport:
     skipped: List[str] = dataclasses.field(default_factory=list)
     #: removable units kept so that no layer becomes zero-wide
     kept_last_units: int = 0
-    #: constant units (zero producer rows) removed by folding them into Linear biases
+    #: constant units (zero producer rows) removed by folding them into Linear biases, or
+    #: dropped whatever reads them when the constant is exactly zero
     folded_units: int = 0
     #: constant units that could not be folded (a Conv consumer, ...): kept
     constant_units: int = 0
@@ -342,17 +346,23 @@ def _fold_constants(model: nn.Module, example_inputs,
     ``W[:, i]`` becomes zero, so the unit is unused. ``v`` is read from one
     forward pass over ``example_inputs`` and must be the same for every sample
     (and position): an input added on the way (``h + x``) would show up there.
-    A Conv consumer is not folded: with zero padding a constant input map
-    contributes differently at the border.
+    A Conv consumer is folded only when ``v == 0`` (a unit group that is zero
+    in every producer row, bias and norm entry; docs/math.md section 3): a zero
+    map contributes nothing, border included, while with zero padding a
+    nonzero constant map contributes differently at the border.
     """
-    units = {r: c for r, c in units.items() if all(isinstance(m, nn.Linear) for m, _ in c)}
+    units = {r: c for r, c in units.items()
+             if all(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m, _ in c)}
     if not units:
         return []
     mods = {id(m): m for cons in units.values() for m, _ in cons}
     seen: Dict[int, torch.Tensor] = {}
 
     def grab(module, inputs):
-        seen[id(module)] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        x = inputs[0].detach()
+        if isinstance(module, nn.modules.conv._ConvNd):  # [N, C, *spatial]: units on dim 1
+            x = x.movedim(1, -1)
+        seen[id(module)] = x.reshape(-1, x.shape[-1])
 
     _forward_with_hooks(model, example_inputs,
                         [m.register_forward_pre_hook(grab) for m in mods.values()])
@@ -363,11 +373,15 @@ def _fold_constants(model: nn.Module, example_inputs,
             col = seen[id(m)][:, i] if id(m) in seen else None
             if col is None or col.numel() < 2 or not bool((col == col[0]).all()):
                 break
-            if m.bias is None and bool((m.weight[:, i] * col[0]).any()):
+            conv = isinstance(m, nn.modules.conv._ConvNd)
+            if (conv and col[0] != 0) or (m.bias is None and bool((m.weight[:, i] * col[0]).any())):
                 break
             values.append(col[0])
         else:
             for (m, i), v in zip(cons, values):
+                if isinstance(m, nn.modules.conv._ConvNd):  # v == 0: nothing to fold
+                    (m.weight[i] if m.transposed else m.weight[:, i]).zero_()
+                    continue
                 if m.bias is not None:
                     m.bias += m.weight[:, i] * v
                 m.weight[:, i] = 0

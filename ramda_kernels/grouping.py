@@ -312,9 +312,16 @@ def _finish(settings: Dict[str, Any], regularizer: str, lambda_: Optional[float]
 def group_parameters(model: nn.Module, lambda_: Optional[float] = None, *,
                      regularizer: str = "group_lasso", conv: str = "channel",
                      linear: str = "input", overrides: Optional[Dict[Any, Any]] = None,
+                     grouping: Optional[str] = None, example_inputs=None,
                      **hparams) -> List[Dict[str, Any]]:
     """Param groups for ``model``: structured groups for Conv and Linear weights,
     the rest unregularized (see the module docstring for the table and overrides).
+
+    ``grouping="units"`` (with ``example_inputs`` to trace the model) puts every
+    tensor that holds part of a removable unit into one param group whose
+    ``units`` key lists one group per unit (`ramda_kernels.units`;
+    docs/math.md section 3, "Coupled groups"); the other tensors are grouped as
+    without it. The units' group gets ``lambda_`` and ``hparams`` too.
 
     ``lambda_`` goes into every regularized group (``None`` leaves it to the
     optimizer's own ``lambda_`` argument); ``regularizer`` (``"group_lasso"``,
@@ -325,6 +332,10 @@ def group_parameters(model: nn.Module, lambda_: Optional[float] = None, *,
     """
     if regularizer not in REGULARIZERS:
         raise ValueError(f"Invalid regularizer: {regularizer!r} (expected one of {REGULARIZERS})")
+    if grouping is not None:
+        return _unit_groups(model, lambda_, regularizer=regularizer, conv=conv, linear=linear,
+                            overrides=overrides, grouping=grouping, example_inputs=example_inputs,
+                            **hparams)
     for arg, kind in (("conv", conv), ("linear", linear)):
         if kind not in _SIDES:
             raise ValueError(f"Invalid {arg} grouping: {kind!r} (expected one of {GROUPINGS})")
@@ -406,6 +417,41 @@ def group_parameters(model: nn.Module, lambda_: Optional[float] = None, *,
                       f"or None to keep them unregularized without this warning", UserWarning,
                       stacklevel=2)
     return list(groups.values())
+
+
+def _unit_groups(model, lambda_, *, grouping, example_inputs, regularizer, **kwargs):
+    """`group_parameters` with ``grouping="units"``: the per-tensor groups minus
+    the tensors that carry units, plus one param group of those with ``units``."""
+    from ramda_ref.units import UNITS_KEY, normalize_units
+
+    from .units import unit_memberships
+
+    if grouping != "units":
+        raise ValueError(f"Invalid grouping: {grouping!r} (expected 'units' or None)")
+    if example_inputs is None:
+        raise ValueError("grouping='units' traces the model: give example_inputs (one batch)")
+    if regularizer != "group_lasso":
+        raise ValueError(f"grouping='units' makes group-lasso groups; regularizer={regularizer!r} "
+                         f"cannot apply to them")
+    groups = group_parameters(model, lambda_, regularizer=regularizer, **kwargs)
+    params, names, units, skipped = unit_memberships(model, example_inputs)
+    if not units:
+        warnings.warn(f"group_parameters(grouping='units'): no removable unit found ("
+                      f"{'; '.join(skipped[:4]) or 'no Conv/Linear layers'}); using the "
+                      f"per-tensor groups", UserWarning, stacklevel=3)
+        return groups
+    taken = {id(p) for p in params}
+    out = []
+    for g in groups:
+        keep = [(p, n) for p, n in zip(g["params"], g["param_names"]) if id(p) not in taken]
+        if keep:
+            out.append({**g, "params": [p for p, _ in keep], "param_names": [n for _, n in keep]})
+    hparams = {k: v for k, v in kwargs.items() if k not in ("conv", "linear", "overrides")}
+    unit_group = {**hparams, "params": params, "param_names": names, "regularizer": "group_lasso",
+                  UNITS_KEY: normalize_units(units, [tuple(p.shape) for p in params], names)}
+    if lambda_ is not None:
+        unit_group["lambda_"] = lambda_
+    return out + [unit_group]
 
 
 def named_parameters_of(groups: Iterable[Dict[str, Any]]) -> List[Tuple[str, torch.Tensor, Dict[str, Any]]]:

@@ -11,7 +11,12 @@
 One row per regularized tensor. For ``group_lasso`` the groups are the
 param group's ``dims`` (after its ``view``); for ``l1`` every entry is a
 group of one; ``nuclear`` tensors have no groups and only count towards
-unstructured sparsity. Totals sum over the rows, so group sparsity and
+unstructured sparsity. A param group with ``units`` (docs/math.md section 3,
+"Coupled groups") gives one row per tensor (regularizer ``"units"``, no
+groups of its own) and counts its units: a unit is zero when every element
+of every one of its slices is; the totals' ``units`` / ``zero_units`` /
+``unit_entries`` / ``zero_unit_entries`` hold them and they count as groups
+in the group sparsities. Totals sum over the rows, so group sparsity and
 weighted group sparsity are taken over regularized tensors as the paper
 reports them; ``unstructured_sparsity_all`` also counts unregularized
 parameters.
@@ -78,6 +83,10 @@ class StructureTotals:
     zero_group_entries: int
     all_entries: int           # every parameter in the report, regularized or not
     all_zero_entries: int
+    units: int = 0             # unit groups (also counted in groups / zero_groups)
+    zero_units: int = 0
+    unit_entries: int = 0
+    zero_unit_entries: int = 0
 
     @property
     def unstructured_sparsity(self) -> float:
@@ -126,7 +135,7 @@ class StructureReport:
         header = ("tensor", "shape", "dims", "zero/groups", "unstructured", "group", "weighted")
         lines = []
         for r in self.rows:
-            dims = str(r.dims) if r.regularizer == "group_lasso" else r.regularizer
+            dims = str(r.dims) if r.regularizer == "group_lasso" else r.regularizer  # or "units"
             groups = "-" if r.groups is None else f"{r.zero_groups}/{r.groups}"
             lines.append((r.name, "x".join(map(str, r.shape)) or "()", dims, groups,
                           pct(r.unstructured_sparsity), pct(r.group_sparsity),
@@ -144,6 +153,9 @@ class StructureReport:
         out = [fmt(header), rule, *map(fmt, lines), rule, fmt(total)]
         out.append(f"unstructured sparsity over all {t.all_entries} parameter entries: "
                    f"{pct(t.unstructured_sparsity_all).strip()}")
+        if t.units:
+            out.append(f"units: {t.zero_units}/{t.units} zero ({t.zero_unit_entries}/"
+                       f"{t.unit_entries} entries in zero units)")
         return "\n".join(out)
 
 
@@ -155,6 +167,23 @@ def _groups_of(obj, groups) -> List[Dict[str, Any]]:
     if isinstance(obj, torch.optim.Optimizer):
         return obj.param_groups
     raise TypeError(f"structure_report needs a model, an optimizer or param groups, got {type(obj).__name__}")
+
+
+@torch.no_grad()
+def unit_counts(group: Dict[str, Any]) -> Dict[str, int]:
+    """``units``, ``zero_units``, ``unit_entries`` and ``zero_unit_entries`` of a
+    param group with ``units`` (normalized here if it is not yet)."""
+    from ramda_ref import units as U
+
+    params = list(group["params"])
+    normalized = U.normalize_units(group[U.UNITS_KEY], [tuple(p.shape) for p in params],
+                                   group.get("param_names"))
+    lay = U.layout_of({**group, "params": params, U.UNITS_KEY: normalized})
+    nonzero = U._gather([(p.detach() != 0) for p in params], lay, torch.float32)
+    zero = nonzero.sum(1) == 0
+    sizes = lay.sizes.to(torch.long)
+    return dict(units=lay.units, zero_units=int(zero.sum()), unit_entries=int(sizes.sum()),
+                zero_unit_entries=int(sizes[zero.cpu()].sum()))
 
 
 @torch.no_grad()
@@ -174,6 +203,7 @@ def tensor_structure(name: str, p: torch.Tensor, regularizer: str, dims=None, vi
         ngroups, nzero = mask.numel(), int(mask.sum())
     elif regularizer == "l1":
         ngroups, nzero, gentries = entries, zero_entries, 1
+    # "units": the units span tensors and are counted per param group (unit_counts)
     return TensorStructure(name=name, shape=tuple(p.shape), regularizer=regularizer, dims=norm_dims,
                            entries=entries, zero_entries=zero_entries, groups=ngroups,
                            zero_groups=nzero, group_entries=gentries)
@@ -200,6 +230,11 @@ def structure_report(model_or_optimizer, groups: Optional[Iterable[Dict[str, Any
         model_names = {id(p): n for n, p in obj.named_parameters(remove_duplicate=True)}
     rows = []
     all_entries = all_zero = 0
+    units = dict(units=0, zero_units=0, unit_entries=0, zero_unit_entries=0)
+    for group in groups:
+        if group.get("units") is not None:
+            for key, n in unit_counts(group).items():
+                units[key] += n
     for fallback, p, group in named_parameters_of(groups):
         name = fallback if group.get("param_names") else model_names.get(id(p), fallback)
         all_entries += p.numel()
@@ -207,6 +242,8 @@ def structure_report(model_or_optimizer, groups: Optional[Iterable[Dict[str, Any
         reg = group.get("regularizer")
         if reg is None:  # the optimizers' default: group lasso when dims are given
             reg = "group_lasso" if group.get("dims", group.get("dim")) is not None else "none"
+        if group.get("units") is not None:
+            reg = "units"
         if reg == "none":
             continue
         dims = group.get("dims", group.get("dim"))
@@ -214,12 +251,15 @@ def structure_report(model_or_optimizer, groups: Optional[Iterable[Dict[str, Any
     grouped = [r for r in rows if r.groups is not None]
     totals = StructureTotals(
         tensors=len(rows), entries=sum(r.entries for r in rows),
-        zero_entries=sum(r.zero_entries for r in rows), groups=sum(r.groups for r in grouped),
-        zero_groups=sum(r.zero_groups for r in grouped),
-        grouped_entries=sum(r.entries for r in grouped),
-        zero_group_entries=sum(r.zero_groups * r.group_entries for r in grouped),
-        all_entries=all_entries, all_zero_entries=all_zero)
+        zero_entries=sum(r.zero_entries for r in rows),
+        groups=sum(r.groups for r in grouped) + units["units"],
+        zero_groups=sum(r.zero_groups for r in grouped) + units["zero_units"],
+        grouped_entries=sum(r.entries for r in grouped) + units["unit_entries"],
+        zero_group_entries=sum(r.zero_groups * r.group_entries for r in grouped)
+        + units["zero_unit_entries"],
+        all_entries=all_entries, all_zero_entries=all_zero, **units)
     return StructureReport(rows, totals)
 
 
-__all__ = ["structure_report", "StructureReport", "TensorStructure", "StructureTotals", "tensor_structure"]
+__all__ = ["structure_report", "StructureReport", "TensorStructure", "StructureTotals", "tensor_structure",
+           "unit_counts"]

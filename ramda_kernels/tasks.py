@@ -116,10 +116,50 @@ class DigitsMLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class _BasicBlock(nn.Module):
+    """``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``, 3x3 convolutions without bias."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class DigitsResNet(nn.Module):
+    """A small ResNet: ``[N, 1, 8, 8] -> stem conv (c) + BN -> block -> 2x2 max-pool ->
+    block -> global average -> fc (10)``, every block a BatchNorm basic block added
+    to its input. With ``grouping="units"`` each residual channel is one group
+    across the stem and both blocks' second convolutions (and the fc column), each
+    block's inner channel another."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.block1, self.block2 = _BasicBlock(channels), _BasicBlock(channels)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block1(torch.relu(self.bn(self.stem(x))))
+        x = self.block2(self.pool(x))
+        return self.fc(x.mean((2, 3)))
+
+
 register(Task(
     name="digits-convnet",
     description="LeNet-style ConvNet on scikit-learn's 8x8 digits, channel-wise groups",
     load=lambda: load_digits(flat=False), model=DigitsConvNet,
+    grouping={"conv": "channel", "linear": "input"},
+))
+register(Task(
+    name="digits-resnet",
+    description="small ResNet (BatchNorm basic blocks with residual adds, 32 channels) on "
+                "scikit-learn's 8x8 digits, channel-wise groups (--grouping units: residual "
+                "and block channels)",
+    load=lambda: load_digits(flat=False), model=DigitsResNet,
     grouping={"conv": "channel", "linear": "input"},
 ))
 register(Task(
@@ -256,5 +296,6 @@ def get(name: str) -> Optional[Task]:
     return TASKS.get(name)
 
 
-__all__ = ["Task", "Data", "TASKS", "register", "get", "load_digits", "DigitsConvNet", "DigitsMLP",
+__all__ = ["Task", "Data", "TASKS", "register", "get", "load_digits", "DigitsConvNet", "DigitsResNet",
+           "DigitsMLP",
            "load_charlm", "CharTransformer", "charlm_overrides"]

@@ -268,24 +268,26 @@ def test_units_of_a_returned_tensor_are_kept():
 
 def test_constant_units_fold_into_linear_biases():
     """Output-wise / filter-wise zero groups: a zero weight row makes a unit the
-    constant act(bias); Linear consumers absorb it, a Conv consumer cannot."""
+    constant act(bias); Linear consumers absorb it, a Conv consumer cannot unless it is 0."""
     model = _convnet()
     with torch.no_grad():
-        model.conv1.weight[[0, 1]] = 0     # read by conv2 (zero padding): kept
+        model.conv1.weight[[0, 1, 2]] = 0  # read by conv2 (zero padding): kept if relu(bias) != 0
+        model.conv1.bias[[0, 1]] = 0.5
+        model.conv1.bias[2] = -1.0         # relu(-1) = 0: an exactly zero map, removed
         model.conv2.weight[[3, 8, 9]] = 0  # read by fc1 through flatten: folded
         model.conv2.bias[8] = -1.0         # relu(-1) = 0: folded too, nothing to add
         model.fc1.weight[[5, 6]] = 0       # read by fc2: folded
         model.fc1.bias[5] = 0.7
     x = _inputs((1, 8, 8))
     small, report = compact_model(model, x[:2], eval_inputs=x)
-    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == (32, 61, 126)
-    assert report.folded_units == 5 and report.constant_units == 2
-    assert sum(p.numel() for p in small.parameters()) == _convnet_params(32, 61, 126)
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == (31, 61, 126)
+    assert report.folded_units == 6 and report.constant_units == 2
+    assert sum(p.numel() for p in small.parameters()) == _convnet_params(31, 61, 126)
     _assert_same_outputs(model, small, x)
 
     unfolded, report = compact_model(model, x[:2], fold_constants=False)
     assert sum(p.numel() for p in unfolded.parameters()) == _convnet_params(32, 64, 128)
-    assert report.folded_units == 0 and report.constant_units == 7
+    assert report.folded_units == 0 and report.constant_units == 8
 
 
 class _InputAdded(nn.Module):
@@ -444,3 +446,58 @@ def test_tuple_and_dict_outputs_are_accepted():
     small, report = compact_model(model, x[:2], eval_inputs=x)
     assert small.fc1.out_features == 13 and report.units_removed == 3
     assert report.max_abs_diff <= ATOL
+
+
+# -- zero unit groups (group_parameters(grouping="units")) ------------------
+
+class _ResNet(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c * 16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = torch.relu(h + self.b2(self.c2(torch.relu(self.b1(self.c1(h))))))
+        return self.fc(h.flatten(1))
+
+
+def _zero_units(group, which):
+    """Set every element of the units ``which`` of a unit param group to zero."""
+    with torch.no_grad():
+        for k in which:
+            for i, dim, (a, b, c) in group["units"][k]:
+                p = group["params"][i]
+                idx = [slice(None)] * p.dim()
+                idx[dim] = slice(a, b, c)
+                p[tuple(idx)] = 0
+
+
+def _macs_resnet(c_res, c_in, c=6):
+    """Multiply-adds per 4x4 sample: stem (1 -> c_res), c1 (c_res -> c_in), c2 (c_in -> c_res), fc."""
+    return 16 * 9 * (1 * c_res + c_res * c_in + c_in * c_res) + 16 * c_res * 10
+
+
+@pytest.mark.parametrize("residual, inner", [(1, 0), (0, 2), (2, 3)])
+def test_zero_units_of_a_resnet_are_removed_with_equal_outputs(residual, inner):
+    from ramda_kernels.grouping import group_parameters
+
+    torch.manual_seed(0)
+    model = _ResNet()
+    x = _inputs((1, 4, 4))
+    model.train()
+    model(x)  # nonzero running statistics: a zero unit must stay zero through BatchNorm
+    (group,) = [g for g in group_parameters(model, lambda_=1e-3, grouping="units", example_inputs=x)
+                if "units" in g]
+    res = [k for k, u in enumerate(group["units"])
+           if group["param_names"][u[0][0]] in ("c2.weight", "stem.weight")]
+    inn = [k for k, u in enumerate(group["units"]) if group["param_names"][u[0][0]] == "c1.weight"]
+    _zero_units(group, res[:residual] + inn[:inner])
+    small, report = compact_model(model, x, eval_inputs=x)
+    _assert_same_outputs(model, small, x)
+    assert report.flops_before == _macs_resnet(6, 6)
+    assert report.flops_after == _macs_resnet(6 - residual, 6 - inner)
+    assert small.stem.out_channels == 6 - residual and small.c1.out_channels == 6 - inner
+    assert small.fc.in_features == 16 * (6 - residual)

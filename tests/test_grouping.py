@@ -190,3 +190,78 @@ def test_optimizer_errors_name_the_parameter():
     opt = rk.RAMDA(groups)
     with pytest.raises(rk.NonFiniteGradientError, match="'0.weight'"):
         opt.step()
+
+
+# -- grouping="units" (ramda_kernels/units.py; docs/math.md section 3, "Coupled groups") --
+
+def _members(group):
+    """{unit: {(name, dim): sorted indices}} from the units key, by plain expansion."""
+    out = []
+    for unit in group["units"]:
+        m = {}
+        for i, dim, (a, b, c) in unit:
+            m.setdefault((group["param_names"][i], dim), []).extend(range(a, b, c))
+        out.append({k: sorted(v) for k, v in m.items()})
+    return out
+
+
+def test_units_of_a_resnet_are_residual_channels_and_block_channels():
+    from ramda_kernels.tasks import DigitsResNet
+
+    model = DigitsResNet(channels=4)
+    groups = group_parameters(model, lambda_=1e-3, grouping="units", example_inputs=torch.randn(2, 1, 8, 8))
+    (unit_group,) = [g for g in groups if "units" in g]
+    members = _members(unit_group)
+    assert len(members) == 12  # 4 residual channels + 4 channels inside each of the 2 blocks
+    residual = [m for m in members if ("stem.weight", 0) in m]
+    assert len(residual) == 4
+    for k, m in enumerate(sorted(residual, key=lambda m: m[("stem.weight", 0)])):
+        # every writer of channel k (stem, both blocks' last convs) with its BN entries, and
+        # the classifier's input k; not the blocks' first convs (their outputs are units)
+        assert m == {("stem.weight", 0): [k], ("bn.weight", 0): [k], ("bn.bias", 0): [k],
+                     ("block1.conv2.weight", 0): [k], ("block1.bn2.weight", 0): [k],
+                     ("block1.bn2.bias", 0): [k], ("block2.conv2.weight", 0): [k],
+                     ("block2.bn2.weight", 0): [k], ("block2.bn2.bias", 0): [k],
+                     ("fc.weight", 1): [k]}
+    for block in ("block1", "block2"):
+        inner = [m for m in members if (f"{block}.conv1.weight", 0) in m]
+        for k, m in enumerate(sorted(inner, key=lambda m: m[(f"{block}.conv1.weight", 0)])):
+            assert m == {(f"{block}.conv1.weight", 0): [k], (f"{block}.bn1.weight", 0): [k],
+                         (f"{block}.bn1.bias", 0): [k]}
+        assert len(inner) == 4
+    # the classifier's outputs and its bias stay: not in any unit, and not regularized
+    assert settings(groups)["fc.bias"]["regularizer"] == "none"
+
+
+def test_units_of_the_charlm_block_are_heads_and_mlp_neurons():
+    from ramda_kernels.tasks import CharTransformer
+
+    model = CharTransformer(layers=1, d=16, heads=4, context=8)
+    groups = group_parameters(model, lambda_=1e-3, grouping="units",
+                              example_inputs=torch.zeros(2, 8, dtype=torch.long))
+    (unit_group,) = [g for g in groups if "units" in g]
+    members = _members(unit_group)
+    heads = [m for m in members if ("blocks.0.attn.q.weight", 0) in m]
+    neurons = [m for m in members if ("blocks.0.fc1.weight", 0) in m]
+    assert len(heads) == 4 and len(neurons) == 64 and len(members) == 68
+    h = heads[1]
+    for proj in ("q", "k", "v"):
+        assert h[(f"blocks.0.attn.{proj}.weight", 0)] == list(range(4, 8))
+        assert h[(f"blocks.0.attn.{proj}.bias", 0)] == list(range(4, 8))
+    assert h[("blocks.0.attn.out.weight", 1)] == list(range(4, 8))
+    j = neurons[5]
+    assert j == {("blocks.0.fc1.weight", 0): [5], ("blocks.0.fc1.bias", 0): [5],
+                 ("blocks.0.fc2.weight", 1): [5]}
+    # the residual stream goes through LayerNorm, embeddings and the output: no unit
+    names = {n for m in members for n, _ in m}
+    assert not any(n.startswith(("tok", "pos", "ln", "head", "blocks.0.ln")) for n in names)
+
+
+def test_units_grouping_errors():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="give example_inputs"):
+        group_parameters(model, grouping="units")
+    with pytest.raises(ValueError, match="Invalid grouping: 'unit'"):
+        group_parameters(model, grouping="unit", example_inputs=torch.randn(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="regularizer='l1'"):
+        group_parameters(model, grouping="units", regularizer="l1", example_inputs=torch.randn(1, 1, 4, 4))

@@ -115,3 +115,25 @@ def test_empty_groups_give_zero_not_a_division_error():
 def test_bad_argument():
     with pytest.raises(TypeError, match="model, an optimizer or param groups"):
         rk.structure_report(42)
+
+
+def test_unit_groups_are_counted_as_units():
+    """Two tensors a [3, 4], b [2, 3]; unit k = 0, 1, 2 is row k of a with column k
+    of b (4 + 2 = 6 entries each, 18 in all)."""
+    a = torch.ones(3, 4)
+    b = torch.ones(2, 3)
+    a[1] = 0
+    b[:, 1] = 0          # unit 1: zero in both slices -> a zero unit
+    a[2, :2] = 0         # unit 2: partly zero -> not a zero unit
+    b[:, 0] = 0          # unit 0: b's slice zero but a's row is not -> not a zero unit
+    group = {"params": [a, b], "param_names": ["a", "b"],
+             "units": [[(0, 0, k), (1, 1, k)] for k in range(3)]}
+    report = rk.structure_report(None, [group])
+    t = report.totals
+    assert (t.units, t.zero_units, t.unit_entries, t.zero_unit_entries) == (3, 1, 18, 6)
+    assert (t.groups, t.zero_groups) == (3, 1)
+    assert t.group_sparsity == pytest.approx(1 / 3)
+    # zeros: a has 4 + 2, b has 2 + 2 -> 10 of 18 entries
+    assert (t.entries, t.zero_entries) == (18, 10)
+    assert [r.regularizer for r in report.rows] == ["units", "units"]
+    assert "units: 1/3 zero (6/18 entries in zero units)" in str(report)

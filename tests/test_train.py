@@ -276,3 +276,16 @@ def test_plot_defects_are_fixed():
     lo, hi = acc.get_ylim()
     assert lo > 50 and hi < 100 and "zoomed" in acc.get_ylabel()  # 96-98% readable, not 10-98%
     plt.close(fig)
+
+
+def test_units_grouping_on_digits_resnet_counts_units(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert _run("--task", "digits-resnet", "--grouping", "units", "--epochs", "1", "--max-batches", "2",
+                "--out", str(out)) == 0
+    m = json.loads((out / "ramda.json").read_text())
+    totals = m["structure"]["totals"]
+    # 32 residual channels (stem, both blocks' second convs, fc columns) + 32 inner channels
+    # in each of the two blocks
+    assert totals["units"] == 96
+    assert {r["regularizer"] for r in m["structure"]["rows"]} == {"units"}
+    assert "units: " in capsys.readouterr().out

@@ -18,6 +18,8 @@ entry. Param-group keys follow the authors' package (``lr``,
 ``pg_eps``       ``eps_0`` of that schedule.
 ``capturable``   keep the step on the device (default False); see
                  NOTE: [capturable optimizer] below.
+``units``        group lasso over units that span the group's tensors
+                 (``ramda_ref.units``; docs/math.md section 3, "Coupled groups").
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from . import definitions as D
 from . import functional as F
+from . import units as U
 from .groups import grouped_view, normalize_dims
 from .prox import REGULARIZERS, refuse_capturable
 
@@ -239,7 +242,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         """Refuse a key this optimizer would silently ignore: a misspelling
         (``lambda`` for ``lambda_``) or another optimizer's hyperparameter."""
         d = self._definition
-        known = set(D.TORCH_GROUP_KEYS) | {h.name for h in d.hparams}
+        known = set(D.TORCH_GROUP_KEYS) | {h.name for h in d.hparams} | {U.UNITS_KEY}
         for key in param_group:
             if key not in known:
                 raise ValueError(D.unknown_key_message(key, d))
@@ -262,6 +265,8 @@ class ProxOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: Dict[str, Any], gi: Optional[int] = None) -> None:
         """Check and normalize one param group (``gi``: its index, for messages;
         the last group by default)."""
+        if group.get(U.UNITS_KEY) is not None:
+            U.validate_group(group, f"param_groups[{len(self.param_groups) - 1 if gi is None else gi}]")
         inferred = group.get("regularizer") is None
         if inferred:
             group["regularizer"] = "group_lasso" if group.get("dims") is not None else "none"
@@ -482,7 +487,9 @@ class ProxOptimizer(torch.optim.Optimizer):
                 if key in _COUNTERS:
                     state[key] = _counter(key, value, p, group["capturable"])
                 elif isinstance(value, torch.Tensor) and value.is_floating_point():
-                    state[key] = value.to(device=p.device, dtype=F.state_dtype(p),
+                    # a unit group's sigma has the dtype of its solve, not of this tensor
+                    dtype = value.dtype if key == U.SIGMA_KEY else F.state_dtype(p)
+                    state[key] = value.to(device=p.device, dtype=dtype,
                                           memory_format=torch.preserve_format, copy=True)
             self._repair_loaded_state(p, group, self._param_name(group, gi, i, p))
 
@@ -508,6 +515,8 @@ class ProxOptimizer(torch.optim.Optimizer):
         group_keys = set().union(*(g.keys() for g in groups)) if groups else set()
         states = [v for v in state_dict["state"].values() if isinstance(v, dict)]
         state_keys = set().union(*(v.keys() for v in states)) if states else set()
+        group_keys.discard(U.UNITS_KEY)  # unit groups (ramda_ref.units) in any optimizer
+        state_keys.discard(U.SIGMA_KEY)
         origin = D.foreign_origin(group_keys, state_keys, self._definition)
         if origin is None:
             return
@@ -615,10 +624,16 @@ class ProxOptimizer(torch.optim.Optimizer):
                 self.state[p] = self._new_state(p, group)
 
     def _step_groups(self, work: List[List[torch.Tensor]]) -> None:
+        for gi, (group, params) in enumerate(zip(self.param_groups, work)):  # before any change
+            if params and group.get(U.UNITS_KEY) is not None:
+                U.check_step(group, params, [self.state[p] for p in params], f"param_groups[{gi}]")
         for group, params in zip(self.param_groups, work):
             if not params:
                 continue
             self._init_states(group, params)
+            if group.get(U.UNITS_KEY) is not None:
+                self._step_unit_group(group, params)
+                continue
             # Tensors that have taken the same number of steps share t and alpha_t.
             buckets: Dict[tuple, List[torch.Tensor]] = {}
             for p in params:
@@ -634,6 +649,20 @@ class ProxOptimizer(torch.optim.Optimizer):
                     if self._uses_alpha:
                         st["alpha"] = new_alpha
                     self.last_iterations[p] = it
+
+    def _step_unit_group(self, group, params) -> None:
+        """A param group with ``units``: one reference call over all its tensors
+        (``ramda_ref.units``; no fused backend takes units yet)."""
+        states = [self.state[p] for p in params]
+        t = states[0]["step"] + 1
+        alpha = states[0]["alpha"] + group["lr"] * math.sqrt(t) if self._uses_alpha else None
+        iters = U.step(self._definition, group, params, states, self._grads(params), t, alpha,
+                       self._definition.functional_kwargs(group))
+        for p, st, it in zip(params, states, iters):
+            st["step"] = t
+            if self._uses_alpha:
+                st["alpha"] = alpha
+            self.last_iterations[p] = it
 
     def _capturable_step(self) -> None:
         """`step` with nothing read back to the host (NOTE: [capturable optimizer]).
@@ -730,6 +759,7 @@ class _DualAveraging(ProxOptimizer):
                 else:
                     st["step"], st["alpha"] = 0, 0.0
                 st["initial_point"].copy_(p)
+                st.pop(U.SIGMA_KEY, None)  # a unit group's warm start
                 for key in ("grad_sum", "grad_sum_sq"):
                     if key in st:
                         st[key].zero_()

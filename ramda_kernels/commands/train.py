@@ -36,7 +36,7 @@ OPTIMIZERS = REGULARIZED + PLAIN
 #: each optimizer's own default learning rate (docs/math.md section 1, torch for adamw/sgd)
 DEFAULT_LR = {"ramda": 1e-2, "rmda": 0.1, "proxadamw": 1e-3, "proxsgd": 0.1, "adamw": 1e-3, "sgd": 0.1}
 REGULARIZERS = ("group_lasso", "l1", "nuclear", "none")
-GROUPINGS = ("channel", "filter", "input", "output")
+GROUPINGS = ("channel", "filter", "input", "output", "units")
 #: training batches that recalibrate_batchnorm averages over before an evaluation
 RECALIBRATE_BATCHES = 50
 
@@ -104,7 +104,9 @@ def add_arguments(parser) -> None:
                         help="default: group_lasso")
     parser.add_argument("--grouping", choices=GROUPINGS, default=None,
                         help="channel (= input) or filter (= output) groups for every Conv and "
-                             "Linear weight; default: channel-wise Conv, input-wise Linear")
+                             "Linear weight, or units (one group per removable unit: residual "
+                             "channels, heads, MLP neurons, traced on a training batch); default: "
+                             "channel-wise Conv, input-wise Linear")
     parser.add_argument("--lambda", dest="lambda_", type=float, default=None, metavar="LAMBDA",
                         help="regularization weight (default: the task's)")
     parser.add_argument("--lr", type=float, default=None,
@@ -305,7 +307,9 @@ def _grouping_kwargs(cfg: Config, task) -> Dict[str, str]:
     kwargs = dict(task.grouping)
     if cfg.model is not None:
         kwargs.pop("overrides", None)
-    if cfg.grouping is not None:
+    if cfg.grouping == "units":
+        kwargs["grouping"] = "units"  # the task's grouping for tensors outside every unit
+    elif cfg.grouping is not None:
         kwargs.update(conv=cfg.grouping, linear=cfg.grouping)
     return kwargs
 
@@ -418,6 +422,8 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
     x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
     grouping = _grouping_kwargs(cfg, task)
+    if grouping.get("grouping") == "units":
+        grouping["example_inputs"] = x_tr[:2]
     try:
         groups = rk.group_parameters(model, lambda_=cfg.lambda_, regularizer=cfg.regularizer, **grouping)
         optimizer = build_optimizer(cfg, model, groups)
