@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import _ext
+from . import _ext, _ops
 from ._ext import proxadamw, proxsgd, ramda, rmda
 
 
@@ -26,5 +26,7 @@ def why_unavailable(device: torch.device) -> Optional[str]:
         return f"the cpu backend runs on CPU tensors, not {device.type}"
     return None
 
+
+_ops.register("cpu", ramda=ramda, rmda=rmda, proxadamw=proxadamw, proxsgd=proxsgd)
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable"]
