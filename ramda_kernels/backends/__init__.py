@@ -3,7 +3,8 @@
 Every backend module exposes ``ramda``, ``rmda``, ``proxadamw`` and
 ``proxsgd`` with exactly the signatures of ``ramda_ref.functional`` and a
 ``why_unavailable(device) -> Optional[str]`` that says why it cannot run on
-that device here (``None`` when it can). Importing this package never fails
+that device here (``None`` when it can), and registers the four with
+``_ops.register`` when it is imported. Importing this package never fails
 for lack of a compiled extension or of triton: a backend module that cannot
 import is recorded with its error and raised only when asked for by name.
 

@@ -40,6 +40,13 @@ def build_note() -> Optional[str]:
 
 
 def unavailable_reason() -> Optional[str]:
+    """Why the extension cannot be used (``None`` when it can); fixed at import."""
+    return _UNAVAILABLE
+
+
+def _unavailable_reason() -> Optional[str]:
+    # computed once: every step resolves its backend, and a traced (compiled)
+    # step cannot read the build note's file
     if EXT is not None:
         return None
     note = build_note()
@@ -52,6 +59,9 @@ def unavailable_reason() -> Optional[str]:
     if note:
         msg += f"; build note: {note}"
     return msg + ". Build it with `pip install --no-build-isolation -e .`"
+
+
+_UNAVAILABLE = _unavailable_reason()
 
 
 def with_cuda() -> bool:

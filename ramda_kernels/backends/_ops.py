@@ -123,13 +123,9 @@ def _op_value(kind: str, value):
 def _define(d: "_D.Definition"):
     name = op_name(d)
     _LIBRARY.define(name + schema(d))
-    counters = set(d.counters)
 
     def implementation(backend, params, grads, *lists, **kwargs):
-        step_kwargs = {k: v for k, v in kwargs.items() if k not in counters}
-        for c in d.counters:
-            step_kwargs[c] = kwargs[c]
-        kernel(d.name, backend)(params, grads, *lists, capturable=True, **step_kwargs)
+        kernel(d.name, backend)(params, grads, *lists, capturable=True, **kwargs)
 
     _LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
     # in-place steps that return nothing: a fake tensor has nothing to compute
@@ -147,7 +143,9 @@ def op_args(name: str, backend: str, lists, kwargs: dict) -> Tuple[object, list,
     ``backend``: ``lists`` are its tensor lists in order (params, grads, state),
     ``kwargs`` its keywords (``capturable`` among them or not)."""
     d = _D.DEFINITIONS[name]
-    op_kwargs = {arg: _op_value(kind, kwargs.get(arg)) for arg, kind in arguments(d)}
+    # a missing keyword the schema requires is a KeyError naming it; optional ones default to None
+    op_kwargs = {arg: _op_value(kind, kwargs.get(arg) if kind.endswith("?") else kwargs[arg])
+                 for arg, kind in arguments(d)}
     return OPS[name], [backend] + [list(x) for x in lists], op_kwargs
 
 
