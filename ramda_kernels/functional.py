@@ -20,11 +20,14 @@ treats the whole tensor as one group).
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import List
+
+import torch
 
 from ramda_ref.groups import normalize_dims
 
 from . import backends
+from .backends import _ops
 
 
 def _device_of(params):
@@ -56,10 +59,20 @@ def _inside_shard(p, kwargs) -> bool:
     return not any(pl.is_shard() and pl.dim % p.dim() in reduced for pl in p.placements)
 
 
+def _run(name: str, backend: str, params, args, kwargs) -> List:
+    """Functional ``name`` of the resolved ``backend``: its step op while a
+    capturable call is being compiled, else its registered functional (NOTE:
+    [one op per optimizer] in ``backends/_ops.py``)."""
+    if kwargs.get("capturable", False) and torch.compiler.is_compiling():
+        return _ops.call(name, backend, [params, *args], kwargs)
+    return _ops.kernel(name, backend)(params, *args, **kwargs)
+
+
 def _call(name: str, params, args, kwargs, backend: str) -> List:
     capturable = kwargs.get("capturable", False)
     if not params or not _is_dtensor(params[0]):
-        return getattr(backends.get(backend, _device_of(params), capturable), name)(params, *args, **kwargs)
+        return _run(name, backends.resolve(backend, _device_of(params), capturable), params, args,
+                    kwargs)
     inside = [_inside_shard(p, kwargs) for p in params]
     local = [i for i, ok in enumerate(inside) if ok]
     spanning = [i for i, ok in enumerate(inside) if not ok]
@@ -70,17 +83,17 @@ def _call(name: str, params, args, kwargs, backend: str) -> List:
             f"the sharded dim, view, nuclear or the PG solver): use backend='auto' or 'reference'")
     out: List = [None] * len(params)
 
-    def run(idx, impl: Callable, convert):
+    def run(idx, impl: str, convert):
         sub = [convert(params[i]) for i in idx]
         sub_args = [[convert(a[i]) for i in idx] for a in args]
-        for i, r in zip(idx, impl(sub, *sub_args, **kwargs)):
+        for i, r in zip(idx, _run(name, impl, sub, sub_args, kwargs)):
             out[i] = r
 
     if local:
         dev = params[local[0]].to_local().device
-        run(local, getattr(backends.get(backend, dev, capturable), name), _local)
+        run(local, backends.resolve(backend, dev, capturable), _local)
     if spanning:
-        run(spanning, getattr(backends.get("reference", _device_of(params), capturable), name), lambda x: x)
+        run(spanning, backends.resolve("reference", _device_of(params), capturable), lambda x: x)
     return out
 
 

@@ -120,38 +120,57 @@ def parity_cases(quick: bool = False, optimizers: Sequence[str] = OPTIMIZERS,
             yield dict(optimizer=opt, regularizer=reg, solver=solver, dtype=dtype, grouping=grouping)
 
 
-def _make_params(grouping: str, dtype_name: str, device, gen: torch.Generator) -> List[torch.Tensor]:
-    shapes, _, _, fmt = GROUPINGS[grouping]
-    params = []
-    for i, shape in enumerate(shapes):
-        x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        # groups of very different sizes, so some are zeroed early and some never
-        scale = torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=gen, dtype=torch.float64)
-        x = 0.5 * x * scale
-        if dtype_name == "mixed":
-            dtype = torch.float32 if i % 2 else torch.bfloat16
-        else:
-            dtype = DTYPES[dtype_name]
-        t = x.to(device=device, dtype=dtype)
-        if fmt != torch.contiguous_format and t.dim() == 4:
-            t = t.contiguous(memory_format=fmt)
-        params.append(torch.nn.Parameter(t))
-    return params
+Layouts = Dict[str, Tuple[List[Tuple[int, ...]], Tuple[int, ...], Optional[Tuple[int, ...]],
+                          torch.memory_format]]
 
 
-def _build(module, name: str, params: List[torch.Tensor], case, backend: Optional[str]):
-    _, dims, view, _ = GROUPINGS[case["grouping"]]
-    hp = dict(HPARAMS[name], lambda_=LAMBDAS[name][case["regularizer"]])
-    group = dict(params=params, regularizer=case["regularizer"], **hp)
-    if case["regularizer"] == "group_lasso":
-        group.update(dims=dims, view=view)
-    if DEFINITIONS[name].solves:
-        group.update(solver=case["solver"])
-    if DEFINITIONS[name].hparam("momentum") is not None:
-        group.update(momentum=0.5)
+def _groupings(grouping) -> Tuple[str, ...]:
+    return (grouping,) if isinstance(grouping, str) else tuple(grouping)
+
+
+def _make_params(groupings: Sequence[str], dtype_name: str, device, gen: torch.Generator,
+                 layouts: Layouts) -> List[List[torch.Tensor]]:
+    """The tensors of each grouping (one param group each); ``mixed``
+    alternates bf16 and fp32 over all of them."""
+    out, k = [], 0
+    for name in groupings:
+        shapes, _, _, fmt = layouts[name]
+        params = []
+        for shape in shapes:
+            x = torch.randn(shape, generator=gen, dtype=torch.float64)
+            # groups of very different sizes, so some are zeroed early and some never
+            scale = torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=gen, dtype=torch.float64)
+            x = 0.5 * x * scale
+            if dtype_name == "mixed":
+                dtype = torch.float32 if k % 2 else torch.bfloat16
+            else:
+                dtype = DTYPES[dtype_name]
+            k += 1
+            t = x.to(device=device, dtype=dtype)
+            if fmt != torch.contiguous_format and t.dim() == 4:
+                t = t.contiguous(memory_format=fmt)
+            params.append(torch.nn.Parameter(t))
+        out.append(params)
+    return out
+
+
+def _build(module, name: str, params: List[List[torch.Tensor]], case, backend: Optional[str],
+           layouts: Layouts, hparams: Dict[str, object]):
+    hp = dict(HPARAMS[name], lambda_=LAMBDAS[name][case["regularizer"]], **hparams)
+    groups = []
+    for grouping, tensors in zip(_groupings(case["grouping"]), params):
+        _, dims, view, _ = layouts[grouping]
+        group = dict(params=tensors, regularizer=case["regularizer"], **hp)
+        if case["regularizer"] == "group_lasso":
+            group.update(dims=dims, view=view)
+        if DEFINITIONS[name].solves:
+            group.update(solver=case["solver"])
+        if DEFINITIONS[name].hparam("momentum") is not None:
+            group.update(momentum=0.5)
+        groups.append(group)
     cls = getattr(module, DEFINITIONS[name].title)
     kwargs = {} if backend is None else {"backend": backend}
-    return cls([group], **kwargs)
+    return cls(groups, **kwargs)
 
 
 def _set_momentum(opt, value: float) -> None:
@@ -179,13 +198,14 @@ def _zero_mask(x: torch.Tensor, regularizer: str, dims, view) -> Optional[Tuple[
     return None
 
 
-def _floor(dtype: torch.dtype, scale: float) -> float:
-    return _FLOOR_ULPS * torch.finfo(dtype).eps * max(scale, 1e-30)
+def _floor(dtype: torch.dtype, scale: float, floors: Optional[Dict[torch.dtype, float]]) -> float:
+    rel = floors.get(dtype) if floors else None
+    return (_FLOOR_ULPS * torch.finfo(dtype).eps if rel is None else rel) * max(scale, 1e-30)
 
 
 def _compare(res: ParityResult, what: str, fast: torch.Tensor, ref: torch.Tensor,
              truth: torch.Tensor, dtype: torch.dtype, exclude: Optional[torch.Tensor],
-             floor_scale: float = 0.0) -> float:
+             floor_scale: float = 0.0, floors: Optional[Dict[torch.dtype, float]] = None) -> float:
     f, r, t = (x.detach().to(torch.float64) for x in (fast, ref, truth))
     if f.numel() == 0:
         return 0.0
@@ -197,7 +217,7 @@ def _compare(res: ParityResult, what: str, fast: torch.Tensor, ref: torch.Tensor
     scale = float(t.abs().max())
     # Max norm per tensor, not element by element: where the reference happens
     # to land on the exact value its own error says nothing about the precision.
-    bound = 4.0 * float(err_r.max()) + _floor(dtype, max(scale, floor_scale))
+    bound = 4.0 * float(err_r.max()) + _floor(dtype, max(scale, floor_scale), floors)
     worst = float(err_f.max())
     rel = worst / max(scale, 1e-30)
     if worst > bound:
@@ -210,49 +230,66 @@ def _compare(res: ParityResult, what: str, fast: torch.Tensor, ref: torch.Tensor
 
 
 def run_parity(backend: str, optimizer: str, regularizer: str, solver: str = "exact",
-               dtype: str = "fp32", grouping: str = "linear-output", device="cpu", steps: int = 10,
-               reload_at: Optional[int] = 5, seed: int = 0) -> ParityResult:
-    """Run one case (see the module docstring) and return what was found."""
+               dtype: str = "fp32", grouping="linear-output", device="cpu", steps: int = 10,
+               reload_at: Optional[int] = 5, seed: int = 0, *, layouts: Optional[Layouts] = None,
+               hparams: Optional[Dict[str, object]] = None,
+               floors: Optional[Dict[torch.dtype, float]] = None) -> ParityResult:
+    """Run one case (see the module docstring) and return what was found.
+
+    ``grouping``: a name of ``layouts`` (default `GROUPINGS`), or several, each
+    then its own param group of the one optimizer. ``hparams``: param-group
+    keys added to every group (``amsgrad``, a looser ``pg_eps``, ...).
+    ``floors``: the floor of the bound per dtype, relative to the tensor's
+    scale, where a backend's documented precision differs from the default
+    few ulps (see `compare_runs`).
+    """
     import ramda_kernels  # the package under test; imported here to keep this module light
 
+    layouts = GROUPINGS if layouts is None else layouts
+    hparams = dict(hparams or {})
     case = dict(backend=backend, optimizer=optimizer, regularizer=regularizer, solver=solver,
-                dtype=dtype, grouping=grouping)
+                dtype=dtype, grouping=grouping if isinstance(grouping, str) else "+".join(grouping))
+    case.update(hparams)
     res = ParityResult(case)
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    base = _make_params(grouping, dtype, "cpu", gen)
-    mk = lambda dt=None: [torch.nn.Parameter(p.detach().to(device=device, dtype=dt or p.dtype)
-                                             .clone(memory_format=torch.preserve_format)) for p in base]
+    base = _make_params(_groupings(grouping), dtype, "cpu", gen, layouts)
+    mk = lambda dt=None: [[torch.nn.Parameter(p.detach().to(device=device, dtype=dt or p.dtype)
+                                              .clone(memory_format=torch.preserve_format))
+                           for p in group] for group in base]
     fast_p, ref_p, truth_p = mk(), mk(), mk(torch.float64)
-    fast = _build(ramda_kernels, optimizer, fast_p, case, backend)
-    ref = _build(ramda_ref, optimizer, ref_p, case, None)
-    truth = _build(ramda_ref, optimizer, truth_p, case, None)
+    build = lambda module, params, b: _build(module, optimizer, params,
+                                             dict(case, grouping=grouping), b, layouts, hparams)
+    fast = build(ramda_kernels, fast_p, backend)
+    ref = build(ramda_ref, ref_p, None)
+    truth = build(ramda_ref, truth_p, None)
+    flat = [list(itertools.chain.from_iterable(x)) for x in (base, fast_p, ref_p, truth_p)]
     for k in range(steps):
         if reload_at is not None and k == reload_at:
             saved = copy.deepcopy(fast.state_dict())
-            fast = _build(ramda_kernels, optimizer, fast_p, case, backend)
+            fast = build(ramda_kernels, fast_p, backend)
             fast.load_state_dict(saved)
             for opt in (fast, ref, truth):
                 _set_momentum(opt, 1.0)
-        for i, p in enumerate(base):
+        for i, p in enumerate(flat[0]):
             g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            for ps in (fast_p, ref_p, truth_p):
+            for ps in flat[1:]:
                 ps[i].grad = torch.empty_like(ps[i]).copy_(g)
         for opt in (fast, ref, truth):
             opt.step()
-
-    _, dims, view, _ = GROUPINGS[grouping]
-    return compare_runs(res, fast, ref, truth, regularizer, dims, view)
+    return compare_runs(res, fast, ref, truth, floors=floors)
 
 
-def compare_runs(res: ParityResult, fast, ref, truth, regularizer: str, dims=None, view=None,
-                 floor_scales: Optional[Dict[Tuple[int, Optional[str]], float]] = None) -> ParityResult:
+def compare_runs(res: ParityResult, fast, ref, truth, regularizer: Optional[str] = None, dims=None,
+                 view=None, floor_scales: Optional[Dict[Tuple[int, Optional[str]], float]] = None,
+                 floors: Optional[Dict[torch.dtype, float]] = None) -> ParityResult:
     """Compare three finished optimizers (see the module docstring) and record
     the findings in ``res``: parameters and state of ``fast`` against ``ref``
     (same dtype) and ``truth`` (float64), and which groups are zero. The three
-    hold the same parameters in the same order; ``dims``/``view`` say how
-    ``group_lasso`` groups them. For runs the harness does not build itself
-    (tests/test_property.py).
+    hold the same parameters in the same order; ``regularizer``, ``dims`` and
+    ``view`` say how they are regularized and grouped (``regularizer=None``:
+    as each of ``ref``'s param groups says). For runs the harness does not
+    build itself too (tests/test_property.py).
 
     ``floor_scales`` optionally gives the largest magnitude each quantity had
     during the run, by ``(tensor index, None)`` for a parameter and
@@ -260,11 +297,16 @@ def compare_runs(res: ParityResult, fast, ref, truth, regularizer: str, dims=Non
     of that rather than of the final value. A sum that cancels (a dual average
     of gradients of both signs) ends far below the terms it was computed from
     and keeps their rounding error; a tensor of a few elements has no
-    uncancelled element to set the scale.
+    uncancelled element to set the scale. ``floors`` (dtype -> a fraction of
+    that scale) replaces the few ulps for the dtypes it names.
     """
     floor_scales = floor_scales or {}
     params = [[p for g in opt.param_groups for p in g["params"]] for opt in (fast, ref, truth)]
+    given = regularizer, dims, view
+    groupings = [given if regularizer is not None else (g["regularizer"], g["dims"], g["view"])
+                 for g in ref.param_groups for _ in g["params"]]
     for i, (pf, pr, pt) in enumerate(zip(*params)):
+        regularizer, dims, view = groupings[i]
         where = f"param {i} {tuple(pf.shape)} {pf.dtype}"
         exclude = None
         masks = [_zero_mask(x, regularizer, dims, view) for x in (pf, pr)]
@@ -292,7 +334,7 @@ def compare_runs(res: ParityResult, fast, ref, truth, regularizer: str, dims=Non
                     exclude = on_threshold.reshape(keep).expand(gv.shape).reshape(pf.shape)
                 else:
                     exclude = on_threshold
-        err = _compare(res, where, pf, pr, pt, pf.dtype, exclude, floor_scales.get((i, None), 0.0))
+        err = _compare(res, where, pf, pr, pt, pf.dtype, exclude, floor_scales.get((i, None), 0.0), floors)
         res.max_param_err = max(res.max_param_err, err)
         sf, sr, st = fast.state[pf], ref.state[pr], truth.state[pt]
         for key in sr:
@@ -306,10 +348,10 @@ def compare_runs(res: ParityResult, fast, ref, truth, regularizer: str, dims=Non
             if sf[key].dtype != sr[key].dtype:
                 res.fail(f"{where}: state[{key!r}] dtype {sf[key].dtype}, reference {sr[key].dtype}")
             err = _compare(res, f"{where} state[{key!r}]", sf[key], sr[key], st[key], sr[key].dtype,
-                           None, floor_scales.get((i, key), 0.0))
+                           None, floor_scales.get((i, key), 0.0), floors)
             res.max_state_err = max(res.max_state_err, err)
     return res
 
 
-__all__ = ["OPTIMIZERS", "REGULARIZERS", "SOLVERS", "DTYPES", "GROUPINGS", "QUICK_GROUPINGS",
+__all__ = ["OPTIMIZERS", "REGULARIZERS", "SOLVERS", "DTYPES", "GROUPINGS", "QUICK_GROUPINGS", "Layouts",
            "HPARAMS", "LAMBDAS", "ParityResult", "parity_cases", "run_parity", "compare_runs"]

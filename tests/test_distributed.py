@@ -200,14 +200,13 @@ def test_fsdp2_dispatch_sends_groups_inside_a_shard_to_the_fast_backend(monkeypa
     try:
         mesh = init_device_mesh("cpu", (1,))
         calls = []
-        real_get = backends.get
+        real_resolve = backends.resolve
 
         def spy(name, device, capturable=False):
-            mod = real_get(name, device, capturable)
-            calls.append(mod.__name__.rsplit(".", 1)[-1])
-            return mod
+            calls.append(real_resolve(name, device, capturable))
+            return calls[-1]
 
-        monkeypatch.setattr(backends, "get", spy)
+        monkeypatch.setattr(backends, "resolve", spy)
         gen = torch.Generator().manual_seed(0)
         plain = [torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen) * 0.1,
                  torch.randn(7, 5, generator=gen), torch.rand(7, 5, generator=gen) * 0.1,

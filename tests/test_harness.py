@@ -8,6 +8,8 @@ import torch
 
 import ramda_ref.functional as ref_functional
 from ramda_kernels import backends
+from ramda_kernels.backends import _ops
+from ramda_ref.definitions import NAMES
 from ramda_kernels.testing import parity_cases, run_parity
 
 
@@ -22,9 +24,10 @@ def _fake_backend(monkeypatch, mutate):
             return out
         return fn
 
-    mod = types.SimpleNamespace(why_unavailable=lambda device: None,
-                                **{n: wrap(n) for n in ("ramda", "rmda", "proxadamw", "proxsgd")})
-    monkeypatch.setitem(backends._loaded, "triton", mod)
+    functionals = {n: wrap(n) for n in NAMES}
+    monkeypatch.setitem(backends._loaded, "triton",
+                        types.SimpleNamespace(why_unavailable=lambda device: None, **functionals))
+    monkeypatch.setitem(_ops.KERNELS, "triton", functionals)
 
 
 def test_reference_against_itself_passes(monkeypatch):
@@ -83,3 +86,26 @@ def test_cases_cover_the_matrix(quick):
         assert {"linear-input", "linear-output", "conv2d-channel", "conv2d-filter", "conv1d-channel",
                 "conv3d-channel", "heads"} <= groupings
         assert {c["dtype"] for c in cases} >= {"fp32", "bf16", "fp16", "mixed"}
+
+
+def test_several_groupings_are_compared_each_by_its_own_groups(monkeypatch):
+    """Several groupings as param groups of one optimizer (the Triton tests'
+    cases): the reference against itself passes with some groups zero in each,
+    and reviving the zero groups of the last param group only is caught."""
+    groupings = ["linear-input", "conv2d-filter"]
+    _fake_backend(monkeypatch, lambda params, args: None)
+    res = run_parity("triton", "ramda", "group_lasso", "pg", "mixed", groupings,
+                     hparams=dict(pg_eps=1e-2, max_iters=20))
+    assert res.ok and 0 < res.zero_groups < res.groups, str(res)
+    assert res.case["grouping"] == "linear-input+conv2d-filter" and res.case["pg_eps"] == 1e-2
+
+    def unzero_4d(params, args):
+        for p in params:
+            if p.dim() == 4:
+                p[p == 0] = 0.05
+    _fake_backend(monkeypatch, unzero_4d)
+    res = run_parity("triton", "ramda", "group_lasso", "pg", "mixed", groupings,
+                     hparams=dict(pg_eps=1e-2, max_iters=20))
+    assert not res.ok and res.zero_group_mismatches > 0, str(res)
+    assert all("(8, 3, 3, 3)" in f or "(7, 5, 1, 1)" in f or "(1, 1, 1, 1)" in f or "(2, 41, 5, 5)" in f
+               for f in res.failures), res.failures

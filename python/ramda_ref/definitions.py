@@ -89,12 +89,16 @@ class HParam:
     the tensors by the optimizer) returns what was expected when a value is
     invalid. ``functional``: the functional keywords it becomes (``betas`` ->
     ``beta1, beta2``); empty for keys the functional does not take.
+    ``schema_type``: the keyword's type in the step ops' schema
+    (``ramda_kernels.backends._ops``) where the default's Python type does not
+    say it (a ``None`` default); ``None``: derived from the default.
     """
 
     name: str
     default: Any
     check: Optional[Callable[[Any], Optional[str]]] = None
     functional: Tuple[str, ...] = None  # type: ignore[assignment]
+    schema_type: Optional[str] = None
 
     def __post_init__(self):
         if self.functional is None:
@@ -117,9 +121,9 @@ _EPS_CHECK = _number(0.0, math.inf, low_open=True, high_open=True)
 GROUPING = (
     HParam("lambda_", 0.0, _lambda),
     HParam("regularizer", None, lambda v: None if v is None or v in REGULARIZERS
-           else f"one of {REGULARIZERS}"),
-    HParam("dims", None),
-    HParam("view", None),
+           else f"one of {REGULARIZERS}", schema_type="str"),
+    HParam("dims", None, schema_type="int[]?"),
+    HParam("view", None, schema_type="int[]?"),
     HParam("reweight", True, _bool),
 )
 #: Keys of the optimizers that solve a subproblem (docs/math.md sections 4, 5).
@@ -189,6 +193,8 @@ class Definition:
     solves: bool                    # takes the solver keys (an adaptive diagonal)
     #: state keys present only when a boolean hyperparameter is on
     optional_state: Dict[str, str] = field(default_factory=dict)
+    #: state keys the step reads and never writes (the others are mutated)
+    read_only_state: Tuple[str, ...] = ()
 
     @property
     def defaults(self) -> Dict[str, Any]:
@@ -221,7 +227,7 @@ RAMDA = Definition(
     counters=("step", "alpha"),
     hparams=(HParam("lr", 1e-2, _LR_CHECK), HParam("momentum", 0.1, _MOMENTUM_CHECK),
              GROUPING[0], HParam("epsilon", 1e-6, _EPS_CHECK), *GROUPING[1:], *SOLVER, CAPTURABLE),
-    scalars=_ramda_scalars, threshold="tau", solves=True)
+    scalars=_ramda_scalars, threshold="tau", solves=True, read_only_state=("initial_point",))
 
 RMDA = Definition(
     name="rmda", title="RMDA",
@@ -229,7 +235,7 @@ RMDA = Definition(
     counters=("step", "alpha"),
     hparams=(HParam("lr", 0.1, _LR_CHECK), HParam("momentum", 0.1, _MOMENTUM_CHECK),
              *GROUPING, CAPTURABLE),
-    scalars=_rmda_scalars, threshold="thr", solves=False)
+    scalars=_rmda_scalars, threshold="thr", solves=False, read_only_state=("initial_point",))
 
 PROXADAMW = Definition(
     name="proxadamw", title="ProxAdamW",

@@ -3,7 +3,8 @@
 Every backend module exposes ``ramda``, ``rmda``, ``proxadamw`` and
 ``proxsgd`` with exactly the signatures of ``ramda_ref.functional`` and a
 ``why_unavailable(device) -> Optional[str]`` that says why it cannot run on
-that device here (``None`` when it can). Importing this package never fails
+that device here (``None`` when it can), and registers the four with
+``_ops.register`` when it is imported. Importing this package never fails
 for lack of a compiled extension or of triton: a backend module that cannot
 import is recorded with its error and raised only when asked for by name.
 
@@ -16,8 +17,14 @@ yet shows it moving fewer bytes per element than Triton (bench/RESULTS.md).
 
 Capturable steps (``capturable=True``, NOTE: [capturable optimizer] in
 ``ramda_ref.optim``) run on ``CAPTURABLE_BACKENDS`` only: ``auto`` then picks
-from ``AUTO_ORDER`` restricted to them (triton on CUDA, the reference on CPU),
-and the extension backends asked for by name refuse.
+from ``AUTO_ORDER`` restricted to them (triton on CUDA, cpu on CPU), and the
+cuda backend asked for by name refuses. The cpu backend reads the counters on
+the host, which on the CPU waits for nothing (``_ext._capturable_on_host``).
+
+Which functional a backend runs is the table of ``_ops`` (each backend module
+registers its four when imported); ``ramda_kernels.functional`` calls it, or
+the step op while a capturable step is being compiled (NOTE: [one op per
+optimizer] in ``_ops.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "reference"),
 }
 #: Backends whose functionals take capturable=True (device step counters, found_inf).
-CAPTURABLE_BACKENDS: Tuple[str, ...] = ("reference", "triton")
+CAPTURABLE_BACKENDS: Tuple[str, ...] = ("reference", "triton", "cpu")
 _MODULES = {
     "reference": "ramda_kernels.backends.reference",
     "triton": "ramda_kernels.backends.triton_backend",
@@ -99,7 +106,7 @@ def resolve(name: str, device: torch.device | str, capturable: bool = False) -> 
         raise BackendUnavailableError(
             f"backend {name!r} does not support capturable=True (no device-side step counters "
             f"or found_inf yet); capturable steps run on {', '.join(map(repr, CAPTURABLE_BACKENDS))}: "
-            f"pass backend='auto' (triton on CUDA, reference on CPU) or one of those")
+            f"pass backend='auto' (triton on CUDA, cpu on CPU) or one of those")
     reason = why_unavailable(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")

@@ -40,6 +40,13 @@ def build_note() -> Optional[str]:
 
 
 def unavailable_reason() -> Optional[str]:
+    """Why the extension cannot be used (``None`` when it can); fixed at import."""
+    return _UNAVAILABLE
+
+
+def _unavailable_reason() -> Optional[str]:
+    # computed once: every step resolves its backend, and a traced (compiled)
+    # step cannot read the build note's file
     if EXT is not None:
         return None
     note = build_note()
@@ -52,6 +59,9 @@ def unavailable_reason() -> Optional[str]:
     if note:
         msg += f"; build note: {note}"
     return msg + ". Build it with `pip install --no-build-isolation -e .`"
+
+
+_UNAVAILABLE = _unavailable_reason()
 
 
 def with_cuda() -> bool:
@@ -146,6 +156,42 @@ def _op_value(name: str, value):
     return value
 
 
+def _capturable_on_host(step_fn: Callable, d: "_D.Definition", params, grads, lists, step, alpha,
+                        capturable: bool, found_inf, grad_scale, hp) -> List:
+    """A capturable call (conventions of ``ramda_ref.functional``) on CPU tensors.
+
+    The op takes its step scalars from the host, and on the CPU reading the
+    counters, ``found_inf`` and ``grad_scale`` waits for nothing: a skipped
+    call returns before anything is written, the gradients are divided by the
+    scale as the non-capturable optimizer divides them, and the tensors that
+    took the same number of steps run as one plain call. So a capturable step
+    on this backend equals its plain step bit for bit. CUDA tensors are
+    refused: there the reads would synchronize (``backends.CAPTURABLE_BACKENDS``
+    leaves the cuda backend out).
+    """
+    uses_alpha = "alpha" in d.counters
+    _ref._capture(capturable, len(params), step, alpha if uses_alpha else None, found_inf,
+                  grad_scale, hp["regularizer"], hp.get("solver", "exact"), hp.get("pg_stop", "inexact"))
+    devices = {t.device.type for t in (*params, found_inf, grad_scale) if t is not None}
+    if devices - {"cpu"}:
+        raise ValueError(f"{d.name}: a capturable call of the extension backends takes CPU tensors "
+                         f"only (got {sorted(devices)}); on CUDA use backend='triton' or 'auto'")
+    out: List = [None] * len(params)
+    if not params or (found_inf is not None and bool(found_inf)):
+        return out
+    if grad_scale is not None:
+        grads = list(torch._foreach_div(grads, grad_scale))
+    buckets: Dict[tuple, List[int]] = {}
+    alphas = [float(a) for a in alpha] if uses_alpha else [None] * len(params)
+    for i, (t, a) in enumerate(zip(step, alphas)):
+        buckets.setdefault((int(t), a), []).append(i)
+    for (t, a), idx in buckets.items():
+        sub = [[x[i] for i in idx] if len(x) else [] for x in (params, grads, *lists)]
+        for i, r in zip(idx, step_fn(*sub, step=t, alpha=a, **hp)):
+            out[i] = r
+    return out
+
+
 def _functional(d: "_D.Definition") -> Callable:
     """Functional ``d.name`` of the extension backends (signature of the reference's)."""
     reference = getattr(_ref, d.name)
@@ -153,7 +199,11 @@ def _functional(d: "_D.Definition") -> Callable:
     names: List[str] = []
 
     @functools.wraps(reference)
-    def step_fn(params, grads, *lists, step, alpha=None, **hp):
+    def step_fn(params, grads, *lists, step, alpha=None, capturable=False, found_inf=None,
+                grad_scale=None, **hp):
+        if capturable or found_inf is not None or grad_scale is not None:
+            return _capturable_on_host(step_fn, d, params, grads, lists, step, alpha, capturable,
+                                       found_inf, grad_scale, hp)
         call_kwargs: Dict = dict(hp, step=step)
         if "alpha" in d.counters:
             call_kwargs["alpha"] = alpha

@@ -5,6 +5,8 @@ functional call runs every tensor (any mix of fp32/bf16/fp16) with threads
 across groups (csrc/cpu/kernels_impl.h, NOTE: [Tiling per layout]); what the
 op does not take goes to the reference in the same call (NOTE: [Extension
 fallbacks] in ``_ext.py``). Fused entries of the returned list are ``None``.
+Capturable calls read their counters on the host, which on the CPU waits for
+nothing (``_ext._capturable_on_host``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _ext
+from . import _ext, _ops
 from ._ext import proxadamw, proxsgd, ramda, rmda
 
 
@@ -26,5 +28,7 @@ def why_unavailable(device: torch.device) -> Optional[str]:
         return f"the cpu backend runs on CPU tensors, not {device.type}"
     return None
 
+
+_ops.register("cpu", ramda=ramda, rmda=rmda, proxadamw=proxadamw, proxsgd=proxsgd)
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable"]

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import _ext
+from . import _ext, _ops
 from ._ext import proxadamw, proxsgd, ramda, rmda
 
 
@@ -31,5 +31,7 @@ def why_unavailable(device: torch.device) -> Optional[str]:
         return "no CUDA device visible to torch"
     return None
 
+
+_ops.register("cuda", ramda=ramda, rmda=rmda, proxadamw=proxadamw, proxsgd=proxsgd)
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable"]

@@ -57,7 +57,7 @@ from ramda_ref.groups import grouped_view, normalize_dims
 from ramda_ref.prox import newton_tolerance
 
 from ..layout import group_layout, same_layout
-from . import _triton_ops
+from . import _ops
 from ._rules import Capabilities, tensor_problem, whole_call_to_reference
 
 try:
@@ -520,8 +520,9 @@ def _functional(d: "_D.Definition") -> Callable:
         solver, pg_stop = hp.get("solver", "exact"), hp.get("pg_stop", "inexact")
         _ref._capture(capturable, len(params), step, alpha if uses_alpha else None, found_inf,
                       grad_scale, regularizer, solver, pg_stop)
-        if capturable and params and torch.compiler.is_compiling():  # NOTE: [Triton steps under torch.compile]
-            return _triton_ops.call(d.name, [params, grads, *lists], kwargs, found_inf, grad_scale)
+        if capturable and params and torch.compiler.is_compiling():  # NOTE: [one op per optimizer] in _ops.py
+            return _ops.call(d.name, "triton", [params, grads, *lists],
+                             dict(kwargs, found_inf=found_inf, grad_scale=grad_scale))
         present = [key in d.state_keys(hp) for key in d.state]
         solve_args = (newton_tolerance(torch.float32), hp["max_iters"]) if d.solves else (0.0, 1)
         stab = None
@@ -558,6 +559,7 @@ ramda = _functional(_D.RAMDA)
 rmda = _functional(_D.RMDA)
 proxadamw = _functional(_D.PROXADAMW)
 proxsgd = _functional(_D.PROXSGD)
+_ops.register("triton", ramda=ramda, rmda=rmda, proxadamw=proxadamw, proxsgd=proxsgd)
 
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable", "clear_cache", "TILE",
