@@ -53,6 +53,7 @@ SOLVER = {"exact": 0, "pg": 1}
 DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_DIMS = 8
+TENSOR_FIELDS = 10 + 3 * MAX_DIMS
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def lib():
     h.ramda_cuda_host_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                        ctypes.c_char_p, ctypes.c_int]
-    assert h.ramda_cuda_host_fields(0) == 21 and h.ramda_cuda_host_fields(1) == 9 + 3 * MAX_DIMS
+    assert h.ramda_cuda_host_fields(0) == 21 and h.ramda_cuda_host_fields(1) == TENSOR_FIELDS
     return h
 
 
@@ -110,10 +111,11 @@ def step_fields(opt, reg, solver, step, lambda_, hp, max_iters=100, pg_eps=1e-3,
     return v
 
 
-def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight=True):
+def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight=True, sigma=None):
     dual = opt in ("ramda", "proxadamw")
     closed = thr_base == 0.0 or reg == "none" or (reg == "l1" and not (dual and solver == "pg"))
     ptrs = [p.data_ptr(), g.data_ptr()] + [s.data_ptr() if s is not None else 0 for s in states]
+    ptrs.append(sigma.data_ptr() if sigma is not None else 0)
     desc = ptrs + [p.numel(), DTYPE[p.dtype], 0 if closed else 1, 0] + [0] * (3 * MAX_DIMS)
     cg, tol_scale = 1.0, 1.0
     if not closed and p.numel() > 0:
@@ -125,9 +127,9 @@ def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight
             nd = len(shape)
             red = [True] * nd if dims is None else [d in [x % nd for x in dims] for d in range(nd)]
         gsize = math.prod(s for s, r in zip(shape, red) if r)
-        desc[8] = len(shape)
+        desc[9] = len(shape)
         for i, (s, st, r) in enumerate(zip(shape, strides, red)):
-            desc[9 + i], desc[9 + MAX_DIMS + i], desc[9 + 2 * MAX_DIMS + i] = s, st, int(r)
+            desc[10 + i], desc[10 + MAX_DIMS + i], desc[10 + 2 * MAX_DIMS + i] = s, st, int(r)
         cg = math.sqrt(gsize) if reg == "group_lasso" and reweight else 1.0
         tol_scale = math.sqrt(gsize / p.numel())
     return desc, [cg, tol_scale]
@@ -136,7 +138,7 @@ def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight
 def host_step(lib, fields, tensors, seed=0, drop_sync=0):
     """tensors: list of (param, grad, [s0, s1, s2], descriptor, weights)."""
     step = (ctypes.c_double * 21)(*fields)
-    desc = (ctypes.c_int64 * max(1, len(tensors) * (9 + 3 * MAX_DIMS)))(
+    desc = (ctypes.c_int64 * max(1, len(tensors) * TENSOR_FIELDS))(
         *[x for t in tensors for x in t[3]])
     w = (ctypes.c_double * max(1, 2 * len(tensors)))(*[x for t in tensors for x in t[4]])
     err = ctypes.create_string_buffer(512)

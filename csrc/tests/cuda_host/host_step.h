@@ -19,6 +19,8 @@ inline void step(const StepArgs& a, const std::vector<TensorArgs>& tensors, uint
   const cuda::PlanLayout plan = cuda::lay_out_plan(a, tensors);
   std::vector<float> scratch(static_cast<size_t>(plan.scratch_elems),
                              std::numeric_limits<float>::quiet_NaN());
+  // the scratch is the region after the caller's (ramda_cuda_host_meter_start)
+  if (cuda_host::meter().on) cuda_host::meter_region(scratch.data(), scratch.size() * sizeof(float));
   cuda_host::set_block_order(order_seed);
   using Fn = void (*)(const cuda::Launch&, const StepArgs&, cudaStream_t);
   const Fn fns[3] = {&cuda::launch<float>, &cuda::launch<c10::BFloat16>, &cuda::launch<c10::Half>};
