@@ -186,13 +186,15 @@ __device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t 
 // phi'(s0) = -K' den for positive K, K': f >= 0 is right of the root (Newton
 // from s0, monotone as from sigma_hi); f < 0 with den > 0 is left of it with
 // phi' < 0, and by concavity one Newton step lands at or right of the root;
-// anything else (den <= 0, NaN, no s0) starts at sigma_hi. Every start is
-// clamped to <= sigma_hi (right of the root too), and `done` follows the
-// usual rule: the step from s0 was below kNewtonTol relative.
+// anything else (s0 >= sigma_hi, den <= 0, NaN, no s0) starts at sigma_hi.
+// Every start is clamped to <= sigma_hi (right of the root too), and `done`
+// follows the usual rule: the step from s0 was below kNewtonTol relative.
 __device__ __forceinline__ float warm_start(float s0, float a, float b, float c, const NewtonStart& st,
                                             bool& done) {
   done = false;
-  if (!(s0 > 0.0f)) return st.sigma;
+  // Beyond sigma_hi the step from s0 would cancel (s0 - delta with delta ~ s0):
+  // start at sigma_hi, as the rule's clamp allows.
+  if (!(s0 > 0.0f) || !(s0 < st.sigma)) return st.sigma;
   const float vn = sqrtf(a + b);
   const float f = st.rel_excess - c / (1.0f + vn);
   const float den = a + f * b / vn;
