@@ -58,9 +58,13 @@ TENSOR_FIELDS = 10 + 3 * MAX_DIMS
 
 @pytest.fixture(scope="module")
 def lib():
+    return load_lib()
+
+
+def load_lib():
     """Build (incrementally) and load the CUDA-on-CPU library."""
     if shutil.which("cmake") is None:
-        pytest.fail("cmake is needed to build the CUDA-on-CPU library (csrc/tests/cuda_host)")
+        raise RuntimeError("cmake is needed to build the CUDA-on-CPU library (csrc/tests/cuda_host)")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     env = dict(os.environ, RAMDA_TESTS_ONLY="1")
     if not os.path.exists(os.path.join(BUILD, "CMakeCache.txt")):
@@ -178,8 +182,10 @@ def like(p, fill):
     return s
 
 
-def build_case(opt, grouping, dtype, gen):
-    shapes, dims, view, fmt = {**GROUPINGS, **EXTRA}[grouping]
+def build_case(opt, grouping, dtype, gen, shapes=None):
+    """The grouping's tensors (or `shapes` with its dims, view and format)."""
+    default, dims, view, fmt = {**GROUPINGS, **EXTRA}[grouping]
+    shapes = shapes or default
     params, grads, states = [], [], []
     for shape in shapes:
         # groups of different scales, so that some are zeroed and some not
@@ -227,7 +233,7 @@ def clone_all(params, grads, states):
 
 
 def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=0, hp=None,
-             lambda_=None, sigmas=None, meter=None):
+             lambda_=None, sigmas=None, meter=None, shapes=None):
     """One step of the reference and of the CUDA kernels on CPU threads. sigmas:
     one warm-start tensor per parameter (or None), updated in place; meter: a
     dict that receives the step's counts per tensor role (`metered`)."""
@@ -235,7 +241,7 @@ def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=
     hp = hp or HP[opt]
     if lambda_ is None:
         lambda_ = 0.0 if reg == "none" else LAMBDA[opt]
-    params, grads, states, dims, view = build_case(opt, grouping, dtype, gen)
+    params, grads, states, dims, view = build_case(opt, grouping, dtype, gen, shapes)
     rp, rg, rs = clone_all(params, grads, states)
     run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view)
     fields = step_fields(opt, reg, solver, step, lambda_, hp)
@@ -434,34 +440,51 @@ def test_meter_counts_an_elementwise_step_exactly(lib):
     assert total == 32 * n
 
 
-def one_group_per_block_sectors(shape, dims):
-    """Sectors of one fp32 pass when each group of a contiguous 2-D tensor is
-    one block and a warp's lanes take 32 consecutive elements of it: rows
-    (dims (1,)) are consecutive addresses, columns (dims (0,)) a row apart."""
+def grad_sectors(shape, dims):
+    """Sectors of the one fp32 pass over the gradient of a contiguous 2-D
+    tensor in the exact solve: rows (dims (1,)) are one group per block, a
+    warp's lanes on 32 consecutive elements of a row; columns (dims (0,)) are
+    column tiles (NOTE: [Column tiles]), a warp's lanes on one row of 32
+    adjacent columns."""
     rows, cols = shape
-    n_groups, size = (rows, cols) if dims == (1,) else (cols, rows)
     total = 0
-    for g in range(n_groups):
-        for w0 in range(0, size, 32):
-            offs = [g * cols + e if dims == (1,) else e * cols + g for e in range(w0, min(size, w0 + 32))]
-            total += len({4 * o // 32 for o in offs})
+    if dims == (1,):
+        for g in range(rows):
+            for w0 in range(0, cols, 32):
+                total += len({4 * (g * cols + e) // 32 for e in range(w0, min(cols, w0 + 32))})
+    else:
+        for g0 in range(0, cols, 32):
+            for e in range(rows):
+                total += len({4 * (e * cols + g) // 32 for g in range(g0, min(cols, g0 + 32))})
     return total
 
 
 @pytest.mark.parametrize("grouping", ["linear-output", "linear-input"])
 def test_meter_counts_strided_sectors(lib, grouping):
-    """The sectors of a strided access: the gradient is read once, by one
-    instruction per 32 consecutive elements of a group, so its sectors are
-    the ones those addresses touch (torch's allocations are 64-byte aligned)."""
+    """The sectors of each warp-level access: the gradient is read once, and
+    its sectors are the ones the lanes' addresses touch (torch's allocations
+    are 64-byte aligned)."""
     counts = {}
     (params, _), _, (dims, _, _) = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32,
                                             meter=counts)
     read, written, sec_r, _, size = counts["grad"]
     assert (read, written) == (size, 0)
-    expect = sum(one_group_per_block_sectors(tuple(p.shape), dims) for p in params if p.numel())
+    expect = sum(grad_sectors(tuple(p.shape), dims) for p in params if p.numel())
     assert sec_r == expect
-    if grouping == "linear-input":  # rows of 12 to 36 bytes apart: under half of each sector used
-        assert 32 * sec_r > 2 * read
+
+
+def test_meter_column_tiles_coalesce(lib):
+    """Columns of 64- and 96-wide weights: every access to the parameter, the
+    gradient and the state covers 32 adjacent columns, 4 whole sectors, and so
+    does every store of z and d (a Newton sweep skips the lanes whose group
+    is done, so its reads may use part of a sector)."""
+    counts = {}
+    run_both(lib, "ramda", "group_lasso", "exact", "sizes-37-700", torch.float32, meter=counts,
+             shapes=[(37, 64), (300, 96)])
+    for role in ("param", "grad", "s0", "s1", "s2"):
+        read, written, sec_r, sec_w, _ = counts[role]
+        assert 32 * (sec_r + sec_w) == read + written, role
+    assert 32 * counts["scratch"][3] == counts["scratch"][1]
 
 
 # --- warm start (docs/math.md section 4, item 5)

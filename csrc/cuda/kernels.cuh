@@ -314,6 +314,107 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     write_param<P>(t, a, base + element_offset(L, e), gload(Zs + e));
 }
 
+// Per-lane reduction over the warps of a block (column tiles: lane l of every
+// warp holds a share of group l); every warp gets the same results, summed in
+// warp order.
+template <int N>
+__device__ __forceinline__ void tile_reduce(float (&v)[N], const int (&op)[N]) {
+  __shared__ float part[N][kThreads / 32][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int k = 0; k < N; ++k) part[k][warp][lane] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float x = part[k][0][lane];
+    for (int w = 1; w < warps; ++w) {
+      const float y = part[k][w][lane];
+      x = op[k] == 0 ? x + y : (op[k] == 1 ? fmaxf(x, y) : fminf(x, y));
+    }
+    v[k] = x;
+  }
+  __syncthreads();  // part[] is reused by the next reduction
+}
+
+// NOTE: [Column tiles]
+// The exact solve on a columns layout (innermost memory block kept): a block
+// takes kTileGroups adjacent groups, lane l of every warp the group
+// begin + l, so the 32 lanes of an access read neighbouring addresses (the
+// innermost kept block has stride 1 in every dense layout of this kind);
+// the warps split the elements (warp w: w, w + 8, ...). Group sums meet in
+// shared memory (tile_reduce); every warp then holds the same per-group
+// values, so a loop over the tile runs while any lane of a warp is not done,
+// a condition uniform over the block. The scratch of a tile is laid out
+// [element][lane], so the Newton sweeps are coalesced too; done groups and
+// lanes past the last group issue no access.
+template <typename P>
+__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1,
+                                  float* scratch) {
+  const GroupLayout& L = t.layout;
+  const int64_t n = L.group_size;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t g = g0 + lane;
+  const bool live = g < g1;
+  const int64_t base = live ? block_offset(g, L.n_kept, L.kept_size, L.kept_stride) : 0;
+  float* zs = scratch + t.scratch + g0 * n + lane;  // element e at zs[e * kTileGroups]
+  float* ds = zs + tile_slot_elems(L);
+  // The previous sigma (NOTE: [Warm start]), read once per group by warp 0.
+  float s0 = 0.0f;
+  if (t.sigma != nullptr) {
+    __shared__ float prev[kTileGroups];
+    if (warp == 0) prev[lane] = live ? gload(t.sigma + g) : 0.0f;
+    __syncthreads();
+    s0 = prev[lane];
+  }
+  float acc[6] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f};
+  if (live) {
+    for (int64_t e = warp; e < n; e += warps) {
+      float z, d;
+      element_pass1<P>(t, a, base + element_offset(L, e), z, d);
+      gstore(zs + e * kTileGroups, z);
+      gstore(ds + e * kTileGroups, d);
+      acc[0] += z * z;
+      acc[1] = fmaxf(acc[1], d);
+      acc[2] = fminf(acc[2], d);
+      if (s0 > 0.0f) {
+        float ta, tb, tc;
+        newton_terms(z, d, s0, ta, tb, tc);
+        acc[3] += ta;
+        acc[4] += tb;
+        acc[5] += tc;
+      }
+    }
+  }
+  const int ops[6] = {0, 1, 2, 0, 0, 0};
+  tile_reduce<6>(acc, ops);
+  const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
+  float sigma = st.sigma;
+  bool done = !live || st.done;
+  if (!done) sigma = warm_start(s0, acc[3] / acc[0], acc[4] / acc[0], acc[5] / acc[0], st, done);
+  const int sum3[3] = {0, 0, 0};
+  for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
+    float r[3] = {0.0f, 0.0f, 0.0f};
+    if (!done) {
+      for (int64_t e = warp; e < n; e += warps) {
+        float ta, tb, tc;
+        newton_terms(gload(zs + e * kTileGroups) / st.norm, gload(ds + e * kTileGroups), sigma, ta, tb, tc);
+        r[0] += ta;
+        r[1] += tb;
+        r[2] += tc;
+      }
+    }
+    tile_reduce<3>(r, sum3);
+    if (!done) sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, done);
+  }
+  if (!live) return;
+  for (int64_t e = warp; e < n; e += warps)
+    write_param<P>(t, a, base + element_offset(L, e),
+                   st.active ? newton_solution(gload(zs + e * kTileGroups), gload(ds + e * kTileGroups), sigma)
+                             : 0.0f);
+  // A zero group keeps its previous sigma.
+  if (t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
+}
+
 template <typename P>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs a) {
   const auto* tensors = reinterpret_cast<const TensorArgs*>(l.table);
@@ -321,7 +422,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs
   const BlockItem item = items[blockIdx.x];
   const TensorArgs& t = tensors[item.tensor];
   const Thresholds th = thresholds(t, a);
-  if (item.group) group_block<P>(t, a, th, item.begin, l.scratch);
+  if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end, l.scratch);
+  else if (item.group == 1) group_block<P>(t, a, th, item.begin, l.scratch);
   else elementwise_block<P>(t, a, th.thr, item.begin, item.end);
 }
 
