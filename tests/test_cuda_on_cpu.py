@@ -118,25 +118,24 @@ def step_fields(opt, reg, solver, step, lambda_, hp, max_iters=100, pg_eps=1e-3,
 
 
 def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight=True, sigma=None):
-    dual = opt in ("ramda", "proxadamw")
-    closed = thr_base == 0.0 or reg == "none" or (reg == "l1" and not (dual and solver == "pg"))
+    """The descriptor of one tensor: addresses, size, dtype and (group lasso)
+    the grouped view; the driver decides the path and the whole-tensor l1
+    group as the bindings do (csrc/cuda/fused_path.h). Weights: c_g and the PG
+    tolerance scale sqrt(|g| / n) (1 and 1 for the whole-tensor l1 group)."""
     ptrs = [p.data_ptr(), g.data_ptr()] + [s.data_ptr() if s is not None else 0 for s in states]
     ptrs.append(sigma.data_ptr() if sigma is not None else 0)
-    desc = ptrs + [p.numel(), DTYPE[p.dtype], 0 if closed else 1, 0] + [0] * (3 * MAX_DIMS)
+    desc = ptrs + [p.numel(), DTYPE[p.dtype], 0, 0] + [0] * (3 * MAX_DIMS)
     cg, tol_scale = 1.0, 1.0
-    if not closed and p.numel() > 0:
-        if reg == "l1":
-            shape, strides, red = [p.numel()], [1], [True]
-        else:
-            vw = p.view(view) if view is not None else p
-            shape, strides = list(vw.shape), list(vw.stride())
-            nd = len(shape)
-            red = [True] * nd if dims is None else [d in [x % nd for x in dims] for d in range(nd)]
+    if reg == "group_lasso" and p.numel() > 0:
+        vw = p.view(view) if view is not None else p
+        shape, strides = list(vw.shape), list(vw.stride())
+        nd = len(shape)
+        red = [True] * nd if dims is None else [d in [x % nd for x in dims] for d in range(nd)]
         gsize = math.prod(s for s, r in zip(shape, red) if r)
         desc[9] = len(shape)
         for i, (s, st, r) in enumerate(zip(shape, strides, red)):
             desc[10 + i], desc[10 + MAX_DIMS + i], desc[10 + 2 * MAX_DIMS + i] = s, st, int(r)
-        cg = math.sqrt(gsize) if reg == "group_lasso" and reweight else 1.0
+        cg = math.sqrt(gsize) if reweight else 1.0
         tol_scale = math.sqrt(gsize / p.numel())
     return desc, [cg, tol_scale]
 

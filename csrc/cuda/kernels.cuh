@@ -16,12 +16,15 @@
 //   the last pass writes the parameter. Element offsets are decoded from the
 //   canonical layout (NOTE: [Group layout]), so any dims and strides are
 //   read in place. For "rows" layouts (inner block reduced) neighbouring
-//   threads read neighbouring addresses; for "columns" layouts (inner block
-//   kept: input-wise Linear, channels-last channel-wise Conv) they do not,
-//   which is correct but uncoalesced. A tile of 32 adjacent groups per block
-//   (lane = group), like the CPU "lanes" tiling, is the planned fix.
+//   threads read neighbouring addresses;
+// * the exact solve on "columns" layouts (inner block kept: input-wise
+//   Linear, channels-last channel-wise Conv): a column tile of 32 adjacent
+//   groups per block, lane = group (NOTE: [Column tiles]), so a warp's
+//   accesses are neighbouring addresses there too. PG and the RMDA/ProxSGD
+//   shrink on columns layouts still take one group per block (uncoalesced).
+// The exact solve is warm-started from the previous sigma (NOTE: [Warm start]).
 // Nothing is read back to the host: every loop bound is a block-uniform
-// value computed on the device. The block reads its TensorArgs (376 bytes)
+// value computed on the device. The block reads its TensorArgs (384 bytes)
 // in place through a const reference into the table, never as a per-thread
 // copy (which would live in local memory).
 // The same bodies run on CPU threads in the tests (NOTE: [CUDA on CPU] in

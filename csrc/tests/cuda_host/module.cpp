@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "../../cuda/fused_path.h"
 #include "../../group_layout.h"
 #include "host_step.h"
 
@@ -38,12 +39,14 @@ ramda::StepArgs step_args(const double* v) {
   return a;
 }
 
-// desc: param, grad, s0, s1, s2, sigma (addresses), numel, dtype, path, ndim,
-// then shape, strides and reduced flags (kMaxDims each); weights: cg, tol_scale.
+// desc: param, grad, s0, s1, s2, sigma (addresses), numel, dtype, (unused),
+// ndim, then the grouped view's shape, strides and reduced flags (kMaxDims
+// each); the path and the l1 group are decided here (fused_path.h), as the
+// bindings decide them. weights: cg, tol_scale.
 // sigma (0: none) is one fp32 per group in the reference's group order, which
 // is the kernels' order when the kept dims are in memory order
 // (cuda::kept_dims_in_memory_order, plan.h).
-ramda::TensorArgs tensor_args(const int64_t* desc, const double* weights) {
+ramda::TensorArgs tensor_args(const ramda::StepArgs& a, const int64_t* desc, const double* weights) {
   ramda::TensorArgs t;
   auto ptr = [](int64_t v) { return reinterpret_cast<void*>(static_cast<intptr_t>(v)); };
   t.param = ptr(desc[0]);
@@ -54,13 +57,14 @@ ramda::TensorArgs tensor_args(const int64_t* desc, const double* weights) {
   t.sigma = static_cast<float*>(ptr(desc[5]));
   t.numel = desc[6];
   t.dtype = static_cast<ramda::DType>(desc[7]);
-  t.path = static_cast<ramda::Path>(desc[8]);
+  t.path = ramda::fused_path(a.optim, a.reg, a.solver, a.thr_base);
   const int64_t nd = desc[9];
   if (t.path == ramda::Path::kGroups && t.numel > 0) {
     const int64_t* f = desc + 10;
     std::vector<int64_t> shape(f, f + nd), strides(f + ramda::kMaxDims, f + ramda::kMaxDims + nd);
     std::vector<bool> reduced;
     for (int64_t d = 0; d < nd; ++d) reduced.push_back(f[2 * ramda::kMaxDims + d] != 0);
+    if (a.reg == ramda::Reg::kL1) ramda::whole_tensor_group(t.numel, shape, strides, reduced);
     if (t.sigma != nullptr && !ramda::cuda::kept_dims_in_memory_order(shape, strides, reduced))
       throw std::invalid_argument("sigma: the warm start needs the kept dims in memory order "
                                   "(the kernels number groups in memory order)");
@@ -110,7 +114,7 @@ int ramda_cuda_host_step(const double* step, int n_tensors, const int64_t* desc,
     const ramda::StepArgs a = step_args(step);
     std::vector<ramda::TensorArgs> tensors;
     for (int i = 0; i < n_tensors; ++i)
-      tensors.push_back(tensor_args(desc + static_cast<size_t>(i) * kTensorFields, weights + 2 * i));
+      tensors.push_back(tensor_args(a, desc + static_cast<size_t>(i) * kTensorFields, weights + 2 * i));
     cuda_host::drop_sync(drop_sync);
     ramda::cuda_host_step::step(a, tensors, order_seed);
     cuda_host::drop_sync(0);
