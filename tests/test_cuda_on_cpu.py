@@ -18,7 +18,14 @@ and state with python/ramda_ref:
   16-bit parameters on grouped paths, none / l1 / whole-tensor PG in fp32,
   bf16 and fp16;
 * the zero groups exactly zero, the same bits for two block orders, and the
-  stand-in's 16-bit conversions against torch's.
+  stand-in's 16-bit conversions against torch's;
+* the meter (NOTE: [Counted global memory]): bytes and sectors of an
+  elementwise step, of row groups and of column tiles, derived from the
+  addresses;
+* the warm start of the exact solve (docs/math.md section 4, item 5): the
+  written sigma is T/||w_g||, zero groups keep theirs, bad starts still
+  solve, a start at the root saves Newton sweeps, and a tensor whose groups
+  the kernels number differently from the reference is refused.
 
 The KKT residuals of the exact solve and the ThreadSanitizer runs (which
 must flag a dropped __syncthreads) are the native test

@@ -182,6 +182,23 @@ __device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t 
   return block_offset(e, L.n_red, L.red_size, L.red_stride);
 }
 
+__device__ __forceinline__ void add_newton_terms(float* r, float zeta, float d, float sigma) {
+  float ta, tb, tc;
+  newton_terms(zeta, d, sigma, ta, tb, tc);
+  r[0] += ta;
+  r[1] += tb;
+  r[2] += tc;
+}
+
+// Pass 1's group sums: sum z^2, max d, min d, then the Newton sums at the
+// previous sigma s0 when there is one (NOTE: [Warm start]).
+__device__ __forceinline__ void add_pass1(float (&acc)[6], float z, float d, float s0) {
+  acc[0] += z * z;
+  acc[1] = fmaxf(acc[1], d);
+  acc[2] = fminf(acc[2], d);
+  if (s0 > 0.0f) add_newton_terms(acc + 3, z, d, s0);
+}
+
 // NOTE: [Warm start] (docs/math.md section 4, item 5). Pass 1 also sums
 // newton_terms at the previous sigma s0 (on the raw z: every term is
 // quadratic in zeta, so the sums over z divided by ||z||^2 are the sums over
@@ -192,8 +209,8 @@ __device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t 
 // anything else (s0 >= sigma_hi, den <= 0, NaN, no s0) starts at sigma_hi.
 // Every start is clamped to <= sigma_hi (right of the root too), and `done`
 // follows the usual rule: the step from s0 was below kNewtonTol relative.
-__device__ __forceinline__ float warm_start(float s0, float a, float b, float c, const NewtonStart& st,
-                                            bool& done) {
+__device__ __forceinline__ float warm_start(float s0, const float (&acc)[6], const NewtonStart& st, bool& done) {
+  const float a = acc[3] / acc[0], b = acc[4] / acc[0], c = acc[5] / acc[0];
   done = false;
   // Beyond sigma_hi the step from s0 would cancel (s0 - delta with delta ~ s0):
   // start at sigma_hi, as the rule's clamp allows.
@@ -233,16 +250,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     element_pass1<P>(t, a, base + element_offset(L, e), z, d);
     gstore(zs + e, z);
     if (dual) gstore(ds + e, d);
-    acc[0] += z * z;
-    acc[1] = fmaxf(acc[1], d);
-    acc[2] = fminf(acc[2], d);
-    if (s0 > 0.0f) {
-      float ta, tb, tc;
-      newton_terms(z, d, s0, ta, tb, tc);
-      acc[3] += ta;
-      acc[4] += tb;
-      acc[5] += tc;
-    }
+    add_pass1(acc, z, d, s0);
   }
   const int ops[6] = {0, 1, 2, 0, 0, 0};
   block_reduce<6>(acc, ops);
@@ -259,16 +267,12 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
     float sigma = st.sigma;
     bool done = st.done;
-    if (!done) sigma = warm_start(s0, acc[3] / acc[0], acc[4] / acc[0], acc[5] / acc[0], st, done);
+    if (!done) sigma = warm_start(s0, acc, st, done);
     const int sum3[3] = {0, 0, 0};
     for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
       float r[3] = {0.0f, 0.0f, 0.0f};
       for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        float ta, tb, tc;
-        newton_terms(gload(zs + e) / st.norm, gload(ds + e), sigma, ta, tb, tc);
-        r[0] += ta;
-        r[1] += tb;
-        r[2] += tc;
+        add_newton_terms(r, gload(zs + e) / st.norm, gload(ds + e), sigma);
       }
       block_reduce<3>(r, sum3);
       sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, done);
@@ -376,16 +380,7 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
       element_pass1<P>(t, a, base + element_offset(L, e), z, d);
       gstore(zs + e * kTileGroups, z);
       gstore(ds + e * kTileGroups, d);
-      acc[0] += z * z;
-      acc[1] = fmaxf(acc[1], d);
-      acc[2] = fminf(acc[2], d);
-      if (s0 > 0.0f) {
-        float ta, tb, tc;
-        newton_terms(z, d, s0, ta, tb, tc);
-        acc[3] += ta;
-        acc[4] += tb;
-        acc[5] += tc;
-      }
+      add_pass1(acc, z, d, s0);
     }
   }
   const int ops[6] = {0, 1, 2, 0, 0, 0};
@@ -393,17 +388,13 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
   float sigma = st.sigma;
   bool done = !live || st.done;
-  if (!done) sigma = warm_start(s0, acc[3] / acc[0], acc[4] / acc[0], acc[5] / acc[0], st, done);
+  if (!done) sigma = warm_start(s0, acc, st, done);
   const int sum3[3] = {0, 0, 0};
   for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
     float r[3] = {0.0f, 0.0f, 0.0f};
     if (!done) {
       for (int64_t e = warp; e < n; e += warps) {
-        float ta, tb, tc;
-        newton_terms(gload(zs + e * kTileGroups) / st.norm, gload(ds + e * kTileGroups), sigma, ta, tb, tc);
-        r[0] += ta;
-        r[1] += tb;
-        r[2] += tc;
+        add_newton_terms(r, gload(zs + e * kTileGroups) / st.norm, gload(ds + e * kTileGroups), sigma);
       }
     }
     tile_reduce<3>(r, sum3);
