@@ -1,5 +1,6 @@
-// Which fused path a tensor takes, and the group layout of the whole-tensor
-// l1 PG group: the one decision csrc/bindings.cpp makes for the CPU and CUDA
+// Which fused path a tensor takes, the group layout of the whole-tensor l1
+// PG group, and whether a tensor's warm-start state can be addressed by the
+// kernels' group index: the one decision csrc/bindings.cpp makes for the CPU and CUDA
 // ops and the CUDA-on-CPU driver (csrc/tests/cuda_host/module.cpp) makes for
 // the tests, so neither restates it. Torch- and CUDA-free.
 #pragma once
@@ -25,6 +26,22 @@ inline void whole_tensor_group(int64_t numel, std::vector<int64_t>& shape, std::
   shape = {numel};
   strides = {1};
   reduced = {true};
+}
+
+// Whether the kernels' group numbering (memory order of the kept blocks:
+// make_group_layout sorts dims by stride) is the reference's (row-major over
+// the kept dims of the grouped view), which the per-group warm-start state
+// follows (docs/math.md section 4): true when the kept dims of size > 1
+// have decreasing strides in view order.
+inline bool kept_dims_in_memory_order(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
+                                      const std::vector<bool>& reduced) {
+  int64_t prev = -1;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (reduced[i] || shape[i] == 1) continue;
+    if (prev >= 0 && strides[i] >= prev) return false;
+    prev = strides[i];
+  }
+  return true;
 }
 
 }  // namespace ramda

@@ -22,22 +22,6 @@ inline int64_t scratch_per_element(const StepArgs& a) {
   return a.solver == Solver::kPg ? 3 : 2;
 }
 
-// Whether the kernels' group numbering (memory order of the kept blocks:
-// make_group_layout sorts dims by stride) is the reference's (row-major over
-// the kept dims of the grouped view), which the per-group warm-start state
-// follows (docs/math.md section 4): true when the kept dims of size > 1
-// have decreasing strides in view order.
-inline bool kept_dims_in_memory_order(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
-                                      const std::vector<bool>& reduced) {
-  int64_t prev = -1;
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (reduced[i] || shape[i] == 1) continue;
-    if (prev >= 0 && strides[i] >= prev) return false;
-    prev = strides[i];
-  }
-  return true;
-}
-
 // Whether a grouped tensor runs as column tiles (NOTE: [Column tiles] in
 // kernels.cuh): the exact group-lasso solve of RAMDA / ProxAdamW on a layout
 // whose innermost memory block is kept (input-wise Linear, channels-last

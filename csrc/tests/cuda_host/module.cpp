@@ -45,7 +45,7 @@ ramda::StepArgs step_args(const double* v) {
 // bindings decide them. weights: cg, tol_scale.
 // sigma (0: none) is one fp32 per group in the reference's group order, which
 // is the kernels' order when the kept dims are in memory order
-// (cuda::kept_dims_in_memory_order, plan.h).
+// (kept_dims_in_memory_order, csrc/cuda/fused_path.h).
 ramda::TensorArgs tensor_args(const ramda::StepArgs& a, const int64_t* desc, const double* weights) {
   ramda::TensorArgs t;
   auto ptr = [](int64_t v) { return reinterpret_cast<void*>(static_cast<intptr_t>(v)); };
@@ -65,7 +65,7 @@ ramda::TensorArgs tensor_args(const ramda::StepArgs& a, const int64_t* desc, con
     std::vector<bool> reduced;
     for (int64_t d = 0; d < nd; ++d) reduced.push_back(f[2 * ramda::kMaxDims + d] != 0);
     if (a.reg == ramda::Reg::kL1) ramda::whole_tensor_group(t.numel, shape, strides, reduced);
-    if (t.sigma != nullptr && !ramda::cuda::kept_dims_in_memory_order(shape, strides, reduced))
+    if (t.sigma != nullptr && !ramda::kept_dims_in_memory_order(shape, strides, reduced))
       throw std::invalid_argument("sigma: the warm start needs the kept dims in memory order "
                                   "(the kernels number groups in memory order)");
     t.layout = ramda::make_group_layout(shape, strides, reduced);
