@@ -18,7 +18,14 @@ and state with python/ramda_ref:
   16-bit parameters on grouped paths, none / l1 / whole-tensor PG in fp32,
   bf16 and fp16;
 * the zero groups exactly zero, the same bits for two block orders, and the
-  stand-in's 16-bit conversions against torch's.
+  stand-in's 16-bit conversions against torch's;
+* the meter (NOTE: [Counted global memory]): bytes and sectors of an
+  elementwise step, of row groups and of column tiles, derived from the
+  addresses;
+* the warm start of the exact solve (docs/math.md section 4, item 5): the
+  written sigma is T/||w_g||, zero groups keep theirs, bad starts still
+  solve, a start at the root saves Newton sweeps, and a tensor whose groups
+  the kernels number differently from the reference is refused.
 
 The KKT residuals of the exact solve and the ThreadSanitizer runs (which
 must flag a dropped __syncthreads) are the native test
@@ -53,13 +60,18 @@ SOLVER = {"exact": 0, "pg": 1}
 DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_DIMS = 8
+TENSOR_FIELDS = 10 + 3 * MAX_DIMS
 
 
 @pytest.fixture(scope="module")
 def lib():
+    return load_lib()
+
+
+def load_lib():
     """Build (incrementally) and load the CUDA-on-CPU library."""
     if shutil.which("cmake") is None:
-        pytest.fail("cmake is needed to build the CUDA-on-CPU library (csrc/tests/cuda_host)")
+        raise RuntimeError("cmake is needed to build the CUDA-on-CPU library (csrc/tests/cuda_host)")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     env = dict(os.environ, RAMDA_TESTS_ONLY="1")
     if not os.path.exists(os.path.join(BUILD, "CMakeCache.txt")):
@@ -70,11 +82,13 @@ def lib():
     so = [f for f in os.listdir(BUILD) if f.startswith("libramda_cuda_host")]
     assert so, f"no libramda_cuda_host in {BUILD}"
     h = ctypes.CDLL(os.path.join(BUILD, so[0]))
+    h.ramda_cuda_host_meter_start.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    h.ramda_cuda_host_meter_read.argtypes = [ctypes.c_void_p]
     h.ramda_cuda_host_step.restype = ctypes.c_int
     h.ramda_cuda_host_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                        ctypes.c_char_p, ctypes.c_int]
-    assert h.ramda_cuda_host_fields(0) == 21 and h.ramda_cuda_host_fields(1) == 9 + 3 * MAX_DIMS
+    assert h.ramda_cuda_host_fields(0) == 21 and h.ramda_cuda_host_fields(1) == TENSOR_FIELDS
     return h
 
 
@@ -110,25 +124,25 @@ def step_fields(opt, reg, solver, step, lambda_, hp, max_iters=100, pg_eps=1e-3,
     return v
 
 
-def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight=True):
-    dual = opt in ("ramda", "proxadamw")
-    closed = thr_base == 0.0 or reg == "none" or (reg == "l1" and not (dual and solver == "pg"))
+def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight=True, sigma=None):
+    """The descriptor of one tensor: addresses, size, dtype and (group lasso)
+    the grouped view; the driver decides the path and the whole-tensor l1
+    group as the bindings do (csrc/cuda/fused_path.h). Weights: c_g and the PG
+    tolerance scale sqrt(|g| / n) (1 and 1 for the whole-tensor l1 group)."""
     ptrs = [p.data_ptr(), g.data_ptr()] + [s.data_ptr() if s is not None else 0 for s in states]
-    desc = ptrs + [p.numel(), DTYPE[p.dtype], 0 if closed else 1, 0] + [0] * (3 * MAX_DIMS)
+    ptrs.append(sigma.data_ptr() if sigma is not None else 0)
+    desc = ptrs + [p.numel(), DTYPE[p.dtype], 0, 0] + [0] * (3 * MAX_DIMS)
     cg, tol_scale = 1.0, 1.0
-    if not closed and p.numel() > 0:
-        if reg == "l1":
-            shape, strides, red = [p.numel()], [1], [True]
-        else:
-            vw = p.view(view) if view is not None else p
-            shape, strides = list(vw.shape), list(vw.stride())
-            nd = len(shape)
-            red = [True] * nd if dims is None else [d in [x % nd for x in dims] for d in range(nd)]
+    if reg == "group_lasso" and p.numel() > 0:
+        vw = p.view(view) if view is not None else p
+        shape, strides = list(vw.shape), list(vw.stride())
+        nd = len(shape)
+        red = [True] * nd if dims is None else [d in [x % nd for x in dims] for d in range(nd)]
         gsize = math.prod(s for s, r in zip(shape, red) if r)
-        desc[8] = len(shape)
+        desc[9] = len(shape)
         for i, (s, st, r) in enumerate(zip(shape, strides, red)):
-            desc[9 + i], desc[9 + MAX_DIMS + i], desc[9 + 2 * MAX_DIMS + i] = s, st, int(r)
-        cg = math.sqrt(gsize) if reg == "group_lasso" and reweight else 1.0
+            desc[10 + i], desc[10 + MAX_DIMS + i], desc[10 + 2 * MAX_DIMS + i] = s, st, int(r)
+        cg = math.sqrt(gsize) if reweight else 1.0
         tol_scale = math.sqrt(gsize / p.numel())
     return desc, [cg, tol_scale]
 
@@ -136,7 +150,7 @@ def tensor_fields(p, g, states, opt, reg, solver, thr_base, dims, view, reweight
 def host_step(lib, fields, tensors, seed=0, drop_sync=0):
     """tensors: list of (param, grad, [s0, s1, s2], descriptor, weights)."""
     step = (ctypes.c_double * 21)(*fields)
-    desc = (ctypes.c_int64 * max(1, len(tensors) * (9 + 3 * MAX_DIMS)))(
+    desc = (ctypes.c_int64 * max(1, len(tensors) * TENSOR_FIELDS))(
         *[x for t in tensors for x in t[3]])
     w = (ctypes.c_double * max(1, 2 * len(tensors)))(*[x for t in tensors for x in t[4]])
     err = ctypes.create_string_buffer(512)
@@ -174,8 +188,10 @@ def like(p, fill):
     return s
 
 
-def build_case(opt, grouping, dtype, gen):
-    shapes, dims, view, fmt = {**GROUPINGS, **EXTRA}[grouping]
+def build_case(opt, grouping, dtype, gen, shapes=None):
+    """The grouping's tensors (or `shapes` with its dims, view and format)."""
+    default, dims, view, fmt = {**GROUPINGS, **EXTRA}[grouping]
+    shapes = shapes or default
     params, grads, states = [], [], []
     for shape in shapes:
         # groups of different scales, so that some are zeroed and some not
@@ -223,21 +239,56 @@ def clone_all(params, grads, states):
 
 
 def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=0, hp=None,
-             lambda_=None):
+             lambda_=None, sigmas=None, meter=None, shapes=None):
+    """One step of the reference and of the CUDA kernels on CPU threads. sigmas:
+    one warm-start tensor per parameter (or None), updated in place; meter: a
+    dict that receives the step's counts per tensor role (`metered`)."""
     gen = torch.Generator().manual_seed(seed)
     hp = hp or HP[opt]
     if lambda_ is None:
         lambda_ = 0.0 if reg == "none" else LAMBDA[opt]
-    params, grads, states, dims, view = build_case(opt, grouping, dtype, gen)
+    params, grads, states, dims, view = build_case(opt, grouping, dtype, gen, shapes)
     rp, rg, rs = clone_all(params, grads, states)
     run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view)
     fields = step_fields(opt, reg, solver, step, lambda_, hp)
     tensors = []
-    for p, g, st in zip(params, grads, states):
-        desc, w = tensor_fields(p, g, st, opt, reg, solver, fields[19], dims, view)
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        sg = sigmas[i] if sigmas is not None else None
+        desc, w = tensor_fields(p, g, st, opt, reg, solver, fields[19], dims, view, sigma=sg)
         tensors.append((p, g, st, desc, w))
-    host_step(lib, fields, tensors, seed=order_seed)
+    if meter is None:
+        host_step(lib, fields, tensors, seed=order_seed)
+    else:
+        roles = []
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            roles += [("param", p), ("grad", g)] + [(f"s{k}", x) for k, x in enumerate(st) if x is not None]
+            if sigmas is not None:
+                roles.append(("sigma", sigmas[i]))
+        meter.update(metered(lib, roles, lambda: host_step(lib, fields, tensors, seed=order_seed)))
     return (params, states), (rp, rs), (dims, view, fields)
+
+
+def metered(lib, roles, run):
+    """Runs `run` under the stand-in's meter (NOTE: [Counted global memory] in
+    csrc/tests/cuda_host/cuda_runtime.h). roles: (name, tensor) pairs. Returns
+    per name (plus "scratch" and "other"): bytes read, bytes written, sectors
+    read, sectors written (summed over warp-level instructions), bytes of the
+    tensors."""
+    regions = [(t.data_ptr(), t.numel() * t.element_size()) for _, t in roles]
+    arr = (ctypes.c_int64 * max(1, 2 * len(regions)))(*[x for r in regions for x in r])
+    out = (ctypes.c_int64 * (4 * (len(regions) + 2)))()
+    lib.ramda_cuda_host_meter_start(len(regions), arr)
+    try:
+        run()
+    finally:
+        lib.ramda_cuda_host_meter_read(out)
+    counts = {}
+    for i, name in enumerate([n for n, _ in roles] + ["scratch", "other"]):
+        c = counts.setdefault(name, [0, 0, 0, 0, 0])
+        for k in range(4):
+            c[k] += out[4 * i + k]
+        c[4] += regions[i][1] if i < len(regions) else 0
+    return counts
 
 
 def assert_close_to_ref(fast, slow, dtype, solver):
@@ -366,3 +417,206 @@ def test_16bit_conversions_match_torch(lib):
     lib.ramda_cuda_host_to_16bit(ctypes.c_void_p(nan.data_ptr()), ctypes.c_int64(1),
                                  ctypes.c_void_p(half.data_ptr()), ctypes.c_void_p(bf.data_ptr()))
     assert half[:1].view(torch.float16).isnan().all() and bf[:1].view(torch.bfloat16).isnan().all()
+
+
+# --- the meter: traffic of the kernels (NOTE: [Counted global memory])
+
+def warp_sectors(n, elsize):
+    """Distinct 32-byte sectors of one pass over n contiguous, 32-byte aligned
+    elements by whole warps of consecutive lanes (a warp covers 32 elements)."""
+    full, rest = divmod(n, 32)
+    return full * (32 * elsize // 32) + -(-rest * elsize // 32)
+
+
+def test_meter_counts_an_elementwise_step_exactly(lib):
+    """RAMDA without a regularizer reads g, W0, V, U and the parameter once and
+    writes V, U and the parameter once: 32 bytes per fp32 element, every
+    sector used whole (each warp instruction covers 32 consecutive elements)."""
+    counts = {}
+    (params, _), _, _ = run_both(lib, "ramda", "none", "exact", "linear-input", torch.float32, meter=counts)
+    n = sum(p.numel() for p in params)
+    expect = {"param": (1, 1), "grad": (1, 0), "s0": (1, 0), "s1": (1, 1), "s2": (1, 1)}
+    for role, (r, w) in expect.items():
+        read, written, sec_r, sec_w, size = counts[role]
+        assert (read, written) == (r * size, w * size), role
+        sectors = sum(warp_sectors(p.numel(), 4) for p in params if p.numel())
+        assert (sec_r, sec_w) == (r * sectors, w * sectors), role
+    assert counts["scratch"][:4] == [0] * 4 and counts["other"][:4] == [0] * 4
+    total = sum(c[0] + c[1] for c in counts.values())
+    assert total == 32 * n
+
+
+def grad_sectors(shape, dims):
+    """Sectors of the one fp32 pass over the gradient of a contiguous 2-D
+    tensor in the exact solve: rows (dims (1,)) are one group per block, a
+    warp's lanes on 32 consecutive elements of a row; columns (dims (0,)) are
+    column tiles (NOTE: [Column tiles]), a warp's lanes on one row of 32
+    adjacent columns."""
+    rows, cols = shape
+    total = 0
+    if dims == (1,):
+        for g in range(rows):
+            for w0 in range(0, cols, 32):
+                total += len({4 * (g * cols + e) // 32 for e in range(w0, min(cols, w0 + 32))})
+    else:
+        for g0 in range(0, cols, 32):
+            for e in range(rows):
+                total += len({4 * (e * cols + g) // 32 for g in range(g0, min(cols, g0 + 32))})
+    return total
+
+
+@pytest.mark.parametrize("grouping", ["linear-output", "linear-input"])
+def test_meter_counts_strided_sectors(lib, grouping):
+    """The sectors of each warp-level access: the gradient is read once, and
+    its sectors are the ones the lanes' addresses touch (torch's allocations
+    are 64-byte aligned)."""
+    counts = {}
+    (params, _), _, (dims, _, _) = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32,
+                                            meter=counts)
+    read, written, sec_r, _, size = counts["grad"]
+    assert (read, written) == (size, 0)
+    expect = sum(grad_sectors(tuple(p.shape), dims) for p in params if p.numel())
+    assert sec_r == expect
+
+
+def test_meter_column_tiles_coalesce(lib):
+    """Columns of 64- and 96-wide weights: every access to the parameter, the
+    gradient and the state covers 32 adjacent columns, 4 whole sectors, and so
+    does every store of z and d (a Newton sweep skips the lanes whose group
+    is done, so its reads may use part of a sector)."""
+    counts = {}
+    run_both(lib, "ramda", "group_lasso", "exact", "sizes-37-700", torch.float32, meter=counts,
+             shapes=[(37, 64), (300, 96)])
+    for role in ("param", "grad", "s0", "s1", "s2"):
+        read, written, sec_r, sec_w, _ = counts[role]
+        assert 32 * (sec_r + sec_w) == read + written, role
+    assert 32 * counts["scratch"][3] == counts["scratch"][1]
+
+
+# --- warm start (docs/math.md section 4, item 5)
+
+def reference_sigma(p, dims, view, T):
+    """T / ||w_g|| of the solution p, one per group in the reference's group
+    order (0 where the group is zero)."""
+    from ramda_ref.groups import group_norm, grouped_view, normalize_dims
+
+    vw = grouped_view(p.double(), list(view) if view else None)
+    n = group_norm(vw, normalize_dims(dims, vw.dim())).flatten()
+    return torch.where(n > 0, T / n, torch.zeros_like(n))
+
+
+def thresholds_of(params, dims, view, fields):
+    """The fp32 T = tau c_g of each tensor, as the kernels round it."""
+    out = []
+    for p in params:
+        _, w = tensor_fields(p, p, [None] * 3, "ramda", "group_lasso", "exact", fields[19], dims, view)
+        out.append(float(torch.tensor(fields[19] * w[0], dtype=torch.float32)))
+    return out
+
+
+def sigma_like(params, dims, view, fill=0.0):
+    from ramda_ref.groups import grouped_view, normalize_dims
+
+    out = []
+    for p in params:
+        vw = grouped_view(p, list(view) if view else None)
+        red = normalize_dims(dims, vw.dim())
+        n = math.prod(s for k, s in enumerate(vw.shape) if k not in red)
+        out.append(torch.full((n,), fill, dtype=torch.float32))
+    return out
+
+
+WARM_LAYOUTS = ["linear-input", "linear-output", "conv2d-channels-last", "heads"]
+WARM_LAMBDA = {"heads": 2.5}  # so that each case has zero and nonzero groups
+
+
+@pytest.mark.parametrize("grouping", WARM_LAYOUTS)
+def test_warm_start_writes_the_root_and_keeps_zero_groups(lib, grouping):
+    """Momentum 1 (the parameter is the solution w): a cold start (sigma 0)
+    writes T/||w_g|| for every nonzero group and leaves zero groups at 0; a
+    second step warm-started from those values (zero groups pre-set to a
+    sentinel) solves the same problem as the reference's cold solve and keeps
+    the sentinel in the groups that are zero again."""
+    hp = dict(HP["ramda"], momentum=1.0)
+    shapes, dims, view, _ = GROUPINGS[grouping]
+    params0 = build_case("ramda", grouping, torch.float32, torch.Generator().manual_seed(0))[0]
+    sig = sigma_like(params0, dims, view)
+    for step, seed in ((3, 0), (4, 1)):
+        before = [s.clone() for s in sig]
+        (fp, _), (rp, _), (_, _, fields) = run_both(lib, "ramda", "group_lasso", "exact", grouping,
+                                                    torch.float32, step=step, seed=seed, hp=hp,
+                                                    lambda_=WARM_LAMBDA.get(grouping, 1.2), sigmas=sig)
+        assert_close_to_ref((fp, [[None] * 3] * len(fp)), (rp, [[None] * 3] * len(rp)), torch.float32, "exact")
+        zeros = 0
+        for p, r, s, b, T in zip(fp, rp, sig, before, thresholds_of(fp, dims, view, fields)):
+            if p.numel() == 0:
+                continue
+            want = reference_sigma(r, dims, view, T)
+            nz = want > 0
+            zeros += int((~nz).sum())
+            assert torch.allclose(s[nz].double(), want[nz], rtol=2e-5, atol=0), f"step {step}: sigma"
+            assert torch.equal(s[~nz], b[~nz]), f"step {step}: a zero group's sigma changed"
+        assert zeros > 0, "the case has no zero group: the keep rule is not checked"
+        for s, r in zip(sig, rp):
+            s[s == 0] = 7.0  # the sentinel the zero groups must keep next step
+
+
+@pytest.mark.parametrize("start", ["left", "right", "far-right", "nan", "inf", "negative"])
+def test_warm_start_from_bad_values_still_solves(lib, start):
+    """The root from any start: far left of it (phi > 0: one Newton step or
+    sigma_hi), right of it and beyond sigma_hi (clamped), NaN, inf and
+    negative values (no warm start)."""
+    grouping = "conv2d-channels-last"
+    shapes, dims, view, _ = GROUPINGS[grouping]
+    hp = dict(HP["ramda"], momentum=1.0)
+    cold = sigma_like(build_case("ramda", grouping, torch.float32, torch.Generator().manual_seed(0))[0], dims, view)
+    run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32, hp=hp, lambda_=1.2, sigmas=cold)
+    factor = {"left": 1e-3, "right": 1.5, "far-right": 1e6, "nan": float("nan"), "inf": float("inf"),
+              "negative": -1.0}[start]
+    sig = [torch.where(s > 0, s * factor, s) if start not in ("nan", "inf")
+           else torch.full_like(s, factor) for s in cold]
+    (fp, _), (rp, _), _ = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32, hp=hp,
+                                   lambda_=1.2, sigmas=sig)
+    assert_close_to_ref((fp, [[None] * 3] * len(fp)), (rp, [[None] * 3] * len(rp)), torch.float32, "exact")
+    for s, c in zip(sig, cold):
+        nz = c > 0
+        assert torch.allclose(s[nz], c[nz], rtol=2e-5, atol=0)
+
+
+def test_warm_start_at_the_root_skips_the_newton_sweeps(lib):
+    """The same step twice, the second warm-started from the first's sigma: the
+    solver's sweeps over the scratch (one read of z and d each, besides the
+    final pass) drop to one or two (the step from the previous sigma is at
+    the rounding floor of phi, a relative 1e-7 to 1e-6, about the stopping
+    tolerance), at least one fewer than from sigma_hi."""
+    grouping = "linear-input"
+    shapes, dims, view, _ = GROUPINGS[grouping]
+    hp = dict(HP["ramda"], momentum=1.0)
+    sig = sigma_like(build_case("ramda", grouping, torch.float32, torch.Generator().manual_seed(0))[0], dims, view)
+    cold, warm = {}, {}
+    run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32, hp=hp, lambda_=0.2, sigmas=sig,
+             meter=cold)
+    run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32, hp=hp, lambda_=0.2, sigmas=sig,
+             meter=warm)
+    elems = cold["param"][4] // 4
+    # scratch: z and d written once; read once per Newton sweep and once to write w
+    assert cold["scratch"][1] == warm["scratch"][1] == 8 * elems
+    sweeps = lambda c: c["scratch"][0] / (8 * elems) - 1  # noqa: E731
+    print(f"Newton sweeps per element: cold {sweeps(cold):.2f}, warm {sweeps(warm):.2f}")
+    assert sweeps(warm) <= 2 and sweeps(warm) <= sweeps(cold) - 1, (sweeps(cold), sweeps(warm))
+
+
+def test_warm_start_needs_groups_in_memory_order(lib):
+    """A permuted tensor whose kept dims are not in memory order numbers its
+    groups differently in the kernels than in the reference: a clear error,
+    and nothing is written."""
+    gen = torch.Generator().manual_seed(0)
+    params, grads, states, _, _ = build_case("ramda", "strided", torch.float32, gen)
+    p, g, st = params[1], grads[1], states[1]  # (6, 4, 5) permuted, dims (0,): kept dims 1, 2 of strides 1, 24
+    before = p.clone()
+    sig = torch.zeros(20)
+    fields = step_fields("ramda", "group_lasso", "exact", 3, 0.4, HP["ramda"])
+    desc, w = tensor_fields(p, g, st, "ramda", "group_lasso", "exact", fields[19], (0,), None, sigma=sig)
+    with pytest.raises(AssertionError, match="kept dims in memory order"):
+        host_step(lib, fields, [(p, g, st, desc, w)])
+    assert torch.equal(p, before)

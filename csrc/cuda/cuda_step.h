@@ -15,13 +15,23 @@ namespace cuda {
 // Storage elements per block of an elementwise path.
 constexpr int64_t kElemChunk = 4096;
 
-// One block of the launch: an elementwise chunk or one group.
+// Adjacent groups per block of a column tile (NOTE: [Column tiles] in kernels.cuh): one per lane.
+constexpr int64_t kTileGroups = 32;
+
+// One block of the launch: an elementwise chunk, one group or a column tile.
 struct BlockItem {
   int32_t tensor;  // index into this launch's TensorArgs
-  int32_t group;   // 1: one group [begin, begin+1); 0: elementwise range [begin, end)
+  int32_t group;   // 0: elementwise range [begin, end); 1: one group [begin, begin+1);
+                   // 2: a column tile of groups [begin, end), begin a multiple of kTileGroups
   int64_t begin;
   int64_t end;
 };
+
+// Elements of one fp32 scratch slot (z or d) of a column-tiled tensor: whole
+// tiles of kTileGroups groups, laid out [element][lane] per tile.
+RAMDA_HD int64_t tile_slot_elems(const GroupLayout& L) {
+  return (L.n_groups + kTileGroups - 1) / kTileGroups * kTileGroups * L.group_size;
+}
 
 // What a launch reads from the device: `n_tensors` TensorArgs followed by
 // `n_items` BlockItems, at `table` (cached per set of tensors, table.cpp).

@@ -16,12 +16,15 @@
 //   the last pass writes the parameter. Element offsets are decoded from the
 //   canonical layout (NOTE: [Group layout]), so any dims and strides are
 //   read in place. For "rows" layouts (inner block reduced) neighbouring
-//   threads read neighbouring addresses; for "columns" layouts (inner block
-//   kept: input-wise Linear, channels-last channel-wise Conv) they do not,
-//   which is correct but uncoalesced. A tile of 32 adjacent groups per block
-//   (lane = group), like the CPU "lanes" tiling, is the planned fix.
+//   threads read neighbouring addresses;
+// * the exact solve on "columns" layouts (inner block kept: input-wise
+//   Linear, channels-last channel-wise Conv): a column tile of 32 adjacent
+//   groups per block, lane = group (NOTE: [Column tiles]), so a warp's
+//   accesses are neighbouring addresses there too. PG and the RMDA/ProxSGD
+//   shrink on columns layouts still take one group per block (uncoalesced).
+// The exact solve is warm-started from the previous sigma (NOTE: [Warm start]).
 // Nothing is read back to the host: every loop bound is a block-uniform
-// value computed on the device. The block reads its TensorArgs (376 bytes)
+// value computed on the device. The block reads its TensorArgs (384 bytes)
 // in place through a const reference into the table, never as a per-thread
 // copy (which would live in local memory).
 // The same bodies run on CPU threads in the tests (NOTE: [CUDA on CPU] in
@@ -40,6 +43,22 @@ namespace ramda {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+// NOTE: [Global accesses]
+// Every global load and store of a kernel goes through gload / gstore: plain
+// accesses under nvcc, counted by the CUDA-on-CPU stand-in (NOTE: [Counted
+// global memory] in csrc/tests/cuda_host/cuda_runtime.h), which is how the
+// tests and bench/cuda_traffic.py measure the traffic of these kernels.
+#ifdef __CUDACC__
+template <typename T>
+__device__ __forceinline__ T gload(const T* p) {
+  return *p;
+}
+template <typename T>
+__device__ __forceinline__ void gstore(T* p, T v) {
+  *p = v;
+}
+#endif
 
 // The per-step thresholds of one tensor: fill_thresholds' values (ramda_args.h),
 // computed per block so that the cached table does not change between steps.
@@ -88,7 +107,7 @@ __device__ __forceinline__ void block_reduce(float (&v)[N], const int (&op)[N]) 
 
 template <typename P>
 __device__ __forceinline__ float load(const void* base, int64_t i) {
-  return static_cast<float>(static_cast<const P*>(base)[i]);
+  return static_cast<float>(gload(static_cast<const P*>(base) + i));
 }
 
 // Pass 1 for one element at storage offset o: update the state, return the
@@ -99,32 +118,32 @@ __device__ __forceinline__ void element_pass1(const TensorArgs& t, const StepArg
   const float g = load<P>(t.grad, o);
   switch (a.optim) {
     case Optim::kRamda: {
-      float v = t.s1[o], u = t.s2[o];
-      ramda_dz(g, t.s0[o], v, u, a.s, a.eps, d, z);
-      t.s1[o] = v;
-      t.s2[o] = u;
+      float v = gload(t.s1 + o), u = gload(t.s2 + o);
+      ramda_dz(g, gload(t.s0 + o), v, u, a.s, a.eps, d, z);
+      gstore(t.s1 + o, v);
+      gstore(t.s2 + o, u);
       break;
     }
     case Optim::kRmda: {
-      float v = t.s1[o];
-      z = rmda_y(g, t.s0[o], v, a.s, a.beta);
-      t.s1[o] = v;
+      float v = gload(t.s1 + o);
+      z = rmda_y(g, gload(t.s0 + o), v, a.s, a.beta);
+      gstore(t.s1 + o, v);
       d = 1.0f;
       break;
     }
     case Optim::kProxAdamW: {
-      float m = t.s0[o], v = t.s1[o], vmax = a.amsgrad ? t.s2[o] : 0.0f;
+      float m = gload(t.s0 + o), v = gload(t.s1 + o), vmax = a.amsgrad ? gload(t.s2 + o) : 0.0f;
       const float x = load<P>(t.param, o) * a.decay;
       proxadamw_dz(g, x, m, v, vmax, a.amsgrad, a.adam, d, z);
-      t.s0[o] = m;
-      t.s1[o] = v;
-      if (a.amsgrad) t.s2[o] = vmax;
+      gstore(t.s0 + o, m);
+      gstore(t.s1 + o, v);
+      if (a.amsgrad) gstore(t.s2 + o, vmax);
       break;
     }
     case Optim::kProxSgd: {
-      float buf = t.s0[o];
+      float buf = gload(t.s0 + o);
       z = proxsgd_y(g, load<P>(t.param, o), buf, a.keep, a.c, a.lr);
-      t.s0[o] = buf;
+      gstore(t.s0 + o, buf);
       d = 1.0f;
       break;
     }
@@ -143,7 +162,7 @@ __device__ __forceinline__ void write_param(const TensorArgs& t, const StepArgs&
   float out = w;
   if (a.optim == Optim::kRamda || a.optim == Optim::kRmda)
     out = average(load<P>(t.param, o), w, a.keep, a.c);
-  static_cast<P*>(t.param)[o] = static_cast<P>(out);
+  gstore(static_cast<P*>(t.param) + o, static_cast<P>(out));
 }
 
 template <typename P>
@@ -163,6 +182,50 @@ __device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t 
   return block_offset(e, L.n_red, L.red_size, L.red_stride);
 }
 
+__device__ __forceinline__ void add_newton_terms(float* r, float zeta, float d, float sigma) {
+  float ta, tb, tc;
+  newton_terms(zeta, d, sigma, ta, tb, tc);
+  r[0] += ta;
+  r[1] += tb;
+  r[2] += tc;
+}
+
+// Pass 1's group sums: sum z^2, max d, min d, then the Newton sums at the
+// previous sigma s0 when there is one (NOTE: [Warm start]).
+__device__ __forceinline__ void add_pass1(float (&acc)[6], float z, float d, float s0) {
+  acc[0] += z * z;
+  acc[1] = fmaxf(acc[1], d);
+  acc[2] = fminf(acc[2], d);
+  if (s0 > 0.0f) add_newton_terms(acc + 3, z, d, s0);
+}
+
+// NOTE: [Warm start] (docs/math.md section 4, item 5). Pass 1 also sums
+// newton_terms at the previous sigma s0 (on the raw z: every term is
+// quadratic in zeta, so the sums over z divided by ||z||^2 are the sums over
+// zeta). With f and the denominator of newton_update, phi(s0) = -K f and
+// phi'(s0) = -K' den for positive K, K': f >= 0 is right of the root (Newton
+// from s0, monotone as from sigma_hi); f < 0 with den > 0 is left of it with
+// phi' < 0, and by concavity one Newton step lands at or right of the root;
+// anything else (s0 >= sigma_hi, den <= 0, NaN, no s0) starts at sigma_hi.
+// Every start is clamped to <= sigma_hi (right of the root too), and `done`
+// follows the usual rule: the step from s0 was below kNewtonTol relative.
+__device__ __forceinline__ float warm_start(float s0, const float (&acc)[6], const NewtonStart& st, bool& done) {
+  const float a = acc[3] / acc[0], b = acc[4] / acc[0], c = acc[5] / acc[0];
+  done = false;
+  // Beyond sigma_hi the step from s0 would cancel (s0 - delta with delta ~ s0):
+  // start at sigma_hi, as the rule's clamp allows.
+  if (!(s0 > 0.0f) || !(s0 < st.sigma)) return st.sigma;
+  const float vn = sqrtf(a + b);
+  const float f = st.rel_excess - c / (1.0f + vn);
+  const float den = a + f * b / vn;
+  if (!(f >= 0.0f || den > 0.0f)) return st.sigma;  // (f >= 0 implies den > 0)
+  const float delta = s0 * f * vn / den;  // >= 0 right of the root, < 0 left of it
+  const float next = s0 - delta;
+  if (!(next <= st.sigma)) return st.sigma;
+  done = !(fabsf(delta) > kNewtonTol * next);
+  return next;
+}
+
 template <typename P>
 __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
                             float* scratch) {
@@ -176,48 +239,49 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   float* Zs = zs + 2 * t.numel;                    // PG iterate
   const bool pg = dual && a.solver == Solver::kPg;
   const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
+  // The previous sigma (NOTE: [Warm start]): one lane per warp reads it.
+  float s0 = 0.0f;
+  if (dual && !pg && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
 
-  float acc[3] = {0.0f, -INFINITY, INFINITY};
+  // sum z^2, max d, min d, and the Newton sums at s0
+  float acc[6] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f};
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     float z, d;
     element_pass1<P>(t, a, base + element_offset(L, e), z, d);
-    zs[e] = z;
-    if (dual) ds[e] = d;
-    acc[0] += z * z;
-    acc[1] = fmaxf(acc[1], d);
-    acc[2] = fminf(acc[2], d);
+    gstore(zs + e, z);
+    if (dual) gstore(ds + e, d);
+    add_pass1(acc, z, d, s0);
   }
-  const int sum_max_min[3] = {0, 1, 2};
-  block_reduce<3>(acc, sum_max_min);
+  const int ops[6] = {0, 1, 2, 0, 0, 0};
+  block_reduce<6>(acc, ops);
   const float znorm = sqrtf(acc[0]), dmax = acc[1], dmin = acc[2];
   const float thr = th.thr;
 
   if (!dual) {  // RMDA / ProxSGD: group soft-threshold of y
     const float scale = group_shrink(znorm, thr);
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_param<P>(t, a, base + element_offset(L, e), zs[e] * scale);
+      write_param<P>(t, a, base + element_offset(L, e), gload(zs + e) * scale);
     return;
   }
   if (!pg) {  // exact Newton (docs/math.md section 4), step without cancellation (ramda_math.h)
     const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
     float sigma = st.sigma;
     bool done = st.done;
+    if (!done) sigma = warm_start(s0, acc, st, done);
     const int sum3[3] = {0, 0, 0};
     for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
       float r[3] = {0.0f, 0.0f, 0.0f};
       for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        float ta, tb, tc;
-        newton_terms(zs[e] / st.norm, ds[e], sigma, ta, tb, tc);
-        r[0] += ta;
-        r[1] += tb;
-        r[2] += tc;
+        add_newton_terms(r, gload(zs + e) / st.norm, gload(ds + e), sigma);
       }
       block_reduce<3>(r, sum3);
       sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, done);
     }
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
       write_param<P>(t, a, base + element_offset(L, e),
-                     st.active ? newton_solution(zs[e], ds[e], sigma) : 0.0f);
+                     st.active ? newton_solution(gload(zs + e), gload(ds + e), sigma) : 0.0f);
+    // A zero group keeps its previous sigma.
+    if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
     return;
   }
   // Proximal gradient (docs/math.md section 5), warm started at x; screened groups are zero.
@@ -228,14 +292,14 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   }
   const float theta = 1.0f / dmax, inv_theta = 1.0f / theta, pthr = theta * thr;
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    Zs[e] = current_x<P>(t, a, base + element_offset(L, e));
+    gstore(Zs + e, current_x<P>(t, a, base + element_offset(L, e)));
   const int sum1[1] = {0};
   for (int it = 0; it < a.max_iters; ++it) {
     float scale = 1.0f;
     if (!l1) {
       float y2[1] = {0.0f};
       for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        const float y = pg_gradient_point(Zs[e], zs[e], ds[e], theta);
+        const float y = pg_gradient_point(gload(Zs + e), gload(zs + e), gload(ds + e), theta);
         y2[0] += y * y;
       }
       block_reduce<1>(y2, sum1);
@@ -243,17 +307,106 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     }
     float s2[1] = {0.0f};
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const float y = pg_gradient_point(Zs[e], zs[e], ds[e], theta);
+      const float Z = gload(Zs + e), dd = gload(ds + e);
+      const float y = pg_gradient_point(Z, gload(zs + e), dd, theta);
       const float zn = l1 ? soft_threshold(y, pthr) : y * scale;
-      const float s = pg_residual(Zs[e], zn, ds[e], inv_theta);
+      const float s = pg_residual(Z, zn, dd, inv_theta);
       s2[0] += s * s;
-      Zs[e] = zn;
+      gstore(Zs + e, zn);
     }
     block_reduce<1>(s2, sum1);
     if (!(sqrtf(s2[0]) > th.pg_tol)) break;
   }
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    write_param<P>(t, a, base + element_offset(L, e), Zs[e]);
+    write_param<P>(t, a, base + element_offset(L, e), gload(Zs + e));
+}
+
+// Per-lane reduction over the warps of a block (column tiles: lane l of every
+// warp holds a share of group l); every warp gets the same results, summed in
+// warp order.
+template <int N>
+__device__ __forceinline__ void tile_reduce(float (&v)[N], const int (&op)[N]) {
+  __shared__ float part[N][kThreads / 32][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int k = 0; k < N; ++k) part[k][warp][lane] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float x = part[k][0][lane];
+    for (int w = 1; w < warps; ++w) {
+      const float y = part[k][w][lane];
+      x = op[k] == 0 ? x + y : (op[k] == 1 ? fmaxf(x, y) : fminf(x, y));
+    }
+    v[k] = x;
+  }
+  __syncthreads();  // part[] is reused by the next reduction
+}
+
+// NOTE: [Column tiles]
+// The exact solve on a columns layout (innermost memory block kept): a block
+// takes kTileGroups adjacent groups, lane l of every warp the group
+// begin + l, so the 32 lanes of an access read neighbouring addresses (the
+// innermost kept block has stride 1 in every dense layout of this kind);
+// the warps split the elements (warp w: w, w + 8, ...). Group sums meet in
+// shared memory (tile_reduce); every warp then holds the same per-group
+// values, so a loop over the tile runs while any lane of a warp is not done,
+// a condition uniform over the block. The scratch of a tile is laid out
+// [element][lane], so the Newton sweeps are coalesced too; done groups and
+// lanes past the last group issue no access.
+template <typename P>
+__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1,
+                                  float* scratch) {
+  const GroupLayout& L = t.layout;
+  const int64_t n = L.group_size;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t g = g0 + lane;
+  const bool live = g < g1;
+  const int64_t base = live ? block_offset(g, L.n_kept, L.kept_size, L.kept_stride) : 0;
+  float* zs = scratch + t.scratch + g0 * n + lane;  // element e at zs[e * kTileGroups]
+  float* ds = zs + tile_slot_elems(L);
+  // The previous sigma (NOTE: [Warm start]), read once per group by warp 0.
+  float s0 = 0.0f;
+  if (t.sigma != nullptr) {
+    __shared__ float prev[kTileGroups];
+    if (warp == 0) prev[lane] = live ? gload(t.sigma + g) : 0.0f;
+    __syncthreads();
+    s0 = prev[lane];
+  }
+  float acc[6] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f};
+  if (live) {
+    for (int64_t e = warp; e < n; e += warps) {
+      float z, d;
+      element_pass1<P>(t, a, base + element_offset(L, e), z, d);
+      gstore(zs + e * kTileGroups, z);
+      gstore(ds + e * kTileGroups, d);
+      add_pass1(acc, z, d, s0);
+    }
+  }
+  const int ops[6] = {0, 1, 2, 0, 0, 0};
+  tile_reduce<6>(acc, ops);
+  const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
+  float sigma = st.sigma;
+  bool done = !live || st.done;
+  if (!done) sigma = warm_start(s0, acc, st, done);
+  const int sum3[3] = {0, 0, 0};
+  for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
+    float r[3] = {0.0f, 0.0f, 0.0f};
+    if (!done) {
+      for (int64_t e = warp; e < n; e += warps) {
+        add_newton_terms(r, gload(zs + e * kTileGroups) / st.norm, gload(ds + e * kTileGroups), sigma);
+      }
+    }
+    tile_reduce<3>(r, sum3);
+    if (!done) sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, done);
+  }
+  if (!live) return;
+  for (int64_t e = warp; e < n; e += warps)
+    write_param<P>(t, a, base + element_offset(L, e),
+                   st.active ? newton_solution(gload(zs + e * kTileGroups), gload(ds + e * kTileGroups), sigma)
+                             : 0.0f);
+  // A zero group keeps its previous sigma.
+  if (t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
 }
 
 template <typename P>
@@ -263,7 +416,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs
   const BlockItem item = items[blockIdx.x];
   const TensorArgs& t = tensors[item.tensor];
   const Thresholds th = thresholds(t, a);
-  if (item.group) group_block<P>(t, a, th, item.begin, l.scratch);
+  if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end, l.scratch);
+  else if (item.group == 1) group_block<P>(t, a, th, item.begin, l.scratch);
   else elementwise_block<P>(t, a, th.thr, item.begin, item.end);
 }
 

@@ -22,6 +22,16 @@ inline int64_t scratch_per_element(const StepArgs& a) {
   return a.solver == Solver::kPg ? 3 : 2;
 }
 
+// Whether a grouped tensor runs as column tiles (NOTE: [Column tiles] in
+// kernels.cuh): the exact group-lasso solve of RAMDA / ProxAdamW on a layout
+// whose innermost memory block is kept (input-wise Linear, channels-last
+// channel-wise Conv). The other grouped paths keep one group per block.
+inline bool column_tiles(const StepArgs& a, const TensorArgs& t) {
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  return t.path == Path::kGroups && dual && a.reg == Reg::kGroupLasso && a.solver == Solver::kExact &&
+         !t.layout.inner_reduced();
+}
+
 struct PlanLayout {
   std::vector<uint8_t> bytes;   // per dtype, 16-byte aligned: TensorArgs then BlockItems
   int64_t offsets[3][3] = {};   // per dtype: byte offset, n_tensors, n_items
@@ -37,7 +47,14 @@ inline PlanLayout lay_out_plan(const StepArgs& a, const std::vector<TensorArgs>&
     if (t.numel == 0) continue;
     const int slot = static_cast<int>(t.dtype);
     const int32_t ti = static_cast<int32_t>(by_dtype[slot].size());
-    if (t.path == Path::kGroups) {
+    // each tensor's scratch starts 128-byte aligned, so a tile's rows are whole sectors
+    plan.scratch_elems = (plan.scratch_elems + 31) / 32 * 32;
+    if (column_tiles(a, t)) {
+      t.scratch = plan.scratch_elems;
+      plan.scratch_elems += per_elem * tile_slot_elems(t.layout);
+      for (int64_t g = 0; g < t.layout.n_groups; g += kTileGroups)
+        items[slot].push_back({ti, 2, g, std::min(t.layout.n_groups, g + kTileGroups)});
+    } else if (t.path == Path::kGroups) {
       t.scratch = plan.scratch_elems;
       plan.scratch_elems += per_elem * t.numel;
       for (int64_t g = 0; g < t.layout.n_groups; ++g) items[slot].push_back({ti, 1, g, g + 1});

@@ -49,6 +49,7 @@ std::string plan_key(const StepArgs& a, const std::vector<TensorArgs>& tensors, 
     put(t.s0);
     put(t.s1);
     put(t.s2);
+    put(t.sigma);  // the warm-start state is addressed from the table too
     put(t.numel);
     put(static_cast<int32_t>(t.dtype));
     put(static_cast<int32_t>(t.path));

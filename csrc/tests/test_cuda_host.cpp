@@ -3,8 +3,9 @@
 // Newton, fp32, on rows, columns, NCHW and channels-last channel-wise and
 // strided layouts with groups of 1 to 300 elements (> one block), checked by
 // the KKT conditions (docs/math.md section 4); the same bits for two block
-// orders; and a self-test that the shuffled order exposes a block that reads
-// another block's output. Built plain and with ThreadSanitizer (CMakeLists.txt).
+// orders; a self-test that the shuffled order exposes a block that reads
+// another block's output; and the meter's counts on a copy (bytes), strided
+// reads (sectors) and a tensor read twice. Built plain and with ThreadSanitizer (CMakeLists.txt).
 //
 //   test_cuda_host [--quick] [--drop-sync K]
 //     --quick: fewer, smaller cases (the TSan build)
@@ -197,6 +198,56 @@ void test_order_detects_dependent_blocks() {
   if (x == y) fail("two block orders gave the same result for dependent blocks");
 }
 
+// --- the meter (NOTE: [Counted global memory] in cuda_runtime.h)
+
+__global__ void copy_kernel(const float* in, float* out, int stride) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  gstore(out + i, gload(in + static_cast<int64_t>(i) * stride));
+}
+
+__global__ void read_twice_kernel(const float* in, float* out) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  const float x = gload(in + i);
+  gstore(out + i, x + gload(in + i));
+}
+
+// Read passes over a region: bytes read over its size; the single-pass check
+// a traffic test applies to every input.
+bool single_pass(const cuda_host::RegionCount& r) { return r.read <= r.nbytes && r.written <= r.nbytes; }
+
+void test_meter() {
+  constexpr int kN = 4096, kBlock = 256;
+  alignas(128) static float in[8 * kN];
+  alignas(128) static float out[kN];
+  for (int stride : {1, 2, 8}) {
+    cuda_host::meter_start();
+    const size_t ri = cuda_host::meter_region(in, sizeof(in));
+    const size_t ro = cuda_host::meter_region(out, sizeof(out));
+    cuda_host::launch(dim3(kN / kBlock), dim3(kBlock), &copy_kernel, static_cast<const float*>(in), out, stride);
+    cuda_host::meter_stop();
+    const auto& m = cuda_host::meter();
+    const auto &r = m.regions[ri], &w = m.regions[ro];
+    // a warp's 32 lanes read 128 bytes spread over 32 * 4 * stride bytes
+    const uint64_t sectors_in = static_cast<uint64_t>(kN / 32) * (stride == 1 ? 4 : stride == 2 ? 8 : 32);
+    if (r.read != 4u * kN || r.written != 0 || r.sectors_r != sectors_in)
+      fail("meter: copy with stride " + std::to_string(stride) + ": read " + std::to_string(r.read) +
+           " B in " + std::to_string(r.sectors_r) + " sectors, expected " + std::to_string(4 * kN) +
+           " in " + std::to_string(sectors_in));
+    if (w.written != 4u * kN || w.read != 0 || w.sectors_w != kN / 8)
+      fail("meter: copy: written " + std::to_string(w.written) + " B in " + std::to_string(w.sectors_w) +
+           " sectors");
+    if (m.other.read + m.other.written != 0) fail("meter: accesses outside the registered regions");
+  }
+  cuda_host::meter_start();
+  const size_t ri = cuda_host::meter_region(in, kN * sizeof(float));
+  cuda_host::meter_region(out, sizeof(out));
+  cuda_host::launch(dim3(kN / kBlock), dim3(kBlock), &read_twice_kernel, static_cast<const float*>(in), out);
+  cuda_host::meter_stop();
+  const auto& r = cuda_host::meter().regions[ri];
+  if (r.read != 8u * kN || single_pass(r)) fail("meter: a tensor read twice was not counted twice");
+  std::printf("meter: copy bytes and strided sectors counted; a second read detected\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -224,6 +275,7 @@ int main(int argc, char** argv) {
     if (std::memcmp(r1[i].p.data(), r2[i].p.data(), r1[i].p.size() * sizeof(float)) != 0)
       fail("case " + std::to_string(i) + ": the result depends on the block order");
   test_order_detects_dependent_blocks();
+  test_meter();
   std::printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
 }

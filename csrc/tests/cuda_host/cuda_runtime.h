@@ -18,6 +18,9 @@
 // * drop_sync(k) makes the k-th __syncthreads of every block (counted from 1;
 //   block-uniform, so nothing deadlocks) a no-op: the tests' way to show
 //   that a removed barrier is detected.
+// * Global memory goes through gload / gstore (NOTE: [Global accesses] in
+//   csrc/cuda/kernels.cuh), which the meter counts (NOTE: [Counted global
+//   memory] below) while it is on.
 // Only 1-D grids and blocks whose size is a multiple of 32 are supported,
 // which is what csrc/cuda uses.
 #pragma once
@@ -70,6 +73,127 @@ namespace cuda_host {
 constexpr int kTagShuffle = -1;
 constexpr int kTagBlockEnd = -2;
 
+// NOTE: [Counted global memory]
+// While the meter is on, every gload / gstore is logged by its thread with
+// a key: the source line of the access, the number of barriers (block or
+// warp) the thread has passed, and how often it ran that line since the last
+// one. At the end of each block the logs of a warp's 32 lanes are merged:
+// equal keys are one warp-level instruction (the lanes of a warp run the
+// same loops in step, so the k-th execution of a line between two barriers
+// is the same instruction in every lane; a lane that has left a loop is an
+// inactive lane). Per instruction and per registered region (the tensor an
+// address falls in; anything else is "other"): bytes issued by the active
+// lanes and the distinct 32-byte sectors they touch. Reads of the launch
+// table (TensorArgs, BlockItem) are plain member reads, not counted: they
+// are per-block scalars, cached on a device.
+constexpr uintptr_t kSector = 32;
+
+struct RegionCount {
+  uintptr_t start = 0;
+  size_t nbytes = 0;
+  uint64_t read = 0, written = 0;           // bytes issued by active lanes
+  uint64_t sectors_r = 0, sectors_w = 0;    // sum over instructions of distinct sectors
+};
+
+struct Access {
+  uint64_t key;
+  uintptr_t addr;
+  uint32_t bytes;
+  bool store;
+};
+
+struct Meter {
+  bool on = false;
+  std::vector<RegionCount> regions;  // registration order; `other` is regions.back() once sorted
+  RegionCount other;
+  std::vector<std::vector<Access>> logs;  // per thread of the block
+  std::vector<size_t> by_start;           // region indices sorted by start address
+  void index() {
+    by_start.resize(regions.size());
+    std::iota(by_start.begin(), by_start.end(), size_t{0});
+    std::sort(by_start.begin(), by_start.end(),
+              [&](size_t a, size_t b) { return regions[a].start < regions[b].start; });
+  }
+  RegionCount& find(uintptr_t addr) {
+    auto it = std::upper_bound(by_start.begin(), by_start.end(), addr,
+                               [&](uintptr_t x, size_t r) { return x < regions[r].start; });
+    if (it == by_start.begin()) return other;
+    RegionCount& r = regions[*(it - 1)];
+    return addr < r.start + r.nbytes ? r : other;
+  }
+  // The lanes' logs of one warp (threads first .. first+31) as instructions.
+  void merge_warp(unsigned first) {
+    std::vector<std::pair<Access, unsigned>> all;
+    for (unsigned l = first; l < first + 32 && l < logs.size(); ++l)
+      for (const Access& a : logs[l]) all.push_back({a, l});
+    std::stable_sort(all.begin(), all.end(),
+                     [](const auto& x, const auto& y) { return x.first.key < y.first.key; });
+    std::vector<std::pair<RegionCount*, uintptr_t>> sectors;
+    for (size_t i = 0; i < all.size();) {
+      size_t j = i;
+      sectors.clear();
+      while (j < all.size() && all[j].first.key == all[i].first.key) {
+        const Access& a = all[j].first;
+        RegionCount& r = find(a.addr);
+        (a.store ? r.written : r.read) += a.bytes;
+        for (uintptr_t s = a.addr / kSector; s <= (a.addr + a.bytes - 1) / kSector; ++s)
+          sectors.push_back({&r, s});
+        ++j;
+      }
+      std::sort(sectors.begin(), sectors.end());
+      sectors.erase(std::unique(sectors.begin(), sectors.end()), sectors.end());
+      const bool store = all[i].first.store;
+      for (const auto& sr : sectors) ++(store ? sr.first->sectors_w : sr.first->sectors_r);
+      i = j;
+    }
+  }
+  void merge_block() {
+    if (by_start.size() != regions.size()) index();
+    for (unsigned w = 0; w < logs.size(); w += 32) merge_warp(w);
+    for (auto& l : logs) l.clear();
+  }
+};
+
+inline Meter& meter() {
+  static Meter m;
+  return m;
+}
+
+// Starts counting (clearing every count and region); returns nothing.
+inline void meter_start() {
+  Meter& m = meter();
+  m = Meter{};
+  m.on = true;
+}
+// Registers [start, start + nbytes) as one region; returns its index.
+inline size_t meter_region(const void* start, size_t nbytes) {
+  Meter& m = meter();
+  m.regions.push_back({reinterpret_cast<uintptr_t>(start), nbytes});
+  m.by_start.clear();
+  return m.regions.size() - 1;
+}
+inline void meter_stop() { meter().on = false; }
+
+// Per-thread key state (see NOTE: [Counted global memory]).
+inline thread_local uint64_t barrier_epoch = 0;
+inline thread_local std::vector<std::pair<int, uint32_t>> line_runs;  // (line, executions) this epoch
+
+inline void next_epoch() {
+  ++barrier_epoch;
+  line_runs.clear();
+}
+
+inline void record(const void* p, size_t bytes, bool store, int line) {
+  Meter& m = meter();
+  if (!m.on) return;
+  uint32_t k = 0;
+  auto it = std::find_if(line_runs.begin(), line_runs.end(), [&](const auto& r) { return r.first == line; });
+  if (it == line_runs.end()) line_runs.push_back({line, 1});
+  else k = it->second++;
+  const uint64_t key = (barrier_epoch << 40) | (static_cast<uint64_t>(line) << 20) | k;
+  m.logs[threadIdx.x].push_back({key, reinterpret_cast<uintptr_t>(p), static_cast<uint32_t>(bytes), store});
+}
+
 struct State;
 struct CheckTags {
   State* s;
@@ -104,6 +228,8 @@ inline thread_local int sync_count = 0;
 
 inline void CheckTags::operator()() noexcept {
   s->phases.fetch_add(1, std::memory_order_relaxed);
+  // Every thread of the block waits here: their logs are complete.
+  if (s->tag[first] == kTagBlockEnd && count == blockDim.x && meter().on) meter().merge_block();
   for (unsigned i = first + 1; i < first + count; ++i) {
     if (s->tag[i] != s->tag[first] && !s->broken) {
       std::lock_guard<std::mutex> lock(s->error_mu);
@@ -135,6 +261,7 @@ inline void set_block_order(uint64_t seed) { state().order_seed = seed; }
 inline void drop_sync(int k) { state().drop_sync = k; }
 
 inline void syncthreads(int line) {
+  next_epoch();
   if (++sync_count == state().drop_sync) return;
   arrive(*state().bar, line);
 }
@@ -149,6 +276,7 @@ template <typename T>
 T shfl_xor(T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   State& s = state();
+  next_epoch();
   const unsigned lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31u;
   uint64_t* slots = s.slot.data() + (shuffle_parity ^= 1u) * blockDim.x;
   std::memcpy(&slots[threadIdx.x], &v, sizeof(T));
@@ -182,6 +310,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
   s.slot.assign(2 * block.x, 0);
   s.broken = false;
   s.error.clear();
+  meter().logs.assign(block.x, {});
   const std::tuple<Params...> argv(std::forward<Args>(args)...);
   std::vector<std::thread> threads;
   threads.reserve(block.x);
@@ -192,6 +321,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
         for (unsigned b : order) {
           blockIdx = dim3(b);
           sync_count = 0;
+          next_epoch();
           std::apply(kernel, argv);
           arrive(*s.bar, kTagBlockEnd);  // blocks run one after the other
         }
@@ -229,6 +359,19 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
 }  // namespace cuda_host
 
 #define __syncthreads() cuda_host::syncthreads(__LINE__)
+
+// Global memory accesses of the kernels (NOTE: [Global accesses] in
+// csrc/cuda/kernels.cuh), counted here.
+template <typename T>
+T gload(const T* p, int line = __builtin_LINE()) {
+  cuda_host::record(p, sizeof(T), false, line);
+  return *p;
+}
+template <typename T>
+void gstore(T* p, T v, int line = __builtin_LINE()) {
+  cuda_host::record(p, sizeof(T), true, line);
+  *p = v;
+}
 template <typename T>
 T __shfl_xor_sync(unsigned /*mask: kernels pass the full warp*/, T v, int lane_mask) {
   return cuda_host::shfl_xor(v, lane_mask);
