@@ -67,6 +67,7 @@ struct TensorArgs {
   float* s0 = nullptr;
   float* s1 = nullptr;
   float* s2 = nullptr;
+  float* sigma;
   int64_t numel = 0;      // elements (== extent of the dense storage)
   DType dtype = DType::kFp32;
   Path path = Path::kElementwise;
