@@ -158,7 +158,7 @@ struct NewtonStart {
 };
 
 // `prev`: the group's sigma from the previous step (0: none; docs/math.md
-// section 4, item 5): a group that iterates starts at min(prev, sigma_hi).
+// section 4, item 5): a group that iterates takes its first step from there.
 RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr, float prev = 0.0f) {
   NewtonStart st;
   st.active = znorm > thr;
@@ -166,7 +166,7 @@ RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr
   st.hi = thr * dmax / excess;
   st.done = !st.active || dmax == dmin;
   st.warm = !st.done && prev > 0.0f;
-  st.sigma = st.warm ? (prev < st.hi ? prev : st.hi) : st.hi;
+  st.sigma = st.warm ? prev : st.hi;
   st.norm = st.active ? znorm : 1.0f;
   st.inv_norm = 1.0f / st.norm;
   st.rel_excess = excess / st.norm;
@@ -200,11 +200,12 @@ RAMDA_HD float newton_update(float sigma, float a, float b, float c, float rel_e
   return next;
 }
 
-// The first step from a warm start s0 <= hi (ramda_ref.prox._warm_step):
+// The first step from a warm start s0 > 0 (ramda_ref.prox._warm_step), every
+// iterate capped at hi (a capped step goes on as the cold solve):
 // phi(s0) <= 0 (f >= 0, or NaN): the plain step above; phi(s0) > 0 and
 // phi'(s0) < 0 (a + f b/||v|| > 0): the Newton step, which by concavity
-// lands right of the root, capped at hi, done when it moved sigma by less
-// than kNewtonTol relative; otherwise hi, not done.
+// lands right of the root, done when it moved sigma by less than kNewtonTol
+// relative; otherwise hi, not done.
 RAMDA_HD float newton_warm_update(float s0, float a, float b, float c, float rel_excess, float hi,
                                   bool& done) {
   const float vn = sqrtf(a + b);
@@ -213,6 +214,10 @@ RAMDA_HD float newton_warm_update(float s0, float a, float b, float c, float rel
   const float delta = s0 * f * vn / denom;
   if (!(f < 0.0f)) {
     const float next = delta > 0.0f ? s0 - delta : s0;
+    if (!(next <= hi)) {
+      done = false;
+      return hi;
+    }
     done = !(delta > kNewtonTol * next);
     return next;
   }

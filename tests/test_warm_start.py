@@ -156,10 +156,18 @@ def test_every_branch_of_the_warm_start_rule():
     w, it, s = _warm(z, d, T, s0)
     assert it == itc + 1 and torch.equal(s, sc) and torch.equal(w, wc)
 
-    # s0 = 0 is a cold start; s0 above sigma_hi starts at sigma_hi (the cold step)
-    for s0, extra in ((0.0, 0), (10 * hi, 0)):
-        w, it, s = _warm(z, d, T, s0)
-        assert it == itc + extra and torch.equal(s, sc) and torch.equal(w, wc), s0
+    # s0 = 0 is a cold start
+    w, it, s = _warm(z, d, T, 0.0)
+    assert it == itc and torch.equal(s, sc) and torch.equal(w, wc)
+
+    # s0 far above sigma_hi (phi(s0) < 0): Newton from there (at or right of the
+    # root by concavity, capped at sigma_hi) reaches the root
+    s0 = 1e3 * hi
+    phi, dphi = _phi(z, d, T, s0)
+    assert float(phi) < 0
+    w, it, s = _warm(z, d, T, s0)
+    assert it <= itc + 1 and abs(float(s) - root) <= 1e-14 * root
+    _assert_root(s, w, T, torch.float64, "far right")
 
 
 def _critical_point(z, d, T, root):

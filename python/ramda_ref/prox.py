@@ -146,9 +146,8 @@ def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
     soft-threshold) and no iteration is taken.
 
     Warm start (docs/math.md section 4, item 5): a group with a previous
-    ``sigma > 0`` takes its first step from ``s0 = min(sigma, sigma_hi)``
-    (`_warm_step`) instead of from ``sigma_hi``; that step counts as one
-    iteration. ``sigma_new`` is the root of every nonzero group (``sigma_hi``
+    ``sigma > 0`` takes its first step from ``s0 = sigma`` (`_warm_step`)
+    instead of from ``sigma_hi``; that step counts as one iteration. ``sigma_new`` is the root of every nonzero group (``sigma_hi``
     for constant ``d``) and the previous value of every zero group.
 
     ``capturable``: run all ``NEWTON_MAX_ITERS`` steps, masked, instead of
@@ -173,7 +172,7 @@ def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
     if previous is not None:
         warm = ~done & (previous > 0)
         if capturable or bool(warm.any()):
-            s0 = torch.where(warm, torch.minimum(previous, sigma_hi), sigma_hi)
+            s0 = torch.where(warm, previous, sigma_hi)
             start, stop = _warm_step(zeta, d, s0, sigma_hi, rel_excess, dims, tol)
             sigma_cur = torch.where(warm, start, sigma_hi)
             iters += warm.to(torch.int32)
@@ -235,8 +234,10 @@ def _newton_step(zeta, d, sigma, rel_excess, dims):
 
 
 def _warm_step(zeta, d, s0, sigma_hi, rel_excess, dims, tol):
-    """The first Newton step from a warm start ``s0 <= sigma_hi`` (docs/math.md
-    section 4, item 5): ``(sigma, converged)`` per group.
+    """The first Newton step from a warm start ``s0 > 0`` (docs/math.md section 4,
+    item 5): ``(sigma, converged)`` per group. Every iterate is capped at
+    ``sigma_hi`` (both are right of the root); a step capped there goes on as
+    the cold solve.
 
     * ``phi(s0) <= 0`` (``f >= 0``, or NaN: phi at its rounding floor): right
       of the root, the plain monotone step of `exact_group_lasso`'s loop;
@@ -250,10 +251,12 @@ def _warm_step(zeta, d, s0, sigma_hi, rel_excess, dims, tol):
     delta = s0 * f * vn / denom
     left = f < 0
     rising = left & (denom > 0)
-    right_new = torch.where(delta > 0, s0 - delta, s0)
+    right_raw = torch.where(delta > 0, s0 - delta, s0)
+    capped = ~(right_raw <= sigma_hi)
+    right_new = torch.where(capped, sigma_hi, right_raw)
     left_new = torch.minimum(s0 - delta, sigma_hi)
     sigma = torch.where(~left, right_new, torch.where(rising, left_new, sigma_hi))
-    converged = torch.where(~left, ~(delta > tol * right_new),
+    converged = torch.where(~left, ~capped & ~(delta > tol * right_new),
                             rising & ~(left_new - s0 > tol * left_new))
     return sigma, converged
 
