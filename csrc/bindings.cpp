@@ -15,8 +15,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_step.h"
@@ -138,14 +141,48 @@ struct Call {
   bool reweight;
 };
 
+// How the groups of a tensor are numbered: the layout's order (memory order of
+// the kept dims, NOTE: [Group layout]) against the reference's (row-major over
+// the kept dims of the grouped view), which the sigma state uses.
+struct GroupOrder {
+  std::vector<int64_t> kept_sizes;  // sizes of the kept dims (size > 1), in dim order
+  std::vector<int64_t> perm;        // those dims (indices into kept_sizes) in memory order
+  bool identity() const {
+    for (size_t k = 0; k < perm.size(); ++k)
+      if (perm[k] != static_cast<int64_t>(k)) return false;
+    return true;
+  }
+};
+
+GroupOrder group_order(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
+                       const std::vector<bool>& reduced) {
+  GroupOrder o;
+  std::vector<int64_t> kept_strides;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (reduced[d] || shape[d] == 1) continue;
+    o.kept_sizes.push_back(shape[d]);
+    kept_strides.push_back(strides[d]);
+  }
+  o.perm.resize(o.kept_sizes.size());
+  std::iota(o.perm.begin(), o.perm.end(), 0);
+  // the stable sort of make_group_layout: largest stride first
+  std::stable_sort(o.perm.begin(), o.perm.end(),
+                   [&](int64_t x, int64_t y) { return kept_strides[x] > kept_strides[y]; });
+  return o;
+}
+
+// TensorArgs::sigma is set on every path: nullptr unless this tensor runs the
+// exact group-lasso solve with a warm-start list (then the caller points it at
+// the sigmas in the layout's group order).
 TensorArgs tensor_args(const Call& c, const StepArgs& a, int64_t i, const Tensor& p,
-                       const Tensor& g, float* s0, float* s1, float* s2) {
+                       const Tensor& g, float* s0, float* s1, float* s2, GroupOrder* order) {
   TensorArgs t;
   t.param = p.data_ptr();
   t.grad = g.data_ptr();
   t.s0 = s0;
   t.s1 = s1;
   t.s2 = s2;
+  t.sigma = nullptr;
   t.numel = p.numel();
   t.dtype = parse_dtype(c.op, i, p.scalar_type());
   const bool dual = c.optim == Optim::kRamda || c.optim == Optim::kProxAdamW;
@@ -175,6 +212,7 @@ TensorArgs tensor_args(const Call& c, const StepArgs& a, int64_t i, const Tensor
       }
     }
     t.layout = make_group_layout(shape, strides, reduced);
+    if (order && c.reg == Reg::kGroupLasso) *order = group_order(shape, strides, reduced);
     const double gsize = static_cast<double>(t.layout.group_size);
     t.cg = (c.reg == Reg::kGroupLasso && c.reweight) ? std::sqrt(gsize) : 1.0;
     t.tol_scale = std::sqrt(gsize / static_cast<double>(t.numel));
@@ -183,14 +221,45 @@ TensorArgs tensor_args(const Call& c, const StepArgs& a, int64_t i, const Tensor
   return t;
 }
 
+// Points t.sigma at sigmas[i] (one fp32 value per group, in the reference's
+// order) when tensor i runs the exact group-lasso solve; where the layout
+// numbers the groups in another order (kept dims whose memory order is not
+// their dim order), at a copy in the layout's order, returned in `staged`
+// with the view of sigmas[i] to copy it back to after the step.
+void attach_sigma(const Call& c, int64_t i, const Tensor& p, const Tensor& sigma,
+                  const GroupOrder& order, TensorArgs& t,
+                  std::vector<std::pair<Tensor, Tensor>>& staged) {
+  TORCH_CHECK(sigma.device() == p.device(), c.op, ": sigmas[", i, "] is on ", sigma.device(),
+              " but params[", i, "] is on ", p.device());
+  TORCH_CHECK(sigma.scalar_type() == at::kFloat, c.op, ": sigmas[", i, "] has dtype ",
+              sigma.scalar_type(), ", expected Float");
+  const bool grouped = t.path == Path::kGroups && c.reg == Reg::kGroupLasso &&
+                       c.solver == Solver::kExact && t.numel > 0;
+  if (!grouped) return;  // nothing is solved with Newton here: the sigmas stay as they are
+  TORCH_CHECK(sigma.dim() == 1 && sigma.is_contiguous() && sigma.numel() == t.layout.n_groups, c.op,
+              ": sigmas[", i, "] has shape ", sigma.sizes(), " and strides ", sigma.strides(),
+              "; expected one contiguous value per group of params[", i, "]: (", t.layout.n_groups, ")");
+  if (order.identity()) {
+    t.sigma = sigma.data_ptr<float>();
+    return;
+  }
+  const Tensor logical = sigma.view(order.kept_sizes).permute(order.perm);
+  Tensor mem = logical.contiguous();
+  t.sigma = mem.data_ptr<float>();
+  staged.emplace_back(logical, std::move(mem));
+}
+
 void run(const Call& c, const StepArgs& a, TensorList params, TensorList grads, TensorList st0,
-         TensorList st1, TensorList st2) {
+         TensorList st1, TensorList st2, TensorList sigmas = {}) {
   const size_t n = params.size();
   check_list(c.op, "grads", grads, n);
+  TORCH_CHECK(sigmas.empty() || sigmas.size() == n, c.op, ": sigmas has ", sigmas.size(),
+              " tensors but params has ", n, " (one per parameter, or none)");
   if (n == 0) return;
   const at::Device device = params[0].device();
   std::vector<TensorArgs> tensors;
   tensors.reserve(n);
+  std::vector<std::pair<Tensor, Tensor>> staged;
   for (size_t k = 0; k < n; ++k) {
     const int64_t i = static_cast<int64_t>(k);
     const Tensor& p = params[k];
@@ -214,20 +283,25 @@ void run(const Call& c, const StepArgs& a, TensorList params, TensorList grads, 
       check_like(c.op, names[r], i, x, p, at::kFloat);
       s[r] = x.data_ptr<float>();
     }
-    tensors.push_back(tensor_args(c, a, i, p, grads[k], s[0], s[1], s[2]));
+    GroupOrder order;
+    tensors.push_back(tensor_args(c, a, i, p, grads[k], s[0], s[1], s[2], &order));
+    if (!sigmas.empty()) attach_sigma(c, i, p, sigmas[k], order, tensors.back(), staged);
   }
-  GilRelease nogil;
-  if (device.is_cpu()) {
-    cpu::step(a, tensors);
-    return;
-  }
+  {
+    GilRelease nogil;
+    if (device.is_cpu()) {
+      cpu::step(a, tensors);
+    } else {
 #ifdef RAMDA_WITH_CUDA
-  TORCH_CHECK(device.is_cuda(), c.op, ": tensors on ", device, " are not supported");
-  cuda::step(a, tensors, device.index());
+      TORCH_CHECK(device.is_cuda(), c.op, ": tensors on ", device, " are not supported");
+      cuda::step(a, tensors, device.index());
 #else
-  TORCH_CHECK(false, c.op, ": ramda_kernels._C was built without CUDA; tensors on ", device,
-              " are not supported");
+      TORCH_CHECK(false, c.op, ": ramda_kernels._C was built without CUDA; tensors on ", device,
+                  " are not supported");
 #endif
+    }
+  }
+  for (auto& [logical, mem] : staged) logical.copy_(mem);
 }
 
 // The four steps take the named per-step scalars that Python computes once
@@ -240,7 +314,7 @@ void check_max_iters(const std::string& op, int64_t max_iters) {
 }
 
 void ramda_(TensorList params, TensorList grads, TensorList initial_points, TensorList grad_sums,
-            TensorList grad_sum_sqs, double s, double epsilon, double keep, double c, double tau,
+            TensorList grad_sum_sqs, TensorList sigmas, double s, double epsilon, double keep, double c, double tau,
             double eps_t, std::string regularizer, OptInts dims, OptInts view, bool reweight,
             std::string solver, int64_t max_iters) {
   const std::string op = "ramda_";
@@ -261,7 +335,7 @@ void ramda_(TensorList params, TensorList grads, TensorList initial_points, Tens
   a.c = static_cast<float>(c);
   a.thr_base = tau;
   a.eps_t = eps_t;
-  run(call, a, params, grads, initial_points, grad_sums, grad_sum_sqs);
+  run(call, a, params, grads, initial_points, grad_sums, grad_sum_sqs, sigmas);
 }
 
 void rmda_(TensorList params, TensorList grads, TensorList initial_points, TensorList grad_sums,
@@ -284,7 +358,7 @@ void rmda_(TensorList params, TensorList grads, TensorList initial_points, Tenso
 }
 
 void proxadamw_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList max_exp_avg_sqs, double decay, double beta1, double one_minus_beta1,
+                TensorList max_exp_avg_sqs, TensorList sigmas, double decay, double beta1, double one_minus_beta1,
                 double beta2, double one_minus_beta2, double bias2_sqrt, double epsilon,
                 double step_size, double tau, double eps_t, bool amsgrad, std::string regularizer,
                 OptInts dims, OptInts view, bool reweight, std::string solver, int64_t max_iters) {
@@ -308,7 +382,7 @@ void proxadamw_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   a.decay = static_cast<float>(decay);
   a.thr_base = tau;
   a.eps_t = eps_t;
-  run(call, a, params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList{});
+  run(call, a, params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : TensorList{}, sigmas);
 }
 
 void proxsgd_(TensorList params, TensorList grads, TensorList momentum_buffers, double keep,
@@ -369,9 +443,11 @@ TORCH_LIBRARY(ramda_kernels, m) {
   // The steps update params and the mutated state lists in place; the float
   // arguments after the tensor lists are the named step scalars of
   // ramda_ref.definitions, in the order it lists them.
-  // RAMDA: V, U, p updated; initial_points read only.
+  // RAMDA: V, U, p updated; initial_points read only. sigmas (RAMDA,
+  // ProxAdamW): the exact group-lasso solve's per-group warm start, read and
+  // written; empty for other solves.
   m.def("ramda_(Tensor(a!)[] params, Tensor[] grads, Tensor[] initial_points, "
-        "Tensor(b!)[] grad_sums, Tensor(c!)[] grad_sum_sqs, float s, float epsilon, float keep, "
+        "Tensor(b!)[] grad_sums, Tensor(c!)[] grad_sum_sqs, Tensor(d!)[] sigmas, float s, float epsilon, float keep, "
         "float c, float tau, float eps_t, str regularizer, int[]? dims, int[]? view, "
         "bool reweight, str solver, int max_iters) -> ()");
   // RMDA: V and p updated.
@@ -380,7 +456,7 @@ TORCH_LIBRARY(ramda_kernels, m) {
         "str regularizer, int[]? dims, int[]? view, bool reweight) -> ()");
   // ProxAdamW: m, v (, vmax) and p updated; max_exp_avg_sqs empty unless amsgrad.
   m.def("proxadamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float decay, float beta1, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] sigmas, float decay, float beta1, "
         "float one_minus_beta1, float beta2, float one_minus_beta2, float bias2_sqrt, "
         "float epsilon, float step_size, float tau, float eps_t, bool amsgrad, str regularizer, "
         "int[]? dims, int[]? view, bool reweight, str solver, int max_iters) -> ()");

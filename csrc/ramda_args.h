@@ -67,7 +67,7 @@ struct TensorArgs {
   float* s0 = nullptr;
   float* s1 = nullptr;
   float* s2 = nullptr;
-  float* sigma = nullptr;
+  float* sigma = nullptr;  // per-group warm start (docs/math.md section 4); nullptr: cold start
   int64_t numel = 0;      // elements (== extent of the dense storage)
   DType dtype = DType::kFp32;
   Path path = Path::kElementwise;

@@ -149,18 +149,24 @@ RAMDA_HD float average(float x, float w, float keep, float c) { return keep * x 
 struct NewtonStart {
   bool active;       // ||z|| > T: the group is nonzero
   bool done;         // nothing to iterate (zero group, or constant d: closed form)
+  bool warm;         // the next step is the first one from a previous sigma
   float sigma;
+  float hi;          // sigma_hi = T max(d)/(||z|| - T), the cold start and every iterate's cap
   float inv_norm;    // 1/||z|| (zeta = z * inv_norm is not used: zeta = z / ||z||)
   float norm;        // ||z|| (1 for an inactive group)
   float rel_excess;  // (||z|| - T)/||z||
 };
 
-RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr) {
+// `prev`: the group's sigma from the previous step (0: none; docs/math.md
+// section 4, item 5): a group that iterates takes its first step from there.
+RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr, float prev = 0.0f) {
   NewtonStart st;
   st.active = znorm > thr;
   const float excess = st.active ? znorm - thr : 1.0f;
-  st.sigma = thr * dmax / excess;
+  st.hi = thr * dmax / excess;
   st.done = !st.active || dmax == dmin;
+  st.warm = !st.done && prev > 0.0f;
+  st.sigma = st.warm ? prev : st.hi;
   st.norm = st.active ? znorm : 1.0f;
   st.inv_norm = 1.0f / st.norm;
   st.rel_excess = excess / st.norm;
@@ -192,6 +198,45 @@ RAMDA_HD float newton_update(float sigma, float a, float b, float c, float rel_e
   const float next = delta > 0.0f ? sigma - delta : sigma;
   done = !(delta > kNewtonTol * next);
   return next;
+}
+
+// The first step from a warm start s0 > 0 (ramda_ref.prox._warm_step), every
+// iterate capped at hi (a capped step goes on as the cold solve):
+// phi(s0) <= 0 (f >= 0, or NaN): the plain step above; phi(s0) > 0 and
+// phi'(s0) < 0 (a + f b/||v|| > 0): the Newton step, which by concavity
+// lands right of the root, done when it moved sigma by less than kNewtonTol
+// relative; otherwise hi, not done.
+RAMDA_HD float newton_warm_update(float s0, float a, float b, float c, float rel_excess, float hi,
+                                  bool& done) {
+  const float vn = sqrtf(a + b);
+  const float f = rel_excess - c / (1.0f + vn);
+  const float denom = a + f * b / vn;
+  const float delta = s0 * f * vn / denom;
+  if (!(f < 0.0f)) {
+    const float next = delta > 0.0f ? s0 - delta : s0;
+    if (!(next <= hi)) {
+      done = false;
+      return hi;
+    }
+    done = !(delta > kNewtonTol * next);
+    return next;
+  }
+  if (denom > 0.0f) {
+    const float up = s0 - delta;
+    const float next = up < hi ? up : hi;
+    done = !(next - s0 > kNewtonTol * next);
+    return next;
+  }
+  done = false;
+  return hi;
+}
+
+// One Newton step of a group from its sums at st.sigma: the warm step first
+// when the group has a previous sigma, the monotone step after that.
+RAMDA_HD float newton_advance(NewtonStart& st, float a, float b, float c, bool& done) {
+  if (!st.warm) return newton_update(st.sigma, a, b, c, st.rel_excess, done);
+  st.warm = false;
+  return newton_warm_update(st.sigma, a, b, c, st.rel_excess, st.hi, done);
 }
 
 // The solution of an active group: w = z / (d + sigma).

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ramda_ref as R
+from ramda_ref.groups import group_norm, grouped_view, normalize_dims
 from _util import assert_bitwise_equal, assert_state_equal
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -72,11 +73,17 @@ def test_state_dtype(name, dtype):
 
     def check(o, where):
         assert len(o.state) == 5
+        group_of = {p: g for g in o.param_groups for p in g["params"]}
         for p, st in o.state.items():
             for k, v in st.items():
                 if isinstance(v, torch.Tensor):
                     assert v.dtype == want, f"{where}: state {k!r} of a {dtype} parameter is {v.dtype}"
-                    assert v.shape == p.shape
+                    if k == "sigma":  # one value per group (docs/math.md section 4, item 5)
+                        g = group_of[p]
+                        x = grouped_view(p, g["view"])
+                        assert v.shape == (group_norm(x, normalize_dims(g["dims"], x.dim())).numel(),)
+                    else:
+                        assert v.shape == p.shape
 
     check(opt, "after steps")
     torch.manual_seed(0)

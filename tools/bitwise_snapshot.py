@@ -8,6 +8,12 @@ shows the ISA), so compare only runs of one machine.
 
     python tools/bitwise_snapshot.py --out /tmp/before.json
     python tools/bitwise_snapshot.py --compare /tmp/before.json
+
+A change that may move results by rounding (say a new solver start) saves
+the tensors instead and reports how far each case moved:
+
+    python tools/bitwise_snapshot.py --save-tensors /tmp/before.pt
+    python tools/bitwise_snapshot.py --diff-tensors /tmp/before.pt
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
-def snapshot(set_name: str, steps: int, backend: str, lambda_: float) -> dict:
+def run_cases(set_name: str, steps: int, backend: str, lambda_: float) -> dict:
+    """Parameters (``case/name``) and state tensors (``case/name/key``) after
+    ``steps`` steps of every case."""
     out = {}
     for opt_name, grouping in CASES:
         torch.manual_seed(0)
@@ -46,10 +54,29 @@ def snapshot(set_name: str, steps: int, backend: str, lambda_: float) -> dict:
             opt.step()
         case = f"{opt_name}/{grouping}"
         for p, name in names.items():
-            out[f"{case}/{name}"] = _digest(p)
+            out[f"{case}/{name}"] = p.detach().clone()
             for key, value in sorted(opt.state[p].items()):
                 if isinstance(value, torch.Tensor):
-                    out[f"{case}/{name}/{key}"] = _digest(value)
+                    out[f"{case}/{name}/{key}"] = value.detach().clone()
+    return out
+
+
+def snapshot(set_name: str, steps: int, backend: str, lambda_: float) -> dict:
+    return {k: _digest(v) for k, v in run_cases(set_name, steps, backend, lambda_).items()}
+
+
+def max_relative_differences(before: dict, now: dict) -> dict:
+    """Per case, the largest ``max|a - b| / max|b|`` over its parameters (not state)."""
+    out: dict = {}
+    for opt_name, grouping in CASES:
+        case = f"{opt_name}/{grouping}/"
+        for key, b in before.items():
+            rest = key[len(case):]
+            if not key.startswith(case) or "/" in rest or key not in now or b.numel() == 0:
+                continue
+            scale = float(b.abs().max())
+            rel = float((now[key].double() - b.double()).abs().max()) / scale if scale else 0.0
+            out[case[:-1]] = max(out.get(case[:-1], 0.0), rel)
     return out
 
 
@@ -62,7 +89,20 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--out", help="write the fingerprints to this JSON file")
     mode.add_argument("--compare", help="compare with fingerprints written by --out")
+    mode.add_argument("--save-tensors", help="write the tensors themselves (torch.save) to this file")
+    mode.add_argument("--diff-tensors", help="print each case's largest relative parameter "
+                      "difference from tensors written by --save-tensors")
     args = ap.parse_args(argv)
+    if args.save_tensors or args.diff_tensors:
+        tensors = run_cases(args.set, args.steps, args.backend, args.lambda_)
+        if args.save_tensors:
+            torch.save(tensors, args.save_tensors)
+            print(f"{len(tensors)} tensors written to {args.save_tensors}")
+            return 0
+        diffs = max_relative_differences(torch.load(args.diff_tensors), tensors)
+        for case, rel in diffs.items():
+            print(f"{case}: max |p - p_before| / max |p_before| over its parameters = {rel:.3g}")
+        return 0
     now = snapshot(args.set, args.steps, args.backend, args.lambda_)
     if args.out:
         with open(args.out, "w") as f:

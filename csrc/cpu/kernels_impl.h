@@ -339,11 +339,13 @@ RAMDA_HD float lane_solution(float z, float d, float sigma) {
 
 // Exact group lasso (docs/math.md section 4) for one contiguous group: returns its
 // sigma, NaN for a zero group (w = lane_solution(z, d, sigma)). `zeta` is
-// scratch for the unit-norm group.
+// scratch for the unit-norm group. `kept` (nullptr: none): the group's sigma
+// from the previous step, the warm start, overwritten with the new one by a
+// nonzero group (docs/math.md section 4, item 5).
 inline float newton_contig_sigma(const float* __restrict__ z, const float* __restrict__ d,
-                                 float* __restrict__ zeta, int64_t n, float thr) {
+                                 float* __restrict__ zeta, int64_t n, float thr, float* kept) {
   const GroupStats st = stats_contig(z, d, n);
-  const NewtonStart s0 = newton_start(st.znorm, st.dmax, st.dmin, thr);
+  NewtonStart s0 = newton_start(st.znorm, st.dmax, st.dmin, thr, kept ? *kept : 0.0f);
   if (!s0.active) return NAN;
   float sigma = s0.sigma;
   bool done = s0.done;
@@ -383,9 +385,10 @@ inline float newton_contig_sigma(const float* __restrict__ z, const float* __res
       sb += fb;
       sc += fc;
     }
-    sigma = newton_update(sigma, static_cast<float>(sa), static_cast<float>(sb),
-                          static_cast<float>(sc), s0.rel_excess, done);
+    s0.sigma = sigma;
+    sigma = newton_advance(s0, static_cast<float>(sa), static_cast<float>(sb), static_cast<float>(sc), done);
   }
+  if (kept) *kept = sigma;
   return sigma;
 }
 
@@ -497,7 +500,9 @@ struct LaneStats {
 // panel's (NOTE: [Tiling per layout]) the panel's width); zeta and dc are
 // compact scratch of E rows of up to L rounded up to 16 lanes. Writes each
 // lane's sigma to sigma_out, NaN for a lane of a zero group; w =
-// newton_solution(z, d, sigma) on the others.
+// newton_solution(z, d, sigma) on the others. `kept` (nullptr: none): the J
+// groups' sigmas from the previous step, the warm starts, overwritten with the
+// new ones by the nonzero groups (docs/math.md section 4, item 5).
 //
 // NOTE: [Pending lanes only]
 // Groups that need no iteration (zero groups, constant d) are dropped before
@@ -511,7 +516,8 @@ struct LaneStats {
 // group's sums are the same additions in the same order either way.
 inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restrict__ d, int64_t ld,
                                float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s,
-                               float thr, const LaneStats& ls, float* __restrict__ sigma_out) {
+                               float thr, const LaneStats& ls, float* __restrict__ sigma_out,
+                               float* kept) {
   constexpr int64_t kCap = kMaxLanes + 16;
   double z2[kMaxLanes], al[kCap], bl[kCap], cl[kCap], ga[kCap], gb[kCap], gc[kCap];
   float sigmal[kCap], normc[kCap + 16];
@@ -528,7 +534,7 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
       dmax = fmax_(dmax, dmaxl[j * R + r]);
       dmin = fmin_(dmin, dminl[j * R + r]);
     }
-    st[j] = newton_start(static_cast<float>(std::sqrt(z2[j])), dmax, dmin, thr);
+    st[j] = newton_start(static_cast<float>(std::sqrt(z2[j])), dmax, dmin, thr, kept ? kept[j] : 0.0f);
     if (!st[j].done) pj[Jp++] = static_cast<int32_t>(j);
   }
   if (Jp > 0) {
@@ -601,6 +607,7 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
           newton_sums16(zeta + l0, dn + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0);
 #endif
       for (; l0 + kBlk <= L; l0 += kBlk) {
+        if (!block_pending(cs, l0, kBlk, R)) continue;  // converged: its sums are not read
         double ra[kBlk], rb[kBlk], rc[kBlk];
         float sg[kBlk];
         for (int64_t l = 0; l < kBlk; ++l) ra[l] = rb[l] = rc[l] = 0.0, sg[l] = sigmal[l0 + l];
@@ -644,8 +651,8 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
       for (int64_t k = 0; k < Jp; ++k) {
         if (cs[k].done) continue;
         bool dk;
-        cs[k].sigma = newton_update(cs[k].sigma, static_cast<float>(ga[k]), static_cast<float>(gb[k]),
-                                    static_cast<float>(gc[k]), cs[k].rel_excess, dk);
+        cs[k].sigma = newton_advance(cs[k], static_cast<float>(ga[k]), static_cast<float>(gb[k]),
+                                     static_cast<float>(gc[k]), dk);
         cs[k].done = dk;
         pending += !dk;
       }
@@ -653,6 +660,9 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
     for (int64_t k = 0; k < Jp; ++k) st[pj[k]].sigma = cs[k].sigma;
   }
   for (int64_t l = 0; l < s.L; ++l) sigma_out[l] = st[l / R].active ? st[l / R].sigma : NAN;
+  if (kept)
+    for (int64_t j = 0; j < s.J; ++j)
+      if (st[j].active) kept[j] = st[j].sigma;
 }
 
 // Per-lane statistics and sigma of a panel's width (thread-local); the "rows"
@@ -672,14 +682,15 @@ struct PanelLanes {
 
 // Exact group lasso of a "lanes" tile ([E][L] buffer, ld = L): w -> z.
 inline void newton_lanes(float* __restrict__ z, const float* __restrict__ d,
-                         float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s, float thr) {
+                         float* __restrict__ zeta, float* __restrict__ dc, const Lanes& s, float thr,
+                         float* kept) {
   const int64_t L = s.L;
   double z2l[kMaxLanes];
   float dmaxl[kMaxLanes], dminl[kMaxLanes], sigmal[kMaxLanes];
   const LaneStats ls{z2l, dmaxl, dminl};
   ls.reset(L);
   for (int64_t e = 0; e < s.E; ++e) ls.add(z + e * L, d + e * L, L);
-  newton_lanes_sigma(z, d, L, zeta, dc, s, thr, ls, sigmal);
+  newton_lanes_sigma(z, d, L, zeta, dc, s, thr, ls, sigmal, kept);
   for (int64_t e = 0; e < s.E; ++e) {
     float* ze = z + e * L;
     const float* de = d + e * L;
@@ -814,10 +825,11 @@ inline void solve_rows(const TensorArgs& t, const StepArgs& a, const Buffers& B,
 }
 
 template <bool kScalarD>
-inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B, const Lanes& s) {
+inline void solve_lanes(const TensorArgs& t, const StepArgs& a, const Buffers& B, const Lanes& s,
+                        float* kept) {
   if (kScalarD) shrink_lanes(B.b[0], s, t.thr);
   else if (a.solver == Solver::kPg) pg_lanes(B.b[0], B.b[1], B.b[2], B.b[3], B.b[4], s, t.thr, t.pg_tol, a.max_iters);
-  else newton_lanes(B.b[0], B.b[1], B.b[3], B.b[4], s, t.thr);
+  else newton_lanes(B.b[0], B.b[1], B.b[3], B.b[4], s, t.thr, kept);
 }
 
 // One work item of optimizer update U (RamdaUpdate, ...) on parameters of type P.
@@ -842,6 +854,9 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
   // Only PG reads x (B2): its warm start.
   const bool pg = !U::kScalarD && a.solver == Solver::kPg;
   const int64_t base = block_offset(w.begin, L.n_kept, L.kept_size, L.kept_stride);
+  // The item's groups' warm starts (exact group lasso; bindings.cpp numbers
+  // them like the layout's groups).
+  float* const kept = t.sigma ? t.sigma + w.begin : nullptr;
   // One pass over the run of n elements at storage offset o, buffers from index bi.
   const auto run_pass = [&](int pass, int64_t o, int64_t n, int64_t bi) {
     const float* __restrict__ W = B.b[0] + bi;
@@ -871,7 +886,8 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     for (int64_t j0 = 0; j0 < groups; j0 += w.tile) {
       const int64_t J = imin_(w.tile, groups - j0), l0 = j0 * w.run;
       const Lanes s{E, J, w.run, J * w.run};
-      newton_lanes_sigma(z + l0, d + l0, width, B.b[3], B.b[4], s, t.thr, pl.stats.offset(l0), pl.sigma + l0);
+      newton_lanes_sigma(z + l0, d + l0, width, B.b[3], B.b[4], s, t.thr, pl.stats.offset(l0), pl.sigma + l0,
+                         kept ? kept + j0 : nullptr);
     }
     const float* __restrict__ sigma = pl.sigma;
     Odometer odo2(n_outer, L.red_size, L.red_stride);
@@ -891,7 +907,7 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     for (int pass = 0; pass < 2; ++pass) {
       Odometer odo(n_outer, L.red_size, L.red_stride);
       for (int64_t e = 0; e < s.E; ++e, odo.next()) run_pass(pass, base + odo.off, s.L, e * s.L);
-      if (pass == 0) solve_lanes<U::kScalarD>(t, a, B, s);
+      if (pass == 0) solve_lanes<U::kScalarD>(t, a, B, s, kept);
     }
     return;
   }
@@ -913,7 +929,8 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     float* __restrict__ sigma = PanelLanes(groups).sigma;
     for (int64_t j = 0; j < groups; ++j) {
       group_runs(j, [&](int64_t o, int64_t bi) { run_pass(0, o, run, bi); });
-      sigma[j] = newton_contig_sigma(B.b[0] + j * gsize, B.b[1] + j * gsize, B.b[3], gsize, t.thr);
+      sigma[j] = newton_contig_sigma(B.b[0] + j * gsize, B.b[1] + j * gsize, B.b[3], gsize, t.thr,
+                                     kept ? kept + j : nullptr);
     }
     for (int64_t j = 0; j < groups; ++j) {
       const float sj = sigma[j];

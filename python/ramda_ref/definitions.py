@@ -191,8 +191,12 @@ class Definition:
     #: the scalar that is the subproblem's threshold (zero: no regularization)
     threshold: str
     solves: bool                    # takes the solver keys (an adaptive diagonal)
-    #: state keys present only when a boolean hyperparameter is on
-    optional_state: Dict[str, str] = field(default_factory=dict)
+    #: state keys present only when a predicate over the hyperparameters holds
+    #: (a param group or the functional's keywords: both name them alike)
+    optional_state: Dict[str, Callable[[Dict[str, Any]], bool]] = field(default_factory=dict)
+    #: state keys with one value per group (``group_norm(...).flatten()`` order)
+    #: instead of one per element
+    per_group_state: Tuple[str, ...] = ()
     #: state keys the step reads and never writes (the others are mutated)
     read_only_state: Tuple[str, ...] = ()
 
@@ -204,9 +208,10 @@ class Definition:
         return next((h for h in self.hparams if h.name == name), None)
 
     def state_keys(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        """The state a tensor of ``group`` has (``max_exp_avg_sq`` only with amsgrad)."""
+        """The state a tensor of ``group`` has (``max_exp_avg_sq`` only with amsgrad,
+        ``sigma`` only for the exact group-lasso solve)."""
         return tuple(k for k in self.state
-                     if k not in self.optional_state or group[self.optional_state[k]])
+                     if k not in self.optional_state or self.optional_state[k](group))
 
     def functional_kwargs(self, group: Dict[str, Any]) -> Dict[str, Any]:
         """The functional's hyperparameter keywords from a param group."""
@@ -220,14 +225,21 @@ class Definition:
         return out
 
 
+def _warm_started(hp: Dict[str, Any]) -> bool:
+    """The exact group-lasso solve keeps each group's sigma (docs/math.md section 4, item 5).
+    A unit param group keeps one sigma per unit elsewhere (``ramda_ref.units``)."""
+    return hp["regularizer"] == "group_lasso" and hp["solver"] == "exact" and not hp.get("units")
+
+
 RAMDA = Definition(
     name="ramda", title="RAMDA",
-    state=("initial_point", "grad_sum", "grad_sum_sq"),
-    state_args=("initial_points", "grad_sums", "grad_sum_sqs"),
+    state=("initial_point", "grad_sum", "grad_sum_sq", "sigma"),
+    state_args=("initial_points", "grad_sums", "grad_sum_sqs", "sigmas"),
     counters=("step", "alpha"),
     hparams=(HParam("lr", 1e-2, _LR_CHECK), HParam("momentum", 0.1, _MOMENTUM_CHECK),
              GROUPING[0], HParam("epsilon", 1e-6, _EPS_CHECK), *GROUPING[1:], *SOLVER, CAPTURABLE),
-    scalars=_ramda_scalars, threshold="tau", solves=True, read_only_state=("initial_point",))
+    scalars=_ramda_scalars, threshold="tau", solves=True, read_only_state=("initial_point",),
+    optional_state={"sigma": _warm_started}, per_group_state=("sigma",))
 
 RMDA = Definition(
     name="rmda", title="RMDA",
@@ -239,15 +251,16 @@ RMDA = Definition(
 
 PROXADAMW = Definition(
     name="proxadamw", title="ProxAdamW",
-    state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-    state_args=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+    state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sigma"),
+    state_args=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "sigmas"),
     counters=("step",),
     hparams=(HParam("lr", 1e-3, _LR_CHECK),
              HParam("betas", (0.9, 0.999), _betas, functional=("beta1", "beta2")),
              HParam("epsilon", 1e-8, _EPS_CHECK), HParam("weight_decay", 0.0, _LR_CHECK),
              HParam("amsgrad", False, _bool), *GROUPING, *SOLVER, CAPTURABLE),
     scalars=_proxadamw_scalars, threshold="tau", solves=True,
-    optional_state={"max_exp_avg_sq": "amsgrad"})
+    optional_state={"max_exp_avg_sq": lambda hp: hp["amsgrad"], "sigma": _warm_started},
+    per_group_state=("sigma",))
 
 PROXSGD = Definition(
     name="proxsgd", title="ProxSGD",

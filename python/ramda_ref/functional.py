@@ -123,6 +123,17 @@ def _capture(capturable: bool, n: int, step, alpha, found_inf, grad_scale, regul
     return _Capture(step, alpha, found_inf, grad_scale)
 
 
+def _sigmas(sigmas: Tensors, n: int) -> List[Optional[torch.Tensor]]:
+    """One warm-start sigma per tensor, or ``None`` each when the list is empty
+    (no exact group-lasso solve: nothing kept)."""
+    if len(sigmas) == 0:
+        return [None] * n
+    if len(sigmas) != n:
+        raise ValueError(f"sigmas has {len(sigmas)} tensors but params has {n} (one per "
+                         f"parameter, or none)")
+    return list(sigmas)
+
+
 def _no_host_reads(cap: Optional[_Capture], p: torch.Tensor) -> bool:
     """Solve without reading values back: capturable calls, and meta tensors
     (which hold no values; a meta step gives the shapes, as torch's AdamW does)."""
@@ -130,7 +141,7 @@ def _no_host_reads(cap: Optional[_Capture], p: torch.Tensor) -> bool:
 
 
 def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Tensors,
-          grad_sum_sqs: Tensors, *, step: int, alpha: float, lr: float, momentum: float,
+          grad_sum_sqs: Tensors, sigmas: Tensors = (), *, step: int, alpha: float, lr: float, momentum: float,
           epsilon: float, lambda_: float, regularizer: str, dims, view, reweight: bool,
           solver: str, max_iters: int, rtol: float, pg_stop: str, pg_eps: float,
           capturable: bool = False, found_inf: Optional[torch.Tensor] = None,
@@ -141,6 +152,9 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
         W~  = argmin <V, W> + 1/2 sum d (W - W0)^2 + alpha_t lambda psi(W)
             = argmin sum(1/2 d W^2 - z W) + tau psi(W),  z = d W0 - V,  tau = alpha_t lambda
         p   = (1 - c) p + c W~
+
+    ``sigmas`` (group lasso with the exact solve; empty otherwise): each
+    group's sigma, the Newton warm start, updated in place (`_sigmas`).
     """
     cap = _capture(capturable, len(params), step, alpha, found_inf, grad_scale, regularizer,
                    solver, pg_stop)
@@ -148,12 +162,16 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
     if cap is None:
         sc = D.RAMDA.scalars(step, alpha, hp)
     iterations = []
+    sigmas = _sigmas(sigmas, len(params))
     for i, (p, g, w0, v, u) in enumerate(zip(params, grads, initial_points, grad_sums, grad_sum_sqs)):
+        sig = sigmas[i]
         if cap is not None:
             sc = D.RAMDA.scalars(cap.t(i), cap.alpha[i], hp)
             g = cap.grad(g)
-            targets = (p, v, u)
-            p, v, u = cap.private(*targets)
+            targets = (p, v, u) + ((sig,) if sig is not None else ())
+            private = cap.private(*targets)
+            p, v, u = private[:3]
+            sig = private[3] if sig is not None else None
         s = sc["s"]
         g = g.to(v.dtype)
         _axpy_(v, s, g)
@@ -168,10 +186,11 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
             grouped_view(z, view), grouped_view(d, view), sc["tau"], regularizer=regularizer,
             dims=_group_dims(p, regularizer, dims, view), reweight=reweight, solver=solver,
             x0=grouped_view(x, view), anchor=grouped_view(w0, view), max_iters=max_iters,
-            pg_stop=pg_stop, eps_t=sc["eps_t"], rtol=rtol, capturable=_no_host_reads(cap, p))
+            pg_stop=pg_stop, eps_t=sc["eps_t"], rtol=rtol, capturable=_no_host_reads(cap, p),
+            sigma=sig)
         _write(p, sc["keep"] * x + sc["c"] * w.reshape(x.shape))
         if cap is not None:
-            cap.commit(targets, (p, v, u))
+            cap.commit(targets, private)
         iterations.append(it)
     return iterations
 
@@ -206,7 +225,7 @@ def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Te
 
 
 def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
-              max_exp_avg_sqs: Tensors, *, step: int, lr: float, beta1: float, beta2: float,
+              max_exp_avg_sqs: Tensors, sigmas: Tensors = (), *, step: int, lr: float, beta1: float, beta2: float,
               epsilon: float, weight_decay: float, amsgrad: bool, lambda_: float,
               regularizer: str, dims, view, reweight: bool, solver: str, max_iters: int,
               rtol: float, pg_stop: str, pg_eps: float, capturable: bool = False,
@@ -218,7 +237,7 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
         d  = sqrt(v) / sqrt(1 - b2^t) + eps
         W~ = argmin <(lr/(1-b1^t)) m, W - p> + 1/2 sum d (W - p)^2 + lr lambda psi(W);  p = W~
 
-    ``max_exp_avg_sqs`` is empty unless ``amsgrad``.
+    ``max_exp_avg_sqs`` is empty unless ``amsgrad``; ``sigmas`` as in `ramda`.
     """
     cap = _capture(capturable, len(params), step, None, found_inf, grad_scale, regularizer,
                    solver, pg_stop)
@@ -227,15 +246,18 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
     if cap is None:
         sc = D.PROXADAMW.scalars(step, None, hp)
     maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
+    sigmas = _sigmas(sigmas, len(params))
     iterations = []
     for i, (p, g, m, v, vmax) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, maxes)):
+        sig = sigmas[i]
         if cap is not None:
             sc = D.PROXADAMW.scalars(cap.t(i), None, hp)
             g = cap.grad(g)
-            targets = (p, m, v) + ((vmax,) if amsgrad else ())
+            targets = (p, m, v) + ((vmax,) if amsgrad else ()) + ((sig,) if sig is not None else ())
             private = cap.private(*targets)  # updated in place below
             p, m, v = private[:3]
             vmax = private[3] if amsgrad else None
+            sig = private[-1] if sig is not None else None
         g = g.to(m.dtype)
         x = p.to(m.dtype) * sc["decay"]
         m.mul_(sc["beta1"]).add_(g, alpha=sc["one_minus_beta1"])
@@ -249,7 +271,8 @@ def proxadamw(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: T
             grouped_view(z, view), grouped_view(d, view), sc["tau"], regularizer=regularizer,
             dims=_group_dims(p, regularizer, dims, view), reweight=reweight, solver=solver,
             x0=grouped_view(x, view), anchor=grouped_view(x, view), max_iters=max_iters,
-            pg_stop=pg_stop, eps_t=sc["eps_t"], rtol=rtol, capturable=_no_host_reads(cap, p))
+            pg_stop=pg_stop, eps_t=sc["eps_t"], rtol=rtol, capturable=_no_host_reads(cap, p),
+            sigma=sig)
         _write(p, w)
         if cap is not None:
             cap.commit(targets, private)

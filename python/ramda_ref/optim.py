@@ -35,7 +35,7 @@ import torch
 from . import definitions as D
 from . import functional as F
 from . import units as U
-from .groups import grouped_view, normalize_dims
+from .groups import group_size, grouped_view, normalize_dims
 from .prox import REGULARIZERS, refuse_capturable
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -428,9 +428,32 @@ class ProxOptimizer(torch.optim.Optimizer):
         for key in self._state_keys(group):
             if key == "initial_point":
                 state[key] = p.detach().to(dtype=dtype, copy=True)
+            elif key in self._definition.per_group_state:
+                state[key] = self._new_sigma(p, group)
             else:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    @staticmethod
+    def _group_count(p: torch.Tensor, group) -> int:
+        """Groups of ``p`` under ``group``'s view and dims (group lasso)."""
+        shape = grouped_view(p, group["view"]).shape
+        return p.numel() // max(1, group_size(shape, normalize_dims(group["dims"], len(shape))))
+
+    def _new_sigma(self, p: torch.Tensor, group) -> torch.Tensor:
+        """The warm-start state of the exact group-lasso solve: one sigma per group,
+        0 meaning none (docs/math.md section 4, item 5)."""
+        return torch.zeros(self._group_count(p, group), dtype=F.state_dtype(p), device=p.device)
+
+    def _ensure_sigma(self, group, params) -> None:
+        """A ``sigma`` for every tensor of a group that solves exact group lasso:
+        created (cold start) when the group switched to it after the state was
+        made, when a checkpoint lacked it, or when the groups changed (view, dims)."""
+        for p in params:
+            st = self.state[p]
+            sig = st.get("sigma")
+            if sig is None or sig.shape != (self._group_count(p, group),):
+                st["sigma"] = self._new_sigma(p, group)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load like PyTorch, with two differences.
@@ -542,6 +565,11 @@ class ProxOptimizer(torch.optim.Optimizer):
                     elif key in d.state:
                         if not isinstance(value, torch.Tensor):
                             problem = f"is a {type(value).__name__}, not a tensor"
+                        elif key in d.per_group_state:
+                            # one value per group; another count (other dims) cold-starts
+                            if value.dim() != 1 or not value.is_floating_point():
+                                problem = (f"has shape {tuple(value.shape)} and dtype "
+                                           f"{value.dtype}, not one floating-point value per group")
                         elif value.shape != p.shape:
                             problem = f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
                         elif not value.is_floating_point():
@@ -576,6 +604,11 @@ class ProxOptimizer(torch.optim.Optimizer):
         missing = [key for key in needed if key not in state]
         if not missing:
             return
+        if "sigma" in missing:  # only a warm start: the step cold-starts without it
+            state["sigma"] = self._new_sigma(p, group)
+            missing.remove("sigma")
+            if not missing:
+                return
         if missing == ["max_exp_avg_sq"]:
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone(memory_format=torch.preserve_format)
             warnings.warn(f"{name}: the loaded state has no 'max_exp_avg_sq' but amsgrad=True; "
@@ -706,6 +739,8 @@ class ProxOptimizer(torch.optim.Optimizer):
         """One functional call; ``capture`` holds the capturable keywords (or nothing)."""
         d = self._definition
         present = self._state_keys(group)
+        if "sigma" in present:
+            self._ensure_sigma(group, params)
         lists = [self._states(params, key) if key in present else [] for key in d.state]
         kwargs = d.functional_kwargs(group)
         if self._uses_alpha:
@@ -747,7 +782,7 @@ class _DualAveraging(ProxOptimizer):
     @torch.no_grad()
     def restart(self) -> None:
         """Restart every tensor at its current weights (docs/math.md section 6):
-        ``t = 0, alpha = 0, W0 = p, V = U = 0``."""
+        ``t = 0, alpha = 0, W0 = p, V = U = 0``, and no warm start (``sigma = 0``)."""
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state[p]
@@ -760,7 +795,7 @@ class _DualAveraging(ProxOptimizer):
                     st["step"], st["alpha"] = 0, 0.0
                 st["initial_point"].copy_(p)
                 st.pop(U.SIGMA_KEY, None)  # a unit group's warm start
-                for key in ("grad_sum", "grad_sum_sq"):
+                for key in ("grad_sum", "grad_sum_sq", "sigma"):
                     if key in st:
                         st[key].zero_()
 

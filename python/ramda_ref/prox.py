@@ -130,48 +130,82 @@ def exact_l1(z: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def exact_group_lasso(z: torch.Tensor, d: torch.Tensor, thr: float,
-                      dims: Tuple[int, ...], capturable: bool = False
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+                      dims: Tuple[int, ...], capturable: bool = False,
+                      sigma: Optional[torch.Tensor] = None):
     """Solve the group-lasso subproblem with threshold ``T = thr`` for every group.
 
-    Returns ``(w, newton_iterations_per_group)``.
+    Returns ``(w, newton_iterations_per_group)``; with ``sigma`` (the previous
+    sigma per group, shaped like the group norms or flat in their order, 0
+    meaning none) ``(w, newton_iterations_per_group, sigma_new)``.
 
     A group with ``||z_g|| <= T`` is exactly zero. Otherwise
     ``w_g = z_g / (d_g + sigma)`` with ``sigma`` the root of the concave
     ``phi(sigma) = 1/||z_g/(d_g+sigma)|| - sigma/T``; Newton from the upper
-    bound ``T max(d_g) / (||z_g|| - T)`` decreases monotonically to the root.
-    When ``max(d_g) == min(d_g)`` that bound is the root (group soft-threshold)
-    and no iteration is taken.
+    bound ``sigma_hi = T max(d_g) / (||z_g|| - T)`` decreases monotonically to
+    the root. When ``max(d_g) == min(d_g)`` that bound is the root (group
+    soft-threshold) and no iteration is taken.
+
+    Warm start (docs/math.md section 4, item 5): a group with a previous
+    ``sigma > 0`` takes its first step from ``s0 = sigma`` (`_warm_step`)
+    instead of from ``sigma_hi``; that step counts as one iteration. ``sigma_new`` is the root of every nonzero group (``sigma_hi``
+    for constant ``d``) and the previous value of every zero group.
 
     ``capturable``: run all ``NEWTON_MAX_ITERS`` steps, masked, instead of
     stopping on a host read (NOTE: [capturable solves]).
     """
     znorm = group_norm(z, dims)
     iters = torch.zeros_like(znorm, dtype=torch.int32)
+    previous = None if sigma is None else sigma.reshape(znorm.shape).to(znorm.dtype)
     if _is_zero(thr):
-        return z / d, iters
+        return (z / d, iters) if sigma is None else (z / d, iters, previous)
     active = znorm > thr
     excess = torch.where(active, znorm - thr, torch.ones_like(znorm))
     dmax, dmin = group_max(d, dims), group_min(d, dims)
-    sigma = thr * dmax / excess
+    sigma_hi = thr * dmax / excess
+    sigma_cur = sigma_hi
     done = ~active | (dmax == dmin)
     tol = newton_tolerance(z.dtype)
     # the step is scale-free in z: take it on unit-norm groups (NOTE: [secular
     # equation without cancellation])
     safe_norm = torch.where(active, znorm, torch.ones_like(znorm))
     zeta, rel_excess = z / safe_norm, excess / safe_norm
+    if previous is not None:
+        warm = ~done & (previous > 0)
+        if capturable or bool(warm.any()):
+            s0 = torch.where(warm, previous, sigma_hi)
+            start, stop = _warm_step(zeta, d, s0, sigma_hi, rel_excess, dims, tol)
+            sigma_cur = torch.where(warm, start, sigma_hi)
+            iters += warm.to(torch.int32)
+            done = done | (warm & stop)
     for _ in range(NEWTON_MAX_ITERS):
         if not capturable and bool(done.all()):
             break
-        delta = _newton_step(zeta, d, sigma, rel_excess, dims)
+        delta = _newton_step(zeta, d, sigma_cur, rel_excess, dims)
         # Right of the root delta > 0; a computed delta <= 0 (or NaN) means phi
         # is at its rounding floor: sigma is the root.
         step = ~done
-        sigma = torch.where(step & (delta > 0), sigma - delta, sigma)
+        sigma_cur = torch.where(step & (delta > 0), sigma_cur - delta, sigma_cur)
         iters += step.to(torch.int32)
-        done = done | ~(delta > tol * sigma)
-    w = torch.where(active, z / (d + sigma), torch.zeros_like(z))
-    return w, iters
+        done = done | ~(delta > tol * sigma_cur)
+    w = torch.where(active, z / (d + sigma_cur), torch.zeros_like(z))
+    if sigma is None:
+        return w, iters
+    kept = previous if previous is not None else torch.zeros_like(znorm)
+    return w, iters, torch.where(active, sigma_cur, kept)
+
+
+def _newton_parts(zeta, d, sigma, rel_excess, dims):
+    """``(f, ||v||, a, b)`` of NOTE: [secular equation without cancellation] at
+    ``sigma``: ``phi(sigma)`` has the sign of ``-f`` and ``phi'(sigma)`` that
+    of ``-(a + f b / ||v||)``; the Newton step is ``sigma f ||v|| / (a + f b / ||v||)``."""
+    denom = d + sigma
+    v = zeta * (sigma / denom)
+    u = zeta * (d / denom)
+    a = group_sum(v * v * (d / denom), dims)
+    b = group_sum(v * v * (sigma / denom), dims)
+    vn = torch.sqrt(a + b)
+    f = rel_excess - group_sum(u * (zeta + v), dims) / (1.0 + vn)
+    return f, vn, a, b
 
 
 def _newton_step(zeta, d, sigma, rel_excess, dims):
@@ -195,14 +229,36 @@ def _newton_step(zeta, d, sigma, rel_excess, dims):
     with ``u = zeta - v = d*zeta/(d+sigma)``. For ``f >= 0`` the step lies in
     ``[0, sigma)``, so sigma stays positive.
     """
-    denom = d + sigma
-    v = zeta * (sigma / denom)
-    u = zeta * (d / denom)
-    a = group_sum(v * v * (d / denom), dims)
-    b = group_sum(v * v * (sigma / denom), dims)
-    vn = torch.sqrt(a + b)
-    f = rel_excess - group_sum(u * (zeta + v), dims) / (1.0 + vn)
+    f, vn, a, b = _newton_parts(zeta, d, sigma, rel_excess, dims)
     return sigma * f * vn / (a + f * b / vn)
+
+
+def _warm_step(zeta, d, s0, sigma_hi, rel_excess, dims, tol):
+    """The first Newton step from a warm start ``s0 > 0`` (docs/math.md section 4,
+    item 5): ``(sigma, converged)`` per group. Every iterate is capped at
+    ``sigma_hi`` (both are right of the root); a step capped there goes on as
+    the cold solve.
+
+    * ``phi(s0) <= 0`` (``f >= 0``, or NaN: phi at its rounding floor): right
+      of the root, the plain monotone step of `exact_group_lasso`'s loop;
+    * ``phi(s0) > 0`` and ``phi'(s0) < 0``: left of the root; by concavity the
+      Newton step lands at or right of it, clamped to ``sigma_hi`` (also right
+      of it); converged when it moved ``sigma`` by less than the tolerance;
+    * otherwise (``phi'(s0) >= 0``, far left of the root): ``sigma_hi``, not converged.
+    """
+    f, vn, a, b = _newton_parts(zeta, d, s0, rel_excess, dims)
+    denom = a + f * b / vn
+    delta = s0 * f * vn / denom
+    left = f < 0
+    rising = left & (denom > 0)
+    right_raw = torch.where(delta > 0, s0 - delta, s0)
+    capped = ~(right_raw <= sigma_hi)
+    right_new = torch.where(capped, sigma_hi, right_raw)
+    left_new = torch.minimum(s0 - delta, sigma_hi)
+    sigma = torch.where(~left, right_new, torch.where(rising, left_new, sigma_hi))
+    converged = torch.where(~left, ~capped & ~(delta > tol * right_new),
+                            rising & ~(left_new - s0 > tol * left_new))
+    return sigma, converged
 
 
 def kkt_residual(w: torch.Tensor, z: torch.Tensor, d: torch.Tensor, thr: float,
@@ -301,7 +357,8 @@ def solve_subproblem(z: torch.Tensor, d: torch.Tensor, tau: float, *, regularize
                      dims: Tuple[int, ...], reweight: bool = True, solver: str = "exact",
                      x0: Optional[torch.Tensor] = None, anchor: Optional[torch.Tensor] = None,
                      max_iters: int = 100, pg_stop: str = "inexact", eps_t: float = 1e-3,
-                     rtol: float = 1e-8, capturable: bool = False
+                     rtol: float = 1e-8, capturable: bool = False,
+                     sigma: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Minimize ``sum(1/2 d w^2 - z w) + tau * psi(w)`` for one tensor.
 
@@ -316,6 +373,11 @@ def solve_subproblem(z: torch.Tensor, d: torch.Tensor, tau: float, *, regularize
 
     ``capturable``: ``tau`` and ``eps_t`` may be 0-d tensors and nothing is
     read back to the host (NOTE: [capturable solves]).
+
+    ``sigma``: the exact group-lasso solve's warm start, one value per group in
+    the order of ``group_norm(z, dims).flatten()`` (0: none), updated in place
+    with the sigma each group ended with (docs/math.md section 4, item 5);
+    ignored by every other solve.
     """
     if regularizer == "none" or _is_zero(tau) or z.numel() == 0:
         return z / d, None
@@ -324,8 +386,16 @@ def solve_subproblem(z: torch.Tensor, d: torch.Tensor, tau: float, *, regularize
     if regularizer == "l1" and solver == "exact":
         return exact_l1(z, d, tau), None
     if regularizer == "group_lasso" and solver == "exact":
-        return exact_group_lasso(z, d, tau * group_weights(z.shape, dims, reweight), dims,
-                                 capturable)
+        thr = tau * group_weights(z.shape, dims, reweight)
+        if sigma is None:
+            return exact_group_lasso(z, d, thr, dims, capturable)
+        groups = z.numel() // group_size(z.shape, dims)
+        if sigma.numel() != groups:
+            raise ValueError(f"sigma has {sigma.numel()} values for {groups} groups (one per "
+                             f"group of the grouped view {tuple(z.shape)} over dims {dims})")
+        w, iters, new = exact_group_lasso(z, d, thr, dims, capturable, sigma=sigma)
+        sigma.copy_(new.reshape(sigma.shape))
+        return w, iters
 
     if x0 is None:
         raise ValueError("the pg solver needs a warm start x0")

@@ -215,7 +215,11 @@ def _functional(d: "_D.Definition") -> Callable:
         if whole_call_to_reference(hp["regularizer"], hp.get("solver", "exact"),
                                    hp.get("pg_stop", "inexact"), threshold):
             return reference(params, grads, *lists, **call_kwargs)
-        present = [k in d.state_keys(hp) for k in d.state]
+        # an optional list passed empty or left out (sigmas: no warm start) is absent,
+        # as in the reference; the op takes every list
+        lists = tuple(lists) + ((),) * (len(d.state) - len(lists))
+        present = [k in d.state_keys(hp) and not (k in d.optional_state and len(lists[j]) == 0)
+                   for j, k in enumerate(d.state)]
         fast, slow = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
             states = [lst[i] for lst, on in zip(lists, present) if on]

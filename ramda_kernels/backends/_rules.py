@@ -13,8 +13,9 @@ in the same call (their entries in the returned list are the reference's):
   than fp32/bf16/fp16 (fp64 has fp64 state), a gradient dtype the backend
   does not read, state that is not fp32, a gradient or state on another
   device or (state; the gradient where the backend cannot stage it) with
-  other strides than the parameter, a parameter that is not dense where the
-  backend needs it dense, or more dimensions than the backend's layouts hold.
+  other strides than the parameter (per-group state such as ``sigma``, a
+  1-D tensor of another shape: not contiguous), a parameter that is not
+  dense where the backend needs it dense, or more dimensions than the backend's layouts hold.
 
 Each backend states what it can do as a `Capabilities`; the rule is the same.
 """
@@ -73,7 +74,12 @@ def tensor_problem(p: torch.Tensor, g: torch.Tensor, states: Sequence[torch.Tens
     if not caps.grad_layout_staged and not same_layout(g, p):
         return "gradient strides differ from the parameter's"
     for s in states:
-        if s.device != p.device or not same_layout(s, p):
+        # per-group state (the exact group-lasso solve's sigma): one value per
+        # group in the reference's group order, read as a flat array
+        per_group = s.shape != p.shape and s.dim() == 1
+        if per_group and (s.device != p.device or not s.is_contiguous()):
+            return "per-group state on another device or not contiguous"
+        if not per_group and (s.device != p.device or not same_layout(s, p)):
             return "state on another device or with other strides"
         if s.dtype != torch.float32:
             return f"state dtype {s.dtype}"
