@@ -53,7 +53,7 @@ def _ramda_step(params, grads, states, **over):
     kw = dict(RD.RAMDA.scalars(2, 0.3, hp), regularizer="group_lasso", dims=[0], view=None,
               reweight=True, solver="exact", max_iters=100)
     kw.update(over)
-    torch.ops.ramda_kernels.ramda_(params, grads, *states, **kw)
+    torch.ops.ramda_kernels.ramda_(params, grads, *states, [], **kw)  # [] : no warm start
 
 
 def test_repeated_steps_do_not_synchronize():
