@@ -234,20 +234,51 @@ def _newton_start(znorm, dmax, dmin, T, gmask):
 
 
 @triton.jit
-def _newton_step(a, b, c, rel_excess, sigma, todo, tol):
-    """One Newton step on the secular equation of docs/math.md section 4, from the group
-    sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``, written
-    without cancellation as in ``ramda_ref.prox._newton_step`` (see NOTE:
-    [secular equation without cancellation] there).
-    Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
-    step, and a group is done once not ``delta > tol * sigma`` (same rules as
-    ``ramda_ref.prox.exact_group_lasso``)."""
+def _newton_delta(a, b, c, rel_excess, sigma):
+    """The Newton step ``phi/phi'`` of docs/math.md section 4 at ``sigma``, from the
+    group sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``,
+    written without cancellation as in ``ramda_ref.prox._newton_step`` (see
+    NOTE: [secular equation without cancellation] there). Returns ``(delta,
+    ||v||, f, den)`` with ``phi`` of the sign of ``-f`` and ``phi'`` of the sign
+    of ``-den`` (``den = a + f b/||v||``)."""
     vn = tl.sqrt_rn(a + b)
     f = rel_excess - _div(c, 1.0 + vn)
-    delta = _div(sigma * f * vn, a + _div(f * b, vn))
+    den = a + _div(f * b, vn)
+    return _div(sigma * f * vn, den), vn, f, den
+
+
+@triton.jit
+def _predicted_done(b, e, vn, den, rel_excess, delta, s_from, sigma, tol):
+    """A Newton step ``delta`` taken from ``s_from`` to ``sigma`` leaves an error of
+    about ``kappa delta^2 / s_from`` with ``kappa = s |phi''| / (2 |phi'|)``
+    measured at ``s_from``: ``1.5 (T/||z||) (||v||^2 e - b^2) / (||v||^3 den)``
+    (from ``phi' = -den/(||v||^2 T)`` and ``phi'' = 3 (b^2 - ||v||^2 e)/(||z|| s
+    ||v||^5)``). True where that error is under ``tol * sigma`` by
+    ``PREDICT_SAFETY`` and the step is at most ``PREDICT_MAX_STEP * s_from``
+    (docs/math.md section 4, item 4; NOTE: [two-pass plan])."""
+    curv = tl.maximum(vn * vn * e - b * b, 0.0)
+    kappa = 1.5 * tl.maximum(1.0 - rel_excess, 0.0) * _div(curv, vn * vn * vn * den)
+    err = _div(kappa * delta * delta, s_from)
+    small = tl.abs(delta) <= s_from * PREDICT_MAX_STEP
+    return small & (den > 0.0) & (err * PREDICT_SAFETY <= tol * sigma)
+
+
+@triton.jit
+def _newton_step(a, b, c, e, rel_excess, sigma, todo, tol, PREDICT: tl.constexpr):
+    """One Newton step on the secular equation (`_newton_delta`).
+    Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
+    step, and a group is done once not ``delta > tol * sigma`` (same rules as
+    ``ramda_ref.prox.exact_group_lasso``), or with ``PREDICT`` once
+    `_predicted_done` (``e``: the curvature sum of `_newton_terms4`)."""
+    delta, vn, f, den = _newton_delta(a, b, c, rel_excess, sigma)
     step = todo != 0
+    s_from = sigma
     sigma = tl.where(step & (delta > 0.0), sigma - delta, sigma)
-    todo = tl.where(step & (delta > tol * sigma), todo, 0)
+    going = step & (delta > tol * sigma)
+    if PREDICT:
+        going = going & (_predicted_done(b, e, vn, den, rel_excess, delta, s_from, sigma,
+                                         tol) == 0)
+    todo = tl.where(going, todo, 0)
     return sigma, todo
 
 
@@ -257,20 +288,12 @@ def _warm_start(a, b, c, e, s_prev, sigma_hi, rel_excess, todo, tol, PREDICT: tl
     ``a, b, c, e`` of `_newton_terms4` at ``s_prev`` (the previous step's sigma,
     0 for none): ``phi(s0) <= 0`` (``f >= 0``) is a Newton step from ``s0``, with
     the reference's stopping rule; ``phi(s0) > 0`` and ``phi'(s0) < 0``
-    (``f < 0``, ``a + f b/||v|| > 0``) one Newton step, which lands at or right
-    of the root by concavity; otherwise ``sigma_hi``. Every start is clamped to
-    ``<= sigma_hi``; a group whose step was clamped keeps iterating.
-
-    ``PREDICT`` (groups re-read from memory per Newton step): a group also stops
-    when the step's predicted error ``kappa * delta^2 / s0``, with ``kappa =
-    s0 |phi''| / (2 |phi'|)`` measured at ``s0``, is under the tolerance by
-    ``PREDICT_SAFETY`` and the step is at most ``PREDICT_MAX_STEP * s0``
-    (NOTE: [two-pass plan]). Returns ``(sigma, todo, steps)``."""
-    vn = tl.sqrt_rn(a + b)
-    safe_vn = tl.where(vn > 0.0, vn, 1.0)
-    f = rel_excess - _div(c, 1.0 + vn)
-    den = a + _div(f * b, safe_vn)
-    delta = _div(s_prev * f * vn, den)
+    (``f < 0``, ``den > 0``) one Newton step, which lands at or right of the
+    root by concavity; otherwise ``sigma_hi``. Every start is clamped to
+    ``<= sigma_hi``; a group whose step was clamped keeps iterating. With
+    ``PREDICT`` (groups re-read from memory per Newton step) a step also ends
+    the solve when `_predicted_done`. Returns ``(sigma, todo, steps)``."""
+    delta, vn, f, den = _newton_delta(a, b, c, rel_excess, s_prev)
     warm = (todo != 0) & (s_prev > 0.0) & (delta == delta)
     right = warm & (f >= 0.0)
     left = warm & (f < 0.0) & (den > 0.0)
@@ -280,13 +303,8 @@ def _warm_start(a, b, c, e, s_prev, sigma_hi, rel_excess, todo, tol, PREDICT: tl
     sigma = tl.where(inside, s1, sigma_hi)
     done = inside & right & (delta <= tol * sigma)
     if PREDICT:
-        # kappa = 1.5 (T/||z||) (||v||^2 e - b^2) / (||v||^3 (a + f b/||v||)), from
-        # phi' = -(a + f b/||v||)/(||v||^2 T) and phi'' = 3 (b^2 - ||v||^2 e)/(||z|| s ||v||^5)
-        curv = tl.maximum(vn * vn * e - b * b, 0.0)
-        kappa = 1.5 * tl.maximum(1.0 - rel_excess, 0.0) * _div(curv, vn * vn * vn * den)
-        err = _div(kappa * delta * delta, s_prev)
-        small = tl.abs(delta) <= s_prev * PREDICT_MAX_STEP
-        done = done | (inside & small & (err * PREDICT_SAFETY <= tol * sigma))
+        done = done | (inside & _predicted_done(b, e, vn, den, rel_excess, delta, s_prev, sigma,
+                                                tol))
     todo = tl.where(done, 0, todo)
     return sigma, todo, moved.to(tl.int32)
 
@@ -657,21 +675,25 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
             sa = _gsum(ta, mask)
             sb = _gsum(tb, mask)
             sc = _gsum(tc, mask)
+            se = sa
         else:
             sa = tl.zeros([BG], dtype=tl.float32)
             sb = tl.zeros([BG], dtype=tl.float32)
             sc = tl.zeros([BG], dtype=tl.float32)
+            se = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
                 offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
                                      UNIT_RED)
                 cd, cz, cx = _load_new(p_ptr, s0, s1, s2, offs, cmask, h0, h1, h2, h3, h4, h5,
                                        h6, h7, OPT, AMSGRAD, False)
-                ta, tb, tc = _newton_terms(cz * inv_norm[:, None], cd, sigma[:, None])
+                ta, tb, tc, te = _newton_terms4(cz * inv_norm[:, None], cd, sigma[:, None])
                 sa += _gsum(ta, cmask)
                 sb += _gsum(tb, cmask)
                 sc += _gsum(tc, cmask)
+                se += _gsum(te, cmask)
         iters += todo
-        sigma, todo = _newton_step(sa, sb, sc, rel_excess, sigma, todo, newton_tol)
+        sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo, newton_tol,
+                                   not ONE_CHUNK)
         it += 1
     return sigma, iters, it
 
