@@ -1,4 +1,4 @@
-"""Triton backend: one fused kernel launch per (call, parameter dtype, gradient dtype).
+"""Triton backend: one fused kernel launch per (call, parameter dtype, gradient dtype, size class).
 
 Same functions and signatures as ``ramda_ref.functional``; the kernel is
 ``ramda_kernels.triton_kernels.step.fused_step_kernel`` (see NOTE: [Triton
@@ -28,7 +28,10 @@ staging buffer in the parameter's layout and copies the gradient into it
 before the launch (one extra copy per such tensor and step).
 
 The returned list holds ``None`` for every tensor the kernel handled: the
-fused path does not report per-group iteration counts.
+fused path does not report per-group iteration counts (`newton_counts` sums
+them for benchmarks). The warm start of the exact group-lasso solve
+(docs/math.md section 4) is an optional list of per-group ``sigma`` tensors
+after the state lists, checked once per plan (`_sigma_problem`).
 
 Capturable calls (``capturable=True``, conventions in ``ramda_ref.functional``)
 take the same cached plans; the step-derived scalars, the skip flag and the

@@ -11,7 +11,8 @@ Tables (all on the tensors' device):
 * ``items``  int64 ``[n_items, 2]``: (tensor row, first group of the tile).
 * ``itab``   int64 ``[n_tensors, ITAB_WIDTH]``: addresses of parameter,
   gradient and up to three state tensors, ``numel``, number of groups, group
-  size, offset into ``scratch``, then the canonical group layout of
+  size, offset into ``scratch``, address of the warm-start ``sigma`` (one fp32
+  per group, 0 = none; NOTE: [two-pass plan]), then the canonical group layout of
   ``ramda_kernels.layout`` (see NOTE: [Group layout]): kept block sizes, kept
   block strides, reduced block sizes, reduced block strides, ``MAX_BLOCKS``
   slots each, in memory order, unused slots ``(1, 0)``.
@@ -33,52 +34,61 @@ the non-capturable kernel is the same code as before.
 
 NOTE: [Triton tiling]
 A program owns a tile of ``BG`` consecutive groups of one tensor and walks
-their elements in chunks of ``BE`` (both ``tl.constexpr``, chosen per launch
-from the largest group size and group count of the launch):
+their elements in chunks of ``BE`` (both ``tl.constexpr``). The host puts the
+tensors of a call into launches by size class (``triton_backend._size_class``:
+flat; rows or columns; the power of two of the group size when the group fits
+in registers, else "chunked"), so a tile is shaped for its own groups and the
+launches per step are bounded by the classes, not by the tensor count:
 
 * ``FLAT`` (no group reduction: ``none``, closed-form ``l1``): the dense
   tensor is read in memory order, ``BG`` elements per program, ``BE == 1``.
-* ``ONE_CHUNK`` (every group of the launch fits in ``BE``): the tile is loaded
-  once and kept in registers; Newton / PG iterate on registers and the tile
-  is written once.
-* otherwise (groups larger than ``BE``): every pass over a group re-reads its
-  inputs (gradient and *old* state) and recomputes ``d`` and ``z``; state and
-  parameter are written only by the last pass, so no pass reads what another
-  wrote and no scratch copy of ``d`` / ``z`` is needed (for Newton that is
-  one pass for the norms, one per Newton step, one to write). The PG solver
-  must carry its iterate ``Z`` between iterations, so it keeps ``Z`` in an
-  fp32 ``scratch`` buffer (same offsets as the tensor), two passes per PG
-  step for group lasso (the prox needs the group norm of ``Y`` first), one
-  for l1.
-Rows vs columns (NOTE: [Group layout]): the host makes ``BG`` small and
-``BE`` large when every group is a contiguous run, and ``BG`` large when
-neighbouring groups are neighbours in memory; when every tensor of the launch
-has a single unit-stride reduced (rows) or kept (columns) block, the
-``UNIT_RED`` / ``UNIT_KEPT`` constexprs make that stride visible to the
-compiler, which then orders threads along the contiguous axis. ``FLAT`` full
-tiles are masked by a bound the compiler can prove is a multiple of ``BG``
-and, with ``ALIGNED``, use 16-byte vector loads; a tensor's last tile is the
-only ragged one.
+* ``ONE_CHUNK`` (the class's groups fit in ``BE``: rows up to ``MAX_BLOCK_E``
+  = 8192 elements, columns tiles of up to ``max(TILE, MAX_BLOCK_E)`` elements
+  with at least 8 adjacent groups, i.e. one 32-byte fp32 sector per row): the
+  tile is loaded once and kept in registers; Newton / PG iterate on registers
+  and the tile is written once (the floor, warm or cold).
+* otherwise: NOTE: [two-pass plan].
+Rows vs columns (NOTE: [Group layout]): rows get ``BE`` = the group's power of
+two and ``BG = TILE / BE``; columns get up to ``COLUMN_GROUPS`` adjacent groups
+per tile. When every tensor of the launch has a single unit-stride reduced
+(rows) or kept (columns) block, the ``UNIT_RED`` / ``UNIT_KEPT`` constexprs make
+that stride visible to the compiler, which then orders threads along the
+contiguous axis. ``FLAT`` full tiles are masked by a bound the compiler can
+prove is a multiple of ``BG`` and, with ``ALIGNED``, use 16-byte vector
+loads; a tensor's last tile is the only ragged one. ``num_warps``: up to 8
+elements per thread (4 warps below 1024 elements, then one per 256, at most 32).
 
-NOTE: [two-pass plan] (the target of the grouped tiling; not implemented yet)
+NOTE: [two-pass plan]
 The floor of a step is one read of every input and one write of every
-output (RAMDA fp32: 32 B per element). The multi-chunk path above re-reads
-its inputs once per Newton step (about ``48 + 16k`` B per element for ``k``
-steps). The plan that reaches two passes:
+output (RAMDA fp32: 32 B per element). Groups larger than a chunk run as:
 
-* tiles per size class of group, several launches per step (their number
-  fixed by the classes, not by the tensor count), no column cap: groups up
-  to 8192 elements that are contiguous rows are loaded once, solved in
-  registers and written once (the floor even from a cold start);
-* every other group: pass 1 updates the state (writes V, U), and gathers
-  the group sums ``a, b, c`` of `_newton_terms` at the warm-start ``sigma``
-  (and at a few sigmas around it, for the price of one read); one Newton
-  step from them; pass 2 reads the new state and writes the parameter;
-  further passes only for tiles whose groups have not converged, with the
-  error bounded from what pass 1 measured (docs/math.md section 4);
-* the warm start is an optional per-group ``sigma`` input (one fp32 per
-  group, a new table column pointing at it); without it Newton starts from
-  ``sigma_hi`` as now, so results and the stopping rule do not change.
+* pass 1 (`_first_pass`) reads gradient, parameter where ``z`` needs it and
+  the old state once, writes the new state, and gathers per group ``sum z^2``,
+  ``max d``, ``min d`` and, for the exact solve, the sums of `_newton_terms4`
+  at the warm-start ``sigma`` (docs/math.md section 4, item 5: one fp32 per
+  group at the itab column ``COL_SIGMA``, 0 = none). `_warm_start` turns them
+  into the first Newton step (or ``sigma_hi`` without a warm start);
+* each further pass (a Newton step, `_newton_solve`, or a PG iteration) reads
+  only the new state (`_load_new`: for RAMDA ``W0, V, U``, 12 B) and
+  recomputes ``d``, ``z`` with the same arithmetic as pass 1; it runs only
+  while some group of the tile is not done;
+* the last pass reads the new state and the parameter and writes the
+  parameter (RAMDA: 16 B read, 4 written).
+So RAMDA fp32 costs ``44 + 12 k`` B per element for ``k`` Newton passes
+(was ``48 + 16 k``), ProxAdamW ``40 + 12 k``. A Newton step read from memory
+also ends the solve when its predicted error is under the tolerance
+(`_predicted_done`: ``kappa delta^2 / s`` with ``kappa = s |phi''| /
+(2 |phi'|)`` from one more sum in the same pass, a safety factor of 4 and
+steps of at most 1/8 of sigma; docs/math.md section 4, item 4 allows it as
+long as the KKT bounds hold), instead of paying a confirming pass: from a
+warm start on slowly changing ``z``, ``d`` that is ``k = 0``, two passes.
+Registers tiles keep the reference's stopping rule (their steps are free).
+A group is never split over programs (each program walks all chunks of its
+groups), so no partial sums need combining; the price is less parallelism
+for tensors with few huge groups. Groups whose kernel order (memory order)
+differs from the reference's row-major order of the kept dims (kept dims
+whose strides do not decrease) run without warm start (itab column 0):
+their sigma stays 0 rather than landing on another group.
 
 All math is fp32; parameters are read in ``P_DTYPE`` and rounded once on the
 final store. No value goes back to the host: iterative solves are in-kernel
@@ -830,6 +840,8 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
     block of stride 1 (see `_decode`). ``CAPTURABLE``: ``tau, eps_t, h*``
     come from row ``row`` of ``stab`` instead (their arguments are ignored),
     with a skip flag and a gradient scale (NOTE: [capturable kernel]).
+    ``COUNT``: add the Newton work to ``counters`` (int32, slots ``CNT_*``;
+    ``triton_backend.newton_counts``); off, nothing is traced.
     Tiling: see NOTE: [Triton tiling].
     """
     pid = tl.program_id(0)
