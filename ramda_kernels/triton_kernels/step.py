@@ -432,7 +432,8 @@ def _average(x, w, one_minus_c, c):
 
 @triton.jit
 def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7, gs,
-                 OPT: tl.constexpr, AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr):
+                 OPT: tl.constexpr, AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr,
+                 WITH_X: tl.constexpr):
     """Load one tile and apply the optimizer's state update.
 
     Returns ``d, z, x, n0, n1, n2``: the subproblem's diagonal and linear term
@@ -440,12 +441,16 @@ def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h
     the current point ``x`` (for ProxAdamW after weight decay) and the new
     values of state tensors 0..2. The meaning of ``h0..h7`` per optimizer is
     the table at ``fused_step_kernel``; ``gs`` is GradScaler's scale
-    (capturable only), divided out as the gradient is read.
+    (capturable only), divided out as the gradient is read. RAMDA and RMDA
+    read the parameter only with ``WITH_X`` (their ``z`` does not need it; a
+    pass 1 that does not write the parameter skips it, NOTE: [two-pass plan]).
     """
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CAPTURABLE:
         g = _div(g, gs)
-    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.zeros_like(g)
+    if WITH_X or OPT == OPT_PROXADAMW or OPT == OPT_PROXSGD:
+        x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if OPT == OPT_RAMDA:
         n0 = tl.load(s0 + offs, mask=mask, other=0.0)
         d, z, n1, n2 = _ramda_update(g, w0=n0, v=tl.load(s1 + offs, mask=mask, other=0.0),
@@ -587,12 +592,13 @@ def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB
 def _load_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2,
                 h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
                 CAPTURABLE: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr,
-                UNIT_RED: tl.constexpr):
+                UNIT_RED: tl.constexpr, WITH_X: tl.constexpr):
     """Chunk ``c0`` of a tile's groups, loaded and updated (`_load_update`):
     ``offs, mask, d, z, x, n0, n1, n2``."""
     offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
     d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE,
+                                       WITH_X)
     return offs, mask, d, z, x, n0, n1, n2
 
 
@@ -603,7 +609,8 @@ def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h
     """Elements ``offs < limit`` of a tensor without group reductions."""
     mask = offs < limit
     d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE,
+                                       True)
     w = _closed_form(d, z, tau, REG, SCALAR_D)
     _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
 
@@ -646,7 +653,8 @@ def _first_pass(p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_stride
     for c0 in range(0, gsize, BE):
         offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
             c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
-            h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+            h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED,
+            SOLVER == SOLVER_PG and not SCALAR_D)  # PG's iterate starts at x
         _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT, AMSGRAD)
         czz, cmax, cmin = _group_stats(z, d, mask, SCALAR_D)
         zz += czz
@@ -919,7 +927,7 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
         if ONE_CHUNK:
             d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD,
-                                               CAPTURABLE)
+                                               CAPTURABLE, True)
             zz, dmax, dmin = _group_stats(z, d, mask, SCALAR_D)
             wa = zz
             wb = zz
