@@ -16,20 +16,8 @@ import pytest
 import torch
 
 import ramda_ref
-from ramda_kernels import backends
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_REASON = backends.why_unavailable("triton", DEVICE)
-pytestmark = [
-    pytest.mark.skipif(_REASON is not None, reason=f"triton backend: {_REASON}"),
-    # the interpreter evaluates masked-off lanes too (1/0 on padding): numpy warns
-    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
-]
-
-if _REASON is None:
-    from ramda_kernels.backends import triton_backend as tb
-else:  # keep collection working; every test is skipped
-    tb = None
+# the device, the backend module and the skip / warning marks of the Triton tests
+from test_triton import DEVICE, pytestmark, tb  # noqa: F401  (pytestmark applies here too)
 
 #: name -> (group size, number of groups, dims of a [groups, size] or
 #: [size, groups] tensor, MAX_BLOCK_E): rows and columns, in registers and in chunks.
