@@ -197,10 +197,10 @@ def test_size_classes_bound_the_launches_and_hold_large_groups(monkeypatch):
             out.append((len(members), c["ONE_CHUNK"], c["BG"], c["BE"], warps))
         return out
 
-    assert classes([(4, 8192)], (1,)) == [(1, True, 1, 8192, 32)]
+    assert classes([(4, 8192)], (1,)) == [(1, True, 1, 8192, 16)]
     assert classes([(4, 8193)], (1,))[0][1] is False
-    assert classes([(1024, 64)], (0,)) == [(1, True, 8, 1024, 32)]
-    assert classes([(256, 512)], (0,)) == [(1, True, 32, 256, 32)]
+    assert classes([(1024, 64)], (0,)) == [(1, True, 8, 1024, 16)]
+    assert classes([(256, 512)], (0,)) == [(1, True, 32, 256, 16)]
     assert classes([(4096, 64)], (0,))[0][1] is False
     # ResNet-like filters of 64 and 4608 elements: two launches, tiles sized to each
     many = [(64, 576)] * 5 + [(128, 64)] * 7 + [(512, 4608)] * 3

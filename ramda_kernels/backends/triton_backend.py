@@ -403,15 +403,16 @@ def _specialization(opt: int, reg: int, solver: int, flat: bool, scalar_d: bool,
                     aligned: bool) -> Tuple[Dict[str, object], int]:
     """The constexprs (all but ``CAPTURABLE`` and ``COUNT``, per-call switches)
     and ``num_warps`` of a launch over tensors of one size class;
-    compile_check.py compiles exactly these. Up to 8 elements per thread: 4
-    warps below 1024 elements, then one warp per 256 (at most 32)."""
+    compile_check.py compiles exactly these. 4 warps below 1024 elements, then
+    one warp per 256 (8 elements per thread) up to 16 warps: at 32 warps
+    ptxas caps a thread at 64 registers and the grouped tiles spill."""
     bg, be, one_chunk, nkb, nrb, unit_kept, unit_red = _tile_shape(stats, flat)
     constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
                       AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
                       NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
                       UNIT_RED=unit_red)
     tile = bg * be
-    return constexprs, (4 if tile < 1024 else min(32, max(8, tile // 256)))
+    return constexprs, (4 if tile < 1024 else min(16, max(8, tile // 256)))
 
 
 def _refresh_grads(launch: _Launch, grads) -> None:

@@ -56,7 +56,8 @@ that stride visible to the compiler, which then orders threads along the
 contiguous axis. ``FLAT`` full tiles are masked by a bound the compiler can
 prove is a multiple of ``BG`` and, with ``ALIGNED``, use 16-byte vector
 loads; a tensor's last tile is the only ragged one. ``num_warps``: up to 8
-elements per thread (4 warps below 1024 elements, then one per 256, at most 32).
+elements per thread (4 warps below 1024 elements, then one per 256, at most 16:
+at 32 ptxas caps a thread at 64 registers).
 
 NOTE: [two-pass plan]
 The floor of a step is one read of every input and one write of every
