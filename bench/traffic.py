@@ -36,7 +36,11 @@ the per-element figures of the slice are scaled to the tensor's real element
 count. A real tensor's last, ragged tile is not modelled (its share is below
 one tile per tensor). Data: the parameters and ``N(0,1)`` gradients scaled by
 row and column strengths (as ``param_sets.fill_grads``), plus fresh noise
-every step; the steady state is the step after ``--warmup`` reference steps.
+every step; the steady state is the step after ``--warmup`` steps (the last
+of them on Triton, so that the exact group-lasso solve starts from the
+per-group ``sigma`` it left, docs/math.md section 4; ``--cold`` turns the warm
+start off). Newton steps per group and passes over memory per grouped tile
+come from the kernel's counter (``triton_backend.newton_counts``).
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class Meter:
         self.lanes = self.lanes_active = 0
 
     def _record(self, ptrs: np.ndarray, mask: np.ndarray, elsize: int, store: bool) -> None:
+        mask = np.asarray(mask, dtype=bool)  # a mask built from integer compares may be int8
         addr = np.broadcast_to(ptrs, mask.shape)[mask].astype(np.uint64).ravel()
         if mask.size > 1:
             self.lanes += mask.size
@@ -296,19 +301,58 @@ class Model:
 # One configuration
 # ---------------------------------------------------------------------------
 
+@contextmanager
+def warm_started(tb, name: str, sigmas: Dict[int, torch.Tensor]) -> Iterator[None]:
+    """Calls of the backend functional ``name`` with the exact group-lasso solve
+    get the warm-start state (docs/math.md section 4) that ``sigmas`` keeps per
+    parameter (0: none), unless the optimizer passes it itself."""
+    from ramda_ref import definitions as D
+    from ramda_ref.groups import group_norm, grouped_view, normalize_dims
+
+    fn = getattr(tb, name)
+    n_state = len([k for k in getattr(D, name.upper()).state if k != "sigma"])
+
+    def with_sigmas(params, grads, *lists, **kw):
+        if (len(lists) == n_state and kw.get("regularizer") == "group_lasso"
+                and kw.get("solver", "exact") == "exact"):
+            for p in params:
+                if p.data_ptr() not in sigmas:
+                    pv = grouped_view(p.detach(), kw["view"])
+                    n = group_norm(pv, normalize_dims(kw["dims"], pv.dim())).numel()
+                    sigmas[p.data_ptr()] = torch.zeros(n, dtype=torch.float32)
+            lists = lists + ([sigmas[p.data_ptr()] for p in params],)
+        return fn(params, grads, *lists, **kw)
+
+    setattr(tb, name, with_sigmas)
+    try:
+        yield
+    finally:
+        setattr(tb, name, fn)
+
+
 def measure(set_name: str, optimizer: str, regularizer: str, solver: str, grouping: Optional[str],
             dtype: torch.dtype, steady: bool, warmup: int, target: int,
-            bandwidth: float = BANDWIDTH) -> Dict[str, Any]:
+            bandwidth: float = BANDWIDTH, warm: bool = True) -> Dict[str, Any]:
+    """One configuration. ``warm``: the Triton steps keep the per-group warm
+    start (`warm_started`); the steady state's last warm-up step then runs on
+    Triton (not metered) so that the metered step starts from its sigma."""
     import ramda_kernels
     from ramda_kernels.backends import triton_backend as tb
 
     model = Model(set_name, optimizer, regularizer, solver, grouping, dtype, target)
     cls = {"ramda": ramda_kernels.RAMDA, "proxadamw": ramda_kernels.ProxAdamW}[optimizer]
     opt = cls(model.groups, backend="reference")
+    sigmas: Dict[int, torch.Tensor] = {}
+    warm = warm and regularizer == "group_lasso" and solver == "exact"
     if steady:
-        for _ in range(warmup):
+        for k in range(warmup):
             model.new_grads()
-            opt.step()
+            if warm and k == warmup - 1:
+                opt.backend = "triton"
+                with warm_started(tb, optimizer, sigmas):
+                    opt.step()
+            else:
+                opt.step()
     model.new_grads()
     opt.backend = "triton"
     tb.clear_cache()
@@ -331,6 +375,9 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
                 for key, s in opt.state[p].items():
                     if isinstance(s, torch.Tensor) and s.numel() == p.numel() and s.dim() > 0:
                         meter.region(f"{key}:{p.data_ptr()}", s)
+                sig = sigmas.get(p.data_ptr(), opt.state[p].get("sigma"))
+                if isinstance(sig, torch.Tensor):
+                    meter.region(f"sigma:{p.data_ptr()}", sig)
         meter.region("scratch", launch.scratch)
         for t in (launch.items, launch.itab, launch.ftab):
             meter.region("tables", t)
@@ -340,11 +387,20 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
 
     tb._build_plan, tb._launch = build_like, counted_launch
     try:
-        opt.step()
+        if warm:
+            with warm_started(tb, optimizer, sigmas), tb.newton_counts("cpu") as counts:
+                opt.step()
+        else:
+            with tb.newton_counts("cpu") as counts:
+                opt.step()
     finally:
         tb._build_plan, tb._launch = build, launch_fn
         tb.clear_cache()
-    return _combine(launches, model, dtype, bandwidth)
+    out = _combine(launches, model, dtype, bandwidth)
+    steps, groups, passes, tiles = counts.tolist()
+    out["newton_per_group"] = steps / groups if groups else float("nan")
+    out["passes_per_tile"] = passes / tiles if tiles else float("nan")
+    return out
 
 
 def _summarize(meter: Meter, launch, model: Model) -> Dict[str, Any]:
@@ -450,24 +506,27 @@ def main(argv=None) -> int:
     p.add_argument("--elements", type=int, default=4096, help="elements per grouped slice (about)")
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes per second")
     p.add_argument("--verbose", action="store_true", help="per-launch figures")
+    p.add_argument("--cold", action="store_true",
+                   help="no warm start (every Newton solve from sigma_hi)")
     a = p.parse_args(argv)
     print(f"bandwidth {a.bandwidth / 1e12:.2f} TB/s; bytes issued per element; passes are "
           "read/write over each tensor kind")
     print("| set | optimizer | reg | grouping | dtype | phase | launches | B/elem | sector eff "
-          "| lanes busy | pred. us | x AdamW | passes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| lanes busy | pred. us | x AdamW | Newton/group | passes/tile | passes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for set_name, optimizer, regularizer, solver, grouping, dt, phase in configs(
             a.sets.split(","), a.regularizers.split(","), a.dtypes.split(","),
             a.optimizers.split(","), a.phases.split(","),
             a.groupings.split(",") if a.groupings else None):
         r = measure(set_name, optimizer, regularizer, solver, grouping, DTYPES[dt],
-                    phase == "steady", a.warmup, a.elements, a.bandwidth)
+                    phase == "steady", a.warmup, a.elements, a.bandwidth, warm=not a.cold)
         lanes = [l["lanes"] for l in r["launches"] if "FLAT" not in l["variant"]]
         reg = regularizer if regularizer != "group_lasso" else f"gl-{solver}"
         print(f"| {set_name} | {optimizer} | {reg} | {grouping or '-'} | {dt} | {phase} "
               f"| {len(r['launches'])} | {r['bytes_per_elem']:.1f} | {r['sector_eff']:.0%} "
               f"| {f'{min(lanes):.0%}' if lanes else '-'} | {r['predicted_us']:.0f} "
-              f"| {r['x_adamw']:.2f} | {_fmt_passes(r['passes'])} |", flush=True)
+              f"| {r['x_adamw']:.2f} | {r['newton_per_group']:.2f} | {r['passes_per_tile']:.2f} "
+              f"| {_fmt_passes(r['passes'])} |", flush=True)
         if a.verbose:
             for l in r["launches"]:
                 print(f"    {l['variant']}: {l['elements']} elements, "

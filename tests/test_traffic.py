@@ -120,3 +120,46 @@ def test_fused_flat_step_is_one_pass_per_tensor():
     assert moved == 32 * p.numel()
     traffic.check_single_pass(meter, ["param", "grad"] + state)
     tb.clear_cache()
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+def test_chunked_group_step_is_two_passes_plus_one_per_newton_pass(monkeypatch):
+    """RAMDA group lasso on rows read in chunks (NOTE: [two-pass plan]): pass 1
+    reads g, W0, V, U and writes V, U; every Newton pass reads W0, V, U; the
+    last pass reads W0, V, U, p and writes p. With ``P`` passes over a tile
+    counted by the kernel (``newton_counts``), per element: g 4 B, p 4 + 4,
+    V and U written 4 each, W0, V, U read ``4 P`` each; the warm-start sigma
+    is read once per group and written once per nonzero group."""
+    from ramda_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "TILE", 128)
+    monkeypatch.setattr(tb, "MAX_BLOCK_E", 64)
+    gen = torch.Generator().manual_seed(4)
+    n_groups, gsize = 6, 300  # two groups per tile, five chunks of 64 per group
+    p = torch.randn(n_groups, gsize, generator=gen)
+    state = [p.clone(), torch.zeros_like(p), torch.zeros_like(p)]
+    sigma = torch.zeros(n_groups)
+    kwargs = dict(alpha=1.0, lr=0.1, momentum=0.1, epsilon=1e-6, lambda_=0.02,
+                  regularizer="group_lasso", dims=(1,), view=None, reweight=True, solver="exact",
+                  max_iters=20, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+    signal = torch.randn(n_groups, gsize, generator=gen)
+    for step in (1, 2):
+        grad = signal + 0.1 * torch.randn(n_groups, gsize, generator=gen)
+        meter = traffic.Meter()
+        for name, t in zip(["param", "grad", "w0", "v", "u", "sigma"], [p, grad, *state, sigma]):
+            meter.region(name, t)
+        with meter.counting(), tb.newton_counts("cpu") as counts:
+            tb.ramda([p], [grad], *[[s] for s in state], [sigma], step=step, **kwargs)
+        steps, groups, passes, tiles = counts.tolist()
+        assert tiles == 3 and groups > 0
+        n = p.numel()
+        o = meter.by_name()
+        per_tile = n // tiles
+        assert (o["grad"]["read"], o["grad"]["written"]) == (4 * n, 0)
+        assert (o["param"]["read"], o["param"]["written"]) == (4 * n, 4 * n)
+        for k in ("w0", "v", "u"):
+            assert o[k]["read"] == 4 * per_tile * passes, (k, o[k]["read"], passes)
+        assert o["w0"]["written"] == 0 and o["v"]["written"] == o["u"]["written"] == 4 * n
+        assert o["sigma"]["read"] == 4 * n_groups
+        assert o["sigma"]["written"] == 4 * int((p.reshape(n_groups, -1).abs().sum(1) > 0).sum())
+    tb.clear_cache()

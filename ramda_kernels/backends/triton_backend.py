@@ -1,4 +1,4 @@
-"""Triton backend: one fused kernel launch per (call, parameter dtype, gradient dtype).
+"""Triton backend: one fused kernel launch per (call, parameter dtype, gradient dtype, size class).
 
 Same functions and signatures as ``ramda_ref.functional``; the kernel is
 ``ramda_kernels.triton_kernels.step.fused_step_kernel`` (see NOTE: [Triton
@@ -28,7 +28,10 @@ staging buffer in the parameter's layout and copies the gradient into it
 before the launch (one extra copy per such tensor and step).
 
 The returned list holds ``None`` for every tensor the kernel handled: the
-fused path does not report per-group iteration counts.
+fused path does not report per-group iteration counts (`newton_counts` sums
+them for benchmarks). The warm start of the exact group-lasso solve
+(docs/math.md section 4) is an optional list of per-group ``sigma`` tensors
+after the state lists, checked once per plan (`_sigma_problem`).
 
 Capturable calls (``capturable=True``, conventions in ``ramda_ref.functional``)
 take the same cached plans; the step-derived scalars, the skip flag and the
@@ -47,7 +50,8 @@ import functools
 import math
 import os
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,24 +78,31 @@ except Exception as e:  # ImportError, or a triton build that cannot initialize
 
 Tensors = List[torch.Tensor]
 
-#: Elements per program (``BG * BE``); tests shrink these to exercise the
-#: multi-chunk paths on small tensors. Part of the cache key.
+#: Elements per program (``BG * BE``) of the flat path, of tiles of small row
+#: groups and of the chunks of groups read in several chunks; tests shrink
+#: these to exercise the multi-chunk paths on small tensors. Part of the cache key.
 TILE = int(os.environ.get("RAMDA_TRITON_TILE", "2048"))
-#: Largest chunk of one group (``BE``).
-MAX_BLOCK_E = int(os.environ.get("RAMDA_TRITON_BLOCK_E", "2048"))
-#: Groups per tile when some tensor of the launch has adjacent groups ("columns").
+#: Largest group held in registers (``BE`` of a one-chunk tile); a columns tile
+#: holds at most ``max(TILE, MAX_BLOCK_E)`` elements.
+MAX_BLOCK_E = int(os.environ.get("RAMDA_TRITON_BLOCK_E", "8192"))
+#: Most groups per tile when neighbouring groups are neighbours in memory ("columns").
 COLUMN_GROUPS = 32
+#: Fewest groups per columns tile that keeps it one chunk: 8 fp32 are one
+#: 32-byte sector, so each row of the tile still reads whole sectors.
+COLUMN_MIN_GROUPS = 8
 #: How many launch plans to keep (distinct tensor lists / layouts).
 CACHE_SIZE = 64
 
 _OPT = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
 _REG_NONE, _REG_L1, _REG_GROUP = 0, 1, 2
 _SOLVER = {"exact": 0, "pg": 1}
-_ITAB_WIDTH = 9 + 4 * 4
+_ITAB_WIDTH = 10 + 4 * 4
 #: Columns of the capturable scalar table: tau, eps_t, h0..h7, skip flag, gradient scale.
 _STAB_WIDTH = 12
 _MAX_BLOCKS = 4
-_COL_BLOCKS = 9
+_COL_BLOCKS = 10
+#: The optional Newton counter (`newton_counts`), ``None`` when off.
+_COUNTER: Optional[torch.Tensor] = None
 
 
 def why_unavailable(device: torch.device) -> Optional[str]:
@@ -130,11 +141,13 @@ class _Launch:
     """
 
     __slots__ = ("items", "itab", "ftab", "scratch", "grid", "constexprs", "num_warps",
-                 "grad_rows", "grad_ptrs", "call_rows")
+                 "grad_rows", "grad_ptrs", "call_rows", "no_counter")
 
     def __init__(self, items, itab, ftab, scratch, grid, constexprs, num_warps, grad_rows,
                  grad_ptrs, call_rows):
         self.items, self.itab, self.ftab, self.scratch = items, itab, ftab, scratch
+        #: the counter argument of launches outside `newton_counts` (never touched)
+        self.no_counter = torch.zeros(4, dtype=torch.int32, device=items.device)
         self.grid, self.constexprs, self.num_warps = grid, constexprs, num_warps
         self.grad_rows, self.grad_ptrs = grad_rows, grad_ptrs
         self.call_rows = call_rows
@@ -204,14 +217,46 @@ class _TileStats:
         self.numel, self.lay = numel, lay
 
 
+def _sigma_problem(i: int, p: torch.Tensor, sig: torch.Tensor, dims, view) -> Optional[str]:
+    """Why ``sig`` cannot be the warm-start state of parameter ``p`` (docs/math.md
+    section 4: one value per group, in the reference's group order), else ``None``."""
+    pv = grouped_view(p, view)
+    gdims = normalize_dims(dims, pv.dim())
+    n = math.prod(s for k, s in enumerate(pv.shape) if k not in gdims)
+    want = _ref.state_dtype(p)
+    if (sig.dim() != 1 or sig.numel() != n or sig.dtype != want or sig.device != p.device
+            or (n > 1 and sig.stride(0) != 1)):
+        return (f"sigmas[{i}]: expected a contiguous 1-D {want} tensor of {n} values (one per "
+                f"group of the parameter of shape {tuple(p.shape)}, dims={dims}) on {p.device}, "
+                f"got shape {tuple(sig.shape)}, stride {sig.stride()}, {sig.dtype} on {sig.device}")
+    return None
+
+
+def _groups_row_major(p: torch.Tensor, dims, view) -> bool:
+    """The kernel numbers groups in memory order (NOTE: [Group layout]); that is
+    the reference's row-major order of the kept dims (the order of the sigma
+    state) when the kept dims' strides decrease. Otherwise the tensor runs
+    without warm start (NOTE: [two-pass plan])."""
+    pv = grouped_view(p, view)
+    gdims = normalize_dims(dims, pv.dim())
+    strides = [st for k, (sz, st) in enumerate(zip(pv.shape, pv.stride()))
+               if k not in gdims and sz > 1]
+    return all(a > b for a, b in zip(strides, strides[1:]))
+
+
 def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat: bool,
                 scalar_d: bool, amsgrad: bool, dims, view, reweight: bool,
-                like: Optional[Sequence[torch.Size]] = None) -> _Plan:
+                like: Optional[Sequence[torch.Size]] = None, sigmas: Sequence = ()) -> _Plan:
     """``like``: per call tensor, the grouped shape (after ``view``) whose tiling
     the launch takes instead of the tensor's own (contiguous layout, same
     ``dims``). The traffic meter
     (bench/traffic.py) runs a copy of a model with fewer groups per tensor under
-    the tiling the full model gets; ``None`` everywhere else."""
+    the tiling the full model gets; ``None`` everywhere else. ``sigmas``: the
+    warm-start state per tensor (empty: none), checked here before anything runs."""
+    for i, sig in enumerate(sigmas):
+        problem = _sigma_problem(i, params[i], sig, dims, view)
+        if problem is not None:
+            raise ValueError(problem)
     device_cache: Dict[torch.device, bool] = {}
 
     def device_ok(dev):
@@ -242,11 +287,16 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
             tiled = lay if like is None else _layout(torch.empty(like[i], device="meta"), reg,
                                                      dims, None)
         numel = p.numel() if like is None else math.prod(like[i])
-        buckets.setdefault((p.device, p.dtype, g.dtype), []).append(
-            (i, p, g, st, lay, in_place, _TileStats(numel, tiled)))
+        stats = _TileStats(numel, tiled)
+        sig = None
+        if (sigmas and not flat and reg == _REG_GROUP and solver == 0 and not scalar_d
+                and _groups_row_major(p, dims, view)):
+            sig = sigmas[i]
+        buckets.setdefault((p.device, p.dtype, g.dtype, _size_class(stats, flat)), []).append(
+            (i, p, g, st, lay, in_place, stats, sig))
 
     launches = []
-    for (device, pdt, gdt), entries in buckets.items():
+    for (device, pdt, gdt, _), entries in buckets.items():
         launches.append(_build_launch(opt, entries, device, pdt, gdt, len(params), reg=reg,
                                       solver=solver, flat=flat, scalar_d=scalar_d,
                                       amsgrad=amsgrad, reweight=reweight))
@@ -264,7 +314,7 @@ def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, f
     itab, ftab, items = [], [], []
     scratch_len = 0
     grad_rows, grad_ptrs = [], []
-    for row, (i, p, g, st, lay, in_place, _) in enumerate(entries):
+    for row, (i, p, g, st, lay, in_place, _, sig) in enumerate(entries):
         if in_place:
             grad_rows.append((row, i))
             grad_ptrs.append(g.data_ptr())
@@ -280,7 +330,8 @@ def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, f
                       + _pad(lay.red_sizes, 1) + _pad(lay.red_strides, 0))
             cg = math.sqrt(gsize) if (reweight and reg == _REG_GROUP) else 1.0
             tol_share = math.sqrt(gsize / n)
-        itab.append([p.data_ptr(), g.data_ptr(), *ptrs, n, n_groups, gsize, scratch_len, *blocks])
+        itab.append([p.data_ptr(), g.data_ptr(), *ptrs, n, n_groups, gsize, scratch_len,
+                     0 if sig is None else sig.data_ptr(), *blocks])
         ftab.append([cg, tol_share])
         if need_scratch:
             scratch_len += _extent(p)
@@ -297,22 +348,49 @@ def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, f
                    grad_rows, grad_ptrs, call_rows)
 
 
+def _size_class(st: _TileStats, flat: bool) -> tuple:
+    """The launch a tensor joins (NOTE: [Triton tiling]): flat; rows or columns
+    by layout, and by the power of two of the group size when the group fits
+    in registers (``None``: read in chunks). At most a few dozen classes
+    whatever the tensor count, so the launches per step stay bounded."""
+    if flat:
+        return ("flat",)
+    lay = st.lay
+    be = _np2(lay.group_size)
+    if lay.inner_reduced:
+        return ("rows", be if lay.group_size <= MAX_BLOCK_E else None)
+    reg_tile = max(TILE, MAX_BLOCK_E)
+    fits = be <= MAX_BLOCK_E and be * min(COLUMN_MIN_GROUPS, _np2(lay.n_groups)) <= reg_tile
+    return ("cols", be if fits else None)
+
+
+def size_classes(stats: Sequence[_TileStats], flat: bool) -> List[List[int]]:
+    """Indices of ``stats`` per launch (`_size_class`), in first-seen order."""
+    out: Dict[tuple, List[int]] = {}
+    for i, st in enumerate(stats):
+        out.setdefault(_size_class(st, flat), []).append(i)
+    return list(out.values())
+
+
 def _tile_shape(stats: Sequence[_TileStats], flat: bool):
     """``(BG, BE, ONE_CHUNK, NKB, NRB, UNIT_KEPT, UNIT_RED)`` of a launch over
-    tensors with these statistics (NOTE: [Triton tiling])."""
+    tensors of one size class (`_size_class`, NOTE: [Triton tiling])."""
     if flat:
         bg = min(_np2(max(s.numel for s in stats)), _np2(TILE))
         return bg, 1, True, 1, 1, False, False
     lays = [s.lay for s in stats]
-    max_gs = max(lay.group_size for lay in lays)
-    max_ng = max(lay.n_groups for lay in lays)
-    if all(lay.inner_reduced for lay in lays):
-        be = min(_np2(max_gs), _np2(MAX_BLOCK_E))
-        bg = max(1, min(_np2(TILE) // be, _np2(max_ng)))
+    kind, be = _size_class(stats[0], flat)
+    max_ng = _np2(max(lay.n_groups for lay in lays))
+    one_chunk = be is not None
+    if kind == "rows":
+        if not one_chunk:  # chunks of TILE elements (at most MAX_BLOCK_E)
+            be = min(_np2(MAX_BLOCK_E), _np2(TILE))
+        bg = max(1, min(_np2(TILE) // be, max_ng))
+    elif one_chunk:
+        bg = max(1, min(max_ng, COLUMN_GROUPS, max(TILE, MAX_BLOCK_E) // be))
     else:
-        bg = min(_np2(max_ng), COLUMN_GROUPS, _np2(TILE))
-        be = min(_np2(max_gs), _np2(MAX_BLOCK_E), max(1, _np2(TILE) // bg))
-    one_chunk = max_gs <= be
+        bg = min(max_ng, COLUMN_GROUPS, _np2(TILE))
+        be = max(1, _np2(TILE) // bg)
     nkb = max(1, max(len(lay.kept_sizes) for lay in lays))
     nrb = max(1, max(len(lay.red_sizes) for lay in lays))
     unit_kept = all(lay.kept_strides in ((), (1,)) for lay in lays)
@@ -323,15 +401,18 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
 def _specialization(opt: int, reg: int, solver: int, flat: bool, scalar_d: bool, amsgrad: bool,
                     pdt: torch.dtype, gdt: torch.dtype, stats: Sequence[_TileStats],
                     aligned: bool) -> Tuple[Dict[str, object], int]:
-    """The constexprs (all but ``CAPTURABLE``, a per-call switch) and ``num_warps``
-    of a launch over tensors with these statistics; compile_check.py compiles
-    exactly these."""
+    """The constexprs (all but ``CAPTURABLE`` and ``COUNT``, per-call switches)
+    and ``num_warps`` of a launch over tensors of one size class;
+    compile_check.py compiles exactly these. 4 warps below 1024 elements, then
+    one warp per 256 (8 elements per thread) up to 16 warps: at 32 warps
+    ptxas caps a thread at 64 registers and the grouped tiles spill."""
     bg, be, one_chunk, nkb, nrb, unit_kept, unit_red = _tile_shape(stats, flat)
     constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
                       AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
                       NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
                       UNIT_RED=unit_red)
-    return constexprs, (8 if bg * be >= 1024 else 4)
+    tile = bg * be
+    return constexprs, (4 if tile < 1024 else min(16, max(8, tile // 256)))
 
 
 def _refresh_grads(launch: _Launch, grads) -> None:
@@ -367,29 +448,52 @@ def _launch(launch: _Launch, scalars: Tuple, stab: Optional[torch.Tensor] = None
 def _kernel(launch: _Launch, scalars: Tuple, stab: Optional[torch.Tensor]) -> None:
     if stab is not None and launch.call_rows is not None:
         stab = stab.index_select(0, launch.call_rows)
+    counter = _COUNTER
+    if counter is not None and counter.device != launch.itab.device:
+        counter = None
     # a non-capturable launch never reads stab: any fp32 pointer does
     _K.fused_step_kernel[launch.grid](launch.items, launch.itab, launch.ftab, launch.scratch,
-                                      launch.ftab if stab is None else stab, *scalars,
+                                      launch.ftab if stab is None else stab,
+                                      launch.no_counter if counter is None else counter, *scalars,
                                       num_warps=launch.num_warps, CAPTURABLE=stab is not None,
-                                      **launch.constexprs)
+                                      COUNT=counter is not None, **launch.constexprs)
 
 
-def _signature(params, grads, states) -> tuple:
+@contextmanager
+def newton_counts(device) -> Iterator[torch.Tensor]:
+    """Count, in the launches on ``device`` run inside the block, the Newton work
+    of the exact group-lasso solve (for benchmarks and tests; off otherwise, and
+    then compiled out): an int32 tensor ``[steps, groups, passes, tiles]`` with
+    the Newton steps summed over the groups that iterate (nonzero, non-constant
+    ``d``), those groups, the passes over memory summed over the grouped tiles,
+    and those tiles. Read it after the block (that synchronizes)."""
+    global _COUNTER
+    buf = torch.zeros(4, dtype=torch.int32, device=device)
+    previous, _COUNTER = _COUNTER, buf
+    try:
+        yield buf
+    finally:
+        _COUNTER = previous
+
+
+def _signature(params, grads, states, sigmas=()) -> tuple:
     sig = []
     for i, (p, g) in enumerate(zip(params, grads)):
-        st = [s[i] for s in states]
+        st = [s[i] for s in states] + ([sigmas[i]] if sigmas else [])
         sig.append((p.data_ptr(), p.shape, p.stride(), g.stride(), p.dtype, g.dtype,
-                    p.device, g.device, tuple((s.data_ptr(), s.stride(), s.dtype, s.device) for s in st)))
+                    p.device, g.device,
+                    tuple((s.data_ptr(), s.shape, s.stride(), s.dtype, s.device) for s in st)))
     return tuple(sig)
 
 
 def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool, amsgrad: bool,
          dims, view, reweight: bool, scalars: Tuple, reference: Callable,
-         stab: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
-    """Run one call: cached plan, one launch per dtype bucket, reference for the rest.
+         stab: Optional[torch.Tensor] = None, sigmas: Sequence = ()) -> List[Optional[torch.Tensor]]:
+    """Run one call: cached plan, one launch per dtype and size class, reference for the rest.
 
     ``reference(indices, *tensor_lists)`` runs the fallback tensors; ``stab``
-    is the capturable scalar table (`_scalar_table`), ``None`` otherwise.
+    is the capturable scalar table (`_scalar_table`), ``None`` otherwise;
+    ``sigmas`` the warm-start state (docs/math.md section 4), or empty.
     """
     n = len(params)
     opt = _OPT[name]
@@ -399,12 +503,13 @@ def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool,
     else:
         dims_key = None
     key = (opt, reg, solver, flat, amsgrad, dims_key, None if view is None else tuple(view),
-           reweight, TILE, MAX_BLOCK_E, COLUMN_GROUPS, len(states), _signature(params, grads, states))
+           reweight, TILE, MAX_BLOCK_E, COLUMN_GROUPS, len(states), bool(sigmas),
+           _signature(params, grads, states, sigmas))
     plan = _cache.get(key)
     if plan is None:
         plan = _build_plan(opt, params, grads, states, reg=reg, solver=solver, flat=flat,
                            scalar_d=scalar_d, amsgrad=amsgrad, dims=dims, view=view,
-                           reweight=reweight)
+                           reweight=reweight, sigmas=sigmas)
         _cache[key] = plan
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
@@ -488,16 +593,42 @@ def _kernel_scalars(name: str, scalars: Dict) -> Tuple:
     return values + (0.0,) * (10 - len(values))
 
 
-def _subset_reference(d: "_D.Definition", present: Sequence[bool], kwargs) -> Callable:
+def _subset_reference(d: "_D.Definition", present: Sequence[bool], kwargs,
+                      sigmas: Sequence = ()) -> Callable:
     """The reference for the fallback tensors ``idx`` of a call: the state lists
-    the kernel does not take (``present`` False) go back in as empty lists."""
+    the kernel does not take (``present`` False) go back in as empty lists, the
+    warm-start list (`_split_sigmas`) cut down to ``idx`` where the reference takes it."""
     fn = getattr(_ref, d.name)
 
     def run(idx, params, grads, *lists):
         given = iter(lists)
         full = [list(next(given)) if on else [] for on in present]
+        if _SIGMA in d.state:
+            full.append([sigmas[i] for i in idx] if sigmas else [])
         return fn(params, grads, *full, **_subset_kwargs(kwargs, idx))
     return run
+
+
+#: State key of the warm start (docs/math.md section 4): one value per group,
+#: the last state list of RAMDA and ProxAdamW.
+_SIGMA = "sigma"
+
+
+def _split_sigmas(d: "_D.Definition", lists: Sequence, hp) -> Tuple[List, List]:
+    """``(per-element state lists, sigmas)`` of a call: the warm-start list is the
+    one after the per-element state (empty when not given). A non-empty one is
+    refused where there is no exact group-lasso solve to warm-start."""
+    n_state = len([k for k in d.state if k != _SIGMA])
+    if len(lists) > n_state + 1:
+        raise TypeError(f"{d.name}: {len(lists)} state lists given, at most {n_state + 1} "
+                        f"({', '.join(d.state_args)}, sigmas)")
+    sigmas = list(lists[n_state]) if len(lists) > n_state else []
+    if sigmas and not (d.solves and hp["regularizer"] == "group_lasso"
+                       and hp.get("solver", "exact") == "exact"):
+        raise ValueError(f"{d.name}: sigmas (the warm start of the exact group-lasso solve) "
+                         f"given with regularizer={hp['regularizer']!r}, "
+                         f"solver={hp.get('solver', 'exact')!r}: pass an empty list")
+    return list(lists[:n_state]), sigmas
 
 
 # ---------------------------------------------------------------------------
@@ -523,7 +654,11 @@ def _functional(d: "_D.Definition") -> Callable:
         if capturable and params and torch.compiler.is_compiling():  # NOTE: [one op per optimizer] in _ops.py
             return _ops.call(d.name, "triton", [params, grads, *lists],
                              dict(kwargs, found_inf=found_inf, grad_scale=grad_scale))
-        present = [key in d.state_keys(hp) for key in d.state]
+        all_lists = lists
+        lists, sigmas = _split_sigmas(d, lists, hp)
+        if sigmas and len(sigmas) != len(params):
+            raise ValueError(f"{d.name}: {len(sigmas)} sigmas for {len(params)} parameters")
+        present = [key in d.state_keys(hp) for key in d.state if key != _SIGMA]
         solve_args = (newton_tolerance(torch.float32), hp["max_iters"]) if d.solves else (0.0, 1)
         stab = None
         if capturable:
@@ -542,7 +677,8 @@ def _functional(d: "_D.Definition") -> Callable:
             sc = d.scalars(step, alpha, hp)
             threshold = sc[d.threshold]
             if whole_call_to_reference(regularizer, solver, pg_stop, threshold):
-                return reference(params, grads, *lists, **kwargs)
+                return reference(params, grads, *(all_lists if _SIGMA in d.state else lists),
+                                 **kwargs)
             cols = _kernel_scalars(d.name, sc)
             scalars = cols[:2] + solve_args + cols[2:]
         reg, solv, flat = _mode(regularizer, solver, threshold, not d.solves)
@@ -550,7 +686,8 @@ def _functional(d: "_D.Definition") -> Callable:
         return _run(d.name, params, grads, states, reg=reg, solver=solv, flat=flat,
                     amsgrad=bool(hp.get("amsgrad", False)), dims=hp["dims"], view=hp["view"],
                     reweight=hp["reweight"], scalars=scalars,
-                    reference=_subset_reference(d, present, kwargs), stab=stab)
+                    reference=_subset_reference(d, present, kwargs, sigmas), stab=stab,
+                    sigmas=sigmas if not flat else ())
 
     return step_fn
 
@@ -563,4 +700,4 @@ _ops.register("triton", ramda=ramda, rmda=rmda, proxadamw=proxadamw, proxsgd=pro
 
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable", "clear_cache", "TILE",
-           "MAX_BLOCK_E", "INTERPRETED"]
+           "MAX_BLOCK_E", "INTERPRETED", "newton_counts"]

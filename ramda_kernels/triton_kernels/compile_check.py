@@ -25,7 +25,7 @@ import sys
 from typing import Dict, Iterator, List
 
 _SCALARS = [("items", "*i64"), ("itab", "*i64"), ("ftab", "*fp32"), ("scratch", "*fp32"),
-            ("stab", "*fp32"), ("tau", "fp32"), ("eps_t", "fp32"), ("newton_tol", "fp32"), ("max_iters", "i32")] + [
+            ("stab", "*fp32"), ("counters", "*i32"), ("tau", "fp32"), ("eps_t", "fp32"), ("newton_tol", "fp32"), ("max_iters", "i32")] + [
     (f"h{i}", "fp32") for i in range(8)]
 
 
@@ -39,7 +39,7 @@ def variants(quick: bool = False) -> Iterator[Dict[str, object]]:
         scalar_d = opt in (1, 3)
         base = dict(OPT=opt, AMSGRAD=opt == 2, P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, NKB=2,
                     NRB=2, SCALAR_D=scalar_d, ALIGNED=True, UNIT_KEPT=False, UNIT_RED=False,
-                    CAPTURABLE=False)
+                    CAPTURABLE=False, COUNT=False)
         yield dict(base, REG=1, SOLVER=0, FLAT=True, ONE_CHUNK=True, BG=1024, BE=1, NKB=1, NRB=1)
         yield dict(base, REG=1, SOLVER=0, FLAT=True, ONE_CHUNK=True, BG=1024, BE=1, NKB=1, NRB=1,
                    CAPTURABLE=True)
@@ -118,13 +118,12 @@ def launch_specializations(param_groups, optimizer: str, dtype) -> List[tuple]:
         for p in g["params"]:
             lay = None if flat else tb._layout(p, reg, g.get("dims"), g.get("view"))
             stats.append(tb._TileStats(p.numel(), lay))
-        if not stats:
-            continue
-        constexprs, warps = tb._specialization(opt, reg, solver, flat, scalar_d,
-                                               bool(g.get("amsgrad", False)), dtype, dtype, stats,
-                                               True)
-        for capturable in (False, True):
-            out.append((dict(constexprs, CAPTURABLE=capturable), warps))
+        for members in tb.size_classes(stats, flat):  # one launch per size class
+            constexprs, warps = tb._specialization(opt, reg, solver, flat, scalar_d,
+                                                   bool(g.get("amsgrad", False)), dtype, dtype,
+                                                   [stats[i] for i in members], True)
+            for capturable in (False, True):
+                out.append((dict(constexprs, CAPTURABLE=capturable, COUNT=False), warps))
     return out
 
 

@@ -11,7 +11,8 @@ Tables (all on the tensors' device):
 * ``items``  int64 ``[n_items, 2]``: (tensor row, first group of the tile).
 * ``itab``   int64 ``[n_tensors, ITAB_WIDTH]``: addresses of parameter,
   gradient and up to three state tensors, ``numel``, number of groups, group
-  size, offset into ``scratch``, then the canonical group layout of
+  size, offset into ``scratch``, address of the warm-start ``sigma`` (one fp32
+  per group, 0 = none; NOTE: [two-pass plan]), then the canonical group layout of
   ``ramda_kernels.layout`` (see NOTE: [Group layout]): kept block sizes, kept
   block strides, reduced block sizes, reduced block strides, ``MAX_BLOCKS``
   slots each, in memory order, unused slots ``(1, 0)``.
@@ -33,52 +34,62 @@ the non-capturable kernel is the same code as before.
 
 NOTE: [Triton tiling]
 A program owns a tile of ``BG`` consecutive groups of one tensor and walks
-their elements in chunks of ``BE`` (both ``tl.constexpr``, chosen per launch
-from the largest group size and group count of the launch):
+their elements in chunks of ``BE`` (both ``tl.constexpr``). The host puts the
+tensors of a call into launches by size class (``triton_backend._size_class``:
+flat; rows or columns; the power of two of the group size when the group fits
+in registers, else "chunked"), so a tile is shaped for its own groups and the
+launches per step are bounded by the classes, not by the tensor count:
 
 * ``FLAT`` (no group reduction: ``none``, closed-form ``l1``): the dense
   tensor is read in memory order, ``BG`` elements per program, ``BE == 1``.
-* ``ONE_CHUNK`` (every group of the launch fits in ``BE``): the tile is loaded
-  once and kept in registers; Newton / PG iterate on registers and the tile
-  is written once.
-* otherwise (groups larger than ``BE``): every pass over a group re-reads its
-  inputs (gradient and *old* state) and recomputes ``d`` and ``z``; state and
-  parameter are written only by the last pass, so no pass reads what another
-  wrote and no scratch copy of ``d`` / ``z`` is needed (for Newton that is
-  one pass for the norms, one per Newton step, one to write). The PG solver
-  must carry its iterate ``Z`` between iterations, so it keeps ``Z`` in an
-  fp32 ``scratch`` buffer (same offsets as the tensor), two passes per PG
-  step for group lasso (the prox needs the group norm of ``Y`` first), one
-  for l1.
-Rows vs columns (NOTE: [Group layout]): the host makes ``BG`` small and
-``BE`` large when every group is a contiguous run, and ``BG`` large when
-neighbouring groups are neighbours in memory; when every tensor of the launch
-has a single unit-stride reduced (rows) or kept (columns) block, the
-``UNIT_RED`` / ``UNIT_KEPT`` constexprs make that stride visible to the
-compiler, which then orders threads along the contiguous axis. ``FLAT`` full
-tiles are masked by a bound the compiler can prove is a multiple of ``BG``
-and, with ``ALIGNED``, use 16-byte vector loads; a tensor's last tile is the
-only ragged one.
+* ``ONE_CHUNK`` (the class's groups fit in ``BE``: rows up to ``MAX_BLOCK_E``
+  = 8192 elements, columns tiles of up to ``max(TILE, MAX_BLOCK_E)`` elements
+  with at least 8 adjacent groups, i.e. one 32-byte fp32 sector per row): the
+  tile is loaded once and kept in registers; Newton / PG iterate on registers
+  and the tile is written once (the floor, warm or cold).
+* otherwise: NOTE: [two-pass plan].
+Rows vs columns (NOTE: [Group layout]): rows get ``BE`` = the group's power of
+two and ``BG = TILE / BE``; columns get up to ``COLUMN_GROUPS`` adjacent groups
+per tile. When every tensor of the launch has a single unit-stride reduced
+(rows) or kept (columns) block, the ``UNIT_RED`` / ``UNIT_KEPT`` constexprs make
+that stride visible to the compiler, which then orders threads along the
+contiguous axis. ``FLAT`` full tiles are masked by a bound the compiler can
+prove is a multiple of ``BG`` and, with ``ALIGNED``, use 16-byte vector
+loads; a tensor's last tile is the only ragged one. ``num_warps``: up to 8
+elements per thread (4 warps below 1024 elements, then one per 256, at most 16:
+at 32 ptxas caps a thread at 64 registers).
 
-NOTE: [two-pass plan] (the target of the grouped tiling; not implemented yet)
+NOTE: [two-pass plan]
 The floor of a step is one read of every input and one write of every
-output (RAMDA fp32: 32 B per element). The multi-chunk path above re-reads
-its inputs once per Newton step (about ``48 + 16k`` B per element for ``k``
-steps). The plan that reaches two passes:
+output (RAMDA fp32: 32 B per element). Groups larger than a chunk run as:
 
-* tiles per size class of group, several launches per step (their number
-  fixed by the classes, not by the tensor count), no column cap: groups up
-  to 8192 elements that are contiguous rows are loaded once, solved in
-  registers and written once (the floor even from a cold start);
-* every other group: pass 1 updates the state (writes V, U), and gathers
-  the group sums ``a, b, c`` of `_newton_terms` at the warm-start ``sigma``
-  (and at a few sigmas around it, for the price of one read); one Newton
-  step from them; pass 2 reads the new state and writes the parameter;
-  further passes only for tiles whose groups have not converged, with the
-  error bounded from what pass 1 measured (docs/math.md section 4);
-* the warm start is an optional per-group ``sigma`` input (one fp32 per
-  group, a new table column pointing at it); without it Newton starts from
-  ``sigma_hi`` as now, so results and the stopping rule do not change.
+* pass 1 (`_first_pass`) reads gradient, parameter where ``z`` needs it and
+  the old state once, writes the new state, and gathers per group ``sum z^2``,
+  ``max d``, ``min d`` and, for the exact solve, the sums of `_newton_terms4`
+  at the warm-start ``sigma`` (docs/math.md section 4, item 5: one fp32 per
+  group at the itab column ``COL_SIGMA``, 0 = none). `_warm_start` turns them
+  into the first Newton step (or ``sigma_hi`` without a warm start);
+* each further pass (a Newton step, `_newton_solve`, or a PG iteration) reads
+  only the new state (`_load_new`: for RAMDA ``W0, V, U``, 12 B) and
+  recomputes ``d``, ``z`` with the same arithmetic as pass 1; it runs only
+  while some group of the tile is not done;
+* the last pass reads the new state and the parameter and writes the
+  parameter (RAMDA: 16 B read, 4 written).
+So RAMDA fp32 costs ``44 + 12 k`` B per element for ``k`` Newton passes
+(was ``48 + 16 k``), ProxAdamW ``40 + 12 k``. A Newton step read from memory
+also ends the solve when its predicted error is under the tolerance
+(`_predicted_done`: ``kappa delta^2 / s`` with ``kappa = s |phi''| /
+(2 |phi'|)`` from one more sum in the same pass, a safety factor of 4 and
+steps of at most 1/8 of sigma; docs/math.md section 4, item 4 allows it as
+long as the KKT bounds hold), instead of paying a confirming pass: from a
+warm start on slowly changing ``z``, ``d`` that is ``k = 0``, two passes.
+Registers tiles keep the reference's stopping rule (their steps are free).
+A group is never split over programs (each program walks all chunks of its
+groups), so no partial sums need combining; the price is less parallelism
+for tensors with few huge groups. Groups whose kernel order (memory order)
+differs from the reference's row-major order of the kept dims (kept dims
+whose strides do not decrease) run without warm start (itab column 0):
+their sigma stays 0 rather than landing on another group.
 
 All math is fp32; parameters are read in ``P_DTYPE`` and rounded once on the
 final store. No value goes back to the host: iterative solves are in-kernel
@@ -111,9 +122,10 @@ COL_NUMEL = tl.constexpr(5)
 COL_NGROUPS = tl.constexpr(6)
 COL_GSIZE = tl.constexpr(7)
 COL_SCRATCH = tl.constexpr(8)
-COL_BLOCKS = tl.constexpr(9)
+COL_SIGMA = tl.constexpr(9)
+COL_BLOCKS = tl.constexpr(10)
 MAX_BLOCKS = tl.constexpr(4)
-ITAB_WIDTH = tl.constexpr(9 + 4 * 4)
+ITAB_WIDTH = tl.constexpr(10 + 4 * 4)
 # ftab columns.
 FCOL_CG = tl.constexpr(0)
 FCOL_TOL = tl.constexpr(1)
@@ -128,6 +140,18 @@ STAB_WIDTH = tl.constexpr(12)
 
 #: Same cap as ramda_ref.prox.NEWTON_MAX_ITERS.
 NEWTON_MAX_ITERS = tl.constexpr(50)
+#: Slots of the optional Newton counter buffer (int32, ``COUNT``): Newton steps
+#: summed over the groups that iterate, those groups, passes over memory
+#: summed over tiles, tiles.
+CNT_STEPS = tl.constexpr(0)
+CNT_GROUPS = tl.constexpr(1)
+CNT_PASSES = tl.constexpr(2)
+CNT_TILES = tl.constexpr(3)
+#: Factor between the predicted error of a Newton step and the tolerance it
+#: must meet to skip the confirming pass (NOTE: [two-pass plan]).
+PREDICT_SAFETY = tl.constexpr(4.0)
+#: Largest relative Newton step whose predicted error is trusted.
+PREDICT_MAX_STEP = tl.constexpr(0.125)
 
 
 # ---------------------------------------------------------------------------
@@ -184,16 +208,26 @@ def _gsum(x, mask):
 
 
 @triton.jit
-def _newton_terms(zeta, d, sigma):
+def _newton_terms4(zeta, d, sigma):
     """Per-element terms of `_newton_step`'s three group sums, from the unit-norm
     group ``zeta = z * (1/||z_g||)``: ``a = v^2 d/(d+sigma)``, ``b = v^2 sigma/(d+sigma)``
-    and ``c = u (zeta + v)`` with ``v = sigma zeta/(d+sigma)``, ``u = d zeta/(d+sigma)``."""
+    and ``c = u (zeta + v)`` with ``v = sigma zeta/(d+sigma)``, ``u = d zeta/(d+sigma)``;
+    and ``e = v^2 (sigma/(d+sigma))^2``, the curvature term of `_warm_start`.
+    All four are homogeneous of degree 2 in ``zeta``: from ``z`` itself they are
+    ``||z_g||^2`` times those of ``zeta``."""
     inv = _recip(d + sigma)
     ps = sigma * inv
     pd = d * inv
     v = zeta * ps
     vv = v * v
-    return vv * pd, vv * ps, (zeta * pd) * (zeta + v)
+    return vv * pd, vv * ps, (zeta * pd) * (zeta + v), vv * ps * ps
+
+
+@triton.jit
+def _newton_terms(zeta, d, sigma):
+    """The terms ``a, b, c`` of `_newton_terms4`."""
+    ta, tb, tc, te = _newton_terms4(zeta, d, sigma)
+    return ta, tb, tc
 
 
 @triton.jit
@@ -211,21 +245,79 @@ def _newton_start(znorm, dmax, dmin, T, gmask):
 
 
 @triton.jit
-def _newton_step(a, b, c, rel_excess, sigma, todo, tol):
-    """One Newton step on the secular equation of docs/math.md section 4, from the group
-    sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``, written
-    without cancellation as in ``ramda_ref.prox._newton_step`` (see NOTE:
-    [secular equation without cancellation] there).
-    Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
-    step, and a group is done once not ``delta > tol * sigma`` (same rules as
-    ``ramda_ref.prox.exact_group_lasso``)."""
+def _newton_delta(a, b, c, rel_excess, sigma):
+    """The Newton step ``phi/phi'`` of docs/math.md section 4 at ``sigma``, from the
+    group sums of `_newton_terms` and ``rel_excess = (||z_g|| - T)/||z_g||``,
+    written without cancellation as in ``ramda_ref.prox._newton_step`` (see
+    NOTE: [secular equation without cancellation] there). Returns ``(delta,
+    ||v||, f, den)`` with ``phi`` of the sign of ``-f`` and ``phi'`` of the sign
+    of ``-den`` (``den = a + f b/||v||``)."""
     vn = tl.sqrt_rn(a + b)
     f = rel_excess - _div(c, 1.0 + vn)
-    delta = _div(sigma * f * vn, a + _div(f * b, vn))
+    den = a + _div(f * b, vn)
+    return _div(sigma * f * vn, den), vn, f, den
+
+
+@triton.jit
+def _predicted_done(b, e, vn, den, rel_excess, delta, s_from, sigma, tol):
+    """A Newton step ``delta`` taken from ``s_from`` to ``sigma`` leaves an error of
+    about ``kappa delta^2 / s_from`` with ``kappa = s |phi''| / (2 |phi'|)``
+    measured at ``s_from``: ``1.5 (T/||z||) (||v||^2 e - b^2) / (||v||^3 den)``
+    (from ``phi' = -den/(||v||^2 T)`` and ``phi'' = 3 (b^2 - ||v||^2 e)/(||z|| s
+    ||v||^5)``). True where that error is under ``tol * sigma`` by
+    ``PREDICT_SAFETY`` and the step is at most ``PREDICT_MAX_STEP * s_from``
+    (docs/math.md section 4, item 4; NOTE: [two-pass plan])."""
+    curv = tl.maximum(vn * vn * e - b * b, 0.0)
+    kappa = 1.5 * tl.maximum(1.0 - rel_excess, 0.0) * _div(curv, vn * vn * vn * den)
+    err = _div(kappa * delta * delta, s_from)
+    small = tl.abs(delta) <= s_from * PREDICT_MAX_STEP
+    return small & (den > 0.0) & (err * PREDICT_SAFETY <= tol * sigma)
+
+
+@triton.jit
+def _newton_step(a, b, c, e, rel_excess, sigma, todo, tol, PREDICT: tl.constexpr):
+    """One Newton step on the secular equation (`_newton_delta`).
+    Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
+    step, and a group is done once not ``delta > tol * sigma`` (same rules as
+    ``ramda_ref.prox.exact_group_lasso``), or with ``PREDICT`` once
+    `_predicted_done` (``e``: the curvature sum of `_newton_terms4`)."""
+    delta, vn, f, den = _newton_delta(a, b, c, rel_excess, sigma)
     step = todo != 0
+    s_from = sigma
     sigma = tl.where(step & (delta > 0.0), sigma - delta, sigma)
-    todo = tl.where(step & (delta > tol * sigma), todo, 0)
+    going = step & (delta > tol * sigma)
+    if PREDICT:
+        going = going & (_predicted_done(b, e, vn, den, rel_excess, delta, s_from, sigma,
+                                         tol) == 0)
+    todo = tl.where(going, todo, 0)
     return sigma, todo
+
+
+@triton.jit
+def _warm_start(a, b, c, e, s_prev, sigma_hi, rel_excess, todo, tol, PREDICT: tl.constexpr):
+    """The warm start of docs/math.md section 4 (item 5), per group, from the sums
+    ``a, b, c, e`` of `_newton_terms4` at ``s_prev`` (the previous step's sigma,
+    0 for none): ``phi(s0) <= 0`` (``f >= 0``) is a Newton step from ``s0``, with
+    the reference's stopping rule; ``phi(s0) > 0`` and ``phi'(s0) < 0``
+    (``f < 0``, ``den > 0``) one Newton step, which lands at or right of the
+    root by concavity; otherwise ``sigma_hi``. Every start is clamped to
+    ``<= sigma_hi``; a group whose step was clamped keeps iterating. With
+    ``PREDICT`` (groups re-read from memory per Newton step) a step also ends
+    the solve when `_predicted_done`. Returns ``(sigma, todo, steps)``."""
+    delta, vn, f, den = _newton_delta(a, b, c, rel_excess, s_prev)
+    warm = (todo != 0) & (s_prev > 0.0) & (delta == delta)
+    right = warm & (f >= 0.0)
+    left = warm & (f < 0.0) & (den > 0.0)
+    moved = right | left
+    s1 = tl.where(right & (delta <= 0.0), s_prev, s_prev - delta)
+    inside = moved & (s1 <= sigma_hi)
+    sigma = tl.where(inside, s1, sigma_hi)
+    done = inside & right & (delta <= tol * sigma)
+    if PREDICT:
+        done = done | (inside & _predicted_done(b, e, vn, den, rel_excess, delta, s_prev, sigma,
+                                                tol))
+    todo = tl.where(done, 0, todo)
+    return sigma, todo, moved.to(tl.int32)
 
 
 @triton.jit
@@ -266,15 +358,28 @@ def _ramda_update(g, w0, v, u, s_t, eps):
     Returns ``d, z, V, U``."""
     v = v + s_t * g
     u = u + s_t * g * g
+    d, z = _ramda_dz(w0, v, u, eps)
+    return d, z, v, u
+
+
+@triton.jit
+def _ramda_dz(w0, v, u, eps):
+    """RAMDA's ``d = cbrt(U) + eps`` and ``z = d W0 - V`` from the new state."""
     d = _cbrt(u) + eps
-    return d, d * w0 - v, v, u
+    return d, d * w0 - v
 
 
 @triton.jit
 def _rmda_update(g, w0, v, s_t, beta_t):
     """RMDA: ``V += s_t g``; the prox input is ``y = W0 - V / beta_t``. Returns ``y, V``."""
     v = v + s_t * g
-    return w0 - _div(v, beta_t), v
+    return _rmda_y(w0, v, beta_t), v
+
+
+@triton.jit
+def _rmda_y(w0, v, beta_t):
+    """RMDA's prox input ``y = W0 - V / beta_t`` from the new state."""
+    return w0 - _div(v, beta_t)
 
 
 @triton.jit
@@ -290,8 +395,16 @@ def _proxadamw_update(g, x, m, v, vmax, decay, beta1, one_minus_beta1, beta2, on
         vmax = tl.maximum(vmax, v)
     else:
         vmax = v
+    d, z = _proxadamw_dz(x, m, vmax, bias2_sqrt, eps, step_size)
+    return d, z, x, m, v, vmax
+
+
+@triton.jit
+def _proxadamw_dz(x, m, vmax, bias2_sqrt, eps, step_size):
+    """ProxAdamW's ``d = sqrt(vmax) / bias2_sqrt + eps`` and ``z = d x - step_size m``
+    from the decayed point and the new moments."""
     d = _div(tl.sqrt_rn(vmax), bias2_sqrt) + eps
-    return d, d * x - step_size * m, x, m, v, vmax
+    return d, d * x - step_size * m
 
 
 @triton.jit
@@ -299,7 +412,13 @@ def _proxsgd_update(g, x, buf, one_minus_c, c, lr):
     """ProxSGD: ``buf = (1 - c) buf + c g``; the prox input is ``y = x - lr buf``.
     Returns ``y, buf``."""
     buf = buf * one_minus_c + c * g
-    return x - lr * buf, buf
+    return _proxsgd_y(x, buf, lr), buf
+
+
+@triton.jit
+def _proxsgd_y(x, buf, lr):
+    """ProxSGD's prox input ``y = x - lr buf`` from the new buffer."""
+    return x - lr * buf
 
 
 @triton.jit
@@ -314,7 +433,8 @@ def _average(x, w, one_minus_c, c):
 
 @triton.jit
 def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7, gs,
-                 OPT: tl.constexpr, AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr):
+                 OPT: tl.constexpr, AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr,
+                 WITH_X: tl.constexpr):
     """Load one tile and apply the optimizer's state update.
 
     Returns ``d, z, x, n0, n1, n2``: the subproblem's diagonal and linear term
@@ -322,12 +442,16 @@ def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h
     the current point ``x`` (for ProxAdamW after weight decay) and the new
     values of state tensors 0..2. The meaning of ``h0..h7`` per optimizer is
     the table at ``fused_step_kernel``; ``gs`` is GradScaler's scale
-    (capturable only), divided out as the gradient is read.
+    (capturable only), divided out as the gradient is read. RAMDA and RMDA
+    read the parameter only with ``WITH_X`` (their ``z`` does not need it; a
+    pass 1 that does not write the parameter skips it, NOTE: [two-pass plan]).
     """
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CAPTURABLE:
         g = _div(g, gs)
-    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.zeros_like(g)
+    if WITH_X or OPT == OPT_PROXADAMW or OPT == OPT_PROXSGD:
+        x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if OPT == OPT_RAMDA:
         n0 = tl.load(s0 + offs, mask=mask, other=0.0)
         d, z, n1, n2 = _ramda_update(g, w0=n0, v=tl.load(s1 + offs, mask=mask, other=0.0),
@@ -357,28 +481,73 @@ def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h
 
 
 @triton.jit
-def _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3,
-           OPT: tl.constexpr, AMSGRAD: tl.constexpr, P_DTYPE: tl.constexpr):
-    """Write the new state and the new parameter (rounded once to its dtype)."""
+def _load_new(p_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7,
+              OPT: tl.constexpr, AMSGRAD: tl.constexpr, WITH_X: tl.constexpr):
+    """``d, z, x`` of one tile from the state `_store_state` already wrote this
+    step (no gradient read, no state update: the passes after the first,
+    NOTE: [two-pass plan]); the same arithmetic as `_load_update`, so the same
+    values. ``x`` (the parameter) is read only when ``z`` needs it or
+    ``WITH_X`` asks (RAMDA and RMDA read it for the final average only)."""
+    x = tl.zeros_like(offs).to(tl.float32)
+    if WITH_X or OPT == OPT_PROXADAMW or OPT == OPT_PROXSGD:
+        x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if OPT == OPT_RAMDA:
+        d, z = _ramda_dz(tl.load(s0 + offs, mask=mask, other=0.0),
+                         tl.load(s1 + offs, mask=mask, other=0.0),
+                         tl.load(s2 + offs, mask=mask, other=0.0), eps=h1)
+    elif OPT == OPT_RMDA:
+        z = _rmda_y(tl.load(s0 + offs, mask=mask, other=0.0),
+                    tl.load(s1 + offs, mask=mask, other=0.0), beta_t=h1)
+        d = z
+    elif OPT == OPT_PROXADAMW:
+        x = x * h0
+        if AMSGRAD:
+            vmax = tl.load(s2 + offs, mask=mask, other=0.0)
+        else:
+            vmax = tl.load(s1 + offs, mask=mask, other=0.0)
+        d, z = _proxadamw_dz(x, tl.load(s0 + offs, mask=mask, other=0.0), vmax, bias2_sqrt=h5,
+                             eps=h6, step_size=h7)
+    else:
+        z = _proxsgd_y(x, tl.load(s0 + offs, mask=mask, other=0.0), lr=h2)
+        d = z
+    return d, z, x
+
+
+@triton.jit
+def _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+    """Write the state tensors the optimizer updates."""
     if OPT == OPT_RAMDA:
         tl.store(s1 + offs, n1, mask=mask)
         tl.store(s2 + offs, n2, mask=mask)
-        out = _average(x, w, one_minus_c=h2, c=h3)
     elif OPT == OPT_RMDA:
         tl.store(s1 + offs, n1, mask=mask)
-        out = _average(x, w, one_minus_c=h2, c=h3)
     elif OPT == OPT_PROXADAMW:
         tl.store(s0 + offs, n0, mask=mask)
         tl.store(s1 + offs, n1, mask=mask)
         if AMSGRAD:
             tl.store(s2 + offs, n2, mask=mask)
-        out = w
     else:
         tl.store(s0 + offs, n0, mask=mask)
+
+
+@triton.jit
+def _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT: tl.constexpr, P_DTYPE: tl.constexpr):
+    """Write the new parameter (rounded once to its dtype)."""
+    if OPT == OPT_RAMDA or OPT == OPT_RMDA:
+        out = _average(x, w, one_minus_c=h2, c=h3)
+    else:
         out = w
     if P_DTYPE == tl.bfloat16:
         out = _round_to_bf16(out)
     tl.store(p_ptr + offs, out.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3,
+           OPT: tl.constexpr, AMSGRAD: tl.constexpr, P_DTYPE: tl.constexpr):
+    """Write the new state and the new parameter."""
+    _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT, AMSGRAD)
+    _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT, P_DTYPE)
 
 
 # ---------------------------------------------------------------------------
@@ -424,12 +593,13 @@ def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB
 def _load_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2,
                 h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
                 CAPTURABLE: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr,
-                UNIT_RED: tl.constexpr):
+                UNIT_RED: tl.constexpr, WITH_X: tl.constexpr):
     """Chunk ``c0`` of a tile's groups, loaded and updated (`_load_update`):
     ``offs, mask, d, z, x, n0, n1, n2``."""
     offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
     d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE,
+                                       WITH_X)
     return offs, mask, d, z, x, n0, n1, n2
 
 
@@ -440,7 +610,8 @@ def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h
     """Elements ``offs < limit`` of a tensor without group reductions."""
     mask = offs < limit
     d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
-                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE)
+                                       h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE,
+                                       True)
     w = _closed_form(d, z, tau, REG, SCALAR_D)
     _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
 
@@ -448,8 +619,8 @@ def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h
 # ---------------------------------------------------------------------------
 # Grouped solves (docs/math.md sections 3-5). Each works on a tile of BG
 # groups either held in registers (ONE_CHUNK: ``d, z, x`` are the tile) or
-# re-read chunk by chunk from memory (the tile's pointers and layout; the
-# register arguments are then unused placeholders).
+# re-read chunk by chunk from the state pass 1 wrote (`_load_new`; the
+# register arguments are then unused placeholders). NOTE: [two-pass plan].
 # ---------------------------------------------------------------------------
 
 @triton.jit
@@ -463,37 +634,58 @@ def _group_stats(z, d, mask, SCALAR_D: tl.constexpr):
 
 
 @triton.jit
-def _stats_chunks(p_ptr, g_ptr, s0, s1, s2, goff, gmask, red_sizes, red_strides, gsize,
-                  h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
-                  CAPTURABLE: tl.constexpr, SCALAR_D: tl.constexpr, BG: tl.constexpr,
-                  BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
-    """`_group_stats` over the chunks of groups larger than a chunk."""
+def _first_pass(p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_strides, gsize, s_prev,
+                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, SOLVER: tl.constexpr,
+                AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr, SCALAR_D: tl.constexpr,
+                BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
+    """Pass 1 over groups larger than a chunk (NOTE: [two-pass plan]): read the
+    inputs once, write the new state, and gather per group ``sum z^2``, ``max d``,
+    ``min d`` and, for the exact solve, the sums of `_newton_terms4` at the warm
+    start ``s_prev`` (from ``z`` itself: ``||z_g||^2`` times the unit-norm sums).
+    PG's iterate starts as the (decayed) point in ``zs``.
+    Returns ``zz, dmax, dmin, wa, wb, wc, we``."""
     zz = tl.zeros([BG], dtype=tl.float32)
     dmax = tl.zeros([BG], dtype=tl.float32)
     dmin = tl.zeros([BG], dtype=tl.float32) + float("inf")
+    wa = tl.zeros([BG], dtype=tl.float32)
+    wb = wa
+    wc = wa
+    we = wa
     for c0 in range(0, gsize, BE):
         offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
             c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
-            h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+            h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED,
+            SOLVER == SOLVER_PG and not SCALAR_D)  # PG's iterate starts at x
+        _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT, AMSGRAD)
         czz, cmax, cmin = _group_stats(z, d, mask, SCALAR_D)
         zz += czz
         if not SCALAR_D:
             dmax = tl.maximum(dmax, cmax)
             dmin = tl.minimum(dmin, cmin)
-    return zz, dmax, dmin
+            if SOLVER == SOLVER_EXACT:
+                ta, tb, tc, te = _newton_terms4(z, d, s_prev[:, None])
+                wa += _gsum(ta, mask)
+                wb += _gsum(tb, mask)
+                wc += _gsum(tc, mask)
+                we += _gsum(te, mask)
+            else:
+                tl.store(zs + offs, x, mask=mask)
+    tl.debug_barrier()  # the later passes read what this one wrote
+    return zz, dmax, dmin, wa, wb, wc, we
 
 
 @triton.jit
-def _newton_solve(d, z, mask, znorm, dmax, dmin, T, gmask, newton_tol,
-                  p_ptr, g_ptr, s0, s1, s2, goff, red_sizes, red_strides, gsize,
-                  h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
-                  CAPTURABLE: tl.constexpr, ONE_CHUNK: tl.constexpr, BG: tl.constexpr,
-                  BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
+def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, iters,
+                  p_ptr, s0, s1, s2, goff, gmask, red_sizes, red_strides, gsize,
+                  h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+                  ONE_CHUNK: tl.constexpr, BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr,
+                  UNIT_RED: tl.constexpr):
     """Exact group lasso (docs/math.md section 4): Newton on the secular
-    equation from ``sigma_hi`` (cold start; a warm start would replace the
-    ``sigma`` of `_newton_start`), same stopping rule as the reference.
-    Returns ``(active, sigma)``; the solution is ``z / (d + sigma)`` on active groups."""
-    active, sigma, todo, rel_excess, inv_norm = _newton_start(znorm, dmax, dmin, T, gmask)
+    equation from ``sigma`` (``sigma_hi`` or the warm start, `_warm_start`)
+    while ``todo``, same stopping rule as the reference; without ONE_CHUNK each
+    step is one pass over the new state. ``iters`` counts the steps per group.
+    Returns ``(sigma, iters, passes)``; the solution is ``z / (d + sigma)`` on
+    active groups."""
     zeta = z * inv_norm[:, None]
     it = 0
     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
@@ -502,21 +694,27 @@ def _newton_solve(d, z, mask, znorm, dmax, dmin, T, gmask, newton_tol,
             sa = _gsum(ta, mask)
             sb = _gsum(tb, mask)
             sc = _gsum(tc, mask)
+            se = sa
         else:
             sa = tl.zeros([BG], dtype=tl.float32)
             sb = tl.zeros([BG], dtype=tl.float32)
             sc = tl.zeros([BG], dtype=tl.float32)
+            se = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
-                offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
-                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
-                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
-                ta, tb, tc = _newton_terms(cz * inv_norm[:, None], cd, sigma[:, None])
+                offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
+                                     UNIT_RED)
+                cd, cz, cx = _load_new(p_ptr, s0, s1, s2, offs, cmask, h0, h1, h2, h3, h4, h5,
+                                       h6, h7, OPT, AMSGRAD, False)
+                ta, tb, tc, te = _newton_terms4(cz * inv_norm[:, None], cd, sigma[:, None])
                 sa += _gsum(ta, cmask)
                 sb += _gsum(tb, cmask)
                 sc += _gsum(tc, cmask)
-        sigma, todo = _newton_step(sa, sb, sc, rel_excess, sigma, todo, newton_tol)
+                se += _gsum(te, cmask)
+        iters += todo
+        sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo, newton_tol,
+                                   not ONE_CHUNK)
         it += 1
-    return active, sigma
+    return sigma, iters, it
 
 
 @triton.jit
@@ -537,32 +735,26 @@ def _pg_step(Z, d, z, theta, T, run, mask, pscale, REG: tl.constexpr):
 
 @triton.jit
 def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
-              p_ptr, g_ptr, s0, s1, s2, goff, red_sizes, red_strides, gsize,
-              h0, h1, h2, h3, h4, h5, h6, h7, gs, REG: tl.constexpr, OPT: tl.constexpr,
-              AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+              p_ptr, s0, s1, s2, goff, red_sizes, red_strides, gsize,
+              h0, h1, h2, h3, h4, h5, h6, h7, REG: tl.constexpr, OPT: tl.constexpr,
+              AMSGRAD: tl.constexpr, ONE_CHUNK: tl.constexpr,
               BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
     """The paper's Algorithm 2 (docs/math.md section 5) from ``Z = x``, step
     ``theta = 1 / max d``, until the step residual is at most ``tol_g``.
     ONE_CHUNK keeps ``Z`` in registers; otherwise it lives in ``zs`` (the
-    scratch buffer at the tensor's offsets), two chunk passes per iteration
-    for group lasso (the prox needs ``||Y_g||`` first), one for l1.
-    Returns ``(active, Z)`` (``Z`` meaningful with ONE_CHUNK only)."""
+    scratch buffer at the tensor's offsets, filled by `_first_pass`), two
+    passes over the new state per iteration for group lasso (the prox needs
+    ``||Y_g||`` first), one for l1. Returns ``(active, Z, passes)`` (``Z``
+    meaningful with ONE_CHUNK only; inactive groups' ``Z`` is not zeroed)."""
     if REG == REG_GROUP:
         active = (znorm > T) & gmask
     else:
         active = gmask
     theta = _recip(dmax)
     Z = tl.where(active[:, None] & mask, x, 0.0)
-    if not ONE_CHUNK:
-        for c0 in range(0, gsize, BE):
-            offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
-            cx = tl.load(p_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
-            if OPT == OPT_PROXADAMW:
-                cx = cx * h0  # the decayed point, as _proxadamw_update forms it
-            tl.store(zs + offs, tl.where(active[:, None], cx, 0.0), mask=cmask)
-        tl.debug_barrier()
     run = active.to(tl.int32)
     it = 0
+    passes = 0
     while (it < max_iters) & (tl.sum(run, axis=0) > 0):
         pscale = theta
         if ONE_CHUNK:
@@ -574,26 +766,30 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
             if REG == REG_GROUP:
                 yy = tl.zeros([BG], dtype=tl.float32)
                 for c0 in range(0, gsize, BE):
-                    offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
-                        c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
-                        h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+                    offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
+                                         UNIT_RED)
+                    cd, cz, cx = _load_new(p_ptr, s0, s1, s2, offs, cmask, h0, h1, h2, h3, h4,
+                                           h5, h6, h7, OPT, AMSGRAD, False)
                     cZ = tl.load(zs + offs, mask=cmask, other=0.0)
                     Y = cZ - theta[:, None] * (cd * cZ - cz)
                     yy += _gsum(Y * Y, cmask)
                 pscale = _shrink_scale(tl.sqrt_rn(yy), theta * T)
+                passes += 1
             ss = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
-                offs, cmask, cd, cz, cx, n0, n1, n2 = _load_chunk(
-                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
-                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+                offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
+                                     UNIT_RED)
+                cd, cz, cx = _load_new(p_ptr, s0, s1, s2, offs, cmask, h0, h1, h2, h3, h4, h5,
+                                       h6, h7, OPT, AMSGRAD, False)
                 cZ, css = _pg_step(tl.load(zs + offs, mask=cmask, other=0.0), cd, cz, theta, T,
                                    run, cmask, pscale, REG)
                 ss += css
                 tl.store(zs + offs, cZ, mask=cmask)
             tl.debug_barrier()
+            passes += 1
         run = tl.where(tl.sqrt_rn(ss) > tol_g, run, 0)
         it += 1
-    return active, Z
+    return active, Z, passes
 
 
 @triton.jit
@@ -604,7 +800,7 @@ def _solution(d, z, Z, active, sigma, scale, SCALAR_D: tl.constexpr, SOLVER: tl.
     elif SOLVER == SOLVER_EXACT:
         w = tl.where(active[:, None], _div(z, d + sigma[:, None]), 0.0)
     else:
-        w = Z
+        w = tl.where(active[:, None], Z, 0.0)
     return w
 
 
@@ -613,14 +809,14 @@ def _solution(d, z, Z, active, sigma, scale, SCALAR_D: tl.constexpr, SOLVER: tl.
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def fused_step_kernel(items, itab, ftab, scratch, stab, tau, eps_t, newton_tol, max_iters,
+def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, newton_tol, max_iters,
                       h0, h1, h2, h3, h4, h5, h6, h7,
                       OPT: tl.constexpr, REG: tl.constexpr, SOLVER: tl.constexpr,
                       FLAT: tl.constexpr, ONE_CHUNK: tl.constexpr, AMSGRAD: tl.constexpr,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BG: tl.constexpr,
                       BE: tl.constexpr, NKB: tl.constexpr, NRB: tl.constexpr,
                       SCALAR_D: tl.constexpr, ALIGNED: tl.constexpr, UNIT_KEPT: tl.constexpr,
-                      UNIT_RED: tl.constexpr, CAPTURABLE: tl.constexpr):
+                      UNIT_RED: tl.constexpr, CAPTURABLE: tl.constexpr, COUNT: tl.constexpr):
     """One step of optimizer ``OPT`` on the tile ``items[program_id]``.
 
     Scalar arguments (the launch boundary ``triton_backend._launch(launch,
@@ -653,6 +849,8 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, tau, eps_t, newton_tol, 
     block of stride 1 (see `_decode`). ``CAPTURABLE``: ``tau, eps_t, h*``
     come from row ``row`` of ``stab`` instead (their arguments are ignored),
     with a skip flag and a gradient scale (NOTE: [capturable kernel]).
+    ``COUNT``: add the Newton work to ``counters`` (int32, slots ``CNT_*``;
+    ``triton_backend.newton_counts``); off, nothing is traced.
     Tiling: see NOTE: [Triton tiling].
     """
     pid = tl.program_id(0)
@@ -718,50 +916,90 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, tau, eps_t, newton_tol, 
         goff = _decode(gi, kept_sizes, kept_strides, NKB, UNIT_KEPT)
         T = tau * tl.load(ftab + row * FTAB_WIDTH + FCOL_CG)
         tol_g = eps_t * tl.load(ftab + row * FTAB_WIDTH + FCOL_TOL)
+        # the warm start (docs/math.md section 4): one fp32 per group, 0 = none
+        sig_addr = tl.load(meta + COL_SIGMA)
+        sig_ptr = sig_addr.to(tl.pointer_type(tl.float32))
+        sig_mask = gmask & (sig_addr != 0)
+        s_prev = tl.zeros([BG], dtype=tl.float32)
+        if SOLVER == SOLVER_EXACT and not SCALAR_D:
+            s_prev = tl.load(sig_ptr + gi, mask=sig_mask, other=0.0)
         # the tile in registers (ONE_CHUNK), else placeholders the solves ignore
         offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
         if ONE_CHUNK:
             d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD,
-                                               CAPTURABLE)
+                                               CAPTURABLE, True)
             zz, dmax, dmin = _group_stats(z, d, mask, SCALAR_D)
+            wa = zz
+            wb = zz
+            wc = zz
+            we = zz
         else:
             d = tl.zeros([BG, BE], dtype=tl.float32)
             z = d
             x = d
-            zz, dmax, dmin = _stats_chunks(p_ptr, g_ptr, s0, s1, s2, goff, gmask, red_sizes,
-                                           red_strides, gsize, h0, h1, h2, h3, h4, h5, h6, h7, gs,
-                                           OPT, AMSGRAD, CAPTURABLE, SCALAR_D, BG, BE, NRB,
-                                           UNIT_RED)
+            zz, dmax, dmin, wa, wb, wc, we = _first_pass(
+                p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_strides, gsize, s_prev,
+                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, SOLVER, AMSGRAD, CAPTURABLE, SCALAR_D,
+                BG, BE, NRB, UNIT_RED)
         znorm = tl.sqrt_rn(zz)
         dmax = tl.where(gmask, dmax, 1.0)
         scale = _shrink_scale(znorm, T)
         sigma = scale
         active = gmask
         Z = z
+        passes = 0
         if not SCALAR_D:
             if SOLVER == SOLVER_EXACT:
-                active, sigma = _newton_solve(d, z, mask, znorm, dmax, dmin, T, gmask, newton_tol,
-                                              p_ptr, g_ptr, s0, s1, s2, goff, red_sizes,
-                                              red_strides, gsize, h0, h1, h2, h3, h4, h5, h6, h7,
-                                              gs, OPT, AMSGRAD, CAPTURABLE, ONE_CHUNK, BG, BE, NRB,
-                                              UNIT_RED)
+                active, sigma, todo, rel_excess, inv_norm = _newton_start(znorm, dmax, dmin, T,
+                                                                          gmask)
+                iterating = todo
+                if ONE_CHUNK:
+                    ta, tb, tc, te = _newton_terms4(z * inv_norm[:, None], d, s_prev[:, None])
+                    wa = _gsum(ta, mask)
+                    wb = _gsum(tb, mask)
+                    wc = _gsum(tc, mask)
+                    we = _gsum(te, mask)
+                else:  # pass 1 summed over z itself: scale to the unit-norm group
+                    inv_zz = inv_norm * inv_norm
+                    wa = wa * inv_zz
+                    wb = wb * inv_zz
+                    wc = wc * inv_zz
+                    we = we * inv_zz
+                sigma, todo, iters = _warm_start(wa, wb, wc, we, s_prev, sigma, rel_excess, todo,
+                                                 newton_tol, not ONE_CHUNK)
+                sigma, iters, passes = _newton_solve(
+                    d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, iters, p_ptr, s0,
+                    s1, s2, goff, gmask, red_sizes, red_strides, gsize, h0, h1, h2, h3, h4, h5,
+                    h6, h7, OPT, AMSGRAD, ONE_CHUNK, BG, BE, NRB, UNIT_RED)
+                # write back the sigma each nonzero group ended with; zero groups keep theirs
+                tl.store(sig_ptr + gi, sigma, mask=sig_mask & active)
+                if COUNT:
+                    tl.atomic_add(counters + CNT_STEPS, tl.sum(tl.where(iterating != 0, iters, 0),
+                                                               axis=0))
+                    tl.atomic_add(counters + CNT_GROUPS, tl.sum(iterating, axis=0))
             else:
-                active, Z = _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
-                                      p_ptr, g_ptr, s0, s1, s2, goff, red_sizes, red_strides,
-                                      gsize, h0, h1, h2, h3, h4, h5, h6, h7, gs, REG, OPT,
-                                      AMSGRAD, CAPTURABLE, ONE_CHUNK, BG, BE, NRB, UNIT_RED)
+                active, Z, passes = _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g,
+                                              max_iters, zs, p_ptr, s0, s1, s2, goff, red_sizes,
+                                              red_strides, gsize, h0, h1, h2, h3, h4, h5, h6, h7,
+                                              REG, OPT, AMSGRAD, ONE_CHUNK, BG, BE, NRB, UNIT_RED)
         if ONE_CHUNK:
             w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
             _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
         else:
-            # last pass: write state and parameter
+            # last pass: read the new state, write the parameter
             for c0 in range(0, gsize, BE):
-                offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
-                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
-                    h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED)
+                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
+                                    UNIT_RED)
+                d, z, x = _load_new(p_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6,
+                                    h7, OPT, AMSGRAD, True)
                 if SOLVER == SOLVER_PG and not SCALAR_D:
                     Z = tl.load(zs + offs, mask=mask, other=0.0)
                 w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
-                _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD,
-                       P_DTYPE)
+                _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT, P_DTYPE)
+        if COUNT:  # passes over memory: one in registers, else pass 1 + solver passes + last
+            if ONE_CHUNK:
+                tl.atomic_add(counters + CNT_PASSES, 1)
+            else:
+                tl.atomic_add(counters + CNT_PASSES, 2 + passes)
+            tl.atomic_add(counters + CNT_TILES, 1)
