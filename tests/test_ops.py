@@ -65,14 +65,14 @@ def test_schema_takes_the_reference_functionals_arguments(name):
 
 def test_new_hyperparameter_and_state_need_no_op_table_change():
     """A definition with one more keyword and one more state list (as RAMDA's
-    ``sigmas``) gets them in its schema: the list mutated, before the counters;
-    the keyword typed from its default, before found_inf."""
+    ``sigmas`` was added) gets them in its schema: the list mutated, before the
+    counters; the keyword typed from its default, before found_inf."""
     d = dataclasses.replace(D.RAMDA, name="ramda_probe",
                             hparams=D.RAMDA.hparams + (D.HParam("nesterov", False),),
-                            state=D.RAMDA.state + ("sigma",),
-                            state_args=D.RAMDA.state_args + ("sigmas",))
+                            state=D.RAMDA.state + ("probe",),
+                            state_args=D.RAMDA.state_args + ("probes",))
     s = _ops.schema(d)
-    assert "Tensor(d!)[] sigmas, *, Tensor[] step" in s, s
+    assert "Tensor(d!)[] sigmas, Tensor(e!)[] probes, *, Tensor[] step" in s, s
     assert "bool nesterov, Tensor? found_inf, Tensor? grad_scale) -> ()" in s, s
     assert "Tensor[] initial_points" in s  # read only
     with pytest.raises(TypeError, match="schema_type"):

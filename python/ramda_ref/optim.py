@@ -155,8 +155,8 @@ class ProxOptimizer(torch.optim.Optimizer):
       divided out inside the step. Raising on a NaN/Inf gradient would need a
       host read, so capturable optimizers skip such steps: ``nonfinite``
       defaults to ``"skip"`` and ``nonfinite="raise"`` is a ValueError.
-    * Backends ``reference`` and ``triton`` only (``auto`` picks triton on
-      CUDA, the reference on CPU); ``nuclear`` and ``pg_stop="rtol"`` are
+    * Backends ``reference``, ``cpu`` (host reads cost nothing there) and
+      ``triton`` (``auto`` picks triton on CUDA, cpu on CPU when it is built); ``nuclear`` and ``pg_stop="rtol"`` are
       refused (their solves stop on host reads).
     * Hyperparameters (``lr``, ``momentum``, ...) stay Python numbers: a
       captured graph replays the values it was captured with.
