@@ -13,7 +13,8 @@ the same gradients for ``steps`` steps and compares:
 A tensor passes when ``max|fast - truth| <= 4 max|ref - truth| + floor``
 (the fast path may be at most a small multiple of the
 reference's own error at that precision, in max norm per tensor; ``floor`` is
-a few ulps of the dtype times the tensor's scale). State is compared the same way. Which groups
+a few ulps of the dtype times the tensor's scale). State is compared the same way
+(the per-group ``sigma`` with a wider floor: ``_ROOT_FLOOR_ULPS``). Which groups
 are exactly zero must match the reference, except groups that sit on the
 threshold: where one side is zero and the other side's group norm is below
 ``1e-3`` of the tensor's median nonzero group norm.
@@ -74,6 +75,13 @@ LAMBDAS = {
     "proxsgd": dict(none=0.0, l1=1.0, group_lasso=1.0, nuclear=1.0),
 }
 _FLOOR_ULPS = 4.0
+#: Floor for per-group solver state (the warm start's ``sigma``), in ulps of its
+#: scale: sigma is the root of ``phi`` (docs/math.md section 4), known in a
+#: given precision only to the rounding of ``phi`` over ``|phi'|``, tens of ulps
+#: where ``phi'`` is small, however exact the arithmetic around it. What that
+#: error does to the solution is bounded by the parameter comparison.
+_ROOT_FLOOR_ULPS = 64.0
+_ROOT_STATE = frozenset(k for d in DEFINITIONS.values() for k in d.per_group_state)
 
 
 @dataclass
@@ -347,8 +355,10 @@ def compare_runs(res: ParityResult, fast, ref, truth, regularizer: Optional[str]
                 continue
             if sf[key].dtype != sr[key].dtype:
                 res.fail(f"{where}: state[{key!r}] dtype {sf[key].dtype}, reference {sr[key].dtype}")
+            root = key in _ROOT_STATE
+            key_floors = {sr[key].dtype: _ROOT_FLOOR_ULPS * torch.finfo(sr[key].dtype).eps} if root else floors
             err = _compare(res, f"{where} state[{key!r}]", sf[key], sr[key], st[key], sr[key].dtype,
-                           None, floor_scales.get((i, key), 0.0), floors)
+                           None, floor_scales.get((i, key), 0.0), key_floors)
             res.max_state_err = max(res.max_state_err, err)
     return res
 
