@@ -85,7 +85,7 @@ def _call(name: str, params, args, kwargs, backend: str) -> List:
 
     def run(idx, impl: str, convert):
         sub = [convert(params[i]) for i in idx]
-        sub_args = [[convert(a[i]) for i in idx] for a in args]
+        sub_args = [[convert(a[i]) for i in idx] if len(a) else [] for a in args]  # [] : a list not given
         for i, r in zip(idx, _run(name, impl, sub, sub_args, kwargs)):
             out[i] = r
 

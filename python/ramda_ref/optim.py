@@ -35,7 +35,7 @@ import torch
 from . import definitions as D
 from . import functional as F
 from . import units as U
-from .groups import group_size, grouped_view, normalize_dims
+from .groups import grouped_view, normalize_dims
 from .prox import REGULARIZERS, refuse_capturable
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -48,6 +48,13 @@ def _is_bool(x) -> bool:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _keeps_sigma(p: torch.Tensor) -> bool:
+    """Whether ``p`` keeps the warm start's per-group sigma. A DTensor (FSDP2)
+    does not yet: its groups are counted on the global shape while a fused
+    backend steps its local shard, so its exact solves cold-start."""
+    return not (type(p).__name__ == "DTensor" and hasattr(p, "placements"))
 
 
 def _finite_flags(grads: List[torch.Tensor]) -> torch.Tensor:
@@ -429,7 +436,8 @@ class ProxOptimizer(torch.optim.Optimizer):
             if key == "initial_point":
                 state[key] = p.detach().to(dtype=dtype, copy=True)
             elif key in self._definition.per_group_state:
-                state[key] = self._new_sigma(p, group)
+                if _keeps_sigma(p):
+                    state[key] = self._new_sigma(p, group)
             else:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
@@ -438,7 +446,14 @@ class ProxOptimizer(torch.optim.Optimizer):
     def _group_count(p: torch.Tensor, group) -> int:
         """Groups of ``p`` under ``group``'s view and dims (group lasso)."""
         shape = grouped_view(p, group["view"]).shape
-        return p.numel() // max(1, group_size(shape, normalize_dims(group["dims"], len(shape))))
+        reduced = normalize_dims(group["dims"], len(shape))
+        # the product of the kept sizes, not numel / group size: a zero-size
+        # tensor of shape (0, 5) with dims=(0,) has 5 (empty) groups
+        count = 1
+        for i, n in enumerate(shape):  # a plain loop: torch.compile traces this every step
+            if i not in reduced:
+                count *= n
+        return count
 
     def _new_sigma(self, p: torch.Tensor, group) -> torch.Tensor:
         """The warm-start state of the exact group-lasso solve: one sigma per group,
@@ -450,6 +465,8 @@ class ProxOptimizer(torch.optim.Optimizer):
         created (cold start) when the group switched to it after the state was
         made, when a checkpoint lacked it, or when the groups changed (view, dims)."""
         for p in params:
+            if not _keeps_sigma(p):
+                continue
             st = self.state[p]
             sig = st.get("sigma")
             if sig is None or sig.shape != (self._group_count(p, group),):
@@ -605,7 +622,8 @@ class ProxOptimizer(torch.optim.Optimizer):
         if not missing:
             return
         if "sigma" in missing:  # only a warm start: the step cold-starts without it
-            state["sigma"] = self._new_sigma(p, group)
+            if _keeps_sigma(p):
+                state["sigma"] = self._new_sigma(p, group)
             missing.remove("sigma")
             if not missing:
                 return
@@ -741,6 +759,10 @@ class ProxOptimizer(torch.optim.Optimizer):
         present = self._state_keys(group)
         if "sigma" in present:
             self._ensure_sigma(group, params)
+            for p in params:
+                if "sigma" not in self.state[p]:  # a DTensor: the call cold-starts
+                    present = tuple([k for k in present if k != "sigma"])
+                    break
         lists = [self._states(params, key) if key in present else [] for key in d.state]
         kwargs = d.functional_kwargs(group)
         if self._uses_alpha:
