@@ -604,6 +604,19 @@ def _load_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0
 
 
 @triton.jit
+def _load_new_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                    h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+                    BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr,
+                    WITH_X: tl.constexpr):
+    """Chunk ``c0`` of a tile's groups from the state this step already wrote
+    (`_load_new`): ``offs, mask, d, z, x``."""
+    offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
+    d, z, x = _load_new(p_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7,
+                        OPT, AMSGRAD, WITH_X)
+    return offs, mask, d, z, x
+
+
+@triton.jit
 def _flat_tile(p_ptr, g_ptr, s0, s1, s2, offs, limit, tau, h0, h1, h2, h3, h4, h5, h6, h7, gs,
                OPT: tl.constexpr, REG: tl.constexpr, AMSGRAD: tl.constexpr,
                P_DTYPE: tl.constexpr, SCALAR_D: tl.constexpr, CAPTURABLE: tl.constexpr):
@@ -701,10 +714,9 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
             sc = tl.zeros([BG], dtype=tl.float32)
             se = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
-                offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                     UNIT_RED)
-                cd, cz, cx = _load_new(p_ptr, s0, s1, s2, offs, cmask, h0, h1, h2, h3, h4, h5,
-                                       h6, h7, OPT, AMSGRAD, False)
+                offs, cmask, cd, cz, cx = _load_new_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False)
                 ta, tb, tc, te = _newton_terms4(cz * inv_norm[:, None], cd, sigma[:, None])
                 sa += _gsum(ta, cmask)
                 sb += _gsum(tb, cmask)
@@ -766,10 +778,9 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
             if REG == REG_GROUP:
                 yy = tl.zeros([BG], dtype=tl.float32)
                 for c0 in range(0, gsize, BE):
-                    offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                         UNIT_RED)
-                    cd, cz, cx = _load_new(p_ptr, s0, s1, s2, offs, cmask, h0, h1, h2, h3, h4,
-                                           h5, h6, h7, OPT, AMSGRAD, False)
+                    offs, cmask, cd, cz, cx = _load_new_chunk(
+                        c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                        h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False)
                     cZ = tl.load(zs + offs, mask=cmask, other=0.0)
                     Y = cZ - theta[:, None] * (cd * cZ - cz)
                     yy += _gsum(Y * Y, cmask)
@@ -777,10 +788,9 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
                 passes += 1
             ss = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
-                offs, cmask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                     UNIT_RED)
-                cd, cz, cx = _load_new(p_ptr, s0, s1, s2, offs, cmask, h0, h1, h2, h3, h4, h5,
-                                       h6, h7, OPT, AMSGRAD, False)
+                offs, cmask, cd, cz, cx = _load_new_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False)
                 cZ, css = _pg_step(tl.load(zs + offs, mask=cmask, other=0.0), cd, cz, theta, T,
                                    run, cmask, pscale, REG)
                 ss += css
@@ -989,10 +999,9 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
         else:
             # last pass: read the new state, write the parameter
             for c0 in range(0, gsize, BE):
-                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
-                                    UNIT_RED)
-                d, z, x = _load_new(p_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6,
-                                    h7, OPT, AMSGRAD, True)
+                offs, mask, d, z, x = _load_new_chunk(
+                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, True)
                 if SOLVER == SOLVER_PG and not SCALAR_D:
                     Z = tl.load(zs + offs, mask=mask, other=0.0)
                 w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
