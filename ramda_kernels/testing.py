@@ -13,7 +13,9 @@ the same gradients for ``steps`` steps and compares:
 A tensor passes when ``max|fast - truth| <= 4 max|ref - truth| + floor``
 (the fast path may be at most a small multiple of the
 reference's own error at that precision, in max norm per tensor; ``floor`` is
-a few ulps of the dtype times the tensor's scale). State is compared the same way
+a few ulps of the dtype times the largest magnitude the tensor had during the
+run: a tensor whose groups shrank toward zero is computed from quantities of
+its starting scale and keeps their rounding). State is compared the same way
 (the per-group ``sigma`` with a wider floor: ``_ROOT_FLOOR_ULPS``). Which groups
 are exactly zero must match the reference, except groups that sit on the
 threshold: where one side is zero and the other side's group norm is below
@@ -272,6 +274,7 @@ def run_parity(backend: str, optimizer: str, regularizer: str, solver: str = "ex
     ref = build(ramda_ref, ref_p, None)
     truth = build(ramda_ref, truth_p, None)
     flat = [list(itertools.chain.from_iterable(x)) for x in (base, fast_p, ref_p, truth_p)]
+    scales = record_scales(truth)
     for k in range(steps):
         if reload_at is not None and k == reload_at:
             saved = copy.deepcopy(fast.state_dict())
@@ -285,7 +288,23 @@ def run_parity(backend: str, optimizer: str, regularizer: str, solver: str = "ex
                 ps[i].grad = torch.empty_like(ps[i]).copy_(g)
         for opt in (fast, ref, truth):
             opt.step()
-    return compare_runs(res, fast, ref, truth, floors=floors)
+        record_scales(truth, scales)
+    return compare_runs(res, fast, ref, truth, floor_scales=scales, floors=floors)
+
+
+def record_scales(truth, scales: Optional[Dict[Tuple[int, Optional[str]], float]] = None
+                  ) -> Dict[Tuple[int, Optional[str]], float]:
+    """Update ``scales`` (`compare_runs`'s ``floor_scales``) with the largest
+    magnitude each parameter and state tensor of the optimizer ``truth`` has
+    now; call it before the first step and after every step."""
+    scales = {} if scales is None else scales
+    params = [p for g in truth.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        tensors = [(None, p)] + [(k, v) for k, v in truth.state[p].items() if isinstance(v, torch.Tensor)]
+        for key, x in tensors:
+            if x.numel():
+                scales[i, key] = max(scales.get((i, key), 0.0), float(x.detach().abs().max()))
+    return scales
 
 
 def compare_runs(res: ParityResult, fast, ref, truth, regularizer: Optional[str] = None, dims=None,
@@ -364,4 +383,5 @@ def compare_runs(res: ParityResult, fast, ref, truth, regularizer: Optional[str]
 
 
 __all__ = ["OPTIMIZERS", "REGULARIZERS", "SOLVERS", "DTYPES", "GROUPINGS", "QUICK_GROUPINGS", "Layouts",
-           "HPARAMS", "LAMBDAS", "ParityResult", "parity_cases", "run_parity", "compare_runs"]
+           "HPARAMS", "LAMBDAS", "ParityResult", "parity_cases", "run_parity", "compare_runs",
+           "record_scales"]

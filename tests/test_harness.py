@@ -73,6 +73,27 @@ def test_low_precision_bound_is_relative_to_the_references_own_error(monkeypatch
     assert not res.ok, str(res)
 
 
+def _nudge_nonzero_by_starting_scale(ulps):
+    """Move every nonzero parameter entry by ``ulps`` fp32 ulps of the tensor's
+    starting scale (max |W0|: RAMDA's initial point is the initial parameter)."""
+    def nudge(params, args):
+        for p, w0 in zip(params, args[1]):
+            if p.numel():
+                p.add_(torch.where(p != 0, ulps * torch.finfo(p.dtype).eps * w0.abs().max(), 0.0))
+    return nudge
+
+
+@pytest.mark.parametrize("ulps, passes", [(1.0, True), (30.0, False)])
+def test_floor_is_relative_to_the_starting_scale(monkeypatch, ulps, passes):
+    # Most groups of this case shrink far below the starting scale (RAMDA's
+    # parameters are computed from W0 and the dual averages, of that scale), so
+    # one ulp of it is rounding while thirty are an error.
+    _fake_backend(monkeypatch, _nudge_nonzero_by_starting_scale(ulps))
+    res = run_parity("triton", "ramda", "group_lasso", "exact", "fp32", "conv1d-channel")
+    assert res.zero_groups > res.groups // 2, "the case should zero most groups"
+    assert res.ok == passes, str(res)
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_cases_cover_the_matrix(quick):
     cases = list(parity_cases(quick=quick))

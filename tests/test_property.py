@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 import ramda_kernels as rk
 import ramda_ref as R
 from ramda_kernels import backends
-from ramda_kernels.testing import LAMBDAS, ParityResult, compare_runs
+from ramda_kernels.testing import LAMBDAS, ParityResult, compare_runs, record_scales
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # interpreter
 
@@ -117,15 +117,7 @@ def _run(case, backend):
 
     fast = build(R, fast_p) if backend is None else build(rk, fast_p, backend=backend)
     ref, truth = build(R, ref_p), build(R, truth_p)
-    scales = {}
-
-    def record():
-        for i, p in enumerate(truth_p):
-            st = truth.state[p]
-            for key, x in [(None, p)] + [(k, v) for k, v in st.items() if isinstance(v, torch.Tensor)]:
-                scales[i, key] = max(scales.get((i, key), 0.0), float(x.detach().abs().max()))
-
-    record()
+    scales = record_scales(truth)
     for k in range(STEPS):
         if k == STEPS - 1:  # the last step without averaging: p shows W~'s exact zeros
             for opt in (fast, ref, truth):
@@ -138,7 +130,7 @@ def _run(case, backend):
                 ps[i].grad = torch.empty_like(ps[i]).copy_(g)
         for opt in (fast, ref, truth):
             opt.step()
-        record()
+        record_scales(truth, scales)
     return fast, ref, truth, scales
 
 
