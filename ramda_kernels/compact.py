@@ -69,7 +69,8 @@ import torch
 from torch import nn
 
 from ramda_kernels.grouping import is_conv1d, linear_like as _linear_like
-from ramda_kernels.grouping import transformer_block_kind as _block_kind
+from ramda_kernels.grouping import transformer_block_kind
+from ramda_kernels.units import _is_charlm_attention
 
 FORMAT = "ramda_kernels.compact/1"
 
@@ -395,8 +396,8 @@ def _fold_constants(model: nn.Module, example_inputs,
 #
 # Torch-Pruning's trace cannot follow a unit through attention (the heads are
 # made by view/transpose and mixed by softmax), and Hugging Face models return
-# caches it cannot walk. The MLP and attention blocks of these models are
-# recognized by their attributes instead and compacted by the rule that needs
+# caches it cannot walk. The MLP and attention blocks of these models (and the
+# charlm task's q/k/v/out attention) are recognized by their attributes instead and compacted by the rule that needs
 # no trace: a unit whose every weight in the block's output projection is zero
 # contributes nothing to the block's output.
 #
@@ -442,6 +443,16 @@ def _input_slice_zero(layer: nn.Module, lo: int, hi: int) -> bool:
     return not bool((w[lo:hi] if is_conv1d(layer) else w[:, lo:hi]).any())
 
 
+def _block_kind(m: nn.Module) -> Optional[str]:
+    """The compactable block kind of ``m``: a Hugging Face GPT-2 / LLaMA-style
+    block (`transformer_block_kind`), ``"charlm-attention"`` (the charlm task's
+    q/k/v/out attention), or ``None``."""
+    kind = transformer_block_kind(m)
+    if kind is None and _is_charlm_attention(m):
+        return "charlm-attention"
+    return kind
+
+
 def _block_units(m: nn.Module, kind: str) -> Tuple[int, int]:
     """``(units, unit width)``: neurons of an MLP (width 1), heads of GPT-2
     attention, key/value groups of LLaMA attention (width: the query columns
@@ -452,12 +463,14 @@ def _block_units(m: nn.Module, kind: str) -> Tuple[int, int]:
         return m.down_proj.in_features, 1
     if kind == "gpt2-attention":
         return m.split_size // m.head_dim, m.head_dim
+    if kind == "charlm-attention":
+        return m.heads, m.q.out_features // m.heads
     width = m.head_dim * m.num_key_value_groups
     return m.o_proj.in_features // width, width
 
 
 _OUT_PROJ = {"gpt2-mlp": "c_proj", "llama-mlp": "down_proj", "gpt2-attention": "c_proj",
-             "llama-attention": "o_proj"}
+             "llama-attention": "o_proj", "charlm-attention": "out"}
 
 
 def _block_out(m: nn.Module, kind: str) -> nn.Module:
@@ -481,6 +494,12 @@ def prune_block(m: nn.Module, kind: str, removed: Sequence[int]) -> None:
         _keep_inputs(m.c_proj, cols)
         m.split_size = len(cols)
         m.num_heads = len(keep)
+        return
+    if kind == "charlm-attention":  # head h: rows h*dh:(h+1)*dh of q, k, v; those columns of out
+        for layer in (m.q, m.k, m.v):
+            _keep_outputs(layer, cols)
+        _keep_inputs(m.out, cols)
+        m.heads = len(keep)
         return
     kv = [u * m.head_dim + k for u in keep for k in range(m.head_dim)]
     _keep_outputs(m.q_proj, cols)
@@ -521,8 +540,9 @@ def _compact_blocks(model: nn.Module, skipped: List[str]):
             zero, kept_last = zero[1:], kept_last + 1
         if zero:
             prune_block(m, kind, zero)
-        unit = "neurons" if kind.endswith("mlp") else ("heads" if kind == "gpt2-attention" or
-                                                       m.num_key_value_groups == 1 else "kv groups")
+        unit = "neurons" if kind.endswith("mlp") else (
+            "heads" if kind in ("gpt2-attention", "charlm-attention") or m.num_key_value_groups == 1
+            else "kv groups")
         changes.append(LayerChange(name, f"{type(m).__name__} {unit}", n, n - len(zero)))
         history.append((name, kind, zero))
     return changes, history, inside, kept_last

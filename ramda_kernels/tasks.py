@@ -220,15 +220,16 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         h = self.heads
+        width = self.q.out_features  # heads * head width: less than d once compaction removed heads
 
         def split(z):
-            return z.view(b, t, h, d // h).transpose(1, 2)
+            return z.view(b, t, h, width // h).transpose(1, 2)
 
         y = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
                                                        is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+        return self.out(y.transpose(1, 2).reshape(b, t, width))
 
 
 class Block(nn.Module):

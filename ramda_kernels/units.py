@@ -139,8 +139,8 @@ def _block_units(model: nn.Module) -> Tuple[List[List[Member]], set]:
                 units.append(unit + [(m.out_proj, "weight", 1, (h * dh, (h + 1) * dh))])
             covered.update(m.modules())
         elif _is_charlm_attention(m):
-            d, heads = m.q.in_features, m.heads
-            dh = d // heads
+            heads = m.heads
+            dh = m.q.out_features // heads
             for h in range(heads):
                 unit = []
                 for proj in (m.q, m.k, m.v):
@@ -151,13 +151,17 @@ def _block_units(model: nn.Module) -> Tuple[List[List[Member]], set]:
 
 
 def _is_charlm_attention(m: nn.Module) -> bool:
-    """``ramda_kernels.tasks.Attention`` (or a module with its layout): ``q, k, v,
-    out`` square Linears and ``heads``."""
+    """``ramda_kernels.tasks.Attention`` (or a module with its layout): ``q, k, v``
+    Linears ``d -> heads * dh`` of one shape, ``out`` Linear ``heads * dh -> d``,
+    and an int ``heads`` (square before compaction removes heads)."""
     parts = [getattr(m, n, None) for n in ("q", "k", "v", "out")]
-    return (all(isinstance(p, nn.Linear) for p in parts) and isinstance(getattr(m, "heads", None), int)
-            and len({(p.in_features, p.out_features) for p in parts}) == 1
-            and parts[0].in_features == parts[0].out_features
-            and parts[0].out_features % m.heads == 0)
+    if not (all(isinstance(p, nn.Linear) for p in parts) and isinstance(getattr(m, "heads", None), int)
+            and m.heads > 0):
+        return False
+    q, k, v, out = parts
+    return (len({(p.in_features, p.out_features) for p in (q, k, v)}) == 1
+            and (out.in_features, out.out_features) == (q.out_features, q.in_features)
+            and q.out_features % m.heads == 0)
 
 
 def _traced_units(model: nn.Module, example_inputs, covered: set,

@@ -422,7 +422,8 @@ def test_charlm_mlp_neurons_are_removed():
     assert (small.blocks[0].fc2.in_features, small.blocks[1].fc2.in_features) == (253, 156)
     assert report.units_removed == 103
     assert report.max_abs_diff <= ATOL
-    assert any("attn" in s and "mix units" in s for s in report.skipped), report.skipped
+    heads = {c.name: (c.units_before, c.units_after) for c in report.layers if c.name.endswith("attn")}
+    assert heads == {"blocks.0.attn": (4, 4), "blocks.1.attn": (4, 4)}, report.layers
 
 
 class _TupleOut(nn.Module):
@@ -501,3 +502,31 @@ def test_zero_units_of_a_resnet_are_removed_with_equal_outputs(residual, inner):
     assert report.flops_after == _macs_resnet(6 - residual, 6 - inner)
     assert small.stem.out_channels == 6 - residual and small.c1.out_channels == 6 - inner
     assert small.fc.in_features == 16 * (6 - residual)
+
+
+def test_charlm_heads_are_removed_and_replayed(tmp_path):
+    """Issue 15 item 3: a charlm head whose output-projection columns are zero
+    goes with its q, k, v rows; the saved model rebuilds from the task."""
+    from ramda_kernels.compact import load_compact, save_compact
+
+    torch.manual_seed(0)
+    model = tasks.CharTransformer()  # d 64, 4 heads of 16
+    with torch.no_grad():
+        model.blocks[0].attn.out.weight[:, 16:32] = 0
+        model.blocks[1].attn.out.weight[:, 0:16] = 0
+        model.blocks[1].attn.out.weight[:, 48:64] = 0
+        model.blocks[1].attn.out.weight[:, 20] = 0  # part of a head: stays
+    x = torch.randint(0, 256, (6, 64), generator=torch.Generator().manual_seed(1))
+    small, report = compact_model(model, x[:2], eval_inputs=x)
+    a0, a1 = small.blocks[0].attn, small.blocks[1].attn
+    assert (a0.heads, a1.heads) == (3, 2)
+    assert (a0.q.out_features, a0.k.out_features, a0.v.out_features, a0.out.in_features) == (48,) * 4
+    assert (a1.q.out_features, a1.out.in_features) == (32, 32)
+    assert report.max_abs_diff <= ATOL
+    changes = {c.name: (c.kind, c.units_before, c.units_after) for c in report.layers}
+    assert changes["blocks.1.attn"] == ("Attention heads", 4, 2), changes
+    path = tmp_path / "charlm.pt"
+    save_compact(str(path), small, task="charlm", example_shape=(2, 64), example_dtype=torch.int64)
+    again = load_compact(str(path))
+    assert again.blocks[1].attn.heads == 2
+    torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
