@@ -56,6 +56,33 @@ def test_compare_two_optimizers_writes_one_table_and_plot(tmp_path, capsys):
     assert json.loads((out / "adamw.json").read_text())["config"]["lr"] == 1e-3  # its own default
 
 
+def test_compare_groupings_side_by_side_with_compaction(tmp_path, capsys):
+    """Issue 15 item 4: OPT:GROUPING entries, each with its own files and row;
+    --compact adds what compaction kept, from the run's own trained model."""
+    from ramda_kernels import tasks
+    from ramda_kernels.compact import count_flops, count_params
+
+    out = tmp_path / "cmp"
+    assert _run("--task", "digits-resnet", "--compare", "ramda:default,ramda:units,adamw", "--compact",
+                "--epochs", "1", "--max-batches", "3", "--out", str(out)) == 0
+    text = capsys.readouterr().out
+    md = (out / "compare.md").read_text()
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in md.splitlines() if ln.startswith("| ramda") or ln.startswith("| adamw")}
+    groupings = {k.split(" ")[0]: v[0] for k, v in rows.items()}
+    assert groupings == {"ramda-default": "task default", "ramda-units": "units", "adamw": "task default"}
+    assert "multiply-adds after compact" in md and md.splitlines()[2] in text
+    model = tasks.DigitsResNet()
+    x = torch.zeros(2, 1, 8, 8)
+    for name in ("ramda-default", "ramda-units", "adamw"):
+        m = json.loads((out / f"{name}.json").read_text())
+        c = m["compaction"]
+        assert c["flops_before"] == count_flops(model, x) and c["params_before"] == count_params(model)
+        assert c["flops_after"] <= c["flops_before"] and c["seconds_before"] > 0
+        assert (out / f"{name}.pt").stat().st_size > 0
+    assert json.loads((out / "ramda-units.json").read_text())["config"]["grouping"] == "units"
+
+
 def test_user_model_and_data_from_a_module(tmp_path, capsys, monkeypatch):
     (tmp_path / "my_rk_task.py").write_text(textwrap.dedent("""
         import torch
@@ -94,6 +121,8 @@ def test_user_model_and_data_from_a_module(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--compare", "ramda,nope"], "--compare: unknown optimizer 'nope'"),
     (["--compare", "ramda,ramda"], "--compare needs distinct"),
+    (["--compare", "ramda:units,ramda:units"], "--compare needs distinct"),
+    (["--compare", "ramda:default,ramda:nope"], "--compare: unknown grouping 'nope' in 'ramda:nope'"),
     (["--compare", "ramda,adamw", "--lr", "0.1"], "--lr cannot be combined with --compare"),
     (["--compare", "ramda", "--optimizer", "adamw"], "--optimizer cannot be combined with --compare"),
     (["--model", "nocolon"], "--model must be MODULE:FUNCTION"),

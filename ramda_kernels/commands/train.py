@@ -7,8 +7,10 @@ every epoch and the structure report at the end, and writes
 ``<out>/<optimizer>.json`` (metrics), ``<out>/<optimizer>.pt`` (model,
 optimizer and scheduler state) and ``<out>/<optimizer>.png`` (metric and group
 sparsity per epoch). Each epoch also records the optimizer's share of the step
-time. ``--compare A,B,...`` runs the same task with each optimizer and writes
-``<out>/compare.md`` and ``<out>/compare.png``; ``--task charlm`` is a small
+time. ``--compare A,B,...`` runs the same task with each optimizer (or
+``OPT:GROUPING``, the same optimizer under another grouping) and writes
+``<out>/compare.md`` and ``<out>/compare.png``; ``--compact`` compacts each
+trained model and reports what it saved; ``--task charlm`` is a small
 byte-level transformer language model (test perplexity); ``--model`` /
 ``--data MODULE:FUNCTION`` plug in the user's own model and data.
 
@@ -68,6 +70,14 @@ class Config:
     data: Optional[str] = None
     #: re-estimate BatchNorm statistics before each evaluation (--no-recalibrate-bn: off)
     recalibrate_bn: bool = True
+    #: after training, compact the model and report its size and speed (--compact)
+    compact: bool = False
+    #: the run's file stem and table name ("": the optimizer's name)
+    name: str = ""
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.optimizer
     #: optimizer steps after the last milestone until ramda/rmda's averaging weight is 1
     #: (None: the authors' c0 * sqrt(i) ramp, 1/c0^2 - 1 steps)
     ramp_steps: Optional[int] = None
@@ -82,6 +92,9 @@ class Result:
     report: Any
     history: List[Dict[str, float]]
     backend: Optional[str]
+    #: `ramda_kernels.compact.CompactionReport.as_dict()` with --compact, or
+    #: ``{"error": reason}`` where the model could not be compacted
+    compaction: Optional[Dict[str, Any]] = None
 
     @property
     def final(self) -> Dict[str, float]:
@@ -99,7 +112,13 @@ def add_arguments(parser) -> None:
                         help="train the same task with each of these optimizers (same seed, data and "
                              "epochs, each with its own default lr) and write <out>/compare.md (a "
                              "table, also printed) and <out>/compare.png, e.g. "
-                             "--compare ramda,proxadamw,rmda,proxsgd,adamw")
+                             "--compare ramda,proxadamw,rmda,proxsgd,adamw; OPT:GROUPING runs OPT "
+                             "under that grouping (default: the task's), e.g. "
+                             "--compare ramda:default,ramda:units,adamw --compact")
+    parser.add_argument("--compact", action="store_true",
+                        help="after training, compact the model (ramda-kernels compact's check: "
+                             "equal outputs on the test set) and report parameters, multiply-adds "
+                             "and CPU inference time before and after")
     parser.add_argument("--regularizer", default="group_lasso", choices=REGULARIZERS,
                         help="default: group_lasso")
     parser.add_argument("--grouping", choices=GROUPINGS, default=None,
@@ -271,29 +290,45 @@ def make_config(args) -> "Config":
                   backend=args.backend, device=str(device), seed=args.seed, batch_size=batch_size,
                   out=args.out or os.path.join("runs", task.name), max_batches=args.max_batches,
                   model=args.model, data=args.data,
-                  recalibrate_bn=getattr(args, "recalibrate_bn", True), ramp_steps=ramp_steps)
+                  recalibrate_bn=getattr(args, "recalibrate_bn", True), ramp_steps=ramp_steps,
+                  compact=getattr(args, "compact", False), name=getattr(args, "name", ""))
 
 
-def parse_compare(args) -> List[str]:
-    """The optimizers of ``--compare`` (validated against the other flags)."""
-    names = [x for x in args.compare.replace(" ", "").split(",") if x]
-    bad = [x for x in names if x not in OPTIMIZERS]
-    if bad:
-        raise UsageError(f"--compare: unknown optimizer {bad[0]!r} (expected some of {', '.join(OPTIMIZERS)})")
-    if not names or len(set(names)) != len(names):
+#: ``OPT:default`` in --compare: the task's own grouping
+DEFAULT_GROUPING = "default"
+
+
+def parse_compare(args) -> List[tuple]:
+    """``(optimizer, grouping)`` per ``--compare`` entry (``OPT`` or
+    ``OPT:GROUPING``; grouping ``None`` is --grouping's, ``"default"`` the
+    task's), validated against the other flags."""
+    entries = [x for x in args.compare.replace(" ", "").split(",") if x]
+    out = []
+    for entry in entries:
+        name, sep, grouping = entry.partition(":")
+        if name not in OPTIMIZERS:
+            raise UsageError(f"--compare: unknown optimizer {name!r} (expected some of {', '.join(OPTIMIZERS)})")
+        if sep and grouping not in GROUPINGS + (DEFAULT_GROUPING,):
+            raise UsageError(f"--compare: unknown grouping {grouping!r} in {entry!r} (expected one of "
+                             f"{', '.join(GROUPINGS + (DEFAULT_GROUPING,))})")
+        out.append((name, grouping if sep else None))
+    if not out or len(set(out)) != len(out):
         raise UsageError(f"--compare needs distinct comma-separated optimizers, got {args.compare!r}")
     for flag, value in (("--optimizer", args.optimizer), ("--lr", args.lr), ("--momentum", args.momentum)):
         if value is not None:
             raise UsageError(f"{flag} cannot be combined with --compare (each optimizer uses its own default)")
-    return names
+    return out
 
 
 def compare_configs(args) -> List[Config]:
-    """One `Config` per ``--compare`` optimizer; --lambda/--backend go to the regularized ones."""
+    """One `Config` per ``--compare`` entry; --lambda/--backend go to the regularized ones.
+    An entry with a grouping is named ``OPT-GROUPING`` (its files and table row)."""
     out = []
-    for name in parse_compare(args):
+    for name, grouping in parse_compare(args):
         plain = name in PLAIN
-        one = argparse.Namespace(**{**vars(args), "optimizer": name,
+        chosen = args.grouping if grouping is None else (None if grouping == DEFAULT_GROUPING else grouping)
+        one = argparse.Namespace(**{**vars(args), "optimizer": name, "grouping": chosen,
+                                    "name": name if grouping is None else f"{name}-{grouping}",
                                     "lambda_": None if plain else args.lambda_,
                                     "backend": "auto" if plain else args.backend})
         out.append(make_config(one))
@@ -487,30 +522,54 @@ def train(cfg: Config, progress: bool = True, log=print) -> Result:
             f"weighted {100 * t.weighted_group_sparsity:6.2f}%  ({row['seconds']:.1f}s, "
             f"optimizer {100 * row['optimizer_share']:.0f}% of step time)")
     scheduler.close()
-    return Result(cfg, model, optimizer, scheduler, rk.structure_report(model, measured), history, backend)
+    compaction = _compaction(model, x_te, y_te, cfg, log) if cfg.compact else None
+    return Result(cfg, model, optimizer, scheduler, rk.structure_report(model, measured), history, backend,
+                  compaction)
+
+
+#: timed passes over the test set per model with --compact (the median is reported)
+COMPACT_REPEATS = 5
+
+
+def _compaction(model, x_te, y_te, cfg: Config, log) -> Dict[str, Any]:
+    """Compact the trained ``model`` (eval mode, BatchNorm statistics as
+    evaluated) and return its report as a dict, or ``{"error": ...}``."""
+    from ramda_kernels.compact import CompactionError, compact_model
+
+    try:
+        _, report = compact_model(model, x_te[:2], eval_inputs=x_te, labels=y_te,
+                                  batch_size=max(cfg.batch_size, 256), repeats=COMPACT_REPEATS)
+    except CompactionError as e:
+        log(f"compact: {e}")
+        return {"error": str(e)}
+    log(f"compact: multiply-adds {report.flops_before:,} -> {report.flops_after:,}, parameters "
+        f"{report.params_before:,} -> {report.params_after:,}, CPU time on the test set "
+        f"{report.seconds_before:.4f} -> {report.seconds_after:.4f} s")
+    return report.as_dict()
 
 
 def save(result: Result) -> Dict[str, str]:
-    """Write ``<out>/<optimizer>.json``, ``.pt`` and ``.png``; return their paths."""
+    """Write ``<out>/<run>.json``, ``.pt`` and ``.png`` (run: the optimizer, or
+    ``OPT-GROUPING`` in --compare); return their paths."""
     import torch
 
     import ramda_kernels as rk
 
     cfg = result.config
     os.makedirs(cfg.out, exist_ok=True)
-    paths = {"metrics": os.path.join(cfg.out, f"{cfg.optimizer}.json"),
-             "checkpoint": os.path.join(cfg.out, f"{cfg.optimizer}.pt"),
-             "plot": os.path.join(cfg.out, f"{cfg.optimizer}.png")}
+    paths = {"metrics": os.path.join(cfg.out, f"{cfg.run_name}.json"),
+             "checkpoint": os.path.join(cfg.out, f"{cfg.run_name}.pt"),
+             "plot": os.path.join(cfg.out, f"{cfg.run_name}.png")}
     from ramda_kernels.commands.info import cpu_line
 
     meta = {"config": dataclasses.asdict(cfg), "backend": result.backend, "torch": str(torch.__version__),
             "ramda_kernels": rk.__version__, "cpu": cpu_line()}
     with open(paths["metrics"], "w") as f:
         json.dump({**meta, "final": result.final, "epochs": result.history,
-                   "structure": result.report.as_dict()}, f, indent=1)
+                   "structure": result.report.as_dict(), "compaction": result.compaction}, f, indent=1)
     torch.save({**meta, "model": result.model.state_dict(), "optimizer": result.optimizer.state_dict(),
                 "scheduler": result.scheduler.state_dict(), "final": result.final}, paths["checkpoint"])
-    plot_runs([result], paths["plot"], f"{run_label(cfg)}: {cfg.optimizer}")
+    plot_runs([result], paths["plot"], f"{run_label(cfg)}: {cfg.run_name}")
     return paths
 
 
@@ -593,9 +652,9 @@ def figure(results: List[Result], title: str):
         style, marker = _STYLES[k % len(_STYLES)]
         epochs = [h["epoch"] for h in r.history]
         metric.append([scale * h[key] for h in r.history])
-        ax1.plot(epochs, metric[-1], linestyle=style, marker=marker, markersize=4, label=r.config.optimizer)
+        ax1.plot(epochs, metric[-1], linestyle=style, marker=marker, markersize=4, label=r.config.run_name)
         ax2.plot(epochs, [100 * h["group_sparsity"] for h in r.history], linestyle=style, marker=marker,
-                 markersize=4, label=r.config.optimizer)
+                 markersize=4, label=r.config.run_name)
     zoomed = len(results) > 1 and _zoom(ax1, metric)
     ax1.set_ylabel(label + (" (zoomed on the later epochs)" if zoomed else ""))
     ax2.set_ylabel("group sparsity (%)")
@@ -618,21 +677,34 @@ def plot_runs(results: List[Result], path: str, title: str) -> str:
 
 
 def compare_table(results: List[Result]) -> str:
-    """Markdown table of the final metrics and times of each run."""
+    """Markdown table of the final metrics and times of each run (group sparsity
+    counts each run's own groups), and with --compact what compaction kept."""
     key, label, scale = _metric(results[0].config)
-    head = ["optimizer", "lr", label, "group sparsity", "weighted group sparsity", "wall time (s)",
+    head = ["run", "grouping", "lr", label, "group sparsity", "weighted group sparsity", "wall time (s)",
             "optimizer time (s)", "optimizer share of step"]
+    compacted = any(r.compaction is not None for r in results)
+    if compacted:
+        head += ["multiply-adds after compact", "parameters after compact", "CPU time after / before"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         f = r.final
         wall = sum(h["seconds"] for h in r.history)
         opt = sum(h["optimizer_seconds"] for h in r.history)
         step = sum(h["step_seconds"] for h in r.history)
-        name = r.config.optimizer + (f" ({r.backend})" if r.backend else "")
+        name = r.config.run_name + (f" ({r.backend})" if r.backend else "")
         metric = f"{scale * f[key]:.2f}"
-        lines.append(f"| {name} | {r.config.lr:g} | {metric} | {100 * f['group_sparsity']:.2f}% | "
-                     f"{100 * f['weighted_group_sparsity']:.2f}% | {wall:.1f} | {opt:.1f} | "
-                     f"{100 * opt / step if step else 0:.0f}% |")
+        cells = [name, r.config.grouping or "task default", f"{r.config.lr:g}", metric,
+                 f"{100 * f['group_sparsity']:.2f}%", f"{100 * f['weighted_group_sparsity']:.2f}%",
+                 f"{wall:.1f}", f"{opt:.1f}", f"{100 * opt / step if step else 0:.0f}%"]
+        if compacted:
+            c = r.compaction or {"error": "not compacted"}
+            if "error" in c:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [f"{c['flops_after']:,} ({100 * c['flops_after'] / c['flops_before']:.1f}%)",
+                          f"{c['params_after']:,} ({100 * c['params_after'] / c['params_before']:.1f}%)",
+                          f"{c['seconds_after'] / c['seconds_before']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -668,10 +740,10 @@ def run_compare(args) -> int:
                 f"{cfg.milestones}, seed {cfg.seed}, device {cfg.device}, regularizer "
                 f"{cfg.regularizer} lambda {cfg.lambda_:g} (regularized optimizers only).\n\n")
         f.write(table)
-    plot_runs(results, png, f"{run_label(cfg)}: {', '.join(c.optimizer for c in configs)}")
+    plot_runs(results, png, f"{run_label(cfg)}: {', '.join(c.run_name for c in configs)}")
     print()
     print(table, end="")
-    print(f"wrote {md} and {png} (and <optimizer>.json/.pt/.png per run in {cfg.out})")
+    print(f"wrote {md} and {png} (and <run>.json/.pt/.png per run in {cfg.out})")
     return 0
 
 
