@@ -72,7 +72,7 @@ def test_restart_then_steps_by_hand(cls):
 @pytest.mark.parametrize("cls", [R.RAMDA, R.RMDA])
 def test_stagewise_by_hand(cls):
     """Milestones at epochs 2 and 4: lr *= gamma (and RAMDA's eps), restart; after
-    the last one c = min(c0 sqrt(i), 1) with i = 2, 3, ... over the steps."""
+    the last one the i-th step (i = 1, 2, ...) uses c = min(c0 sqrt(i), 1)."""
     steps_per_epoch, epochs, milestones, gamma = 3, 8, [2, 4], 0.1
     lr, c0, eps, lam = 0.2, 0.3, 1e-2, 0.05
     gen = torch.Generator().manual_seed(2)
@@ -91,8 +91,8 @@ def test_stagewise_by_hand(cls):
         for _ in range(steps_per_epoch):
             g = next(grads)
             if ramp:
-                ramp += 1
                 hand.c = min(c0 * math.sqrt(ramp), 1.0)
+                ramp += 1
             p.grad = g.clone()
             opt.step()
             hand.step(g.numpy())
@@ -114,10 +114,10 @@ def test_stagewise_by_hand(cls):
             ramp = 1 if epoch == milestones[-1] else 0
         assert opt.param_groups[0]["lr"] == pytest.approx(hand.lr, rel=1e-15)
         assert sched.get_last_lr() == [opt.param_groups[0]["lr"]]
-    # the ramp starts at c0*sqrt(2) on the first step after the last milestone and reaches 1
+    # the first step after the last milestone keeps c0, the second takes c0*sqrt(2); c reaches 1
     first = milestones[-1] * steps_per_epoch
-    assert seen_c[:first] == [c0] * first
-    assert seen_c[first] == pytest.approx(c0 * math.sqrt(2), rel=1e-15)
+    assert seen_c[:first + 1] == [c0] * (first + 1)
+    assert seen_c[first + 1] == pytest.approx(c0 * math.sqrt(2), rel=1e-15)
     assert seen_c[-1] == 1.0
 
 
@@ -240,6 +240,6 @@ def test_ramp_ignores_refused_and_skipped_steps(nonfinite):
 
     clean, clean_cs = run(())
     dirty, dirty_cs = run((2, 4))
-    assert clean_cs[2] == pytest.approx(0.2 * math.sqrt(2), rel=1e-15)
+    assert clean_cs[2] == 0.2 and clean_cs[3] == pytest.approx(0.2 * math.sqrt(2), rel=1e-15)
     assert dirty_cs == clean_cs
     assert_bitwise_equal(dirty, clean, "bad steps must not advance the ramp")

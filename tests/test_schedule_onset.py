@@ -32,12 +32,12 @@ def _step(model, opt):
 
 
 def test_ramp_length_and_onset():
-    assert [ramp_length(c) for c in (0.1, 0.2, 0.5, 1.0)] == [99, 24, 3, 1]
+    assert [ramp_length(c) for c in (0.1, 0.2, 0.5, 1.0)] == [100, 25, 4, 1]
     for c in (0.1, 0.3, 0.05):
         k = ramp_length(c)
-        assert c * math.sqrt(k + 1) >= 1 > c * math.sqrt(k)   # i = k + 1 at the k-th step
+        assert c * math.sqrt(k) >= 1 > c * math.sqrt(k - 1)   # i = k at the k-th step
     _, opt, sched = _setup()
-    assert sched.onset() == 99
+    assert sched.onset() == 100
     assert rk.StagewiseScheduler(opt, [], ramp_steps=None).onset() is None  # no milestone: never
     assert rk.StagewiseScheduler(opt, [2], ramp_steps=7).onset() == 7
 
@@ -46,7 +46,7 @@ def test_ramp_length_and_onset():
 def test_zero_groups_appear_exactly_at_the_end_of_the_ramp(ramp_steps):
     model, opt, sched = _setup(ramp_steps=ramp_steps, momentum=0.5 if ramp_steps is None else 0.1)
     onset = sched.onset()
-    assert onset == (3 if ramp_steps is None else 5)
+    assert onset == (4 if ramp_steps is None else 5)
     _step(model, opt)
     sched.step()  # epoch 1 ends: milestone, restart, ramp on
     cs = []
@@ -55,9 +55,9 @@ def test_zero_groups_appear_exactly_at_the_end_of_the_ramp(ramp_steps):
         cs.append(opt.param_groups[0]["momentum"])
         assert bool(model.weight.any()) == (k < onset), (k, cs)
     if ramp_steps is None:
-        assert cs == [min(0.5 * math.sqrt(k + 1), 1.0) for k in range(1, onset + 2)]
+        assert cs == [min(0.5 * math.sqrt(k), 1.0) for k in range(1, onset + 2)]
     else:
-        assert cs == [min(math.sqrt((k + 1) / (ramp_steps + 1)), 1.0) for k in range(1, onset + 2)]
+        assert cs == [min(math.sqrt(k / ramp_steps), 1.0) for k in range(1, onset + 2)]
     sched.close()
 
 

@@ -255,13 +255,13 @@ def test_train_and_compact_recalibrate_batchnorm(tmp_path, capsys, monkeypatch):
 
 def test_sparsity_onset_is_printed_and_ramp_steps_moves_it(tmp_path, capsys):
     """Issue 14 item 11: 3 steps per epoch, milestone 1, 2 epochs: the default ramp
-    (99 steps for c0 0.1) ends after the run, --ramp-steps 2 at step 3 + 2 = 5 of 6."""
+    (100 steps for c0 0.1) ends after the run, --ramp-steps 2 at step 3 + 2 = 5 of 6."""
     common = ["--task", "digits-mlp", "--epochs", "2", "--milestones", "1", "--max-batches", "3",
               "--lambda", "1.0"]
     assert _run(*common, "--out", str(tmp_path / "a")) == 0
     text = capsys.readouterr().out
-    assert ("sparsity onset: groups can become exactly zero 99 optimizer steps after the last milestone "
-            "(epoch 1), at step 102 of 6; this run ends 96 steps before that") in text
+    assert ("sparsity onset: groups can become exactly zero 100 optimizer steps after the last milestone "
+            "(epoch 1), at step 103 of 6; this run ends 97 steps before that") in text
     assert json.loads((tmp_path / "a" / "ramda.json").read_text())["final"]["group_sparsity"] == 0.0
     assert _run(*common, "--ramp-steps", "2", "--out", str(tmp_path / "b")) == 0
     text = capsys.readouterr().out

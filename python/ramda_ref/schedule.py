@@ -9,18 +9,19 @@ after the call is in ``milestones``):
   RAMDA's ``epsilon`` is multiplied by ``gamma`` too.
 
 After the last milestone, RAMDA and RMDA's averaging weight grows each
-optimizer step: ``c = min(c_0 sqrt(i), 1)`` with ``i = 2, 3, ...`` counting the
-steps since that milestone. The scheduler applies it from a step pre-hook on
+optimizer step: the ``i``-th step after that milestone (``i = 1, 2, ...``) uses
+``c = min(c_0 sqrt(i), 1)``, so the first one still uses ``c_0``, as the
+authors' code does (it sets the new ``c`` after each step). The scheduler applies it from a step pre-hook on
 the optimizer, so the training loop needs no extra call; a step that is refused
 or skipped (non-finite gradients) is not counted. At ``c = 1`` the
 returned weights carry the exact zero structure of the subproblem solution.
 
 Sparsity onset: before ``c`` reaches 1 the returned weights are an average
 that is almost never exactly zero, so group sparsity appears only about
-``1/c_0^2 - 1`` steps after the last milestone (99 with ``c_0 = 0.1``), and
+``1/c_0^2`` steps after the last milestone (100 with ``c_0 = 0.1``), and
 never without milestones. ``ramp_steps=R`` sets that length instead:
-``c = min(sqrt(i / (R + 1)), 1)``, which is the default ramp for
-``R = 1/c_0^2 - 1`` and reaches 1 at the ``R``-th step after the milestone.
+``c = min(sqrt(i / R), 1)``, which is the default ramp for ``R = 1/c_0^2``
+and reaches 1 at the ``R``-th step after the milestone.
 `StagewiseScheduler.onset` says when, for messages.
 """
 
@@ -34,9 +35,10 @@ import torch
 
 
 def ramp_length(c0: float) -> int:
-    """Steps after the last milestone until ``c = min(c0 sqrt(i), 1)``, ``i = 2, 3, ...``,
-    reaches 1: the smallest ``k`` with ``c0 sqrt(k + 1) >= 1`` (99 for ``c0 = 0.1``)."""
-    return max(1, math.ceil(1.0 / (c0 * c0) - 1e-9) - 1)  # 1e-9: 1/0.1**2 is 100.00000000000001
+    """Steps after the last milestone until ``c = min(c0 sqrt(i), 1)`` of the
+    ``i``-th step reaches 1: the smallest ``k`` with ``c0 sqrt(k) >= 1`` (100 for
+    ``c0 = 0.1``)."""
+    return max(1, math.ceil(1.0 / (c0 * c0) - 1e-9))  # 1e-9: 1/0.1**2 is 100.00000000000001
 
 
 class StagewiseScheduler:
@@ -57,7 +59,7 @@ class StagewiseScheduler:
         #: optimizer steps after the last milestone until c = 1 (None: the c0 sqrt(i) ramp)
         self.ramp_steps = ramp_steps
         self.epoch = 0
-        #: ``i`` of the last step taken once the ramp is on (1 at the last milestone; 0 = off)
+        #: ``i`` of the next step once the ramp is on (1 at the last milestone; 0 = off)
         self.ramp_count = 0
         self.restarts = hasattr(optimizer, "restart")
         self.initial_momentum = [g.get("momentum") for g in optimizer.param_groups]
@@ -90,11 +92,11 @@ class StagewiseScheduler:
     def _momentum_ramp(self, optimizer, args, kwargs) -> None:
         if self.ramp_count == 0:
             return
-        i = self.ramp_count + 1
+        i = self.ramp_count
         scheduled = {}
         for k, (group, c0) in enumerate(zip(optimizer.param_groups, self.initial_momentum)):
             if c0 is not None:
-                c = c0 * math.sqrt(i) if self.ramp_steps is None else math.sqrt(i / (self.ramp_steps + 1))
+                c = c0 * math.sqrt(i) if self.ramp_steps is None else math.sqrt(i / self.ramp_steps)
                 group["momentum"] = scheduled[k] = min(c, 1.0)
         optimizer._scheduled_momentum = scheduled  # not a change check_momentum_changes warns about
 

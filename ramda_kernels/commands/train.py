@@ -79,7 +79,7 @@ class Config:
     def run_name(self) -> str:
         return self.name or self.optimizer
     #: optimizer steps after the last milestone until ramda/rmda's averaging weight is 1
-    #: (None: the authors' c0 * sqrt(i) ramp, 1/c0^2 - 1 steps)
+    #: (None: the authors' c0 * sqrt(i) ramp, 1/c0^2 steps)
     ramp_steps: Optional[int] = None
 
 
@@ -141,7 +141,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ramp-steps", type=int, default=None, metavar="STEPS",
                         help="ramda/rmda: optimizer steps after the last milestone until the "
                              "averaging weight reaches 1, when groups can become exactly zero "
-                             "(default: the authors' ramp c0*sqrt(i), 1/c0^2 - 1 = 99 steps for c0 0.1)")
+                             "(default: the authors' ramp c0*sqrt(i), 1/c0^2 = 100 steps for c0 0.1)")
     parser.add_argument("--backend", default="auto", help="auto, reference, triton, cpu or cuda")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
