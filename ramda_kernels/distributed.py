@@ -203,6 +203,22 @@ def gathered_unit_step(step, definition, group, params, states, grads, t, alpha,
     return iters
 
 
+def finite_flags(grads: Sequence[torch.Tensor], screen: Callable) -> torch.Tensor:
+    """``screen`` (one bool per gradient: free of NaN and Inf?) where some
+    gradients are DTensors: ``screen`` reads the local shards and one
+    all-reduce (min) per mesh dim makes every rank's flags the same, so all
+    ranks raise or skip together. Gradients on several meshes go to
+    ``screen`` whole (the reference's per-tensor sums are collectives)."""
+    meshes = {id(g.device_mesh): g.device_mesh for g in grads if is_dtensor(g)}
+    if len(meshes) != 1:
+        return screen(grads)
+    flags = screen([g.to_local() if is_dtensor(g) else g for g in grads]).to(torch.int32)
+    mesh = next(iter(meshes.values()))
+    for d in range(mesh.ndim):
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group(d))
+    return flags.bool()
+
+
 def _unit_dims(group: Dict[str, Any]) -> Dict[int, set]:
     dims: Dict[int, set] = {}
     for unit in group[UNITS_KEY]:

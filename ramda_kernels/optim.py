@@ -87,8 +87,9 @@ class _BackendChoice:
                                               states, grads, t, alpha, hp)
 
     #: The NaN/Inf gradient screen: the C++ extension's one pass on CPU
-    #: gradients, the reference's otherwise (ramda_kernels.backends._ext).
-    _finite_flags = staticmethod(_ext.finite_flags)
+    #: gradients, the reference's otherwise (ramda_kernels.backends._ext), on
+    #: the local shards of DTensor gradients with one all-reduce of the flags.
+    _finite_flags = staticmethod(functools.partial(distributed.finite_flags, screen=_ext.finite_flags))
 
 
 class RAMDA(_BackendChoice, ramda_ref.RAMDA):

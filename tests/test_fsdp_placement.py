@@ -324,3 +324,38 @@ def test_fsdp2_placement_matches_unsharded_steps_locally_and_resumes(tmp_path, c
                 for got in ranks:
                     torch.testing.assert_close(got["final_sigmas"][n + "#units"], opt.state[p][UNIT_SIGMA],
                                                rtol=1e-3, atol=1e-5)
+
+
+def _nan_worker(rank, world, rendezvous, out_prefix):
+    _init_group(rank, world, rendezvous)
+    try:
+        batches = _batches("convnet")
+        model, groups = _sharded("convnet", True)
+        opt = _optimizer("ramda", groups)
+        _train("convnet", model, opt, batches[:2])
+        opt.zero_grad()
+        _loss("convnet", model, *batches[2]).backward()
+        if rank == 1:  # a NaN in one rank's shard only
+            model[5].weight.grad.to_local()[0, 0] = float("nan")
+        before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+        raised = False
+        try:
+            opt.step()
+        except rk.NonFiniteGradientError:
+            raised = True
+        unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
+        dist.barrier()  # both ranks get here: no rank waits in a collective the other skipped
+        torch.save({"raised": raised, "unchanged": unchanged}, f"{out_prefix}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_fsdp2
+def test_fsdp2_nan_in_one_shard_stops_every_rank(tmp_path):
+    """The NaN/Inf screen reads local shards; the ranks' flags are combined, so a
+    NaN that only rank 1 holds makes both ranks refuse the step, unchanged."""
+    prefix = str(tmp_path / "out")
+    launch(_nan_worker, tmp_path, prefix)
+    for r in range(2):
+        got = torch.load(f"{prefix}.{r}")
+        assert got == {"raised": True, "unchanged": True}, (r, got)
