@@ -315,4 +315,5 @@ def rebind(param_groups: Iterable[Dict[str, Any]], model: nn.Module) -> List[Dic
     return out
 
 
-__all__ = ["fsdp_shard_placement", "rebind", "local_view", "sigma_layout", "new_sigma"]
+__all__ = ["fsdp_shard_placement", "rebind", "is_dtensor", "local_dims", "local_view", "sigma_layout",
+           "new_sigma", "finite_flags", "gathered_unit_step"]
