@@ -9,9 +9,10 @@
 
 from ramda_ref import NonFiniteGradientError, StagewiseScheduler
 
-from . import backends, functional
+from . import backends, distributed, functional
 from .backends import BackendUnavailableError
 from .batchnorm import recalibrate_batchnorm
+from .distributed import fsdp_shard_placement
 from .grouping import group_parameters
 from .optim import RAMDA, RMDA, ProxAdamW, ProxSGD
 from .report import StructureReport, structure_report
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RAMDA", "RMDA", "ProxAdamW", "ProxSGD", "StagewiseScheduler", "NonFiniteGradientError",
-    "BackendUnavailableError", "backends", "functional", "__version__",
+    "BackendUnavailableError", "backends", "functional", "distributed", "fsdp_shard_placement",
+    "__version__",
     "group_parameters", "structure_report", "StructureReport", "recalibrate_batchnorm",
 ]

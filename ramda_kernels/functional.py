@@ -10,53 +10,41 @@ NOTE: [FSDP2 shards]
 DTensor parameters (FSDP2's ``fully_shard``) are split per tensor. A tensor
 whose every group lies inside this rank's shard (no regularizer; l1 with the
 exact solver; group lasso or its closed-form shrink whose reduced dims are not
-sharded; no ``view``) needs nothing from other ranks: its local shards go to
-the fast backend like any tensor. The rest run on the reference with the
-DTensors themselves, whose reductions combine a group's norm across ranks:
-groups that span shards, ``view`` groupings, nuclear norm, and the PG solver
-(its stopping tolerance scales with the whole tensor's size, and l1-PG
-treats the whole tensor as one group).
+sharded, under a ``view`` only where every rank's chunk is whole groups: NOTE:
+[local groups] in ``distributed.py``) needs nothing from other ranks: its
+local shards go to the fast backend like any tensor, seen through the local
+view. `distributed.fsdp_shard_placement` shards every grouped tensor that
+way. The rest run on the reference with the DTensors themselves, whose
+reductions combine a group's norm across ranks: groups that span shards,
+nuclear norm, and the PG solver (its stopping tolerance scales with the whole
+tensor's size, and l1-PG treats the whole tensor as one group).
+``DTENSOR_FALLBACKS`` counts the tensors sent that way, by optimizer.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import List
 
 import torch
 
-from ramda_ref.groups import normalize_dims
-
 from . import backends
 from .backends import _ops
+from .distributed import is_dtensor as _is_dtensor
+from .distributed import local_view
+
+#: Tensors stepped on the reference with DTensor reductions (NOTE: [FSDP2
+#: shards]), by optimizer name, since import: a cheap check that a placement
+#: keeps every group local.
+DTENSOR_FALLBACKS: Counter = Counter()
 
 
 def _device_of(params):
     return params[0].device if params else "cpu"
 
 
-def _is_dtensor(x) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
-
-
 def _local(x):
     return x.to_local() if _is_dtensor(x) else x
-
-
-def _inside_shard(p, kwargs) -> bool:
-    """Whether every group of DTensor ``p`` lies in this rank's shard (NOTE: [FSDP2 shards])."""
-    regularizer = kwargs.get("regularizer", "none")
-    if kwargs.get("view") is not None or regularizer == "nuclear":
-        return False
-    if any(pl.is_partial() for pl in p.placements):
-        return False
-    if regularizer == "none" or kwargs.get("lambda_", 0.0) == 0.0:
-        return True
-    if kwargs.get("solver", "exact") != "exact":
-        return False
-    if regularizer == "l1":
-        return True
-    reduced = set(normalize_dims(kwargs.get("dims"), p.dim()))
-    return not any(pl.is_shard() and pl.dim % p.dim() in reduced for pl in p.placements)
 
 
 def _run(name: str, backend: str, params, args, kwargs) -> List:
@@ -73,27 +61,33 @@ def _call(name: str, params, args, kwargs, backend: str) -> List:
     if not params or not _is_dtensor(params[0]):
         return _run(name, backends.resolve(backend, _device_of(params), capturable), params, args,
                     kwargs)
-    inside = [_inside_shard(p, kwargs) for p in params]
-    local = [i for i, ok in enumerate(inside) if ok]
-    spanning = [i for i, ok in enumerate(inside) if not ok]
+    split = [local_view(p, kwargs) for p in params]
+    spanning = [i for i, (ok, _) in enumerate(split) if not ok]
     if spanning and backend not in ("auto", "reference"):
         raise backends.BackendUnavailableError(
             f"backend {backend!r} runs FSDP2 (DTensor) parameters only where every group lies "
             f"inside a shard; {len(spanning)} of them need cross-rank group norms (groups spanning "
-            f"the sharded dim, view, nuclear or the PG solver): use backend='auto' or 'reference'")
+            f"the sharded dim, nuclear or the PG solver): use backend='auto' or 'reference'")
     out: List = [None] * len(params)
 
-    def run(idx, impl: str, convert):
+    def run(idx, impl: str, convert, kw):
         sub = [convert(params[i]) for i in idx]
         sub_args = [[convert(a[i]) for i in idx] if len(a) else [] for a in args]  # [] : a list not given
-        for i, r in zip(idx, _run(name, impl, sub, sub_args, kwargs)):
+        for i, r in zip(idx, _run(name, impl, sub, sub_args, kw)):
             out[i] = r
 
-    if local:
-        dev = params[local[0]].to_local().device
-        run(local, backends.resolve(backend, dev, capturable), _local)
+    by_view = {}  # one call per local view (uneven last shards see another)
+    for i, (ok, view) in enumerate(split):
+        if ok:
+            by_view.setdefault(view, []).append(i)
+    for view, idx in by_view.items():
+        dev = params[idx[0]].to_local().device
+        kw = dict(kwargs, view=view) if "view" in kwargs else kwargs
+        run(idx, backends.resolve(backend, dev, capturable), _local, kw)
     if spanning:
-        run(spanning, backends.resolve("reference", _device_of(params), capturable), lambda x: x)
+        DTENSOR_FALLBACKS[name] += len(spanning)
+        run(spanning, backends.resolve("reference", _device_of(params), capturable), lambda x: x,
+            kwargs)
     return out
 
 

@@ -13,7 +13,7 @@ import inspect
 
 import ramda_ref
 
-from . import backends, functional
+from . import backends, distributed, functional
 from .backends import _ext
 
 
@@ -38,9 +38,58 @@ class _BackendChoice:
     def _functional(self, name):
         return functools.partial(getattr(functional, name), backend=self.backend)
 
+    # -- warm-start sigma of FSDP2 (DTensor) parameters (docs/math.md section 4,
+    # warm-start item): a 1-D DTensor of the local groups where they are local
+
+    def _keeps_sigma(self, p, group) -> bool:
+        return not distributed.is_dtensor(p) or distributed.sigma_layout(p, group) is not None
+
+    def _group_count(self, p, group) -> int:
+        if distributed.is_dtensor(p):
+            return distributed.sigma_layout(p, group)[1]
+        return super()._group_count(p, group)
+
+    def _new_sigma(self, p, group):
+        if distributed.is_dtensor(p):
+            return distributed.new_sigma(p, group, ramda_ref.functional.state_dtype(p))
+        return super()._new_sigma(p, group)
+
+    def _ensure_sigma(self, group, params) -> None:
+        super()._ensure_sigma(group, params)
+        for p in params:  # a loaded sigma of another layout (unsharded, other world size) restarts
+            sig = self.state[p].get("sigma")
+            if sig is not None and distributed.is_dtensor(p):
+                local = distributed.sigma_layout(p, group)[0]
+                if not distributed.is_dtensor(sig) or sig.to_local().shape != (local,):
+                    self.state[p]["sigma"] = self._new_sigma(p, group)
+
+    def _step_bucket(self, group, params, t, alpha, **capture):
+        """As the reference's, but a bucket mixing DTensors that keep a sigma
+        with ones that do not steps as two calls, so that the first warm-start."""
+        if capture or "sigma" not in self._state_keys(group) or not any(
+                distributed.is_dtensor(p) for p in params):
+            return super()._step_bucket(group, params, t, alpha, **capture)
+        self._ensure_sigma(group, params)
+        warm = [p for p in params if "sigma" in self.state[p]]
+        if not warm or len(warm) == len(params):
+            return super()._step_bucket(group, params, t, alpha)
+        cold = [p for p in params if "sigma" not in self.state[p]]
+        iters = {}
+        for part in (warm, cold):
+            iters.update(zip(map(id, part), super()._step_bucket(group, part, t, alpha)))
+        return [iters[id(p)] for p in params]
+
+    def _unit_step(self, definition, group, params, states, grads, t, alpha, hp):
+        if not any(distributed.is_dtensor(p) for p in params):
+            return ramda_ref.units.step(definition, group, params, states, grads, t, alpha, hp)
+        functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += len(params)
+        return distributed.gathered_unit_step(ramda_ref.units.step, definition, group, params,
+                                              states, grads, t, alpha, hp)
+
     #: The NaN/Inf gradient screen: the C++ extension's one pass on CPU
-    #: gradients, the reference's otherwise (ramda_kernels.backends._ext).
-    _finite_flags = staticmethod(_ext.finite_flags)
+    #: gradients, the reference's otherwise (ramda_kernels.backends._ext), on
+    #: the local shards of DTensor gradients with one all-reduce of the flags.
+    _finite_flags = staticmethod(functools.partial(distributed.finite_flags, screen=_ext.finite_flags))
 
 
 class RAMDA(_BackendChoice, ramda_ref.RAMDA):

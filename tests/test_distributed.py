@@ -55,6 +55,13 @@ def _init_group(rank: int, world: int, rendezvous: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
+def launch(worker, tmp_path, *args, world: int = 2) -> None:
+    """Run ``worker(rank, world, rendezvous, *args)`` in ``world`` spawned
+    processes; each calls `_init_group` with the rendezvous file it is given."""
+    mp.start_processes(worker, args=(world, str(tmp_path / "rendezvous"), *args), nprocs=world,
+                       join=True, start_method="spawn")
+
+
 def _worker(rank, world, rendezvous, name, out_path):
     _init_group(rank, world, rendezvous)
     try:
@@ -74,8 +81,7 @@ def _worker(rank, world, rendezvous, name, out_path):
 @pytest.mark.parametrize("name", ["ramda", "proxadamw"])
 def test_ddp_matches_single_process(tmp_path, name):
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), name, str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    launch(_worker, tmp_path, name, str(out))
     ddp_params = torch.load(out)
     model = _model()
     single = _train(model, _optimizer(name, model), *_data())
@@ -165,8 +171,7 @@ def test_fsdp2_matches_unsharded_and_resumes_from_dcp(tmp_path, dims, backend):
     if backend != "auto" and backends.why_unavailable(backend, "cpu"):
         pytest.skip(f"backend {backend}: {backends.why_unavailable(backend, 'cpu')}")
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "rendezvous"), dims, str(tmp_path / "ckpt"), str(out), backend),
-                       nprocs=2, join=True, start_method="spawn")
+    launch(_fsdp_worker, tmp_path, dims, str(tmp_path / "ckpt"), str(out), backend)
     got = torch.load(out)
     model = _mlp()
     _mlp_train(model, _mlp_optimizer(model, dims), _mlp_data(6))

@@ -50,13 +50,6 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _keeps_sigma(p: torch.Tensor) -> bool:
-    """Whether ``p`` keeps the warm start's per-group sigma. A DTensor (FSDP2)
-    does not yet: its groups are counted on the global shape while a fused
-    backend steps its local shard, so its exact solves cold-start."""
-    return not (type(p).__name__ == "DTensor" and hasattr(p, "placements"))
-
-
 def _finite_flags(grads: List[torch.Tensor]) -> torch.Tensor:
     """One flag per (non-empty) gradient, all on one device: is it free of NaN and Inf?
 
@@ -436,11 +429,18 @@ class ProxOptimizer(torch.optim.Optimizer):
             if key == "initial_point":
                 state[key] = p.detach().to(dtype=dtype, copy=True)
             elif key in self._definition.per_group_state:
-                if _keeps_sigma(p):
+                if self._keeps_sigma(p, group):
                     state[key] = self._new_sigma(p, group)
             else:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    def _keeps_sigma(self, p: torch.Tensor, group) -> bool:
+        """Whether ``p`` keeps the warm start's per-group sigma. A DTensor (FSDP2)
+        does not here: the reference steps it whole, with cross-rank reductions,
+        and its exact solves cold-start (ramda_kernels keeps one where its
+        groups are local to the shard)."""
+        return not (type(p).__name__ == "DTensor" and hasattr(p, "placements"))
 
     @staticmethod
     def _group_count(p: torch.Tensor, group) -> int:
@@ -465,7 +465,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         created (cold start) when the group switched to it after the state was
         made, when a checkpoint lacked it, or when the groups changed (view, dims)."""
         for p in params:
-            if not _keeps_sigma(p):
+            if not self._keeps_sigma(p, group):
                 continue
             st = self.state[p]
             sig = st.get("sigma")
@@ -622,7 +622,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         if not missing:
             return
         if "sigma" in missing:  # only a warm start: the step cold-starts without it
-            if _keeps_sigma(p):
+            if self._keeps_sigma(p, group):
                 state["sigma"] = self._new_sigma(p, group)
             missing.remove("sigma")
             if not missing:
@@ -701,14 +701,17 @@ class ProxOptimizer(torch.optim.Optimizer):
                         st["alpha"] = new_alpha
                     self.last_iterations[p] = it
 
+    #: the unit groups' step (ramda_kernels wraps it for FSDP2's DTensors)
+    _unit_step = staticmethod(U.step)
+
     def _step_unit_group(self, group, params) -> None:
         """A param group with ``units``: one reference call over all its tensors
         (``ramda_ref.units``; no fused backend takes units yet)."""
         states = [self.state[p] for p in params]
         t = states[0]["step"] + 1
         alpha = states[0]["alpha"] + group["lr"] * math.sqrt(t) if self._uses_alpha else None
-        iters = U.step(self._definition, group, params, states, self._grads(params), t, alpha,
-                       self._definition.functional_kwargs(group))
+        iters = self._unit_step(self._definition, group, params, states, self._grads(params), t,
+                                alpha, self._definition.functional_kwargs(group))
         for p, st, it in zip(params, states, iters):
             st["step"] = t
             if self._uses_alpha:
