@@ -368,19 +368,22 @@ def _size_class(st: _TileStats, flat: bool) -> tuple:
     """The launch a tensor joins (NOTE: [Triton tiling]): flat; rows or columns
     by layout, and by the power of two of the group size when the group fits
     in registers (``None``: read in chunks). At most a few dozen classes
-    whatever the tensor count, so the launches per step stay bounded."""
+    whatever the tensor count, so the launches per step stay bounded. Tensors
+    in aligned 4-element runs (`_runs_of_four`) get launches of their own, so
+    that one odd tensor does not take the vector layout from the others."""
     if flat:
         return ("flat",)
     lay = st.lay
     be = _np2(lay.group_size)
+    vec = _runs_of_four(lay, lay.inner_reduced)
     if lay.inner_reduced:
         # a thread of the 16-warp tile holds 16 elements; decoded (not unit-stride)
         # offsets cost it two more registers each and it spills: half the tile
         unit = lay.red_strides == (1,)
-        return ("rows", be if be <= (MAX_BLOCK_E if unit else MAX_BLOCK_E // 2) else None)
+        return ("rows", be if be <= (MAX_BLOCK_E if unit else MAX_BLOCK_E // 2) else None, vec)
     reg_tile = max(TILE, MAX_BLOCK_E)
     fits = be <= MAX_BLOCK_E and be * min(COLUMN_MIN_GROUPS, _np2(lay.n_groups)) <= reg_tile
-    return ("cols", be if fits else None)
+    return ("cols", be if fits else None, vec)
 
 
 def size_classes(stats: Sequence[_TileStats], flat: bool) -> List[List[int]]:
@@ -398,7 +401,7 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
         bg = min(_np2(max(s.numel for s in stats)), _np2(TILE))
         return bg, 1, True, 1, 1, False, False
     lays = [s.lay for s in stats]
-    kind, be = _size_class(stats[0], flat)
+    kind, be, _ = _size_class(stats[0], flat)
     max_ng = _np2(max(lay.n_groups for lay in lays))
     one_chunk = be is not None
     if kind == "rows":
@@ -417,17 +420,27 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
     return bg, be, one_chunk, nkb, nrb, unit_kept, unit_red
 
 
+def _runs_of_four(lay, rows: bool) -> bool:
+    """Does this layout lie in aligned 4-element runs along its unit-stride axis
+    (NOTE: [grouped vector loads])? Rows: one reduced block of stride 1, the
+    group size and every kept stride multiples of 4; columns: one kept block
+    of stride 1 (or none), the group count and every reduced stride."""
+    if rows:
+        return (lay.red_strides == (1,) and lay.group_size % 4 == 0
+                and all(st % 4 == 0 for st in lay.kept_strides))
+    return (lay.kept_strides in ((), (1,)) and lay.n_groups % 4 == 0
+            and all(st % 4 == 0 for st in lay.red_strides))
+
+
 def _vector_ok(lays, bg: int, unit_kept: bool, unit_red: bool) -> bool:
     """NOTE: [grouped vector loads]: may a grouped launch over these layouts
     (16-byte aligned addresses given) promise the kernel 4-element runs? Rows
-    (``unit_red``): every group size and kept stride a multiple of 4; columns
-    (``unit_kept``): every group count and reduced stride, and ``bg``."""
+    (``unit_red``): `_runs_of_four` for every tensor; columns (``unit_kept``):
+    that and tiles of a multiple of 4 groups."""
     if unit_red:
-        return all(lay.group_size % 4 == 0 and all(st % 4 == 0 for st in lay.kept_strides)
-                   for lay in lays)
+        return all(_runs_of_four(lay, True) for lay in lays)
     if unit_kept:
-        return bg % 4 == 0 and all(lay.n_groups % 4 == 0
-                                   and all(st % 4 == 0 for st in lay.red_strides) for lay in lays)
+        return bg % 4 == 0 and all(_runs_of_four(lay, False) for lay in lays)
     return False
 
 

@@ -88,8 +88,9 @@ A group is never split over programs (each program walks all chunks of its
 groups), so no partial sums need combining; the price is less parallelism
 for tensors with few huge groups. Groups whose kernel order (memory order)
 differs from the reference's row-major order of the kept dims (kept dims
-whose strides do not decrease) run without warm start (itab column 0):
-their sigma stays 0 rather than landing on another group.
+whose strides do not decrease) read and write a copy of their sigma in
+memory order, which the host stages before the launch and copies back after
+it (``triton_backend._group_order``, the C++ op's rule).
 
 NOTE: [registers tile live set]
 A ``ONE_CHUNK`` tile keeps only ``d`` and ``z`` (PG: and its iterate) live
