@@ -377,10 +377,7 @@ def _size_class(st: _TileStats, flat: bool) -> tuple:
     be = _np2(lay.group_size)
     vec = _runs_of_four(lay, lay.inner_reduced)
     if lay.inner_reduced:
-        # a thread of the 16-warp tile holds 16 elements; decoded (not unit-stride)
-        # offsets cost it two more registers each and it spills: half the tile
-        unit = lay.red_strides == (1,)
-        return ("rows", be if be <= (MAX_BLOCK_E if unit else MAX_BLOCK_E // 2) else None, vec)
+        return ("rows", be if lay.group_size <= MAX_BLOCK_E else None, vec)
     reg_tile = max(TILE, MAX_BLOCK_E)
     fits = be <= MAX_BLOCK_E and be * min(COLUMN_MIN_GROUPS, _np2(lay.n_groups)) <= reg_tile
     return ("cols", be if fits else None, vec)
