@@ -6,7 +6,7 @@ makes for bench/param_sets.py's resnet50, gpt2-medium and llama7b-layer
 capturable) at the launch's own ``num_warps``, and reads registers and spills
 from ``ptxas -v``: at most ``MAX_REGISTERS`` per thread and no spill. Results
 are cached per kernel source and specialization (compile_check.resources), so
-only the first run after a kernel change compiles (528 specializations, 5 s
+only the first run after a kernel change compiles (552 specializations, 5 s
 each on 2 idle cores, about 45 min; set ``RAMDA_RESOURCE_CACHE`` to keep the
 results apart from the default cache); later runs take seconds.
 
