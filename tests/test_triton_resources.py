@@ -35,11 +35,14 @@ KNOWN_OVER = [
     (("ONE_CHUNK=True", "BG=8 BE=1024 ", "num_warps=16"), "columns tile of 8192 elements"),
     (("ONE_CHUNK=True", "BG=1 BE=8192 ", "num_warps=16"), "rows group of up to 8192 elements"),
     # 8192-element register tiles: 16 elements per thread at 16 warps, where ptxas
-    # caps a thread at 128 registers: exact solve 20-68 B spill store, PG 116-152 B;
+    # caps a thread at 128 registers: exact solve 4-28 B spill store, PG 116-152 B;
     # rows whose offsets are decoded per element (ResNet's input-wise 3x3 groups
-    # of 4608, two reduced blocks) 444/492 B. Up to 152 B a thread fits in L1 (512
+    # of 4608, two reduced blocks) 408/476 B. Up to 152 B a thread fits in L1 (512
     # threads: 76 KB); the chunked path instead reads 12 B more per element from DRAM
     # for each pass (NOTE: [two-pass plan]), 12-24 B on those groups.
+    (("ONE_CHUNK=True", "BG=8 BE=256 ", "ALIGNED=True", "UNIT_RED=True"),
+     "rows tile 8 x 256 with the vector layout: 80 registers yet 4/4 B spill (exact fp32; "
+     "not register pressure, not analysed)"),
     (("SOLVER=1", "ONE_CHUNK=True", "UNIT_RED=False", "UNIT_KEPT=False"),
      "PG in registers on decoded (non-unit-stride) rows: d, z, the parameter and the "
      "iterate live, offsets decoded per element: 148-152 registers at 8 warps (1x2048, "
