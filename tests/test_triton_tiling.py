@@ -12,6 +12,8 @@ Triton interpreter on CPU (conftest.py), or on CUDA when a GPU is visible.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -208,3 +210,74 @@ def test_size_classes_bound_the_launches_and_hold_large_groups(monkeypatch):
     assert [(n, one, be) for n, one, _, be, _ in got] == [(5, True, 1024), (7, True, 64),
                                                           (3, True, 8192)]
     assert classes(many * 3, (1,)) == [(3 * n, *rest) for n, *rest in got]
+
+
+def _runs_of_four(shape, dims):
+    """From first principles: do the groups of a contiguous ``shape`` tensor,
+    grouped over ``dims``, lie in whole aligned 4-element vectors along one
+    axis of the tile (NOTE: [grouped vector loads])? ``offs[g, e]``: the
+    memory offset of element ``e`` of group ``g``; rows: each group's offsets
+    are aligned runs of 4, columns: each element's offsets across the groups."""
+    kept = [k for k in range(len(shape)) if k not in dims]
+    n_groups = math.prod(shape[k] for k in kept)
+    offs = torch.arange(math.prod(shape)).reshape(shape).permute(*kept, *dims).reshape(n_groups, -1)
+
+    def aligned_runs(lines):
+        if lines.shape[1] % 4:
+            return False
+        q = lines.sort(dim=1).values.reshape(lines.shape[0], -1, 4)
+        return bool((q.diff(dim=2) == 1).all() and (q[..., 0] % 4 == 0).all())
+
+    return aligned_runs(offs) or aligned_runs(offs.t())
+
+
+@pytest.mark.parametrize("shape,dims", [((40, 48), (1,)), ((24, 77), (1,)), ((48, 40), (0,)),
+                                        ((77, 24), (0,)), ((8, 6, 4), (1, 2)), ((8, 3, 3), (1, 2)),
+                                        ((12, 10), (0,)), ((10, 12), (0,))])
+def test_vector_promise_only_where_groups_run_in_fours(shape, dims):
+    """A grouped launch promises 4-element runs (ALIGNED) only where the groups
+    really are whole 4-element vectors along the unit-stride axis: the
+    interpreter ignores the hint, so a wrong promise would only show on a GPU."""
+    p = torch.zeros(shape, device=DEVICE)
+    st = [torch.zeros_like(p) for _ in range(3)]
+    plan = tb._build_plan(0, [p], [torch.zeros_like(p)], [[s] for s in st], reg=tb._REG_GROUP,
+                          solver=0, flat=False, scalar_d=False, amsgrad=False, dims=dims,
+                          view=None, reweight=False)
+    (launch,) = plan.launches
+    c = launch.constexprs
+    promised = c["ALIGNED"] and (c["UNIT_RED"] or c["UNIT_KEPT"])
+    assert promised == _runs_of_four(shape, dims), (shape, dims, c)
+
+
+def test_groups_out_of_row_major_order_are_warm_started(monkeypatch):
+    """Groups stored in another order than the reference's (kept dims whose
+    strides increase: a permuted [B, A, S] buffer seen as [A, B, S]) get the
+    warm start too: the kernel reads and writes a copy of ``sigma`` in memory
+    order, so each group's sigma lands on its own entry, ``T/||w_g||`` (the
+    KKT value) for nonzero groups and kept for zero groups."""
+    monkeypatch.setattr(tb, "TILE", 512)
+    monkeypatch.setattr(tb, "MAX_BLOCK_E", 64)
+    gen = torch.Generator().manual_seed(13)
+    A, B, S, T = 5, 6, 24, 1.0
+    z, d = _subproblem(S, A * B, gen, T)
+    z64, d64 = _exact(z, d)
+    w_ref, _ = ramda_ref.prox.exact_group_lasso(z64, d64, T, (1,))
+
+    def permuted(x):  # logical [A, B, S], stored as [B, A, S]
+        buf = torch.empty(B, A, S, device=DEVICE).permute(1, 0, 2)
+        return buf.copy_(x.reshape(A, B, S))
+
+    p = permuted(torch.zeros(A * B, S))
+    state = [permuted(torch.zeros(A * B, S)), permuted(-z.float()), permuted(d.float() ** 3)]
+    s0 = torch.where(w_ref.norm(dim=1) > 0, 0.0, 2.5).float()
+    sigma = s0.clone().to(DEVICE)
+    kwargs = dict(step=1, alpha=1.0, lr=1.0, momentum=1.0, epsilon=0.0, lambda_=T,
+                  regularizer="group_lasso", dims=(2,), view=None, reweight=False, solver="exact",
+                  max_iters=20, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+    tb.ramda([p], [torch.zeros_like(p)], *[[s] for s in state], [sigma], **kwargs)
+    w = p.cpu().double().reshape(A * B, S)
+    zero = w_ref.norm(dim=1) == 0
+    assert float(ramda_ref.prox.kkt_residual(w, z64, d64, T, (1,)).max()) < KKT_BOUND
+    sig = sigma.cpu().double()
+    torch.testing.assert_close(sig[~zero], T / w.norm(dim=1)[~zero], rtol=1e-5, atol=0)
+    assert torch.equal(sig[zero], s0.double()[zero]), "a zero group's sigma was overwritten"

@@ -157,13 +157,16 @@ class _Plan:
     """Launches of one call signature, the tensors left to the reference, and
     the gradient staging buffers (index, buffer) refreshed before the launches."""
 
-    __slots__ = ("launches", "fallback", "staged")
+    __slots__ = ("launches", "fallback", "staged", "sigma_staged")
 
     def __init__(self, launches: List[_Launch], fallback: List[int],
-                 staged: List[Tuple[int, torch.Tensor]]):
+                 staged: List[Tuple[int, torch.Tensor]], sigma_staged: List[tuple] = ()):
         self.launches = launches
         self.fallback = fallback
         self.staged = staged
+        #: (index, kept sizes, perm, buffer): warm-start sigmas of tensors whose
+        #: groups lie out of row-major order, in memory order (`_group_order`)
+        self.sigma_staged = list(sigma_staged)
 
 
 _cache: "OrderedDict[tuple, _Plan]" = OrderedDict()
@@ -232,16 +235,22 @@ def _sigma_problem(i: int, p: torch.Tensor, sig: torch.Tensor, dims, view) -> Op
     return None
 
 
-def _groups_row_major(p: torch.Tensor, dims, view) -> bool:
-    """The kernel numbers groups in memory order (NOTE: [Group layout]); that is
-    the reference's row-major order of the kept dims (the order of the sigma
-    state) when the kept dims' strides decrease. Otherwise the tensor runs
-    without warm start (NOTE: [two-pass plan])."""
+def _group_order(p: torch.Tensor, dims, view) -> Optional[Tuple[List[int], List[int]]]:
+    """The kernel numbers groups in memory order (NOTE: [Group layout]): the
+    kept dims sorted by decreasing stride. ``None`` when that is the
+    reference's row-major order of the kept dims (the order of the sigma
+    state), else ``(kept sizes, perm)``: the sigma state viewed as the kept
+    sizes and permuted by ``perm`` is the kernel's order, the rule of the C++
+    op's ``attach_sigma`` (csrc/bindings.cpp); `_run` stages it there."""
     pv = grouped_view(p, view)
     gdims = normalize_dims(dims, pv.dim())
-    strides = [st for k, (sz, st) in enumerate(zip(pv.shape, pv.stride()))
-               if k not in gdims and sz > 1]
-    return all(a > b for a, b in zip(strides, strides[1:]))
+    kept = [k for k in range(pv.dim()) if k not in gdims]
+    strides = [pv.stride(k) if pv.shape[k] > 1 else 0 for k in kept]
+    perm = sorted(range(len(kept)), key=lambda j: -strides[j])
+    if [j for j in perm if pv.shape[kept[j]] > 1] == [j for j in range(len(kept))
+                                                      if pv.shape[kept[j]] > 1]:
+        return None
+    return [pv.shape[k] for k in kept], perm
 
 
 def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat: bool,
@@ -266,6 +275,7 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
 
     fallback: List[int] = []
     staged: List[Tuple[int, torch.Tensor]] = []
+    sigma_staged: List[tuple] = []
     buckets: Dict[tuple, List[tuple]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         st = [s[i] for s in states]
@@ -289,9 +299,12 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         numel = p.numel() if like is None else math.prod(like[i])
         stats = _TileStats(numel, tiled)
         sig = None
-        if (sigmas and not flat and reg == _REG_GROUP and solver == 0 and not scalar_d
-                and _groups_row_major(p, dims, view)):
+        if sigmas and not flat and reg == _REG_GROUP and solver == 0 and not scalar_d:
+            order = _group_order(p, dims, view)
             sig = sigmas[i]
+            if order is not None:
+                sig = torch.empty_like(sigmas[i])
+                sigma_staged.append((i, *order, sig))
         buckets.setdefault((p.device, p.dtype, g.dtype, _size_class(stats, flat)), []).append(
             (i, p, g, st, lay, in_place, stats, sig))
 
@@ -300,7 +313,7 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         launches.append(_build_launch(opt, entries, device, pdt, gdt, len(params), reg=reg,
                                       solver=solver, flat=flat, scalar_d=scalar_d,
                                       amsgrad=amsgrad, reweight=reweight))
-    return _Plan(launches, fallback, staged)
+    return _Plan(launches, fallback, staged, sigma_staged)
 
 
 def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, flat, scalar_d,
@@ -310,6 +323,9 @@ def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, f
     constexprs, num_warps = _specialization(opt, reg, solver, flat, scalar_d, amsgrad, pdt, gdt,
                                             [e[6] for e in entries], aligned)
     bg, one_chunk = constexprs["BG"], constexprs["ONE_CHUNK"]
+    if not flat and constexprs["ALIGNED"]:  # the tensors' own layouts, not only the tiled ones
+        constexprs["ALIGNED"] = _vector_ok([e[4] for e in entries], bg, constexprs["UNIT_KEPT"],
+                                           constexprs["UNIT_RED"])
     need_scratch = not flat and not one_chunk and solver == 1 and not scalar_d
     itab, ftab, items = [], [], []
     scratch_len = 0
@@ -333,8 +349,8 @@ def _build_launch(opt, entries, device, pdt, gdt, n_call: int, *, reg, solver, f
         itab.append([p.data_ptr(), g.data_ptr(), *ptrs, n, n_groups, gsize, scratch_len,
                      0 if sig is None else sig.data_ptr(), *blocks])
         ftab.append([cg, tol_share])
-        if need_scratch:
-            scratch_len += _extent(p)
+        if need_scratch:  # each tensor's scratch 16-byte aligned, like its own memory
+            scratch_len += -(-_extent(p) // 4) * 4
         items.extend((row, start) for start in range(0, n_groups, bg))
 
     itab_t = torch.tensor(itab, dtype=torch.int64, device=device)
@@ -352,16 +368,19 @@ def _size_class(st: _TileStats, flat: bool) -> tuple:
     """The launch a tensor joins (NOTE: [Triton tiling]): flat; rows or columns
     by layout, and by the power of two of the group size when the group fits
     in registers (``None``: read in chunks). At most a few dozen classes
-    whatever the tensor count, so the launches per step stay bounded."""
+    whatever the tensor count, so the launches per step stay bounded. Tensors
+    in aligned 4-element runs (`_runs_of_four`) get launches of their own, so
+    that one odd tensor does not take the vector layout from the others."""
     if flat:
         return ("flat",)
     lay = st.lay
     be = _np2(lay.group_size)
+    vec = _runs_of_four(lay, lay.inner_reduced)
     if lay.inner_reduced:
-        return ("rows", be if lay.group_size <= MAX_BLOCK_E else None)
+        return ("rows", be if lay.group_size <= MAX_BLOCK_E else None, vec)
     reg_tile = max(TILE, MAX_BLOCK_E)
     fits = be <= MAX_BLOCK_E and be * min(COLUMN_MIN_GROUPS, _np2(lay.n_groups)) <= reg_tile
-    return ("cols", be if fits else None)
+    return ("cols", be if fits else None, vec)
 
 
 def size_classes(stats: Sequence[_TileStats], flat: bool) -> List[List[int]]:
@@ -379,7 +398,7 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
         bg = min(_np2(max(s.numel for s in stats)), _np2(TILE))
         return bg, 1, True, 1, 1, False, False
     lays = [s.lay for s in stats]
-    kind, be = _size_class(stats[0], flat)
+    kind, be, _ = _size_class(stats[0], flat)
     max_ng = _np2(max(lay.n_groups for lay in lays))
     one_chunk = be is not None
     if kind == "rows":
@@ -398,6 +417,30 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
     return bg, be, one_chunk, nkb, nrb, unit_kept, unit_red
 
 
+def _runs_of_four(lay, rows: bool) -> bool:
+    """Does this layout lie in aligned 4-element runs along its unit-stride axis
+    (NOTE: [grouped vector loads])? Rows: one reduced block of stride 1, the
+    group size and every kept stride multiples of 4; columns: one kept block
+    of stride 1 (or none), the group count and every reduced stride."""
+    if rows:
+        return (lay.red_strides == (1,) and lay.group_size % 4 == 0
+                and all(st % 4 == 0 for st in lay.kept_strides))
+    return (lay.kept_strides in ((), (1,)) and lay.n_groups % 4 == 0
+            and all(st % 4 == 0 for st in lay.red_strides))
+
+
+def _vector_ok(lays, bg: int, unit_kept: bool, unit_red: bool) -> bool:
+    """NOTE: [grouped vector loads]: may a grouped launch over these layouts
+    (16-byte aligned addresses given) promise the kernel 4-element runs? Rows
+    (``unit_red``): `_runs_of_four` for every tensor; columns (``unit_kept``):
+    that and tiles of a multiple of 4 groups."""
+    if unit_red:
+        return all(_runs_of_four(lay, True) for lay in lays)
+    if unit_kept:
+        return bg % 4 == 0 and all(_runs_of_four(lay, False) for lay in lays)
+    return False
+
+
 def _specialization(opt: int, reg: int, solver: int, flat: bool, scalar_d: bool, amsgrad: bool,
                     pdt: torch.dtype, gdt: torch.dtype, stats: Sequence[_TileStats],
                     aligned: bool) -> Tuple[Dict[str, object], int]:
@@ -407,6 +450,8 @@ def _specialization(opt: int, reg: int, solver: int, flat: bool, scalar_d: bool,
     one warp per 256 (8 elements per thread) up to 16 warps: at 32 warps
     ptxas caps a thread at 64 registers and the grouped tiles spill."""
     bg, be, one_chunk, nkb, nrb, unit_kept, unit_red = _tile_shape(stats, flat)
+    if not flat:
+        aligned = aligned and _vector_ok([s.lay for s in stats], bg, unit_kept, unit_red)
     constexprs = dict(OPT=opt, REG=reg, SOLVER=solver, FLAT=flat, ONE_CHUNK=one_chunk,
                       AMSGRAD=amsgrad, P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), BG=bg, BE=be,
                       NKB=nkb, NRB=nrb, SCALAR_D=scalar_d, ALIGNED=aligned, UNIT_KEPT=unit_kept,
@@ -517,9 +562,13 @@ def _run(name: str, params, grads, states, *, reg: int, solver: int, flat: bool,
         _cache.move_to_end(key)
     for i, buf in plan.staged:
         buf.copy_(grads[i])
+    for i, sizes, perm, buf in plan.sigma_staged:
+        buf.view([sizes[j] for j in perm]).copy_(sigmas[i].view(sizes).permute(perm))
     for launch in plan.launches:
         _refresh_grads(launch, grads)
         _launch(launch, scalars, stab)
+    for i, sizes, perm, buf in plan.sigma_staged:
+        sigmas[i].view(sizes).permute(perm).copy_(buf.view([sizes[j] for j in perm]))
     out: List[Optional[torch.Tensor]] = [None] * n
     if plan.fallback:
         idx = plan.fallback

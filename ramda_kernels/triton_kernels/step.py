@@ -88,8 +88,29 @@ A group is never split over programs (each program walks all chunks of its
 groups), so no partial sums need combining; the price is less parallelism
 for tensors with few huge groups. Groups whose kernel order (memory order)
 differs from the reference's row-major order of the kept dims (kept dims
-whose strides do not decrease) run without warm start (itab column 0):
-their sigma stays 0 rather than landing on another group.
+whose strides do not decrease) read and write a copy of their sigma in
+memory order, which the host stages before the launch and copies back after
+it (``triton_backend._group_order``, the C++ op's rule).
+
+NOTE: [registers tile live set]
+A ``ONE_CHUNK`` tile keeps only ``d`` and ``z`` (PG: and its iterate) live
+through the solve: the new state is stored right after the update and RAMDA /
+RMDA read the parameter for the final average only at the final store (the
+exact solve does not need it earlier), so each tensor is still read once and
+written once. Every extra tile-sized value costs one register per element a
+thread holds (8 at a 2048-element tile on 8 warps).
+
+NOTE: [grouped vector loads]
+With ``ALIGNED`` on a grouped launch the host (``triton_backend._vector_ok``)
+also promises 4-element runs along the tile's contiguous axis: rows
+(``UNIT_RED``) have group sizes and kept strides that are multiples of 4,
+columns (``UNIT_KEPT``) group counts, reduced strides and ``BG``. The kernel
+states it to the compiler (`_chunk`; shifts that change no such offset), which
+then issues 16-byte loads and, more important, lays the tile out 4 elements
+per thread along that axis instead of one element of every row per thread
+(which replicated every per-group value of the Newton solve in each thread).
+A promise the layout does not keep would read wrong addresses on a GPU; the
+interpreter ignores hints, so tests/test_triton_tiling.py checks the host rule.
 
 All math is fp32; parameters are read in ``P_DTYPE`` and rounded once on the
 final store. No value goes back to the host: iterative solves are in-kernel
@@ -581,9 +602,16 @@ def _decode(idx, sizes, strides, NB: tl.constexpr, UNIT: tl.constexpr):
 
 @triton.jit
 def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB: tl.constexpr,
-           UNIT_RED: tl.constexpr):
+           UNIT_RED: tl.constexpr, VEC: tl.constexpr = False):
+    """Offsets and mask of chunk ``c0`` of a tile's groups. ``VEC``: the
+    host promises NOTE: [grouped vector loads]; the shifts below are no-ops
+    on such offsets that let the compiler see the multiple of 4."""
+    if VEC and UNIT_RED:
+        c0 = (c0 >> 2) << 2
     e = c0 + tl.arange(0, BE).to(tl.int64)
     eoff = _decode(e, red_sizes, red_strides, NRB, UNIT_RED)
+    if VEC and not UNIT_RED:
+        eoff = (eoff >> 2) << 2
     offs = goff[:, None] + eoff[None, :]
     mask = gmask[:, None] & (e < gsize)[None, :]
     return offs, mask
@@ -593,10 +621,10 @@ def _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE: tl.constexpr, NRB
 def _load_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2,
                 h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
                 CAPTURABLE: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr,
-                UNIT_RED: tl.constexpr, WITH_X: tl.constexpr):
+                UNIT_RED: tl.constexpr, WITH_X: tl.constexpr, VEC: tl.constexpr = False):
     """Chunk ``c0`` of a tile's groups, loaded and updated (`_load_update`):
     ``offs, mask, d, z, x, n0, n1, n2``."""
-    offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
+    offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED, VEC)
     d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                        h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE,
                                        WITH_X)
@@ -607,10 +635,10 @@ def _load_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0
 def _load_new_chunk(c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
                     h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
                     BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr,
-                    WITH_X: tl.constexpr):
+                    WITH_X: tl.constexpr, VEC: tl.constexpr = False):
     """Chunk ``c0`` of a tile's groups from the state this step already wrote
     (`_load_new`): ``offs, mask, d, z, x``."""
-    offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
+    offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED, VEC)
     d, z, x = _load_new(p_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7,
                         OPT, AMSGRAD, WITH_X)
     return offs, mask, d, z, x
@@ -650,7 +678,8 @@ def _group_stats(z, d, mask, SCALAR_D: tl.constexpr):
 def _first_pass(p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_strides, gsize, s_prev,
                 h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT: tl.constexpr, SOLVER: tl.constexpr,
                 AMSGRAD: tl.constexpr, CAPTURABLE: tl.constexpr, SCALAR_D: tl.constexpr,
-                BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
+                BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr,
+                VEC: tl.constexpr = False):
     """Pass 1 over groups larger than a chunk (NOTE: [two-pass plan]): read the
     inputs once, write the new state, and gather per group ``sum z^2``, ``max d``,
     ``min d`` and, for the exact solve, the sums of `_newton_terms4` at the warm
@@ -668,7 +697,7 @@ def _first_pass(p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_stride
         offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
             c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
             h3, h4, h5, h6, h7, gs, OPT, AMSGRAD, CAPTURABLE, BE, NRB, UNIT_RED,
-            SOLVER == SOLVER_PG and not SCALAR_D)  # PG's iterate starts at x
+            SOLVER == SOLVER_PG and not SCALAR_D, VEC)  # PG's iterate starts at x
         _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT, AMSGRAD)
         czz, cmax, cmin = _group_stats(z, d, mask, SCALAR_D)
         zz += czz
@@ -692,18 +721,17 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
                   p_ptr, s0, s1, s2, goff, gmask, red_sizes, red_strides, gsize,
                   h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
                   ONE_CHUNK: tl.constexpr, BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr,
-                  UNIT_RED: tl.constexpr):
+                  UNIT_RED: tl.constexpr, VEC: tl.constexpr = False):
     """Exact group lasso (docs/math.md section 4): Newton on the secular
     equation from ``sigma`` (``sigma_hi`` or the warm start, `_warm_start`)
     while ``todo``, same stopping rule as the reference; without ONE_CHUNK each
     step is one pass over the new state. ``iters`` counts the steps per group.
     Returns ``(sigma, iters, passes)``; the solution is ``z / (d + sigma)`` on
     active groups."""
-    zeta = z * inv_norm[:, None]
     it = 0
     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
-        if ONE_CHUNK:
-            ta, tb, tc = _newton_terms(zeta, d, sigma[:, None])
+        if ONE_CHUNK:  # zeta formed per step: no third tile live (NOTE: [registers tile live set])
+            ta, tb, tc = _newton_terms(z * inv_norm[:, None], d, sigma[:, None])
             sa = _gsum(ta, mask)
             sb = _gsum(tb, mask)
             sc = _gsum(tc, mask)
@@ -716,7 +744,7 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
             for c0 in range(0, gsize, BE):
                 offs, cmask, cd, cz, cx = _load_new_chunk(
                     c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
-                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False)
+                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False, VEC)
                 ta, tb, tc, te = _newton_terms4(cz * inv_norm[:, None], cd, sigma[:, None])
                 sa += _gsum(ta, cmask)
                 sb += _gsum(tb, cmask)
@@ -750,7 +778,8 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
               p_ptr, s0, s1, s2, goff, red_sizes, red_strides, gsize,
               h0, h1, h2, h3, h4, h5, h6, h7, REG: tl.constexpr, OPT: tl.constexpr,
               AMSGRAD: tl.constexpr, ONE_CHUNK: tl.constexpr,
-              BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr):
+              BG: tl.constexpr, BE: tl.constexpr, NRB: tl.constexpr, UNIT_RED: tl.constexpr,
+              VEC: tl.constexpr = False):
     """The paper's Algorithm 2 (docs/math.md section 5) from ``Z = x``, step
     ``theta = 1 / max d``, until the step residual is at most ``tol_g``.
     ONE_CHUNK keeps ``Z`` in registers; otherwise it lives in ``zs`` (the
@@ -780,7 +809,7 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
                 for c0 in range(0, gsize, BE):
                     offs, cmask, cd, cz, cx = _load_new_chunk(
                         c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
-                        h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False)
+                        h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False, VEC)
                     cZ = tl.load(zs + offs, mask=cmask, other=0.0)
                     Y = cZ - theta[:, None] * (cd * cZ - cz)
                     yy += _gsum(Y * Y, cmask)
@@ -790,7 +819,7 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
             for c0 in range(0, gsize, BE):
                 offs, cmask, cd, cz, cx = _load_new_chunk(
                     c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
-                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False)
+                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False, VEC)
                 cZ, css = _pg_step(tl.load(zs + offs, mask=cmask, other=0.0), cd, cz, theta, T,
                                    run, cmask, pscale, REG)
                 ss += css
@@ -890,16 +919,16 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
         skip = tl.load(srow + SCOL_SKIP) != 0.0
         gs = tl.load(srow + SCOL_GSCALE)
 
+    if ALIGNED:  # every address of the launch is a multiple of 16 bytes (host-checked)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        s0 = tl.multiple_of(s0, 16)
+        s1 = tl.multiple_of(s1, 16)
+        s2 = tl.multiple_of(s2, 16)
     if FLAT:
         numel = tl.load(meta + COL_NUMEL)
         if CAPTURABLE:
             numel = tl.where(skip, 0, numel)
-        if ALIGNED:  # every address of the launch is a multiple of 16 bytes (host-checked)
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            s0 = tl.multiple_of(s0, 16)
-            s1 = tl.multiple_of(s1, 16)
-            s2 = tl.multiple_of(s2, 16)
         first = tl.multiple_of(first, BG)
         offs = (first + tl.arange(0, BG).to(tl.int64))[:, None] + tl.zeros([BG, BE], dtype=tl.int64)
         # A full tile gets a mask the compiler can prove uniform per vector, so
@@ -914,9 +943,16 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
                        CAPTURABLE)
     else:
         n_groups = tl.load(meta + COL_NGROUPS)
+        gsize = tl.load(meta + COL_GSIZE)
+        VEC: tl.constexpr = ALIGNED and (UNIT_RED or UNIT_KEPT)
+        if VEC:  # NOTE: [grouped vector loads]
+            if UNIT_RED:
+                gsize = tl.multiple_of(gsize, 4)
+            else:
+                n_groups = tl.multiple_of(n_groups, 4)
+                gi = tl.multiple_of(first, 4) + tl.arange(0, BG).to(tl.int64)
         if CAPTURABLE:
             n_groups = tl.where(skip, 0, n_groups)
-        gsize = tl.load(meta + COL_GSIZE)
         kept_sizes = meta + COL_BLOCKS
         kept_strides = kept_sizes + MAX_BLOCKS
         red_sizes = kept_strides + MAX_BLOCKS
@@ -924,6 +960,8 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
         zs = scratch + tl.load(meta + COL_SCRATCH)
         gmask = gi < n_groups
         goff = _decode(gi, kept_sizes, kept_strides, NKB, UNIT_KEPT)
+        if VEC and UNIT_RED:
+            goff = (goff >> 2) << 2
         T = tau * tl.load(ftab + row * FTAB_WIDTH + FCOL_CG)
         tol_g = eps_t * tl.load(ftab + row * FTAB_WIDTH + FCOL_TOL)
         # the warm start (docs/math.md section 4): one fp32 per group, 0 = none
@@ -934,11 +972,14 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
         if SOLVER == SOLVER_EXACT and not SCALAR_D:
             s_prev = tl.load(sig_ptr + gi, mask=sig_mask, other=0.0)
         # the tile in registers (ONE_CHUNK), else placeholders the solves ignore
-        offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED)
+        offs, mask = _chunk(0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB, UNIT_RED,
+                            VEC)
         if ONE_CHUNK:
+            # NOTE: [registers tile live set]
             d, z, x, n0, n1, n2 = _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask,
                                                h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, AMSGRAD,
-                                               CAPTURABLE, True)
+                                               CAPTURABLE, SOLVER == SOLVER_PG and not SCALAR_D)
+            _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT, AMSGRAD)
             zz, dmax, dmin = _group_stats(z, d, mask, SCALAR_D)
             wa = zz
             wb = zz
@@ -951,7 +992,7 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
             zz, dmax, dmin, wa, wb, wc, we = _first_pass(
                 p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_strides, gsize, s_prev,
                 h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, SOLVER, AMSGRAD, CAPTURABLE, SCALAR_D,
-                BG, BE, NRB, UNIT_RED)
+                BG, BE, NRB, UNIT_RED, VEC)
         znorm = tl.sqrt_rn(zz)
         dmax = tl.where(gmask, dmax, 1.0)
         scale = _shrink_scale(znorm, T)
@@ -981,7 +1022,7 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
                 sigma, iters, passes = _newton_solve(
                     d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, iters, p_ptr, s0,
                     s1, s2, goff, gmask, red_sizes, red_strides, gsize, h0, h1, h2, h3, h4, h5,
-                    h6, h7, OPT, AMSGRAD, ONE_CHUNK, BG, BE, NRB, UNIT_RED)
+                    h6, h7, OPT, AMSGRAD, ONE_CHUNK, BG, BE, NRB, UNIT_RED, VEC)
                 # write back the sigma each nonzero group ended with; zero groups keep theirs
                 tl.store(sig_ptr + gi, sigma, mask=sig_mask & active)
                 if COUNT:
@@ -992,16 +1033,19 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
                 active, Z, passes = _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g,
                                               max_iters, zs, p_ptr, s0, s1, s2, goff, red_sizes,
                                               red_strides, gsize, h0, h1, h2, h3, h4, h5, h6, h7,
-                                              REG, OPT, AMSGRAD, ONE_CHUNK, BG, BE, NRB, UNIT_RED)
+                                              REG, OPT, AMSGRAD, ONE_CHUNK, BG, BE, NRB, UNIT_RED,
+                                              VEC)
         if ONE_CHUNK:
             w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
-            _store(p_ptr, s0, s1, s2, offs, mask, x, w, n0, n1, n2, h2, h3, OPT, AMSGRAD, P_DTYPE)
+            if (OPT == OPT_RAMDA or OPT == OPT_RMDA) and not (SOLVER == SOLVER_PG and not SCALAR_D):
+                x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT, P_DTYPE)
         else:
             # last pass: read the new state, write the parameter
             for c0 in range(0, gsize, BE):
                 offs, mask, d, z, x = _load_new_chunk(
                     c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
-                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, True)
+                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, True, VEC)
                 if SOLVER == SOLVER_PG and not SCALAR_D:
                     Z = tl.load(zs + offs, mask=mask, other=0.0)
                 w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
