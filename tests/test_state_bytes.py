@@ -205,12 +205,18 @@ def test_the_rule_checks_each_state_in_its_dtype():
 
 # -- loading ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_an_fp32_w0_it_cannot_represent_is_refused(dtype):
+def _one_step(dtype):
+    """The reference RAMDA after its first step on `_params`: ``(params, optimizer)``."""
     params = _params(dtype)
     opt = _optimizer(R.RAMDA, RUNS["ramda-exact"][1], params, None)
     _grads(params, 0)
     opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_an_fp32_w0_it_cannot_represent_is_refused(dtype):
+    params, opt = _one_step(dtype)
     saved = copy.deepcopy(opt.state_dict())
     before = {k: v.clone() for k, v in opt.state[params[1][0]].items() if isinstance(v, torch.Tensor)}
     w0 = saved["state"][1]["initial_point"].float()
@@ -233,10 +239,7 @@ def test_an_fp32_w0_it_cannot_represent_is_refused(dtype):
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
 def test_state_dict_round_trips(dtype):
-    params = _params(dtype)
-    opt = _optimizer(R.RAMDA, RUNS["ramda-exact"][1], params, None)
-    _grads(params, 0)
-    opt.step()
+    params, opt = _one_step(dtype)
     saved = opt.state_dict()
     assert saved["state"][0]["initial_point"].dtype == dtype
     other = _optimizer(R.RAMDA, RUNS["ramda-exact"][1], params, None)
@@ -248,10 +251,7 @@ def test_state_dict_round_trips(dtype):
 
 
 def test_a_restart_writes_w0_in_the_parameter_dtype():
-    params = _params(torch.bfloat16)
-    opt = _optimizer(R.RAMDA, RUNS["ramda-exact"][1], params, None)
-    _grads(params, 0)
-    opt.step()
+    params, opt = _one_step(torch.bfloat16)
     _old_form(opt)  # an fp32 W0 put there by hand
     opt.restart()
     for p, _ in params:
