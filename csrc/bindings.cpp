@@ -277,14 +277,23 @@ void run(const Call& c, const StepArgs& a, TensorList params, TensorList grads, 
       case Optim::kProxAdamW: names[0] = "exp_avgs"; names[1] = "exp_avg_sqs"; names[2] = "max_exp_avg_sqs"; break;
       case Optim::kProxSgd: names[0] = "momentum_buffers"; break;
     }
+    // RAMDA, RMDA: list 0 is W0, kept in the parameter's dtype (TensorArgs::w0)
+    const bool has_w0 = c.optim == Optim::kRamda || c.optim == Optim::kRmda;
+    const void* w0 = nullptr;
     for (int r = 0; r < 3; ++r) {
       if (names[r][0] == '\0' || (c.optim == Optim::kProxAdamW && r == 2 && !a.amsgrad)) continue;
       const Tensor& x = lists[r][k];
+      if (has_w0 && r == 0) {
+        check_like(c.op, names[r], i, x, p, p.scalar_type());
+        w0 = x.data_ptr();
+        continue;
+      }
       check_like(c.op, names[r], i, x, p, at::kFloat);
       s[r] = x.data_ptr<float>();
     }
     GroupOrder order;
     tensors.push_back(tensor_args(c, a, i, p, grads[k], s[0], s[1], s[2], &order));
+    tensors.back().w0 = w0;
     if (!sigmas.empty()) attach_sigma(c, i, p, sigmas[k], order, tensors.back(), staged);
   }
   {

@@ -55,8 +55,8 @@ enum class Path : int32_t {
 };
 
 // One parameter tensor. State roles by optimizer:
-//   RAMDA:     s0 = initial_point (read only), s1 = grad_sum, s2 = grad_sum_sq
-//   RMDA:      s0 = initial_point (read only), s1 = grad_sum
+//   RAMDA:     w0 = initial_point (read only), s1 = grad_sum, s2 = grad_sum_sq
+//   RMDA:      w0 = initial_point (read only), s1 = grad_sum
 //   ProxAdamW: s0 = exp_avg, s1 = exp_avg_sq, s2 = max_exp_avg_sq (amsgrad only)
 //   ProxSGD:   s0 = momentum_buffer
 // All pointers address the lowest element of a dense tensor; every tensor of
@@ -64,6 +64,9 @@ enum class Path : int32_t {
 struct TensorArgs {
   void* param = nullptr;
   const void* grad = nullptr;
+  // W0 in the parameter's dtype (a copy of the parameter at the last restart,
+  // docs/math.md section 9); nullptr for ProxAdamW and ProxSGD.
+  const void* w0 = nullptr;
   float* s0 = nullptr;
   float* s1 = nullptr;
   float* s2 = nullptr;

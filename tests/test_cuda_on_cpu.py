@@ -200,10 +200,12 @@ def build_case(opt, grouping, dtype, gen, shapes=None):
         p.copy_((p.double() * (0.3 + rows)).to(dtype))
         g = like(p, torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(dtype)
         rnd = lambda: torch.randn(p.shape, generator=gen, dtype=torch.float64)  # noqa: E731
+        # W0 in the parameter's dtype (ramda_ref.definitions: Definition.state_dtype)
         if opt == "ramda":
-            st = [like(p, p.double() + 0.1 * rnd()), like(p, 0.2 * rnd()), like(p, 0.5 * rnd().abs())]
+            st = [like(p, p.double() + 0.1 * rnd()).to(p.dtype), like(p, 0.2 * rnd()),
+                  like(p, 0.5 * rnd().abs())]
         elif opt == "rmda":
-            st = [like(p, p.double() + 0.1 * rnd()), like(p, 0.2 * rnd()), None]
+            st = [like(p, p.double() + 0.1 * rnd()).to(p.dtype), like(p, 0.2 * rnd()), None]
         elif opt == "proxadamw":
             st = [like(p, 0.1 * rnd()), like(p, 0.01 * rnd().abs()), None]
         else:

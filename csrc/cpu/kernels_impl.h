@@ -100,14 +100,17 @@ template <typename P>
 struct Run {
   P* p;
   const P* g;
+  const P* w0;
   float* s0;
   float* s1;
   float* s2;
   Run(const TensorArgs& t, int64_t o)
-      : p(static_cast<P*>(t.param) + o), g(static_cast<const P*>(t.grad) + o), s0(t.s0 + o),
+      : p(static_cast<P*>(t.param) + o), g(static_cast<const P*>(t.grad) + o),
+        w0(t.w0 ? static_cast<const P*>(t.w0) + o : nullptr), s0(t.s0 ? t.s0 + o : nullptr),
         s1(t.s1 ? t.s1 + o : nullptr), s2(t.s2 ? t.s2 + o : nullptr) {}
   [[gnu::always_inline]] float grad(int64_t i) const { return static_cast<float>(g[i]); }
   [[gnu::always_inline]] float param(int64_t i) const { return static_cast<float>(p[i]); }
+  [[gnu::always_inline]] float initial(int64_t i) const { return static_cast<float>(w0[i]); }
 };
 
 // The two properties that pick an optimizer's paths: whether its d is one
@@ -127,7 +130,7 @@ struct Replacing {
   [[gnu::always_inline]] float finish(float, float w) const { return w; }
 };
 
-// RAMDA: s0 = W0, s1 = V, s2 = U.
+// RAMDA: w0 = W0, s1 = V, s2 = U.
 struct RamdaUpdate : Averaging<false> {
   float s, eps;
   explicit RamdaUpdate(const StepArgs& a) : Averaging(a), s(a.s), eps(a.eps) {}
@@ -135,7 +138,7 @@ struct RamdaUpdate : Averaging<false> {
   [[gnu::always_inline]] Elem step(const Run<P>& r, int64_t i) const {
     float v = r.s1[i], u = r.s2[i];
     Elem e{};
-    ramda_dz(r.grad(i), r.s0[i], v, u, s, eps, e.d, e.z);
+    ramda_dz(r.grad(i), r.initial(i), v, u, s, eps, e.d, e.z);
     r.s1[i] = v;
     r.s2[i] = u;
     e.x = r.param(i);
@@ -143,7 +146,7 @@ struct RamdaUpdate : Averaging<false> {
   }
 };
 
-// RMDA: s0 = W0, s1 = V; d = beta is a scalar, so y = W0 - V/beta.
+// RMDA: w0 = W0, s1 = V; d = beta is a scalar, so y = W0 - V/beta.
 struct RmdaUpdate : Averaging<true> {
   float s, beta;
   explicit RmdaUpdate(const StepArgs& a) : Averaging(a), s(a.s), beta(a.beta) {}
@@ -151,7 +154,7 @@ struct RmdaUpdate : Averaging<true> {
   [[gnu::always_inline]] Elem step(const Run<P>& r, int64_t i) const {
     float v = r.s1[i];
     Elem e{};
-    e.z = rmda_y(r.grad(i), r.s0[i], v, s, beta);
+    e.z = rmda_y(r.grad(i), r.initial(i), v, s, beta);
     r.s1[i] = v;
     return e;
   }

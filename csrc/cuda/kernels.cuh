@@ -119,14 +119,14 @@ __device__ __forceinline__ void element_pass1(const TensorArgs& t, const StepArg
   switch (a.optim) {
     case Optim::kRamda: {
       float v = gload(t.s1 + o), u = gload(t.s2 + o);
-      ramda_dz(g, gload(t.s0 + o), v, u, a.s, a.eps, d, z);
+      ramda_dz(g, load<P>(t.w0, o), v, u, a.s, a.eps, d, z);
       gstore(t.s1 + o, v);
       gstore(t.s2 + o, u);
       break;
     }
     case Optim::kRmda: {
       float v = gload(t.s1 + o);
-      z = rmda_y(g, gload(t.s0 + o), v, a.s, a.beta);
+      z = rmda_y(g, load<P>(t.w0, o), v, a.s, a.beta);
       gstore(t.s1 + o, v);
       d = 1.0f;
       break;

@@ -46,6 +46,7 @@ std::string plan_key(const StepArgs& a, const std::vector<TensorArgs>& tensors, 
   for (const TensorArgs& t : tensors) {
     put(t.param);
     put(t.grad);
+    put(t.w0);
     put(t.s0);
     put(t.s1);
     put(t.s2);

@@ -77,7 +77,7 @@ TensorArgs tensor(const Case& c, Buffers& b) {
   TensorArgs t;
   t.param = b.p.data();
   t.grad = b.g.data();
-  t.s0 = b.w0.data();
+  t.w0 = b.w0.data();
   t.s1 = b.v.data();
   t.s2 = b.u.data();
   t.numel = static_cast<int64_t>(b.p.size());

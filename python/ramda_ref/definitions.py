@@ -7,6 +7,8 @@ the kernels' arithmetic lives in one `Definition` per optimizer:
   them as lists (``state_args``), and the step counters (``counters``);
 * ``hparams``: every constructor / param-group key with its default and its
   check (the constructor's signature is built from them, in this order);
+* ``state_dtype(key, param_dtype)``: each state tensor's dtype (a copy of the
+  parameter keeps the parameter's dtype, the rest fp32 or fp64);
 * ``scalars(t, alpha, hp)``: the named per-step scalars of one step
   (``lr sqrt(t)``, ``tau``, bias corrections, ``eps_t``, ...), in float64.
   ``t`` and ``alpha`` are Python numbers (a plain step) or float64 tensors
@@ -36,6 +38,12 @@ def _sqrt(t):
 
 def _pow(base: float, t):
     return torch.pow(base, t) if isinstance(t, torch.Tensor) else base ** t
+
+
+def float_state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math and the accumulated state run in: fp64 for fp64
+    parameters, fp32 for the rest (docs/math.md section 9)."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 def _as_float64(x):
@@ -199,6 +207,10 @@ class Definition:
     per_group_state: Tuple[str, ...] = ()
     #: state keys the step reads and never writes (the others are mutated)
     read_only_state: Tuple[str, ...] = ()
+    #: state keys kept in the parameter's own dtype: copies of the parameter,
+    #: so exactly representable there, and read as `float_state_dtype` by the
+    #: math (RAMDA's and RMDA's W0: 2 B instead of 4 for bf16 / fp16)
+    param_dtype_state: Tuple[str, ...] = ()
 
     @property
     def defaults(self) -> Dict[str, Any]:
@@ -212,6 +224,11 @@ class Definition:
         ``sigma`` only for the exact group-lasso solve)."""
         return tuple(k for k in self.state
                      if k not in self.optional_state or self.optional_state[k](group))
+
+    def state_dtype(self, key: str, param_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of state ``key`` of a parameter of ``param_dtype``: the
+        parameter's own for `param_dtype_state`, else `float_state_dtype`."""
+        return param_dtype if key in self.param_dtype_state else float_state_dtype(param_dtype)
 
     def functional_kwargs(self, group: Dict[str, Any]) -> Dict[str, Any]:
         """The functional's hyperparameter keywords from a param group."""
@@ -239,6 +256,7 @@ RAMDA = Definition(
     hparams=(HParam("lr", 1e-2, _LR_CHECK), HParam("momentum", 0.1, _MOMENTUM_CHECK),
              GROUPING[0], HParam("epsilon", 1e-6, _EPS_CHECK), *GROUPING[1:], *SOLVER, CAPTURABLE),
     scalars=_ramda_scalars, threshold="tau", solves=True, read_only_state=("initial_point",),
+    param_dtype_state=("initial_point",),
     optional_state={"sigma": _warm_started}, per_group_state=("sigma",))
 
 RMDA = Definition(
@@ -247,7 +265,8 @@ RMDA = Definition(
     counters=("step", "alpha"),
     hparams=(HParam("lr", 0.1, _LR_CHECK), HParam("momentum", 0.1, _MOMENTUM_CHECK),
              *GROUPING, CAPTURABLE),
-    scalars=_rmda_scalars, threshold="thr", solves=False, read_only_state=("initial_point",))
+    scalars=_rmda_scalars, threshold="thr", solves=False, read_only_state=("initial_point",),
+    param_dtype_state=("initial_point",))
 
 PROXADAMW = Definition(
     name="proxadamw", title="ProxAdamW",
@@ -348,5 +367,5 @@ def foreign_origin(group_keys, state_keys, definition: Definition) -> Optional[T
     return None
 
 
-__all__ = ["Definition", "HParam", "DEFINITIONS", "NAMES", "RAMDA", "RMDA", "PROXADAMW",
+__all__ = ["Definition", "HParam", "float_state_dtype", "DEFINITIONS", "NAMES", "RAMDA", "RMDA", "PROXADAMW",
            "PROXSGD", "GROUPING", "SOLVER", "unknown_key_message", "foreign_origin"]

@@ -5,10 +5,11 @@ same signature; this module is the oracle they are tested against.
 
 Common conventions:
 
-* ``params`` are updated in place; state tensors (``initial_points``,
-  ``grad_sums``, ...) are updated in place and have the state dtype (fp32 for
-  fp32/bf16/fp16 parameters, fp64 for fp64). All math runs in the state dtype;
-  the parameter is rounded once when written.
+* ``params`` are updated in place; state tensors (``grad_sums``, ...) are
+  updated in place and have the state dtype (fp32 for fp32/bf16/fp16
+  parameters, fp64 for fp64); ``initial_points`` (read only) have the
+  parameter's dtype (``Definition.state_dtype``; any floating dtype is read).
+  All math runs in the state dtype; the parameter is rounded once when written.
 * ``step`` is ``t`` of this step (already counted, ``t >= 1``); every tensor
   in one call shares it. RAMDA/RMDA also get ``alpha = alpha_t`` (including
   this step's ``s_t``). The numbers a step derives from them and the
@@ -49,8 +50,9 @@ Tensors = List[torch.Tensor]
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """fp64 state for fp64 parameters, fp32 state for everything else."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
+    """fp64 state for fp64 parameters, fp32 state for everything else (the math's
+    dtype; W0 is kept in the parameter's, ``Definition.state_dtype``)."""
+    return D.float_state_dtype(param.dtype)
 
 
 def _group_dims(x: torch.Tensor, regularizer: str, dims, view) -> tuple:
@@ -174,6 +176,7 @@ def ramda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: T
             sig = private[3] if sig is not None else None
         s = sc["s"]
         g = g.to(v.dtype)
+        w0 = w0.to(v.dtype)  # exact: W0 holds values of the parameter's dtype
         _axpy_(v, s, g)
         if isinstance(s, torch.Tensor):
             u.add_(g * g * s)
@@ -215,7 +218,7 @@ def rmda(params: Tensors, grads: Tensors, initial_points: Tensors, grad_sums: Te
             targets = (p, v)
             p, v = cap.private(*targets)
         _axpy_(v, sc["s"], g.to(v.dtype))
-        y = grouped_view(w0 - v / sc["beta"], view)
+        y = grouped_view(w0.to(v.dtype) - v / sc["beta"], view)
         w = prox_scalar(y, sc["thr"], regularizer, _group_dims(p, regularizer, dims, view), reweight)
         x = p.to(v.dtype)
         _write(p, sc["keep"] * x + sc["c"] * w.reshape(x.shape))

@@ -117,6 +117,26 @@ def _nonfinite_flag(grads: List[torch.Tensor]) -> torch.Tensor:
     return ~torch.isfinite(torch.stack(norms)).all()
 
 
+def _inexact_copy(value: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+    """Why state ``value``, a copy of the parameter, does not convert exactly to
+    ``dtype`` (the parameter's), else ``None``. NaN stays NaN; a value out of
+    ``dtype``'s range or between two of its numbers is refused."""
+    if value.dtype == dtype:
+        return None
+    local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor: its shard
+    if local.is_meta or local.numel() == 0:
+        return None
+    back = local.to(dtype).to(local.dtype)
+    bad = ~((back == local) | torch.isnan(local))
+    if not bool(bad.any()):
+        return None
+    first = local.flatten()[bad.flatten()][0].item()
+    return (f"has {value.dtype} values that {dtype} cannot represent ({int(bad.sum())} of "
+            f"{local.numel()}, e.g. {first!r}); it is kept in the parameter's dtype as a copy "
+            f"of the parameter, so this checkpoint's parameters were not {dtype} (round it "
+            f"yourself, `state['initial_point'].to({dtype})`, to accept the change)")
+
+
 class NonFiniteGradientError(RuntimeError):
     """A gradient holds NaN or Inf; nothing was changed."""
 
@@ -421,18 +441,18 @@ class ProxOptimizer(torch.optim.Optimizer):
         return self._definition.state_keys(group)
 
     def _new_state(self, p: torch.Tensor, group) -> Dict[str, Any]:
-        dtype = F.state_dtype(p)
         state: Dict[str, Any] = {"step": _counter("step", 0, p, group["capturable"])}
         if self._uses_alpha:
             state["alpha"] = _counter("alpha", 0.0, p, group["capturable"])
         for key in self._state_keys(group):
             if key == "initial_point":
-                state[key] = p.detach().to(dtype=dtype, copy=True)
+                state[key] = self._new_initial_point(p)
             elif key in self._definition.per_group_state:
                 if self._keeps_sigma(p, group):
                     state[key] = self._new_sigma(p, group)
             else:
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state[key] = torch.zeros_like(p, dtype=self._definition.state_dtype(key, p.dtype),
+                                              memory_format=torch.preserve_format)
         return state
 
     def _keeps_sigma(self, p: torch.Tensor, group) -> bool:
@@ -441,6 +461,12 @@ class ProxOptimizer(torch.optim.Optimizer):
         and its exact solves cold-start (ramda_kernels keeps one where its
         groups are local to the shard)."""
         return not (type(p).__name__ == "DTensor" and hasattr(p, "placements"))
+
+    def _new_initial_point(self, p: torch.Tensor) -> torch.Tensor:
+        """W0 = a copy of ``p`` in its dtype where ``Definition.state_dtype`` keeps
+        it there (bf16 / fp16: exact, half the bytes of fp32)."""
+        dtype = self._definition.state_dtype("initial_point", p.dtype)
+        return p.detach().to(dtype=dtype, memory_format=torch.preserve_format, copy=True)
 
     @staticmethod
     def _group_count(p: torch.Tensor, group) -> int:
@@ -475,8 +501,13 @@ class ProxOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load like PyTorch, with two differences.
 
-        State stays in the state dtype (fp32 for low-precision parameters)
-        instead of being cast to the parameter's dtype.
+        Each state tensor takes its dtype from ``Definition.state_dtype``
+        instead of the parameter's: fp32 for low-precision parameters, except
+        ``initial_point`` (W0), kept in the parameter's dtype. A checkpoint
+        whose W0 has another dtype (fp32 for a bf16 / fp16 parameter: the
+        form before W0 was kept so) converts exactly, and is refused, with
+        nothing loaded, where W0 holds values the parameter's dtype cannot
+        represent (it was not a copy of such a parameter).
 
         ``capturable`` stays this optimizer's own (not the checkpoint's), and the
         step counters are converted to its form: Python numbers, or 0-d device
@@ -528,7 +559,8 @@ class ProxOptimizer(torch.optim.Optimizer):
                     state[key] = _counter(key, value, p, group["capturable"])
                 elif isinstance(value, torch.Tensor) and value.is_floating_point():
                     # a unit group's sigma has the dtype of its solve, not of this tensor
-                    dtype = value.dtype if key == U.SIGMA_KEY else F.state_dtype(p)
+                    dtype = (value.dtype if key == U.SIGMA_KEY
+                             else self._definition.state_dtype(key, p.dtype))
                     state[key] = value.to(device=p.device, dtype=dtype,
                                           memory_format=torch.preserve_format, copy=True)
             self._repair_loaded_state(p, group, self._param_name(group, gi, i, p))
@@ -591,6 +623,8 @@ class ProxOptimizer(torch.optim.Optimizer):
                             problem = f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
                         elif not value.is_floating_point():
                             problem = f"has dtype {value.dtype}, not a floating-point one"
+                        elif key in d.param_dtype_state:
+                            problem = _inexact_copy(value, d.state_dtype(key, p.dtype))
                     if problem is not None:
                         names = group.get("param_names")
                         who = (f"parameter {names[i]!r}" if names is not None and i < len(names)
@@ -818,7 +852,10 @@ class _DualAveraging(ProxOptimizer):
                     st["alpha"].zero_()
                 else:
                     st["step"], st["alpha"] = 0, 0.0
-                st["initial_point"].copy_(p)
+                if st["initial_point"].dtype == p.dtype:  # in place: capturable keeps addresses
+                    st["initial_point"].copy_(p)
+                else:  # a W0 of another dtype (put there by hand): the form the state takes
+                    st["initial_point"] = self._new_initial_point(p)
                 st.pop(U.SIGMA_KEY, None)  # a unit group's warm start
                 for key in ("grad_sum", "grad_sum_sq", "sigma"):
                     if key in st:

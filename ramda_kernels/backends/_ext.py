@@ -136,7 +136,7 @@ from ramda_ref import functional as _ref  # noqa: E402
 from ramda_ref.optim import _finite_flags as _ref_finite_flags  # noqa: E402
 
 from ..layout import is_dense  # noqa: E402
-from ._rules import Capabilities, tensor_problem, whole_call_to_reference  # noqa: E402
+from ._rules import Capabilities, own_dtype_flags, tensor_problem, whole_call_to_reference  # noqa: E402
 
 #: what the C++ ops read (csrc/bindings.cpp, csrc/ramda_args.h kMaxDims)
 CAPABILITIES = Capabilities(max_dims=8)
@@ -220,10 +220,11 @@ def _functional(d: "_D.Definition") -> Callable:
         lists = tuple(lists) + ((),) * (len(d.state) - len(lists))
         present = [k in d.state_keys(hp) and not (k in d.optional_state and len(lists[j]) == 0)
                    for j, k in enumerate(d.state)]
+        own = own_dtype_flags(d, [k for k, on in zip(d.state, present) if on])
         fast, slow = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
             states = [lst[i] for lst, on in zip(lists, present) if on]
-            (slow if tensor_problem(p, g, states, CAPABILITIES) else fast).append(i)
+            (slow if tensor_problem(p, g, states, CAPABILITIES, own_dtype=own) else fast).append(i)
         if not names:
             names.extend(_op_arguments(op_name))
         values = dict(hp, **scalars)

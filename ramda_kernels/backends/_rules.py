@@ -11,7 +11,8 @@ in the same call (their entries in the returned list are the reference's):
   regularized and the fused elementwise path runs;
 * a tensor that `tensor_problem` finds a reason for: a parameter dtype other
   than fp32/bf16/fp16 (fp64 has fp64 state), a gradient dtype the backend
-  does not read, state that is not fp32, a gradient or state on another
+  does not read, state not in its dtype (fp32; W0 of RAMDA and RMDA in the
+  parameter's dtype, ``Definition.state_dtype``), a gradient or state on another
   device or (state; the gradient where the backend cannot stage it) with
   other strides than the parameter (per-group state such as ``sigma``, a
   1-D tensor of another shape: not contiguous), a parameter that is not
@@ -60,9 +61,14 @@ def whole_call_to_reference(regularizer: str, solver: str, pg_stop: str, thresho
 
 
 def tensor_problem(p: torch.Tensor, g: torch.Tensor, states: Sequence[torch.Tensor],
-                   caps: Capabilities, *, flat: bool = True) -> Optional[str]:
+                   caps: Capabilities, *, flat: bool = True,
+                   own_dtype: Sequence[bool] = ()) -> Optional[str]:
     """Why a fused backend with ``caps`` cannot take this tensor (``None``: it can).
-    ``flat``: the tensor runs an elementwise path (no groups)."""
+    ``flat``: the tensor runs an elementwise path (no groups). ``own_dtype``:
+    per state (missing: False), whether the kernels read it in the parameter's
+    dtype (`own_dtype_flags`) rather than fp32; another dtype (an fp32 W0 of a
+    bf16 parameter, say) goes to the reference, which reads any."""
+    own = tuple(own_dtype) + (False,) * (len(states) - len(own_dtype))
     if p.dtype not in FUSED_DTYPES:
         return f"parameter dtype {p.dtype}"
     if g.dtype != p.dtype and not (caps.mixed_grad_dtype and g.dtype in FUSED_DTYPES):
@@ -73,7 +79,7 @@ def tensor_problem(p: torch.Tensor, g: torch.Tensor, states: Sequence[torch.Tens
         return "gradient on another device"
     if not caps.grad_layout_staged and not same_layout(g, p):
         return "gradient strides differ from the parameter's"
-    for s in states:
+    for s, in_param_dtype in zip(states, own):
         # per-group state (the exact group-lasso solve's sigma): one value per
         # group in the reference's group order, read as a flat array
         per_group = s.shape != p.shape and s.dim() == 1
@@ -81,11 +87,18 @@ def tensor_problem(p: torch.Tensor, g: torch.Tensor, states: Sequence[torch.Tens
             return "per-group state on another device or not contiguous"
         if not per_group and (s.device != p.device or not same_layout(s, p)):
             return "state on another device or with other strides"
-        if s.dtype != torch.float32:
+        if s.dtype != (p.dtype if in_param_dtype else torch.float32):
             return f"state dtype {s.dtype}"
     if (flat or not caps.strided_groups) and not (p.is_contiguous() or is_dense(p)):
         return "parameter is not dense"
     return None
 
 
-__all__ = ["Capabilities", "FUSED_DTYPES", "whole_call_to_reference", "tensor_problem"]
+def own_dtype_flags(definition, keys: Sequence[str]) -> Tuple[bool, ...]:
+    """Per state key of a call, whether it is kept in the parameter's dtype
+    (``Definition.param_dtype_state``): the ``own_dtype`` of `tensor_problem`."""
+    return tuple(k in definition.param_dtype_state for k in keys)
+
+
+__all__ = ["Capabilities", "FUSED_DTYPES", "whole_call_to_reference", "tensor_problem",
+           "own_dtype_flags"]

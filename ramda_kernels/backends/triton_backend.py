@@ -62,7 +62,7 @@ from ramda_ref.prox import newton_tolerance
 
 from ..layout import group_layout, same_layout
 from . import _ops
-from ._rules import Capabilities, tensor_problem, whole_call_to_reference
+from ._rules import Capabilities, own_dtype_flags, tensor_problem, whole_call_to_reference
 
 try:
     import triton  # noqa: F401  (the import error is what why_unavailable reports)
@@ -94,6 +94,10 @@ COLUMN_MIN_GROUPS = 8
 CACHE_SIZE = 64
 
 _OPT = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
+#: per optimizer, which state lists the kernel reads in the parameter's dtype
+#: (W0); sigma aside, the optional lists come last, so a shorter call is a prefix
+_OWN_DTYPE = {_OPT[n]: own_dtype_flags(d, [k for k in d.state if k != "sigma"])
+              for n, d in _D.DEFINITIONS.items()}
 _REG_NONE, _REG_L1, _REG_GROUP = 0, 1, 2
 _SOLVER = {"exact": 0, "pg": 1}
 _ITAB_WIDTH = 10 + 4 * 4
@@ -198,9 +202,11 @@ def _extent(x: torch.Tensor) -> int:
 CAPABILITIES = Capabilities(mixed_grad_dtype=True, grad_layout_staged=True, strided_groups=True)
 
 
-def _kernel_ok(p, g, states, flat: bool, device_ok: Callable[[torch.device], bool]) -> bool:
+def _kernel_ok(p, g, states, flat: bool, device_ok: Callable[[torch.device], bool],
+               own_dtype=()) -> bool:
     """Can the kernel take this tensor? See NOTE: [Triton fallbacks]."""
-    return device_ok(p.device) and tensor_problem(p, g, states, CAPABILITIES, flat=flat) is None
+    return device_ok(p.device) and tensor_problem(p, g, states, CAPABILITIES, flat=flat,
+                                                  own_dtype=own_dtype) is None
 
 
 def _layout(p: torch.Tensor, reg: int, dims, view):
@@ -281,7 +287,7 @@ def _build_plan(opt: int, params, grads, states, *, reg: int, solver: int, flat:
         st = [s[i] for s in states]
         if p.numel() == 0:
             continue
-        if not _kernel_ok(p, g, st, flat, device_ok):
+        if not _kernel_ok(p, g, st, flat, device_ok, _OWN_DTYPE[opt]):
             fallback.append(i)
             continue
         in_place = same_layout(p, g)

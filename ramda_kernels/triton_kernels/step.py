@@ -474,11 +474,11 @@ def _load_update(p_ptr, g_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h
     if WITH_X or OPT == OPT_PROXADAMW or OPT == OPT_PROXSGD:
         x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if OPT == OPT_RAMDA:
-        n0 = tl.load(s0 + offs, mask=mask, other=0.0)
+        n0 = tl.load(s0 + offs, mask=mask, other=0.0).to(tl.float32)  # W0: the param dtype
         d, z, n1, n2 = _ramda_update(g, w0=n0, v=tl.load(s1 + offs, mask=mask, other=0.0),
                                      u=tl.load(s2 + offs, mask=mask, other=0.0), s_t=h0, eps=h1)
     elif OPT == OPT_RMDA:
-        n0 = tl.load(s0 + offs, mask=mask, other=0.0)
+        n0 = tl.load(s0 + offs, mask=mask, other=0.0).to(tl.float32)  # W0: the param dtype
         z, n1 = _rmda_update(g, w0=n0, v=tl.load(s1 + offs, mask=mask, other=0.0), s_t=h0,
                              beta_t=h1)
         n2 = n1
@@ -513,11 +513,11 @@ def _load_new(p_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7,
     if WITH_X or OPT == OPT_PROXADAMW or OPT == OPT_PROXSGD:
         x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if OPT == OPT_RAMDA:
-        d, z = _ramda_dz(tl.load(s0 + offs, mask=mask, other=0.0),
+        d, z = _ramda_dz(tl.load(s0 + offs, mask=mask, other=0.0).to(tl.float32),
                          tl.load(s1 + offs, mask=mask, other=0.0),
                          tl.load(s2 + offs, mask=mask, other=0.0), eps=h1)
     elif OPT == OPT_RMDA:
-        z = _rmda_y(tl.load(s0 + offs, mask=mask, other=0.0),
+        z = _rmda_y(tl.load(s0 + offs, mask=mask, other=0.0).to(tl.float32),
                     tl.load(s1 + offs, mask=mask, other=0.0), beta_t=h1)
         d = z
     elif OPT == OPT_PROXADAMW:
@@ -898,7 +898,10 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
     meta = itab + row * ITAB_WIDTH
     p_ptr = tl.load(meta + COL_P).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(meta + COL_G).to(tl.pointer_type(G_DTYPE))
-    s0 = tl.load(meta + COL_S0).to(tl.pointer_type(tl.float32))
+    if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # s0 is W0, kept in the parameter's dtype
+        s0 = tl.load(meta + COL_S0).to(tl.pointer_type(P_DTYPE))
+    else:
+        s0 = tl.load(meta + COL_S0).to(tl.pointer_type(tl.float32))
     s1 = tl.load(meta + COL_S1).to(tl.pointer_type(tl.float32))
     s2 = tl.load(meta + COL_S2).to(tl.pointer_type(tl.float32))
     gi = first + tl.arange(0, BG).to(tl.int64)

@@ -51,7 +51,11 @@ ramda::TensorArgs tensor_args(const ramda::StepArgs& a, const int64_t* desc, con
   auto ptr = [](int64_t v) { return reinterpret_cast<void*>(static_cast<intptr_t>(v)); };
   t.param = ptr(desc[0]);
   t.grad = ptr(desc[1]);
-  t.s0 = static_cast<float*>(ptr(desc[2]));
+  // RAMDA, RMDA: slot 2 is W0, in the parameter's dtype (TensorArgs::w0)
+  if (a.optim == ramda::Optim::kRamda || a.optim == ramda::Optim::kRmda)
+    t.w0 = ptr(desc[2]);
+  else
+    t.s0 = static_cast<float*>(ptr(desc[2]));
   t.s1 = static_cast<float*>(ptr(desc[3]));
   t.s2 = static_cast<float*>(ptr(desc[4]));
   t.sigma = static_cast<float*>(ptr(desc[5]));
