@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/cpu_step.h"
+#include "cpu/units_op.h"
 #include "group_layout.h"
 #include "ramda_args.h"
 
@@ -434,6 +435,17 @@ Tensor finite_flags(TensorList tensors) {
   return out;
 }
 
+// Unit groups (csrc/cpu/units.h): one call per param group with `units`.
+void units_(std::string optimizer, TensorList params, TensorList grads, TensorList state0,
+            TensorList state1, TensorList state2, const std::optional<Tensor>& unit_sigma,
+            const Tensor& segments, const Tensor& unit_start, const Tensor& free,
+            at::ArrayRef<double> scalars, bool amsgrad, bool reweight) {
+  const cpu::UnitsCall call = cpu::prepare_units(optimizer, params, grads, state0, state1, state2, unit_sigma,
+                                                 segments, unit_start, free, scalars, amsgrad, reweight);
+  GilRelease nogil;
+  cpu::run_units(call);
+}
+
 }  // namespace
 }  // namespace ramda
 
@@ -464,6 +476,13 @@ TORCH_LIBRARY(ramda_kernels, m) {
   m.def("proxsgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "float keep, float c, float lr, float thr, str regularizer, int[]? dims, int[]? view, "
         "bool reweight) -> ()");
+  // Unit groups (CPU): every tensor of one param group with `units` and its
+  // state lists in the order of ramda_ref.definitions (empty where absent),
+  // the per-unit warm start, the segment table (NOTE: [Unit segment table] in
+  // ramda_kernels/backends/_units.py) and the step scalars of _units.OP_SCALARS.
+  m.def("units_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state0, "
+        "Tensor(c!)[] state1, Tensor(d!)[] state2, Tensor(e!)? unit_sigma, Tensor segments, "
+        "Tensor unit_start, Tensor free, float[] scalars, bool amsgrad, bool reweight) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ramda_kernels, CPU, m) {
@@ -472,6 +491,7 @@ TORCH_LIBRARY_IMPL(ramda_kernels, CPU, m) {
   m.impl("rmda_", &ramda::rmda_);
   m.impl("proxadamw_", &ramda::proxadamw_);
   m.impl("proxsgd_", &ramda::proxsgd_);
+  m.impl("units_", &ramda::units_);
 }
 
 #ifdef RAMDA_WITH_CUDA

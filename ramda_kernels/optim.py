@@ -14,7 +14,7 @@ import inspect
 import ramda_ref
 
 from . import backends, functional
-from .backends import _ext
+from .backends import _ext, _ops
 
 
 class _BackendChoice:
@@ -37,6 +37,10 @@ class _BackendChoice:
 
     def _functional(self, name):
         return functools.partial(getattr(functional, name), backend=self.backend)
+
+    def _unit_step(self, params):
+        # param groups with ``units``: the backend's fused unit step, if it has one
+        return _ops.unit_kernel(backends.resolve(self.backend, params[0].device))
 
     #: The NaN/Inf gradient screen: the C++ extension's one pass on CPU
     #: gradients, the reference's otherwise (ramda_kernels.backends._ext).

@@ -1,0 +1,109 @@
+// Unit groups (csrc/cpu/units.h): the body compiled once per instruction set
+// right after kernels_impl.h (csrc/cpu/kernels_{default,avx2,avx512}.cpp), whose
+// optimizer functors, passes and contiguous Newton solve it reuses.
+//
+// A unit is one work item: its thread walks the unit's segments in table
+// order, running each element's state update into compact buffers z, d (the
+// unit's union, contiguous), solves the union with newton_contig_sigma (the
+// zero test, the exact Newton from the unit's previous sigma; docs/math.md
+// section 4) or the scalar-d shrink of its norm (RMDA, ProxSGD), then walks
+// the segments again to write the parameters. Units never overlap, so no two
+// threads touch one element.
+
+namespace ramda {
+namespace cpu {
+namespace RAMDA_CPU_ISA {
+namespace {
+
+// fn(P{}) with P the parameter type of `dtype`.
+template <typename Fn>
+inline void with_param_type(DType dtype, const Fn& fn) {
+  switch (dtype) {
+    case DType::kFp32: return fn(float{});
+    case DType::kBf16: return fn(c10::BFloat16{});
+    case DType::kFp16: return fn(c10::Half{});
+  }
+}
+
+// fn(tensor, storage offset, count, stride, buffer index) for each inner run of
+// the unit's segments, in table order (the order of the unit's buffers).
+template <typename Fn>
+inline void unit_runs(const UnitsArgs& ua, int64_t unit, const Fn& fn) {
+  int64_t bi = 0;
+  for (int64_t r = ua.unit_start[unit]; r < ua.unit_start[unit + 1]; ++r) {
+    const Segment& s = ua.segments[r];
+    for (int64_t o = 0; o < s.outer_count; ++o, bi += s.count)
+      fn(s.tensor, s.offset + o * s.outer_stride, s.count, s.stride, bi);
+  }
+}
+
+template <typename U>
+void unit_item(const StepArgs& a, const TensorArgs* ts, const UnitsArgs& ua, int64_t unit) {
+  const U u(a);
+  const int64_t n = ua.unit_size[unit];
+  const Buffers B(n);
+  float* __restrict__ z = B.b[0];
+  float* __restrict__ d = B.b[1];
+  unit_runs(ua, unit, [&](int64_t ti, int64_t o, int64_t cnt, int64_t st, int64_t bi) {
+    with_param_type(ts[ti].dtype, [&](auto tag) {
+      using P = decltype(tag);
+      if (st == 1) return pass1<P, false>(u, ts[ti], o, cnt, z + bi, d + bi, nullptr);
+      for (int64_t i = 0; i < cnt; ++i) pass1<P, false>(u, ts[ti], o + i * st, 1, z + bi + i, d + bi + i, nullptr);
+    });
+  });
+  const float thr = ua.thr[unit];
+  // w of element k of the union: y * scale (scalar d), z/(d + sigma) (exact,
+  // NaN sigma: a zero unit), z/d (tau == 0)
+  float scale = 1.0f, sigma = 0.0f;
+  if (ua.solve) {
+    if constexpr (U::kScalarD) scale = group_shrink(norm_contig(z, n), thr);
+    else sigma = newton_contig_sigma(z, d, B.b[3], n, thr, ua.sigma ? ua.sigma + unit : nullptr);
+  }
+  unit_runs(ua, unit, [&](int64_t ti, int64_t o, int64_t cnt, int64_t st, int64_t bi) {
+    const float* __restrict__ zr = z + bi;
+    const float* __restrict__ dr = d + bi;
+    const auto w_at = [=](int64_t i) {
+      if constexpr (U::kScalarD) return zr[i] * scale;
+      else return lane_solution(zr[i], dr[i], sigma);
+    };
+    with_param_type(ts[ti].dtype, [&](auto tag) {
+      using P = decltype(tag);
+      if (st == 1) return pass2_with<P>(u, ts[ti], o, cnt, w_at);
+      for (int64_t i = 0; i < cnt; ++i)
+        pass2_with<P>(u, ts[ti], o + i * st, 1, [&](int64_t) { return w_at(i); });
+    });
+  });
+}
+
+template <typename U>
+void free_item(const StepArgs& a, const TensorArgs& t, int64_t offset, int64_t count) {
+  const U u(a);
+  with_param_type(t.dtype, [&](auto tag) { elementwise_run<decltype(tag), false>(u, t, offset, count); });
+}
+
+// fn(U{}) with U the optimizer's update functor type.
+template <typename Fn>
+inline void with_update(const StepArgs& a, const Fn& fn) {
+  switch (a.optim) {
+    case Optim::kRamda: return fn(static_cast<RamdaUpdate*>(nullptr));
+    case Optim::kRmda: return fn(static_cast<RmdaUpdate*>(nullptr));
+    case Optim::kProxAdamW:
+      if (a.amsgrad) return fn(static_cast<ProxAdamWUpdate<true>*>(nullptr));
+      return fn(static_cast<ProxAdamWUpdate<false>*>(nullptr));
+    case Optim::kProxSgd: return fn(static_cast<ProxSgdUpdate*>(nullptr));
+  }
+}
+
+}  // namespace
+
+void run_unit(const StepArgs& a, const TensorArgs* t, const UnitsArgs& u, int64_t unit) {
+  with_update(a, [&](auto* tag) { unit_item<std::remove_pointer_t<decltype(tag)>>(a, t, u, unit); });
+}
+
+void run_free(const StepArgs& a, const TensorArgs& t, int64_t offset, int64_t count) {
+  with_update(a, [&](auto* tag) { free_item<std::remove_pointer_t<decltype(tag)>>(a, t, offset, count); });
+}
+
+}  // namespace RAMDA_CPU_ISA
+}  // namespace cpu
+}  // namespace ramda
