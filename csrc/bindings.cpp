@@ -26,6 +26,7 @@
 #include "cpu/units_op.h"
 #include "group_layout.h"
 #include "ramda_args.h"
+#include "tensor_layout.h"
 
 #ifdef RAMDA_WITH_CUDA
 #include "cuda/cuda_step.h"
@@ -76,27 +77,6 @@ DType parse_dtype(const std::string& op, int64_t i, at::ScalarType t) {
       TORCH_CHECK(false, op, ": params[", i, "] has dtype ", t,
                   "; the fused step takes float32, bfloat16 or float16 (float64 runs on the reference)");
   }
-}
-
-bool is_dense(const Tensor& x) {
-  if (x.numel() <= 1) return true;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t d = 0; d < x.dim(); ++d)
-    if (x.size(d) != 1) pairs.emplace_back(x.stride(d), x.size(d));
-  std::sort(pairs.begin(), pairs.end());
-  int64_t expected = 1;
-  for (auto [st, s] : pairs) {
-    if (st != expected) return false;
-    expected *= s;
-  }
-  return true;
-}
-
-bool same_layout(const Tensor& a, const Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
 }
 
 // `x` (parameter, gradient or state) must match params[i] in shape, strides and device.

@@ -245,26 +245,12 @@ def test_one_op_call_per_group_whatever_the_tensor_count(monkeypatch, n_tensors)
 
 # -- units of real models -----------------------------------------------------------
 
-class _ResNet(nn.Module):
-    """A stem and one residual block with BatchNorm; channels_last convolutions."""
-
-    def __init__(self, c=8):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.fc = nn.Linear(c * 16, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.stem(x)))
-        h = torch.relu(h + self.b2(self.c2(torch.relu(self.b1(self.c1(h))))))
-        return self.fc(h.flatten(1))
-
-
 def _model(kind):
     torch.manual_seed(0)
-    if kind == "resnet":
-        model = _ResNet().to(memory_format=torch.channels_last)
+    if kind == "resnet":  # a stem and one residual block with BatchNorm; channels_last convolutions
+        from test_compact import _ResNet
+
+        model = _ResNet(c=8).to(memory_format=torch.channels_last)
         return model, torch.randn(2, 1, 4, 4)
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=64, bos_token_id=0, eos_token_id=0)

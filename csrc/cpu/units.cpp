@@ -9,32 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "../tensor_layout.h"
 #include "units_op.h"
 
 namespace ramda {
 namespace cpu {
 namespace {
-
-bool dense(const at::Tensor& x) {
-  if (x.numel() <= 1) return true;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t d = 0; d < x.dim(); ++d)
-    if (x.size(d) != 1) pairs.emplace_back(x.stride(d), x.size(d));
-  std::sort(pairs.begin(), pairs.end());
-  int64_t expected = 1;
-  for (auto [st, s] : pairs) {
-    if (st != expected) return false;
-    expected *= s;
-  }
-  return true;
-}
-
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
-}
 
 DType param_type(int64_t i, at::ScalarType t) {
   switch (t) {
@@ -112,7 +92,7 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
   for (size_t k = 0; k < n; ++k) {
     const int64_t i = static_cast<int64_t>(k);
     const at::Tensor& p = params[k];
-    TORCH_CHECK(p.device().is_cpu() && p.layout() == at::kStrided && dense(p), "units_: params[", i,
+    TORCH_CHECK(p.device().is_cpu() && p.layout() == at::kStrided && is_dense(p), "units_: params[", i,
                 "] must be a dense strided CPU tensor (got strides ", p.strides(), " on ", p.device(), ")");
     const at::Tensor& g = grads[k];
     TORCH_CHECK(g.device() == p.device() && g.scalar_type() == p.scalar_type() && same_layout(g, p),
@@ -195,14 +175,14 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
 
 void units_step(const StepArgs& a, const std::vector<TensorArgs>& tensors, const UnitsArgs& u,
                 const std::vector<FreeRun>& free) {
-  using UnitFn = void (*)(const StepArgs&, const TensorArgs*, const UnitsArgs&, int64_t);
+  using UnitFn = void (*)(const StepArgs&, const TensorArgs*, const UnitsArgs&, int64_t, int64_t);
   using FreeFn = void (*)(const StepArgs&, const TensorArgs&, int64_t, int64_t);
-  UnitFn unit = &isa_default::run_unit;
+  UnitFn unit = &isa_default::run_units;
   FreeFn rest = &isa_default::run_free;
 #if defined(__x86_64__) && defined(__GNUC__)
   // the instruction set the step kernels chose (dispatch.cpp)
-  if (std::strcmp(isa_name(), "avx512") == 0) unit = &isa_avx512::run_unit, rest = &isa_avx512::run_free;
-  if (std::strcmp(isa_name(), "avx2") == 0) unit = &isa_avx2::run_unit, rest = &isa_avx2::run_free;
+  if (std::strcmp(isa_name(), "avx512") == 0) unit = &isa_avx512::run_units, rest = &isa_avx512::run_free;
+  if (std::strcmp(isa_name(), "avx2") == 0) unit = &isa_avx2::run_units, rest = &isa_avx2::run_free;
 #endif
   std::vector<FreeRun> chunks;
   int64_t elems = 0;
@@ -210,10 +190,15 @@ void units_step(const StepArgs& a, const std::vector<TensorArgs>& tensors, const
   for (const FreeRun& r : free)
     for (int64_t o = 0; o < r.count; o += kElemItem)
       chunks.push_back({r.tensor, r.offset + o, std::min(kElemItem, r.count - o)});
-  const int64_t n_units = u.n_units;
-  parallel_items(n_units + static_cast<int64_t>(chunks.size()), elems, [&](int64_t i) {
-    if (i < n_units) return unit(a, tensors.data(), u, i);
-    const FreeRun& r = chunks[i - n_units];
+  std::vector<int64_t> bounds{0};  // work item i: units [bounds[i], bounds[i + 1])
+  for (int64_t k = 0, run = 0; k < u.n_units; ++k) {
+    run += u.unit_size[k];
+    if (run >= kUnitItemElems || k + 1 == u.n_units) bounds.push_back(k + 1), run = 0;
+  }
+  const int64_t n_items = static_cast<int64_t>(bounds.size()) - 1;
+  parallel_items(n_items + static_cast<int64_t>(chunks.size()), elems, [&](int64_t i) {
+    if (i < n_items) return unit(a, tensors.data(), u, bounds[i], bounds[i + 1]);
+    const FreeRun& r = chunks[i - n_items];
     rest(a, tensors[r.tensor], r.offset, r.count);
   });
 }

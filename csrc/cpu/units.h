@@ -38,10 +38,15 @@ struct UnitsArgs {
 void units_step(const StepArgs& a, const std::vector<TensorArgs>& tensors, const UnitsArgs& u,
                 const std::vector<FreeRun>& free);
 
-// One unit, and elements [begin, end) of a free run, per instruction set
+// Consecutive units share a work item up to this many elements: neighbouring
+// units' strided slices (columns) share cache lines, which one thread then
+// owns instead of two writing them in turn.
+constexpr int64_t kUnitItemElems = 16384;
+
+// Units [first, last), and elements [offset, offset + count) of a free run, per instruction set
 // (csrc/cpu/units_impl.h, compiled with the kernels).
 #define RAMDA_CPU_UNIT_FUNCTIONS                                                          \
-  void run_unit(const StepArgs& a, const TensorArgs* t, const UnitsArgs& u, int64_t unit); \
+  void run_units(const StepArgs& a, const TensorArgs* t, const UnitsArgs& u, int64_t first, int64_t last); \
   void run_free(const StepArgs& a, const TensorArgs& t, int64_t offset, int64_t count);
 namespace isa_default { RAMDA_CPU_UNIT_FUNCTIONS }
 namespace isa_avx2 { RAMDA_CPU_UNIT_FUNCTIONS }

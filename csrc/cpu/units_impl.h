@@ -37,6 +37,28 @@ inline void unit_runs(const UnitsArgs& ua, int64_t unit, const Fn& fn) {
   }
 }
 
+// pass1 / pass2_with over n elements `stride` apart from storage offset o (a
+// column, a channel of a channels_last tensor): the same loops, indices scaled.
+template <typename P, typename U>
+inline void pass1_strided(const U& u, const TensorArgs& t, int64_t o, int64_t n, int64_t stride,
+                          float* __restrict__ z, float* __restrict__ d) {
+  const Run<P> r(t, o);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const Elem e = u.step(r, i * stride);
+    z[i] = e.z;
+    if constexpr (!U::kScalarD) d[i] = e.d;
+  }
+}
+
+template <typename P, typename U, typename Sol>
+inline void pass2_strided(const U& u, const TensorArgs& t, int64_t o, int64_t n, int64_t stride, Sol w_at) {
+  P* __restrict__ p = static_cast<P*>(t.param) + o;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    p[i * stride] = static_cast<P>(u.finish(static_cast<float>(p[i * stride]), w_at(i)));
+}
+
 template <typename U>
 void unit_item(const StepArgs& a, const TensorArgs* ts, const UnitsArgs& ua, int64_t unit) {
   const U u(a);
@@ -48,7 +70,7 @@ void unit_item(const StepArgs& a, const TensorArgs* ts, const UnitsArgs& ua, int
     with_param_type(ts[ti].dtype, [&](auto tag) {
       using P = decltype(tag);
       if (st == 1) return pass1<P, false>(u, ts[ti], o, cnt, z + bi, d + bi, nullptr);
-      for (int64_t i = 0; i < cnt; ++i) pass1<P, false>(u, ts[ti], o + i * st, 1, z + bi + i, d + bi + i, nullptr);
+      pass1_strided<P>(u, ts[ti], o, cnt, st, z + bi, d + bi);
     });
   });
   const float thr = ua.thr[unit];
@@ -69,8 +91,7 @@ void unit_item(const StepArgs& a, const TensorArgs* ts, const UnitsArgs& ua, int
     with_param_type(ts[ti].dtype, [&](auto tag) {
       using P = decltype(tag);
       if (st == 1) return pass2_with<P>(u, ts[ti], o, cnt, w_at);
-      for (int64_t i = 0; i < cnt; ++i)
-        pass2_with<P>(u, ts[ti], o + i * st, 1, [&](int64_t) { return w_at(i); });
+      pass2_strided<P>(u, ts[ti], o, cnt, st, w_at);
     });
   });
 }
@@ -96,8 +117,10 @@ inline void with_update(const StepArgs& a, const Fn& fn) {
 
 }  // namespace
 
-void run_unit(const StepArgs& a, const TensorArgs* t, const UnitsArgs& u, int64_t unit) {
-  with_update(a, [&](auto* tag) { unit_item<std::remove_pointer_t<decltype(tag)>>(a, t, u, unit); });
+void run_units(const StepArgs& a, const TensorArgs* t, const UnitsArgs& u, int64_t first, int64_t last) {
+  with_update(a, [&](auto* tag) {
+    for (int64_t k = first; k < last; ++k) unit_item<std::remove_pointer_t<decltype(tag)>>(a, t, u, k);
+  });
 }
 
 void run_free(const StepArgs& a, const TensorArgs& t, int64_t offset, int64_t count) {

@@ -26,7 +26,7 @@ union of its slices, with ``c_g = sqrt(total size)`` (``reweight=True``) or 1:
 `solve_units` gathers each unit's ``z`` and ``d`` into one row of a padded
 ``[units, longest]`` matrix (padding ``z = 0``, ``d`` = the row's max, which
 changes no norm, sum, max or min of the row) and runs the exact Newton solve
-on the rows; RMDA and ProxSGD (one scalar ``d``) shrink the union's norm.
+(``prox.exact_group_lasso`` over the rows, warm start included) on them; RMDA and ProxSGD (one scalar ``d``) shrink the union's norm.
 
 Warm start (docs/math.md section 4, the warm-start item): the sigma each
 unit ended with is kept in the state of the group's first tensor as
@@ -35,10 +35,11 @@ the dtype the solve runs in; 0 or absent means none). It is saved in
 ``state_dict``, cleared by ``restart()``, and a zero unit keeps its previous
 value.
 
-Only the reference runs unit groups: the optimizer's step sends them here
-whatever its backend, in one call over the whole group (every tensor needs a
-gradient and the same step count). They are solved exactly (``solver="exact"``),
-not in capturable steps.
+The optimizer's step runs a unit group in one call over the whole group
+(every tensor needs a gradient and the same step count): `step` here, or the
+fused step of a backend that has one (``ProxOptimizer._unit_step``; the C++
+CPU backend, ``ramda_kernels/backends/_units.py``). They are solved exactly
+(``solver="exact"``), not in capturable steps.
 """
 
 from __future__ import annotations
