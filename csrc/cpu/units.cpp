@@ -37,6 +37,60 @@ const int64_t* table_part(const at::Tensor& x, const char* name, int64_t cols) {
   return x.data_ptr<int64_t>();
 }
 
+struct UnitItem {
+  int64_t first, last;
+  bool laned;
+};
+
+// Units k and m have one shape: as many rows, each of the same tensor, counts and strides.
+bool same_shape(const UnitsArgs& u, int64_t k, int64_t m) {
+  const int64_t rk = u.unit_start[k], rm = u.unit_start[m], R = u.unit_start[k + 1] - rk;
+  if (u.unit_start[m + 1] - rm != R) return false;
+  for (int64_t j = 0; j < R; ++j) {
+    const Segment &a = u.segments[rk + j], &b = u.segments[rm + j];
+    if (a.tensor != b.tensor || a.count != b.count || a.stride != b.stride || a.outer_count != b.outer_count ||
+        a.outer_stride != b.outer_stride)
+      return false;
+  }
+  return true;
+}
+
+// The work items: laned blocks (NOTE: [Laned unit blocks] in units_impl.h) where
+// consecutive units allow, else runs of consecutive units up to kUnitItemElems.
+std::vector<UnitItem> unit_items(const UnitsArgs& u) {
+  std::vector<UnitItem> items;
+  int64_t k = 0;
+  while (k < u.n_units) {
+    int64_t L = 1;
+    if (k + 1 < u.n_units && same_shape(u, k, k + 1)) {
+      const int64_t r0 = u.unit_start[k], r1 = u.unit_start[k + 1], R = r1 - r0;
+      bool any = false;
+      for (int64_t j = 0; j < R; ++j) any |= u.segments[r1 + j].offset - u.segments[r0 + j].offset == 1;
+      // every lane row of unit k + L is row j of unit k shifted by L
+      const auto fits = [&](int64_t m) {
+        if (!same_shape(u, k, m)) return false;
+        for (int64_t j = 0; j < R; ++j) {
+          const bool lane = u.segments[r1 + j].offset - u.segments[r0 + j].offset == 1;
+          if (lane && u.segments[u.unit_start[m] + j].offset != u.segments[r0 + j].offset + (m - k)) return false;
+        }
+        return true;
+      };
+      if (any)
+        while (L < kMaxUnitLanes && k + L < u.n_units && fits(k + L)) ++L;
+    }
+    if (L > 1) {
+      items.push_back({k, k + L, true});
+      k += L;
+      continue;
+    }
+    int64_t last = k, run = 0;
+    while (last < u.n_units && (last == k || run < kUnitItemElems)) run += u.unit_size[last++];
+    items.push_back({k, last, false});
+    k = last;
+  }
+  return items;
+}
+
 }  // namespace
 
 UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at::TensorList grads,
@@ -175,7 +229,7 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
 
 void units_step(const StepArgs& a, const std::vector<TensorArgs>& tensors, const UnitsArgs& u,
                 const std::vector<FreeRun>& free) {
-  using UnitFn = void (*)(const StepArgs&, const TensorArgs*, const UnitsArgs&, int64_t, int64_t);
+  using UnitFn = void (*)(const StepArgs&, const TensorArgs*, const UnitsArgs&, int64_t, int64_t, bool);
   using FreeFn = void (*)(const StepArgs&, const TensorArgs&, int64_t, int64_t);
   UnitFn unit = &isa_default::run_units;
   FreeFn rest = &isa_default::run_free;
@@ -190,14 +244,10 @@ void units_step(const StepArgs& a, const std::vector<TensorArgs>& tensors, const
   for (const FreeRun& r : free)
     for (int64_t o = 0; o < r.count; o += kElemItem)
       chunks.push_back({r.tensor, r.offset + o, std::min(kElemItem, r.count - o)});
-  std::vector<int64_t> bounds{0};  // work item i: units [bounds[i], bounds[i + 1])
-  for (int64_t k = 0, run = 0; k < u.n_units; ++k) {
-    run += u.unit_size[k];
-    if (run >= kUnitItemElems || k + 1 == u.n_units) bounds.push_back(k + 1), run = 0;
-  }
-  const int64_t n_items = static_cast<int64_t>(bounds.size()) - 1;
+  const std::vector<UnitItem> items = unit_items(u);
+  const int64_t n_items = static_cast<int64_t>(items.size());
   parallel_items(n_items + static_cast<int64_t>(chunks.size()), elems, [&](int64_t i) {
-    if (i < n_items) return unit(a, tensors.data(), u, bounds[i], bounds[i + 1]);
+    if (i < n_items) return unit(a, tensors.data(), u, items[i].first, items[i].last, items[i].laned);
     const FreeRun& r = chunks[i - n_items];
     rest(a, tensors[r.tensor], r.offset, r.count);
   });

@@ -42,11 +42,14 @@ void units_step(const StepArgs& a, const std::vector<TensorArgs>& tensors, const
 // units' strided slices (columns) share cache lines, which one thread then
 // owns instead of two writing them in turn.
 constexpr int64_t kUnitItemElems = 16384;
+// Units of one laned block, at most (NOTE: [Laned unit blocks] in units_impl.h).
+constexpr int64_t kMaxUnitLanes = 16;
 
-// Units [first, last), and elements [offset, offset + count) of a free run, per instruction set
+// Units [first, last) (one laned block, or one by one), and elements [offset, offset + count) of a free run, per instruction set
 // (csrc/cpu/units_impl.h, compiled with the kernels).
 #define RAMDA_CPU_UNIT_FUNCTIONS                                                          \
-  void run_units(const StepArgs& a, const TensorArgs* t, const UnitsArgs& u, int64_t first, int64_t last); \
+  void run_units(const StepArgs& a, const TensorArgs* t, const UnitsArgs& u, int64_t first, int64_t last, \
+                 bool laned);                                                                         \
   void run_free(const StepArgs& a, const TensorArgs& t, int64_t offset, int64_t count);
 namespace isa_default { RAMDA_CPU_UNIT_FUNCTIONS }
 namespace isa_avx2 { RAMDA_CPU_UNIT_FUNCTIONS }
