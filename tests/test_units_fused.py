@@ -300,23 +300,8 @@ def test_threads_split_units_across_a_large_group():
     assert res.ok, str(res)
 
 
-# -- what the op does not take ----------------------------------------------------------
-
-def test_groups_the_op_cannot_take_run_whole_on_the_reference():
-    """An fp64 member (fp64 state) sends the whole group to the reference: bitwise equal."""
-    params, units = _problem(6, dtypes=(torch.float32, torch.float64) * 3)
-    fp, rp = _clone(params), _clone(params)
-    fast = rk.RAMDA([{"params": fp, "units": units, "lambda_": 0.2}], backend="cpu")
-    ref = ramda_ref.RAMDA([{"params": rp, "units": units, "lambda_": 0.2}])
-    for _ in range(3):
-        for p, q in zip(fp, rp):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        fast.step()
-        ref.step()
-    assert all(torch.equal(p, q) for p, q in zip(fp, rp))
-    assert fast.state[fp[0]][U.SIGMA_KEY].dtype == torch.float64
-
+# -- what the op does not take (a group with an fp64 member runs whole on the reference:
+# tests/test_units.py, test_fused_backends_send_unit_groups_they_cannot_take_to_the_reference)
 
 def _op_args(params, units):
     norm = U.normalize_units(units, [p.shape for p in params])
