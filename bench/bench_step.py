@@ -18,6 +18,11 @@ Sections (``--sections``; all by default):
              on ``ramda_ref.prox`` directly.
 ``scaling``  step time against the number of tensors at a fixed total size, and
              against the total size.
+``units``    (not in the default) RAMDA and ProxAdamW with unit groups (neurons of
+             an MLP stack: row of W_i, entry of b_i, column of W_{i+1}; channels of
+             a conv + BatchNorm stack: filter, BN entries, next conv's input
+             channel) against per-tensor groups of the same tensors (output-wise
+             and input-wise), interleaved repeats, with the load average.
 ``traffic``  (not in the default) bench/traffic.py's memory-traffic table of the
              Triton step (bytes and 32-byte sectors per element, passes over each
              tensor, predicted H100 time vs fused AdamW), counted under the
@@ -536,6 +541,103 @@ def scaling(args, device: torch.device, timer: Timer, available: List[str]) -> L
 
 
 # ---------------------------------------------------------------------------
+# Unit groups vs per-tensor groups of the same tensors
+# ---------------------------------------------------------------------------
+
+def _unit_stack(kind: str, width: int, layers: int, device, gen):
+    """``(params, units, per_tensor)``: the tensors of an MLP (``W_i [w, w]``, ``b_i``)
+    or conv + BatchNorm stack (``W_i [w, w, 3, 3]``, BN weight and bias), the
+    units of the hidden neurons / channels of every other layer, and per-tensor
+    groupings of the same tensors (weights grouped, the rest unregularized)."""
+    params, units, weights = [], [], []
+    for i in range(layers):
+        shape = (width, width) if kind == "mlp" else (width, width, 3, 3)
+        weights.append(len(params))
+        params.append(torch.randn(shape, generator=gen, device=device) / math.sqrt(math.prod(shape[1:])))
+        extras = [torch.zeros(width, device=device)] if kind == "mlp" else [
+            torch.ones(width, device=device), torch.zeros(width, device=device)]
+        params += extras
+    per = 2 if kind == "mlp" else 3
+    # pairs of layers, as a transformer's MLP: the first one's neurons are units
+    # that take the second one's input columns, whose outputs are then not units
+    for i in range(0, layers - 1, 2):
+        w, nxt = per * i, per * (i + 1)
+        for k in range(width):
+            units.append([(w, 0, k)] + [(w + j, 0, k) for j in range(1, per)] + [(nxt, 1, k)])
+    params = [torch.nn.Parameter(p) for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, device=device)
+    rest = [p for i, p in enumerate(params) if i not in weights]
+    ws = [params[i] for i in weights]
+    other = (1, 2, 3) if kind == "conv" else (1,)
+    inner = (0, 2, 3) if kind == "conv" else (0,)
+    per_tensor = {"output-wise": [dict(params=ws, dims=other), dict(params=rest, lambda_=0.0)],
+                  "input-wise": [dict(params=ws, dims=inner), dict(params=rest, lambda_=0.0)]}
+    return params, units, per_tensor
+
+
+def _cpu_times(step: Callable[[], Any], reps: int) -> Dict[str, float]:
+    """Wall and CPU (all threads of this process) ms per step: the minimum wall
+    time and the median CPU time over ``reps`` steps after one warm-up. On a
+    shared machine the wall time of a step includes waiting for a core; the CPU
+    time counts only the work (and cache misses) of this process."""
+    step()
+    wall, cpu = [], []
+    for _ in range(reps):
+        w0, c0 = time.perf_counter_ns(), time.process_time_ns()
+        step()
+        wall.append((time.perf_counter_ns() - w0) / 1e6)
+        cpu.append((time.process_time_ns() - c0) / 1e6)
+    return dict(wall=min(wall), cpu=statistics.median(cpu))
+
+
+def units_section(args, device: torch.device, timer: Timer, available: List[str]) -> List[Dict[str, Any]]:
+    """Step time of unit groups against per-tensor groups of the same tensors:
+    ``--unit-repeats`` interleaved repeats of each grouping; per repeat the
+    least wall time and the median CPU time of ``--unit-reps`` steps (`_cpu_times`);
+    reported: the medians over the repeats, and the load average."""
+    rows = []
+    if "cpu" not in available or device.type != "cpu":
+        return [dict(section="units", status="skipped: the units section times the cpu backend")]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for kind, width, layers in args.unit_sets:
+        params, units, per_tensor = _unit_stack(kind, width, layers, device, gen)
+        numel = sum(p.numel() for p in params)
+        start = [p.detach().clone() for p in params]
+        for optimizer in ("ramda", "proxadamw"):
+            cls = getattr(ramda_kernels, CLASSES[optimizer])
+            lam = {"ramda": 0.05, "proxadamw": 0.5}[optimizer]
+            configs = {"units": [dict(params=params, units=units)], **per_tensor}
+            times: Dict[str, List[Dict[str, float]]] = {name: [] for name in configs}
+            loads = []
+            for _ in range(args.unit_repeats):
+                for name, groups in configs.items():
+                    with torch.no_grad():
+                        for p, s0 in zip(params, start):
+                            p.copy_(s0)
+                    opt = cls([dict(g) for g in groups], lambda_=lam, **HPARAMS[optimizer], backend="cpu")
+                    times[name].append(_cpu_times(opt.step, args.unit_reps))
+                    del opt
+                loads.append(os.getloadavg()[0])
+            load = statistics.median(loads)
+            med = {name: {k: statistics.median(x[k] for x in t) for k in ("wall", "cpu")}
+                   for name, t in times.items()}
+            for name, t in times.items():
+                ratio = {k: med["units"][k] / med[name][k] for k in ("wall", "cpu")}
+                rep = " ".join(f"{x['wall']:.1f}/{x['cpu']:.1f}" for x in t)
+                rows.append(dict(section="units", set=f"{kind} {layers}x{width}", optimizer=optimizer,
+                                 backend="cpu", regularizer="group_lasso", grouping=name, solver="exact",
+                                 dtype="fp32", n_params=numel, n_tensors=len(params), ms=med[name]["wall"],
+                                 cpu_ms=med[name]["cpu"], status="ok", repeats=rep, ratio=ratio,
+                                 load=load, units=len(units),
+                                 note=f"load {load:.1f}; units/this wall {ratio['wall']:.3f} "
+                                      f"cpu {ratio['cpu']:.3f}"))
+                log(f"units {kind} {layers}x{width} {optimizer} {name}: wall {med[name]['wall']:.2f} ms, "
+                    f"cpu {med[name]['cpu']:.2f} ms (repeats wall/cpu {rep}; load {load:.1f})")
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
 
@@ -626,6 +728,19 @@ def render(rows: List[Dict[str, Any]], skipped: Dict[str, str], meta: Dict[str, 
                 for r in scal]
         out.append(report.markdown_table(["sweep", "tensors", "params", "backend", "ms", "GB/s", "status"], body))
         out.append("")
+    units = [r for r in rows if r.get("section") == "units" and r.get("status") == "ok"]
+    if units:
+        out += ["### Unit groups vs per-tensor groups of the same tensors (cpu backend, fp32, exact)", "",
+                "Per repeat (run interleaved): the least wall time and the median CPU time "
+                "(all threads) of a step; `wall`, `cpu`: the medians over the repeats; "
+                "`units / this`: the units' time over this grouping's (wall, cpu).", ""]
+        body = [[r["set"], r["optimizer"], r["grouping"], r["n_params"], r["units"], _f(r["ms"]),
+                 _f(r["cpu_ms"]), f"{r['ratio']['wall']:.3f} / {r['ratio']['cpu']:.3f}", r["repeats"],
+                 _f(r["load"], ".1f")] for r in units]
+        out.append(report.markdown_table(["set", "optimizer", "grouping", "params", "units", "wall ms",
+                                          "cpu ms", "units / this", "repeats (wall/cpu ms)", "load avg"],
+                                         body))
+        out.append("")
     return "\n".join(out)
 
 
@@ -676,8 +791,11 @@ def parse_args(argv=None):
     p.add_argument("--groupings", type=_csv_list(ps.GROUPINGS), default=list(ps.GROUPINGS))
     p.add_argument("--solvers", type=_csv_list(SOLVERS), default=list(SOLVERS))
     p.add_argument("--dtypes", type=_csv_list(tuple(DTYPES)))
-    p.add_argument("--sections", type=_csv_list(("step", "solver", "scaling", "traffic")),
+    p.add_argument("--sections", type=_csv_list(("step", "solver", "scaling", "units", "traffic")),
                    default=["step", "solver", "scaling"])
+    p.add_argument("--unit-repeats", type=int, default=5,
+                   help="interleaved repeats of each grouping in the units section")
+    p.add_argument("--unit-reps", type=int, default=10, help="timed steps per repeat in the units section")
     p.add_argument("--reps", type=int, help="fixed number of timed steps per measurement (default: adaptive)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing (default 1 on CPU, 3 on CUDA)")
     p.add_argument("--budget", type=float, help="seconds of timed steps per measurement")
@@ -743,6 +861,9 @@ def parse_args(argv=None):
         args.scale_total = 2**18 if quick else 2**22
         args.scale_tensors = [1, 16, 256] if quick else [1, 4, 16, 64, 256, 1024]
         args.scale_sizes = [2**14, 2**17, 2**20] if quick else [2**k for k in range(14, 25, 2)]
+    # (kind, width, layers) of the units section
+    args.unit_sets = ([("mlp", 512, 4), ("conv", 64, 4)] if quick else
+                      [("mlp", 512, 4), ("mlp", 1024, 4), ("conv", 64, 4), ("conv", 128, 4)])
     return args
 
 
@@ -788,6 +909,8 @@ def main(argv=None) -> int:
         rows += solver_study(args, device)
     if "scaling" in args.sections:
         rows += scaling(args, device, timer, available)
+    if "units" in args.sections:
+        rows += units_section(args, device, timer, available)
     if "traffic" in args.sections:
         traffic_section(args)
     add_ratios(rows, copy_row["gbps"])

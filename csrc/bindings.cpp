@@ -23,8 +23,10 @@
 #include <vector>
 
 #include "cpu/cpu_step.h"
+#include "cpu/units_op.h"
 #include "group_layout.h"
 #include "ramda_args.h"
+#include "tensor_layout.h"
 
 #ifdef RAMDA_WITH_CUDA
 #include "cuda/cuda_step.h"
@@ -75,27 +77,6 @@ DType parse_dtype(const std::string& op, int64_t i, at::ScalarType t) {
       TORCH_CHECK(false, op, ": params[", i, "] has dtype ", t,
                   "; the fused step takes float32, bfloat16 or float16 (float64 runs on the reference)");
   }
-}
-
-bool is_dense(const Tensor& x) {
-  if (x.numel() <= 1) return true;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t d = 0; d < x.dim(); ++d)
-    if (x.size(d) != 1) pairs.emplace_back(x.stride(d), x.size(d));
-  std::sort(pairs.begin(), pairs.end());
-  int64_t expected = 1;
-  for (auto [st, s] : pairs) {
-    if (st != expected) return false;
-    expected *= s;
-  }
-  return true;
-}
-
-bool same_layout(const Tensor& a, const Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
 }
 
 // `x` (parameter, gradient or state) must match params[i] in shape, strides and device.
@@ -443,6 +424,17 @@ Tensor finite_flags(TensorList tensors) {
   return out;
 }
 
+// Unit groups (csrc/cpu/units.h): one call per param group with `units`.
+void units_(std::string optimizer, TensorList params, TensorList grads, TensorList state0,
+            TensorList state1, TensorList state2, const std::optional<Tensor>& unit_sigma,
+            const Tensor& segments, const Tensor& unit_start, const Tensor& free,
+            at::ArrayRef<double> scalars, bool amsgrad, bool reweight) {
+  const cpu::UnitsCall call = cpu::prepare_units(optimizer, params, grads, state0, state1, state2, unit_sigma,
+                                                 segments, unit_start, free, scalars, amsgrad, reweight);
+  GilRelease nogil;
+  cpu::run_units(call);
+}
+
 }  // namespace
 }  // namespace ramda
 
@@ -473,6 +465,13 @@ TORCH_LIBRARY(ramda_kernels, m) {
   m.def("proxsgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "float keep, float c, float lr, float thr, str regularizer, int[]? dims, int[]? view, "
         "bool reweight) -> ()");
+  // Unit groups (CPU): every tensor of one param group with `units` and its
+  // state lists in the order of ramda_ref.definitions (empty where absent),
+  // the per-unit warm start, the segment table (NOTE: [Unit segment table] in
+  // ramda_kernels/backends/_units.py) and the step scalars of _units.OP_SCALARS.
+  m.def("units_(str optimizer, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state0, "
+        "Tensor(c!)[] state1, Tensor(d!)[] state2, Tensor(e!)? unit_sigma, Tensor segments, "
+        "Tensor unit_start, Tensor free, float[] scalars, bool amsgrad, bool reweight) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ramda_kernels, CPU, m) {
@@ -481,6 +480,7 @@ TORCH_LIBRARY_IMPL(ramda_kernels, CPU, m) {
   m.impl("rmda_", &ramda::rmda_);
   m.impl("proxadamw_", &ramda::proxadamw_);
   m.impl("proxsgd_", &ramda::proxsgd_);
+  m.impl("units_", &ramda::units_);
 }
 
 #ifdef RAMDA_WITH_CUDA

@@ -14,7 +14,7 @@ import inspect
 import ramda_ref
 
 from . import backends, distributed, functional
-from .backends import _ext
+from .backends import _ext, _ops
 
 
 class _BackendChoice:
@@ -79,12 +79,17 @@ class _BackendChoice:
             iters.update(zip(map(id, part), super()._step_bucket(group, part, t, alpha)))
         return [iters[id(p)] for p in params]
 
-    def _unit_step(self, definition, group, params, states, grads, t, alpha, hp):
+    def _unit_step(self, params):
+        # param groups with ``units``: the backend's fused unit step where it has
+        # one; FSDP2's DTensors are gathered and stepped whole on every rank
         if not any(distributed.is_dtensor(p) for p in params):
-            return ramda_ref.units.step(definition, group, params, states, grads, t, alpha, hp)
-        functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += len(params)
-        return distributed.gathered_unit_step(ramda_ref.units.step, definition, group, params,
-                                              states, grads, t, alpha, hp)
+            return _ops.unit_kernel(backends.resolve(self.backend, params[0].device))
+
+        def gathered(definition, group, params, states, grads, t, alpha, hp):
+            functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += len(params)
+            return distributed.gathered_unit_step(ramda_ref.units.step, definition, group, params,
+                                                  states, grads, t, alpha, hp)
+        return gathered
 
     #: The NaN/Inf gradient screen: the C++ extension's one pass on CPU
     #: gradients, the reference's otherwise (ramda_kernels.backends._ext), on

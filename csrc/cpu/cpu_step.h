@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "../ramda_args.h"
@@ -43,6 +44,10 @@ float* const* scratch(int64_t n, int64_t rest = -1);
 
 // One fused step over all tensors of a call (any mix of fp32/bf16/fp16).
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors);
+
+// fn(i) for i in [0, n) on the thread pool, as the step runs its work items
+// (dispatch.cpp: for_each_item; `elems` sizes the thread count).
+void parallel_items(int64_t n, int64_t elems, const std::function<void(int64_t)>& fn);
 
 // NaN/Inf screen of dense tensors (the optimizers' gradient check,
 // python/ramda_ref/optim.py `_finite_flags`): finite[i] = 1 when tensor i

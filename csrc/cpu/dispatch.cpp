@@ -144,6 +144,10 @@ void for_each_item(int64_t n, int64_t elems, const Fn& fn) {
 
 }  // namespace
 
+void parallel_items(int64_t n, int64_t elems, const std::function<void(int64_t)>& fn) {
+  for_each_item(n, elems, fn);
+}
+
 void step(const StepArgs& args, const std::vector<TensorArgs>& tensors) {
   const RunFn run = isa().run;
   std::vector<WorkItem> items;

@@ -12,9 +12,11 @@
 #include <cstdint>
 
 #include "cpu_step.h"
+#include "units.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma,f16c")
 #define RAMDA_CPU_ISA isa_avx2
 #include "kernels_impl.h"
+#include "units_impl.h"  // unit groups (csrc/cpu/units.h)
 #endif

@@ -16,10 +16,12 @@
 #endif
 
 #include "cpu_step.h"
+#include "units.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define RAMDA_CPU_ISA isa_avx512
 #define RAMDA_CPU_AVX512 1  // explicit AVX-512 code (NOTE: [Newton sums with a reciprocal estimate])
 #include "kernels_impl.h"
+#include "units_impl.h"  // unit groups (csrc/cpu/units.h)
 #endif

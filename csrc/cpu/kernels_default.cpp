@@ -9,7 +9,9 @@
 #include <cstdint>
 
 #include "cpu_step.h"
+#include "units.h"
 
 #define RAMDA_CPU_ISA isa_default
 #include "kernels_impl.h"
+#include "units_impl.h"  // unit groups (csrc/cpu/units.h)
 

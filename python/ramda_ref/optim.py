@@ -735,17 +735,18 @@ class ProxOptimizer(torch.optim.Optimizer):
                         st["alpha"] = new_alpha
                     self.last_iterations[p] = it
 
-    #: the unit groups' step (ramda_kernels wraps it for FSDP2's DTensors)
-    _unit_step = staticmethod(U.step)
+    def _unit_step(self, params) -> Callable:
+        """The step of a param group with ``units`` (signature of ``ramda_ref.units.step``);
+        ``ramda_kernels`` overrides this with its backend's fused one."""
+        return U.step
 
     def _step_unit_group(self, group, params) -> None:
-        """A param group with ``units``: one reference call over all its tensors
-        (``ramda_ref.units``; no fused backend takes units yet)."""
+        """A param group with ``units``: one call over all its tensors (`_unit_step`)."""
         states = [self.state[p] for p in params]
         t = states[0]["step"] + 1
         alpha = states[0]["alpha"] + group["lr"] * math.sqrt(t) if self._uses_alpha else None
-        iters = self._unit_step(self._definition, group, params, states, self._grads(params), t,
-                                alpha, self._definition.functional_kwargs(group))
+        iters = self._unit_step(params)(self._definition, group, params, states, self._grads(params),
+                                        t, alpha, self._definition.functional_kwargs(group))
         for p, st, it in zip(params, states, iters):
             st["step"] = t
             if self._uses_alpha:

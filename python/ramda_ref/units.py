@@ -26,7 +26,7 @@ union of its slices, with ``c_g = sqrt(total size)`` (``reweight=True``) or 1:
 `solve_units` gathers each unit's ``z`` and ``d`` into one row of a padded
 ``[units, longest]`` matrix (padding ``z = 0``, ``d`` = the row's max, which
 changes no norm, sum, max or min of the row) and runs the exact Newton solve
-on the rows; RMDA and ProxSGD (one scalar ``d``) shrink the union's norm.
+(``prox.exact_group_lasso`` over the rows, warm start included) on them; RMDA and ProxSGD (one scalar ``d``) shrink the union's norm.
 
 Warm start (docs/math.md section 4, the warm-start item): the sigma each
 unit ended with is kept in the state of the group's first tensor as
@@ -35,10 +35,11 @@ the dtype the solve runs in; 0 or absent means none). It is saved in
 ``state_dict``, cleared by ``restart()``, and a zero unit keeps its previous
 value.
 
-Only the reference runs unit groups: the optimizer's step sends them here
-whatever its backend, in one call over the whole group (every tensor needs a
-gradient and the same step count). They are solved exactly (``solver="exact"``),
-not in capturable steps.
+The optimizer's step runs a unit group in one call over the whole group
+(every tensor needs a gradient and the same step count): `step` here, or the
+fused step of a backend that has one (``ProxOptimizer._unit_step``; the C++
+CPU backend, ``ramda_kernels/backends/_units.py``). They are solved exactly
+(``solver="exact"``), not in capturable steps.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import torch
 
 from . import definitions as D
 from .groups import group_norm
-from .prox import NEWTON_MAX_ITERS, newton_tolerance
+from .prox import exact_group_lasso
 
 #: The param-group key that carries the unit membership.
 UNITS_KEY = "units"
@@ -233,69 +234,18 @@ def _thresholds(tau, lay: _Layout, reweight: bool, dtype, device) -> torch.Tenso
     return (tau * c).to(dtype=dtype, device=device).unsqueeze(1)
 
 
-def _secular(zeta, d, sigma, rel_excess):
-    """``f`` (``phi(sigma) <= 0`` iff ``f >= 0``), ``||v||``, ``a`` and ``b`` of
-    NOTE: [secular equation without cancellation] (``python/ramda_ref/prox.py``),
-    per row; the Newton step is ``sigma f ||v|| / (a + f b / ||v||)``."""
-    denom = d + sigma
-    v = zeta * (sigma / denom)
-    u = zeta * (d / denom)
-    a = (v * v * (d / denom)).sum(1, keepdim=True)
-    b = (v * v * (sigma / denom)).sum(1, keepdim=True)
-    vn = torch.sqrt(a + b)
-    f = rel_excess - (u * (zeta + v)).sum(1, keepdim=True) / (1.0 + vn)
-    return f, vn, a, b
-
-
 def exact_rows(z: torch.Tensor, d: torch.Tensor, thr: torch.Tensor,
                sigma_prev: Optional[torch.Tensor] = None):
     """Exact group lasso with one group per row of ``z``, ``d`` (``[K, n]``) and
     threshold ``thr`` (``[K, 1]``), warm-started from ``sigma_prev`` (``[K]``, 0:
-    none) as docs/math.md section 4 says. Returns ``(w, sigma, iterations)``;
-    ``sigma`` is ``sigma_prev`` on zero rows.
-
-    NOTE: [unit warm start]. ``prox.exact_group_lasso`` has no start point, so the
-    warm start is here: at ``s0 = sigma_prev``, ``phi(s0) <= 0`` iff ``f >= 0``
-    (start at ``s0``); else ``phi'(s0) = b / (||z|| ||v||^3) - 1/T < 0`` iff
-    ``b T/||z|| < ||v||^3``, and one Newton step from the left lands right of the
-    root (concavity); otherwise ``sigma_hi``. Every iterate is clamped to
-    ``<= sigma_hi``; the stop is `newton_tolerance` on the relative change."""
-    znorm = group_norm(z, (1,))
+    none): ``prox.exact_group_lasso`` over ``dims=(1,)``, whose warm start is
+    docs/math.md section 4, item 5. Returns ``(w, sigma, iterations)``; ``sigma``
+    is ``sigma_prev`` (0 without one) on zero rows."""
     K = z.shape[0]
     prev = (torch.zeros(K, dtype=z.dtype, device=z.device) if sigma_prev is None
             else sigma_prev.to(dtype=z.dtype, device=z.device).reshape(K))
-    active = znorm > thr
-    excess = torch.where(active, znorm - thr, torch.ones_like(znorm))
-    dmax, dmin = d.amax(1, keepdim=True), d.amin(1, keepdim=True)
-    sigma_hi = thr * dmax / excess
-    done = ~active | (dmax == dmin)
-    safe_norm = torch.where(active, znorm, torch.ones_like(znorm))
-    zeta, rel_excess = z / safe_norm, excess / safe_norm
-    s0 = prev.unsqueeze(1)
-    warm = ~done & (s0 > 0)
-    iters = torch.zeros_like(znorm, dtype=torch.int32)
-    sigma = sigma_hi
-    if bool(warm.any()):
-        s = torch.where(warm, s0, sigma_hi)
-        f, vn, a, b = _secular(zeta, d, s, rel_excess)
-        right = f >= 0
-        falling = b * (thr / safe_norm) < vn * vn * vn
-        left_step = s - s * f * vn / (a + f * b / vn)  # f < 0: a step to the right
-        start = torch.where(right, s, torch.where(falling, left_step, sigma_hi))
-        sigma = torch.where(warm, torch.minimum(start, sigma_hi), sigma_hi)
-        iters += (warm & ~right & falling).to(torch.int32)
-    tol = newton_tolerance(z.dtype)
-    for _ in range(NEWTON_MAX_ITERS):
-        if bool(done.all()):
-            break
-        f, vn, a, b = _secular(zeta, d, sigma, rel_excess)
-        delta = sigma * f * vn / (a + f * b / vn)
-        step = ~done
-        sigma = torch.where(step & (delta > 0), torch.minimum(sigma - delta, sigma_hi), sigma)
-        iters += step.to(torch.int32)
-        done = done | ~(delta > tol * sigma)
-    w = torch.where(active, z / (d + sigma), torch.zeros_like(z))
-    return w, torch.where(active, sigma, s0).reshape(K), iters.reshape(K)
+    w, iters, sigma = exact_group_lasso(z, d, thr, (1,), sigma=prev)
+    return w, sigma.reshape(K), iters.reshape(K)
 
 
 def solve_units(zs: Sequence[torch.Tensor], ds: Sequence[torch.Tensor], tau, lay: _Layout,

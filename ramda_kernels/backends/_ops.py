@@ -42,6 +42,9 @@ from . import _ext  # noqa: F401  (loads ramda_kernels._C, which defines the nam
 
 #: backend name -> {optimizer name: functional}; filled by `register`.
 KERNELS: Dict[str, Dict[str, Callable]] = {}
+#: backend name -> its step of param groups with ``units`` (signature of
+#: ``ramda_ref.units.step``); filled by `register_units`.
+UNIT_KERNELS: Dict[str, Callable] = {}
 _LIBRARY = torch.library.Library("ramda_kernels", "FRAGMENT")
 #: schema types of Python defaults (`_D.HParam.schema_type` overrides)
 _TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
@@ -57,6 +60,20 @@ def register(backend: str, **functionals: Callable) -> None:
         raise ValueError(f"register({backend!r}): no optimizer named {sorted(unknown)} "
                          f"(expected some of {_D.NAMES})")
     KERNELS.setdefault(backend, {}).update(functionals)
+
+
+def register_units(backend: str, step: Callable) -> None:
+    """Backend ``backend`` runs param groups with ``units`` with ``step``
+    (``ramda_kernels.backends._units.fused_step``)."""
+    UNIT_KERNELS[backend] = step
+
+
+def unit_kernel(backend: str) -> Callable:
+    """The unit-group step of backend ``backend``, else the reference's
+    (``ramda_ref.units.step``)."""
+    from ramda_ref import units
+
+    return UNIT_KERNELS.get(backend) or units.step
 
 
 def kernel(name: str, backend: str) -> Callable:
@@ -157,5 +174,5 @@ def call(name: str, backend: str, lists, kwargs: dict) -> List[Optional[torch.Te
     return [None] * len(lists[0])
 
 
-__all__ = ["KERNELS", "OPS", "register", "kernel", "schema", "arguments", "op_name", "op_args",
+__all__ = ["KERNELS", "OPS", "UNIT_KERNELS", "register", "register_units", "unit_kernel", "kernel", "schema", "arguments", "op_name", "op_args",
            "call"]

@@ -18,15 +18,21 @@ in the same call (their entries in the returned list are the reference's):
   1-D tensor of another shape: not contiguous), a parameter that is not
   dense where the backend needs it dense, or more dimensions than the backend's layouts hold.
 
+A param group with ``units`` (``ramda_ref.units``) is not split: it runs whole
+on a backend that registered a unit step when `unit_group_problem` finds no
+reason against any of its tensors, and whole on the reference otherwise.
+
 Each backend states what it can do as a `Capabilities`; the rule is the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+
+from ramda_ref.units import SIGMA_KEY
 
 from ..layout import is_dense, same_layout
 
@@ -100,5 +106,27 @@ def own_dtype_flags(definition, keys: Sequence[str]) -> Tuple[bool, ...]:
     return tuple(k in definition.param_dtype_state for k in keys)
 
 
+def unit_group_problem(definition, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                       states: Sequence[Dict[str, Any]], caps: Capabilities) -> Optional[str]:
+    """Why a fused backend with ``caps`` cannot take this unit group whole (``None``:
+    it can): any tensor that `tensor_problem` refuses (a unit group is not split),
+    tensors on several devices, or a saved ``unit_sigma`` that is not fp32.
+    ``definition``: the optimizer's ``ramda_ref.definitions.Definition``; ``states``
+    the tensors' optimizer states (their per-tensor ``sigma`` is not read)."""
+    device = params[0].device
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        if p.device != device:
+            return f"params[{i}] is on {p.device}, params[0] on {device}"
+        keys = [k for k in definition.state if k in st and k != "sigma"]
+        why = tensor_problem(p, g, [st[k] for k in keys], caps,
+                             own_dtype=own_dtype_flags(definition, keys))
+        if why is not None:
+            return f"params[{i}]: {why}"
+    sigma = states[0].get(SIGMA_KEY) if states else None
+    if sigma is not None and (sigma.dtype != torch.float32 or sigma.device != device):
+        return f"{SIGMA_KEY} of dtype {sigma.dtype} on {sigma.device}"
+    return None
+
+
 __all__ = ["Capabilities", "FUSED_DTYPES", "whole_call_to_reference", "tensor_problem",
-           "own_dtype_flags"]
+           "own_dtype_flags", "unit_group_problem"]

@@ -6,7 +6,9 @@ across groups (csrc/cpu/kernels_impl.h, NOTE: [Tiling per layout]); what the
 op does not take goes to the reference in the same call (NOTE: [Extension
 fallbacks] in ``_ext.py``). Fused entries of the returned list are ``None``.
 Capturable calls read their counters on the host, which on the CPU waits for
-nothing (``_ext._capturable_on_host``).
+nothing (``_ext._capturable_on_host``). Param groups with ``units`` run as one
+op call per group (``torch.ops.ramda_kernels.units_``, csrc/cpu/units.h) on
+their segment table (NOTE: [Unit segment table] in ``_units.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _ext, _ops
+from . import _ext, _ops, _units
 from ._ext import proxadamw, proxsgd, ramda, rmda
 
 
@@ -29,6 +31,13 @@ def why_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def _units_op(name, params, grads, lists, sigma, table, scalars, amsgrad, reweight):
+    torch.ops.ramda_kernels.units_(name, params, grads, *lists, sigma, table.segments,
+                                   table.unit_start, table.free, scalars, amsgrad, reweight)
+
+
 _ops.register("cpu", ramda=ramda, rmda=rmda, proxadamw=proxadamw, proxsgd=proxsgd)
+if _ext.EXT is not None:
+    _ops.register_units("cpu", _units.fused_step(_units_op, _ext.CAPABILITIES))
 
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable"]
