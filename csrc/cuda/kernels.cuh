@@ -217,8 +217,32 @@ __device__ void elementwise_block(const TensorArgs& t, const StepArgs& a, float 
   }
 }
 
-__device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t e) {
-  return block_offset(e, L.n_red, L.red_size, L.red_stride);
+// NOTE: [32-bit offsets]
+// A tensor of fewer than 2^31 elements decodes its offsets in 32-bit math
+// (64-bit division and remainder are emulated on the device, dozens of
+// instructions each): its storage is dense (numel is its extent), so every
+// offset and every term of one is below numel. Larger tensors take the
+// 64-bit block_offset. The branch is uniform over the block.
+__device__ __forceinline__ int64_t decode_offset(const TensorArgs& t, int64_t idx, int32_t n, const int64_t* size,
+                                                 const int64_t* stride) {
+  if (t.numel > INT32_MAX) return block_offset(idx, n, size, stride);
+  uint32_t i = static_cast<uint32_t>(idx), off = 0;
+  for (int32_t b = n - 1; b >= 0; --b) {
+    const uint32_t s = static_cast<uint32_t>(size[b]);
+    off += (i % s) * static_cast<uint32_t>(stride[b]);
+    i /= s;
+  }
+  return off;
+}
+
+// Storage offset of element e of a group, from the group's base offset.
+__device__ __forceinline__ int64_t element_offset(const TensorArgs& t, int64_t e) {
+  return decode_offset(t, e, t.layout.n_red, t.layout.red_size, t.layout.red_stride);
+}
+
+// Storage offset of group g's first element.
+__device__ __forceinline__ int64_t group_base(const TensorArgs& t, int64_t g) {
+  return decode_offset(t, g, t.layout.n_kept, t.layout.kept_size, t.layout.kept_stride);
 }
 
 // The four Newton sums a, b, c, e (newton_terms4) of one element, added to r.
@@ -309,7 +333,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
                             float* scratch) {
   const GroupLayout& L = t.layout;
   const int64_t n = L.group_size;
-  const int64_t base = block_offset(g, L.n_kept, L.kept_size, L.kept_stride);
+  const int64_t base = group_base(t, g);
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   const bool pg = dual && a.solver == Solver::kPg;
   const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan])
@@ -326,7 +350,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     float z, d;
-    element_pass1<P>(t, a, base + element_offset(L, e), z, d);
+    element_pass1<P>(t, a, base + element_offset(t, e), z, d);
     if (!exact) gstore(zs + e, z);
     if (pg) gstore(ds + e, d);
     add_pass1(acc, z, d, s0);
@@ -339,7 +363,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   if (!dual) {  // RMDA / ProxSGD: group soft-threshold of y
     const float scale = group_shrink(znorm, thr);
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_param<P>(t, a, base + element_offset(L, e), gload(zs + e) * scale);
+      write_param<P>(t, a, base + element_offset(t, e), gload(zs + e) * scale);
     return;
   }
   if (exact) {  // exact Newton (docs/math.md section 4), step without cancellation (ramda_math.h)
@@ -352,14 +376,14 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
       float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
         float z, d;
-        element_dz<P>(t, a, base + element_offset(L, e), z, d);
+        element_dz<P>(t, a, base + element_offset(t, e), z, d);
         add_newton_terms(r, z / st.norm, d, sigma);
       }
       block_reduce<4>(r, sum4);
       sigma = newton_pass_step(sigma, r, st.rel_excess, done);
     }
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const int64_t o = base + element_offset(L, e);
+      const int64_t o = base + element_offset(t, e);
       float w = 0.0f;
       if (st.active) {
         float z, d;
@@ -375,12 +399,12 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   // Proximal gradient (docs/math.md section 5), warm started at x; screened groups are zero.
   if (!l1 && znorm <= thr) {
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_param<P>(t, a, base + element_offset(L, e), 0.0f);
+      write_param<P>(t, a, base + element_offset(t, e), 0.0f);
     return;
   }
   const float theta = 1.0f / dmax, inv_theta = 1.0f / theta, pthr = theta * thr;
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    gstore(Zs + e, current_x<P>(t, a, base + element_offset(L, e)));
+    gstore(Zs + e, current_x<P>(t, a, base + element_offset(t, e)));
   const int sum1[1] = {0};
   for (int it = 0; it < a.max_iters; ++it) {
     float scale = 1.0f;
@@ -406,7 +430,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     if (!(sqrtf(s2[0]) > th.pg_tol)) break;
   }
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    write_param<P>(t, a, base + element_offset(L, e), gload(Zs + e));
+    write_param<P>(t, a, base + element_offset(t, e), gload(Zs + e));
 }
 
 // Per-lane reduction over the warps of a block (column tiles: lane l of every
@@ -449,7 +473,7 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t g = g0 + lane;
   const bool live = g < g1;
-  const int64_t base = live ? block_offset(g, L.n_kept, L.kept_size, L.kept_stride) : 0;
+  const int64_t base = live ? group_base(t, g) : 0;
   // The previous sigma (NOTE: [Warm start]), read once per group by warp 0.
   float s0 = 0.0f;
   if (t.sigma != nullptr) {
@@ -462,7 +486,7 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   if (live) {
     for (int64_t e = warp; e < n; e += warps) {
       float z, d;
-      element_pass1<P>(t, a, base + element_offset(L, e), z, d);
+      element_pass1<P>(t, a, base + element_offset(t, e), z, d);
       add_pass1(acc, z, d, s0);
     }
   }
@@ -478,7 +502,7 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
     if (!done) {
       for (int64_t e = warp; e < n; e += warps) {
         float z, d;
-        element_dz<P>(t, a, base + element_offset(L, e), z, d);
+        element_dz<P>(t, a, base + element_offset(t, e), z, d);
         add_newton_terms(r, z / st.norm, d, sigma);
       }
     }
@@ -487,7 +511,7 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   }
   if (!live) return;
   for (int64_t e = warp; e < n; e += warps) {
-    const int64_t o = base + element_offset(L, e);
+    const int64_t o = base + element_offset(t, e);
     float w = 0.0f;
     if (st.active) {
       float z, d;
