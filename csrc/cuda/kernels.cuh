@@ -222,10 +222,19 @@ __device__ void elementwise_block(const TensorArgs& t, const StepArgs& a, float 
 // (64-bit division and remainder are emulated on the device, dozens of
 // instructions each): its storage is dense (numel is its extent), so every
 // offset and every term of one is below numel. Larger tensors take the
-// 64-bit block_offset. The branch is uniform over the block.
+// 64-bit block_offset, out of line so that its registers do not weigh on
+// the common path. The branch is uniform over the block.
+#ifdef __CUDACC__
+#define RAMDA_NOINLINE __noinline__
+#else
+#define RAMDA_NOINLINE __attribute__((noinline))
+#endif
+__device__ RAMDA_NOINLINE int64_t decode_offset64(int64_t idx, int32_t n, const int64_t* size, const int64_t* stride) {
+  return block_offset(idx, n, size, stride);
+}
 __device__ __forceinline__ int64_t decode_offset(const TensorArgs& t, int64_t idx, int32_t n, const int64_t* size,
                                                  const int64_t* stride) {
-  if (t.numel > INT32_MAX) return block_offset(idx, n, size, stride);
+  if (t.numel > INT32_MAX) return decode_offset64(idx, n, size, stride);
   uint32_t i = static_cast<uint32_t>(idx), off = 0;
   for (int32_t b = n - 1; b >= 0; --b) {
     const uint32_t s = static_cast<uint32_t>(size[b]);
