@@ -336,6 +336,39 @@ def test_exact_group_lasso_every_layout(lib, grouping):
     assert_close_to_ref(fast, slow, torch.float32, "exact")
 
 
+# NOTE: [Register rows] in csrc/cuda/kernels.cuh: rows of up to 16 x 256 elements
+# keep z, d in registers; longer rows re-read the state per Newton pass.
+CACHED_ROW = 16 * 256
+
+
+@pytest.mark.parametrize("opt", ["ramda", "proxadamw"])
+@pytest.mark.parametrize("cols", [CACHED_ROW, CACHED_ROW + 3])
+def test_exact_rows_at_the_register_limit(lib, opt, cols):
+    """Rows of 4096 elements (the longest kept in registers) and of 4099
+    (the two-pass plan), cold and warm, against the reference. In registers
+    every input is read once and every output written once, whatever the
+    number of Newton steps (RAMDA fp32: 32 B per element); past the limit a
+    cold solve re-reads the state for its Newton passes."""
+    shapes = [(3, cols)]
+    dims, view = GROUPINGS["linear-output"][1:3]
+    sig = sigma_like(build_case(opt, "linear-output", torch.float32, torch.Generator().manual_seed(0),
+                                shapes)[0], dims, view)
+    for step in (3, 4):  # cold (sigma 0), then warm from the first step's sigma
+        counts = {}
+        fast, slow, _ = run_both(lib, opt, "group_lasso", "exact", "linear-output", torch.float32, step=step,
+                                 seed=step, shapes=shapes, sigmas=sig, meter=counts, order_seed=cols)
+        assert_close_to_ref(fast, slow, torch.float32, "exact")
+        grad = counts["grad"]
+        assert grad[:2] == [grad[4], 0]
+        reads = counts["s1"][0] / counts["s1"][4]  # V (RAMDA) / v (ProxAdamW): every pass reads it
+        if cols <= CACHED_ROW:
+            assert reads == 1 and counts["s1"][1] == counts["s1"][4], (step, reads)
+            assert counts["param"][:2] == [counts["param"][4]] * 2
+        elif step == 3:
+            assert reads > 2, reads
+    assert any(bool((s > 0).any()) for s in sig), "no nonzero group: the warm start is not checked"
+
+
 @pytest.mark.parametrize("opt,solver", GROUP_SOLVERS)
 def test_group_lasso_every_optimizer(lib, opt, solver):
     # channels_last: a "columns" tiling with strided groups

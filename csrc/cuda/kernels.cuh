@@ -337,6 +337,57 @@ __device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1S
   return next;
 }
 
+// NOTE: [Register rows]
+// A rows group of at most kCached * blockDim.x elements (exact solve) keeps
+// its z and d in registers: thread i holds elements i + j * blockDim.x,
+// j < kCached (unrolled, so the arrays are registers). Pass 1 is the only read
+// and the last pass writes the parameter from them, whatever the number of
+// Newton steps: RAMDA fp32 32 B per element, the floor. The steps keep the
+// reference's stopping rule (they cost no memory).
+constexpr int kCached = 16;
+
+template <typename P>
+__device__ void cached_rows_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g, int64_t base,
+                                  float s0) {
+  const int64_t n = t.layout.group_size;
+  float zr[kCached], dr[kCached];
+  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t e = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    zr[j] = 0.0f;
+    dr[j] = 1.0f;
+    if (e < n) {
+      element_pass1<P>(t, a, base + element_offset(t, e), zr[j], dr[j]);
+      add_pass1(acc, zr[j], dr[j], s0);
+    }
+  }
+  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
+  block_reduce<kPass1Sums>(acc, ops);
+  const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
+  float sigma = st.sigma;
+  bool done = st.done;
+  if (!done) sigma = warm_start(s0, acc, st, done);
+  const int sum3[3] = {0, 0, 0};
+  for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
+    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < kCached; ++j)
+      if (threadIdx.x + static_cast<int64_t>(j) * blockDim.x < n) add_newton_terms(r, zr[j] / st.norm, dr[j], sigma);
+    float s3[3] = {r[0], r[1], r[2]};
+    block_reduce<3>(s3, sum3);
+    sigma = newton_update(sigma, s3[0], s3[1], s3[2], st.rel_excess, done);
+  }
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t e = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (e < n)
+      write_param<P>(t, a, base + element_offset(t, e), st.active ? newton_solution(zr[j], dr[j], sigma) : 0.0f);
+  }
+  // A zero group keeps its previous sigma.
+  if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
+}
+
 template <typename P>
 __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
                             float* scratch) {
@@ -354,6 +405,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   // The previous sigma (NOTE: [Warm start]): one lane per warp reads it.
   float s0 = 0.0f;
   if (exact && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
+  if (exact && n <= kCached * static_cast<int64_t>(blockDim.x)) return cached_rows_block<P>(t, a, th.thr, g, base, s0);
 
   // sum z^2, max d, min d, and the Newton sums at s0
   float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
