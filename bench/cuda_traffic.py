@@ -15,10 +15,10 @@ configuration, in bench/traffic.py's terms:
   each instruction;
 * passes over each tensor kind (read / write), the scratch's per element of
   the grouped tensors;
-* Newton passes (exact group lasso): passes over the new state beyond pass
-  1 and the last pass (NOTE: [two-pass plan] in csrc/cuda/kernels.cuh),
-  per grouped element: W0 reads over the grouped tensors minus two (zero
-  groups skip the last pass's read, so the figure may be below 0).
+* state re-reads (exact group lasso): reads of W0 beyond pass 1 per grouped
+  element: 0 for rows held in registers (NOTE: [Register rows] in
+  csrc/cuda/kernels.cuh), 1 + k for k Newton passes of the two-pass plan
+  (NOTE: [two-pass plan]; a zero group skips the last pass's read).
 
 The launch table (TensorArgs, BlockItems) is not counted: per-block scalars,
 cached on a device.
@@ -155,7 +155,7 @@ def summarize(counts: Dict[str, List[int]], model) -> Dict[str, Any]:
             w0_passes += counts[f"initial_point:{p.data_ptr()}"][0] / (4 * p.numel()) * model.weight[p.data_ptr()]
     elements = sum(model.weight.values())
     r, w, sr, sw, _ = counts.get("scratch", [0] * 5)
-    sweeps = w0_passes / grouped_real - 2 if grouped_real else None
+    sweeps = w0_passes / grouped_real - 1 if grouped_real else None
     if r + w:
         # the scratch scales with the grouped tensors' elements
         shrink = grouped_real / grouped_slice if grouped_slice else 1.0
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     lib = drv.load_lib()
     print("CUDA kernels on CPU threads (csrc/tests/cuda_host), RAMDA fp32, steady state; bytes issued "
           "per element; passes are read/write over each tensor kind")
-    print("| set | reg | grouping | dtype | phase | B/elem | sector eff | Newton passes | passes | s |")
+    print("| set | reg | grouping | dtype | phase | B/elem | sector eff | state re-reads | passes | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for set_name, _, regularizer, solver, grouping, dt, _ in traffic.configs(
             a.sets.split(","), a.regularizers.split(","), ["fp32"], ["ramda"], ["steady"],

@@ -9,14 +9,16 @@
 //   consecutive storage elements, coalesced;
 // * grouped paths (group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
 //   group shrink): one block per group. The exact solve keeps nothing in
-//   scratch (NOTE: [two-pass plan]); PG and the shrink have pass 1 write z
-//   and d (or y) for the group to an fp32 scratch laid out group by group
-//   (allocated once per plan, only the slots the path uses: plan.h), which
-//   PG's iterations re-read; the solver reduces over the block (warp
-//   shuffles, then shared memory); the last pass writes the parameter. Element offsets are decoded from the
-//   canonical layout (NOTE: [Group layout]), so any dims and strides are
-//   read in place. For "rows" layouts (inner block reduced) neighbouring
-//   threads read neighbouring addresses;
+//   scratch: rows of up to kCached * kThreads elements hold z, d in
+//   registers (NOTE: [Register rows]), longer ones follow NOTE: [two-pass
+//   plan]. PG and the shrink have pass 1 write z and d (or y) for the group
+//   to an fp32 scratch laid out group by group (allocated once per plan,
+//   only the slots the path uses: plan.h), which PG's iterations re-read.
+//   The solver reduces over the block (warp shuffles, then shared memory);
+//   the last pass writes the parameter. Element offsets are decoded from
+//   the canonical layout (NOTE: [Group layout], NOTE: [32-bit offsets]), so
+//   any dims and strides are read in place. For "rows" layouts (inner block
+//   reduced) neighbouring threads read neighbouring addresses;
 // * the exact solve on "columns" layouts (inner block kept: input-wise
 //   Linear, channels-last channel-wise Conv): a column tile of 32 adjacent
 //   groups per block, lane = group (NOTE: [Column tiles]), so a warp's
