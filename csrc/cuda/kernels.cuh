@@ -313,6 +313,30 @@ __device__ __forceinline__ float newton_pass_step(float sigma, const float (&r)[
   return next;
 }
 
+// A Newton pass's share of element o (NOTE: [two-pass plan]): z, d
+// recomputed from the new state, the four sums at sigma added to r.
+template <typename P>
+__device__ __forceinline__ void add_newton_terms_at(float (&r)[4], const TensorArgs& t, const StepArgs& a, int64_t o,
+                                                    float norm, float sigma) {
+  float z, d;
+  element_dz<P>(t, a, o, z, d);
+  add_newton_terms(r, z / norm, d, sigma);
+}
+
+// The last pass of the exact solve for element o: w = z / (d + sigma) from
+// the recomputed z, d, or 0 in a zero group.
+template <typename P>
+__device__ __forceinline__ void write_exact(const TensorArgs& t, const StepArgs& a, int64_t o, bool active,
+                                            float sigma) {
+  float w = 0.0f;
+  if (active) {
+    float z, d;
+    element_dz<P>(t, a, o, z, d);
+    w = newton_solution(z, d, sigma);
+  }
+  write_param<P>(t, a, o, w);
+}
+
 // NOTE: [Warm start] (docs/math.md section 4, item 5). Pass 1 also sums
 // newton_terms at the previous sigma s0 (on the raw z: every term is
 // quadratic in zeta, so the sums over z divided by ||z||^2 are the sums over
@@ -437,24 +461,13 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     const int sum4[4] = {0, 0, 0, 0};
     for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
       float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        float z, d;
-        element_dz<P>(t, a, base + element_offset(t, e), z, d);
-        add_newton_terms(r, z / st.norm, d, sigma);
-      }
+      for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+        add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
       block_reduce<4>(r, sum4);
       sigma = newton_pass_step(sigma, r, st.rel_excess, done);
     }
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const int64_t o = base + element_offset(t, e);
-      float w = 0.0f;
-      if (st.active) {
-        float z, d;
-        element_dz<P>(t, a, o, z, d);
-        w = newton_solution(z, d, sigma);
-      }
-      write_param<P>(t, a, o, w);
-    }
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+      write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
     // A zero group keeps its previous sigma.
     if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
     return;
@@ -563,26 +576,14 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
     float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (!done) {
-      for (int64_t e = warp; e < n; e += warps) {
-        float z, d;
-        element_dz<P>(t, a, base + element_offset(t, e), z, d);
-        add_newton_terms(r, z / st.norm, d, sigma);
-      }
+      for (int64_t e = warp; e < n; e += warps)
+        add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
     }
     tile_reduce<4>(r, sum4);
     if (!done) sigma = newton_pass_step(sigma, r, st.rel_excess, done);
   }
   if (!live) return;
-  for (int64_t e = warp; e < n; e += warps) {
-    const int64_t o = base + element_offset(t, e);
-    float w = 0.0f;
-    if (st.active) {
-      float z, d;
-      element_dz<P>(t, a, o, z, d);
-      w = newton_solution(z, d, sigma);
-    }
-    write_param<P>(t, a, o, w);
-  }
+  for (int64_t e = warp; e < n; e += warps) write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
   // A zero group keeps its previous sigma.
   if (t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
 }
