@@ -15,8 +15,10 @@ configuration, in bench/traffic.py's terms:
   each instruction;
 * passes over each tensor kind (read / write), the scratch's per element of
   the grouped tensors;
-* Newton sweeps (exact group lasso): scratch reads of z and d beyond the
-  final pass, per grouped element.
+* state re-reads (exact group lasso): reads of W0 beyond pass 1 per grouped
+  element: 0 for rows held in registers (NOTE: [Register rows] in
+  csrc/cuda/kernels.cuh), 1 + k for k Newton passes of the two-pass plan
+  (NOTE: [two-pass plan]; a zero group skips the last pass's read).
 
 The launch table (TensorArgs, BlockItems) is not counted: per-block scalars,
 cached on a device.
@@ -145,13 +147,15 @@ def summarize(counts: Dict[str, List[int]], model) -> Dict[str, Any]:
         rb[1] += w * scale
         rb[2] += size * scale
     grouped = {int(n.split(":")[1]) for n in counts if n.startswith("sigma:")}
+    w0_passes = 0.0  # W0 reads of the grouped tensors, in passes weighted by the real elements
     for p in model.params:
         if p.data_ptr() in grouped:
             grouped_slice += p.numel()
             grouped_real += model.weight[p.data_ptr()]
+            w0_passes += counts[f"initial_point:{p.data_ptr()}"][0] / (4 * p.numel()) * model.weight[p.data_ptr()]
     elements = sum(model.weight.values())
     r, w, sr, sw, _ = counts.get("scratch", [0] * 5)
-    sweeps = None
+    sweeps = w0_passes / grouped_real - 1 if grouped_real else None
     if r + w:
         # the scratch scales with the grouped tensors' elements
         shrink = grouped_real / grouped_slice if grouped_slice else 1.0
@@ -159,7 +163,6 @@ def summarize(counts: Dict[str, List[int]], model) -> Dict[str, Any]:
         sectors += (sr + sw) * shrink
         per = grouped_slice * 4  # bytes of one fp32 slot over the grouped slices
         roles["scratch"] = [r * shrink, w * shrink, per * shrink]
-        sweeps = r / (2 * per) - 1  # z and d: one read each per sweep, one final pass
     o = counts.get("other", [0] * 5)
     if o[0] + o[1]:
         raise AssertionError(f"{o[0] + o[1]} bytes outside every registered tensor")
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
     lib = drv.load_lib()
     print("CUDA kernels on CPU threads (csrc/tests/cuda_host), RAMDA fp32, steady state; bytes issued "
           "per element; passes are read/write over each tensor kind")
-    print("| set | reg | grouping | dtype | phase | B/elem | sector eff | Newton sweeps | passes | s |")
+    print("| set | reg | grouping | dtype | phase | B/elem | sector eff | state re-reads | passes | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for set_name, _, regularizer, solver, grouping, dt, _ in traffic.configs(
             a.sets.split(","), a.regularizers.split(","), ["fp32"], ["ramda"], ["steady"],

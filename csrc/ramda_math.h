@@ -91,12 +91,18 @@ RAMDA_HD float group_shrink(float norm, float thr) {
 // ---------------------------------------------------------------------------
 
 // RAMDA: V += s g; U += s g g; d = cbrt(U) + eps; z = d W0 - V.
+// d and z from the updated V, U (what a later pass recomputes from the state
+// this step wrote: the same arithmetic, so the same bits).
+RAMDA_HD void ramda_dz_of_state(float w0, float v, float u, float eps, float& d, float& z) {
+  d = cbrt_nonneg(u) + eps;
+  z = d * w0 - v;
+}
+
 RAMDA_HD void ramda_dz(float g, float w0, float& v, float& u, float s, float eps,
                        float& d, float& z) {
   v = v + s * g;
   u = u + s * g * g;
-  d = cbrt_nonneg(u) + eps;
-  z = d * w0 - v;
+  ramda_dz_of_state(w0, v, u, eps, d, z);
 }
 
 // RMDA: V += s g; y = W0 - V / beta.
@@ -111,6 +117,12 @@ struct AdamCoeffs {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, eps, step_size;
 };
 
+// d and z from the updated m and the second moment in use (vmax with amsgrad, else v).
+RAMDA_HD void proxadamw_dz_of_state(float x, float m, float vv, const AdamCoeffs& c, float& d, float& z) {
+  d = sqrtf(vv) / c.bias2_sqrt + c.eps;
+  z = d * x - c.step_size * m;
+}
+
 RAMDA_HD void proxadamw_dz(float g, float x, float& m, float& v, float& vmax, bool amsgrad,
                            const AdamCoeffs& c, float& d, float& z) {
   m = m * c.beta1 + c.one_minus_beta1 * g;
@@ -120,8 +132,7 @@ RAMDA_HD void proxadamw_dz(float g, float x, float& m, float& v, float& vmax, bo
     vmax = vmax > v ? vmax : v;
     vv = vmax;
   }
-  d = sqrtf(vv) / c.bias2_sqrt + c.eps;
-  z = d * x - c.step_size * m;
+  proxadamw_dz_of_state(x, m, vv, c, d, z);
 }
 
 // ProxSGD: buf = (1-c) buf + c g; y = x - lr buf.
@@ -174,7 +185,9 @@ RAMDA_HD NewtonStart newton_start(float znorm, float dmax, float dmin, float thr
 }
 
 // One element's shares of a, b, c at sigma (zeta = z/||z||).
-RAMDA_HD void newton_terms(float zeta, float d, float sigma, float& a, float& b, float& c) {
+// With e = v^2 (sigma/(d+sigma))^2, the curvature term of a predicted Newton
+// error (kernels that stop on it: NOTE: [two-pass plan] in csrc/cuda/kernels.cuh).
+RAMDA_HD void newton_terms4(float zeta, float d, float sigma, float& a, float& b, float& c, float& e) {
   // One division and two products instead of the reference's two divisions:
   // each ratio is off by at most one more rounding (no cancellation, both are
   // products of positive numbers), and this sum is the hot loop of the solve.
@@ -186,6 +199,12 @@ RAMDA_HD void newton_terms(float zeta, float d, float sigma, float& a, float& b,
   a = v2 * dd;
   b = v2 * sd;
   c = u * (zeta + v);
+  e = b * sd;
+}
+
+RAMDA_HD void newton_terms(float zeta, float d, float sigma, float& a, float& b, float& c) {
+  float e;
+  newton_terms4(zeta, d, sigma, a, b, c, e);
 }
 
 // One Newton step from the group sums; returns the new sigma and sets `done`

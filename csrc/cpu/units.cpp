@@ -166,7 +166,8 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
       const at::Tensor& x = lists[r][k];
       const at::ScalarType want = has_w0 && r == 0 ? p.scalar_type() : at::kFloat;
       TORCH_CHECK(x.device() == p.device() && x.scalar_type() == want && same_layout(x, p),
-                  "units_: ", names[r], "[", i, "] must be ", want, " with the shape and strides of params[", i,
+                  "units_: ", names[r], "[", i, "] must be ",
+                  want == at::kFloat ? "float32" : "in the parameter's dtype", " with the shape and strides of params[", i,
                   "] (", p.sizes(), " ", p.strides(), "), got ", x.scalar_type(), " ", x.sizes(), " ", x.strides());
       if (has_w0 && r == 0)
         t.w0 = x.data_ptr();

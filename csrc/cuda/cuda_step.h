@@ -27,12 +27,6 @@ struct BlockItem {
   int64_t end;
 };
 
-// Elements of one fp32 scratch slot (z or d) of a column-tiled tensor: whole
-// tiles of kTileGroups groups, laid out [element][lane] per tile.
-RAMDA_HD int64_t tile_slot_elems(const GroupLayout& L) {
-  return (L.n_groups + kTileGroups - 1) / kTileGroups * kTileGroups * L.group_size;
-}
-
 // What a launch reads from the device: `n_tensors` TensorArgs followed by
 // `n_items` BlockItems, at `table` (cached per set of tensors, table.cpp).
 struct Launch {

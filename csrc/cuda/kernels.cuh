@@ -8,21 +8,40 @@
 // * elementwise paths (none, l1 exact, tau == 0): a chunk of kElemChunk
 //   consecutive storage elements, coalesced;
 // * grouped paths (group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
-//   group shrink): one block per group. Pass 1 updates the state and writes
-//   z and d for the group to an fp32 scratch laid out group by group (so the
-//   solver's repeated sweeps read contiguous, L2-resident memory; allocated
-//   once per plan, only the slots the path uses: plan.h);
-//   the solver reduces over the block (warp shuffles, then shared memory);
-//   the last pass writes the parameter. Element offsets are decoded from the
-//   canonical layout (NOTE: [Group layout]), so any dims and strides are
-//   read in place. For "rows" layouts (inner block reduced) neighbouring
-//   threads read neighbouring addresses;
+//   group shrink): one block per group. The exact solve keeps nothing in
+//   scratch: rows of up to kCached * kThreads elements hold z, d in
+//   registers (NOTE: [Register rows]), longer ones follow NOTE: [two-pass
+//   plan]. PG and the shrink have pass 1 write z and d (or y) for the group
+//   to an fp32 scratch laid out group by group (allocated once per plan,
+//   only the slots the path uses: plan.h), which PG's iterations re-read.
+//   The solver reduces over the block (warp shuffles, then shared memory);
+//   the last pass writes the parameter. Element offsets are decoded from
+//   the canonical layout (NOTE: [Group layout], NOTE: [32-bit offsets]), so
+//   any dims and strides are read in place. For "rows" layouts (inner block
+//   reduced) neighbouring threads read neighbouring addresses;
 // * the exact solve on "columns" layouts (inner block kept: input-wise
 //   Linear, channels-last channel-wise Conv): a column tile of 32 adjacent
 //   groups per block, lane = group (NOTE: [Column tiles]), so a warp's
 //   accesses are neighbouring addresses there too. PG and the RMDA/ProxSGD
 //   shrink on columns layouts still take one group per block (uncoalesced).
 // The exact solve is warm-started from the previous sigma (NOTE: [Warm start]).
+//
+// NOTE: [two-pass plan]
+// The exact solve, rows and column tiles alike, in the passes of the Triton
+// kernel's plan (NOTE: [two-pass plan] in ramda_kernels/triton_kernels/step.py):
+// * pass 1 reads the gradient, the old state (and the parameter where z
+//   needs it), writes the new state, and gathers per group sum z^2, max d,
+//   min d and the Newton sums a, b, c, e at the warm-start sigma;
+// * each Newton pass, run only while a group of the block is not done,
+//   recomputes z and d from the state pass 1 wrote (element_dz: the same
+//   arithmetic, so the same bits) instead of storing them: RAMDA reads
+//   W0, V, U (12 B), ProxAdamW the parameter, m and its second moment;
+// * the last pass recomputes z, d again and writes the parameter.
+// RAMDA fp32: 24 + 20 + 12 k B per element for k Newton passes (ProxAdamW
+// 24 + 16 + 12 k). A step read from memory (the warm step too) ends the solve
+// when its predicted error kappa delta^2 / s is under kNewtonTol sigma by
+// kPredictSafety (predicted_done, as the Triton kernel; docs/math.md
+// section 4, item 4), so a warm start on slowly changing z, d is k = 0.
 // Nothing is read back to the host: every loop bound is a block-uniform
 // value computed on the device. The block reads its TensorArgs (384 bytes)
 // in place through a const reference into the table, never as a per-thread
@@ -43,6 +62,11 @@ namespace ramda {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+// Predicted-error stop (NOTE: [two-pass plan]): safety factor on the
+// predicted error, and the largest relative step whose prediction is trusted.
+constexpr float kPredictSafety = 4.0f;
+constexpr float kPredictMaxStep = 0.125f;
 
 // NOTE: [Global accesses]
 // Every global load and store of a kernel goes through gload / gstore: plain
@@ -110,6 +134,11 @@ __device__ __forceinline__ float load(const void* base, int64_t i) {
   return static_cast<float>(gload(static_cast<const P*>(base) + i));
 }
 
+// The initial point W0 of element o (RAMDA, RMDA: TensorArgs::w0, kept in the
+// parameter's type P): every read of it goes through here.
+template <typename P>
+__device__ __forceinline__ float load_w0(const TensorArgs& t, int64_t o) { return load<P>(t.w0, o); }
+
 // Pass 1 for one element at storage offset o: update the state, return the
 // subproblem data (z, d) for RAMDA/ProxAdamW or y (in z) for RMDA/ProxSGD.
 template <typename P>
@@ -119,14 +148,14 @@ __device__ __forceinline__ void element_pass1(const TensorArgs& t, const StepArg
   switch (a.optim) {
     case Optim::kRamda: {
       float v = gload(t.s1 + o), u = gload(t.s2 + o);
-      ramda_dz(g, load<P>(t.w0, o), v, u, a.s, a.eps, d, z);
+      ramda_dz(g, load_w0<P>(t, o), v, u, a.s, a.eps, d, z);
       gstore(t.s1 + o, v);
       gstore(t.s2 + o, u);
       break;
     }
     case Optim::kRmda: {
       float v = gload(t.s1 + o);
-      z = rmda_y(g, load<P>(t.w0, o), v, a.s, a.beta);
+      z = rmda_y(g, load_w0<P>(t, o), v, a.s, a.beta);
       gstore(t.s1 + o, v);
       d = 1.0f;
       break;
@@ -147,6 +176,19 @@ __device__ __forceinline__ void element_pass1(const TensorArgs& t, const StepArg
       d = 1.0f;
       break;
     }
+  }
+}
+
+// z, d of element o for RAMDA / ProxAdamW, recomputed from the state pass 1
+// wrote this step (NOTE: [two-pass plan]); the parameter is not written
+// before the last pass.
+template <typename P>
+__device__ __forceinline__ void element_dz(const TensorArgs& t, const StepArgs& a, int64_t o, float& z, float& d) {
+  if (a.optim == Optim::kRamda) {
+    ramda_dz_of_state(load_w0<P>(t, o), gload(t.s1 + o), gload(t.s2 + o), a.eps, d, z);
+  } else {
+    const float x = load<P>(t.param, o) * a.decay;
+    proxadamw_dz_of_state(x, gload(t.s0 + o), gload((a.amsgrad ? t.s2 : t.s1) + o), a.adam, d, z);
   }
 }
 
@@ -178,25 +220,122 @@ __device__ void elementwise_block(const TensorArgs& t, const StepArgs& a, float 
   }
 }
 
-__device__ __forceinline__ int64_t element_offset(const GroupLayout& L, int64_t e) {
-  return block_offset(e, L.n_red, L.red_size, L.red_stride);
+// NOTE: [32-bit offsets]
+// A tensor of fewer than 2^31 elements decodes its offsets in 32-bit math
+// (64-bit division and remainder are emulated on the device, dozens of
+// instructions each): its storage is dense (numel is its extent), so every
+// offset and every term of one is below numel. Larger tensors take the
+// 64-bit block_offset, out of line so that its registers do not weigh on
+// the common path. The branch is uniform over the block.
+#ifdef __CUDACC__
+#define RAMDA_NOINLINE __noinline__
+#else
+#define RAMDA_NOINLINE __attribute__((noinline))
+#endif
+__device__ RAMDA_NOINLINE int64_t decode_offset64(int64_t idx, int32_t n, const int64_t* size, const int64_t* stride) {
+  return block_offset(idx, n, size, stride);
+}
+__device__ __forceinline__ int64_t decode_offset(const TensorArgs& t, int64_t idx, int32_t n, const int64_t* size,
+                                                 const int64_t* stride) {
+  if (t.numel > INT32_MAX) return decode_offset64(idx, n, size, stride);
+  uint32_t i = static_cast<uint32_t>(idx), off = 0;
+  for (int32_t b = n - 1; b >= 0; --b) {
+    const uint32_t s = static_cast<uint32_t>(size[b]);
+    off += (i % s) * static_cast<uint32_t>(stride[b]);
+    i /= s;
+  }
+  return off;
 }
 
+// Storage offset of element e of a group, from the group's base offset.
+__device__ __forceinline__ int64_t element_offset(const TensorArgs& t, int64_t e) {
+  return decode_offset(t, e, t.layout.n_red, t.layout.red_size, t.layout.red_stride);
+}
+
+// Storage offset of group g's first element.
+__device__ __forceinline__ int64_t group_base(const TensorArgs& t, int64_t g) {
+  return decode_offset(t, g, t.layout.n_kept, t.layout.kept_size, t.layout.kept_stride);
+}
+
+// The four Newton sums a, b, c, e (newton_terms4) of one element, added to r.
 __device__ __forceinline__ void add_newton_terms(float* r, float zeta, float d, float sigma) {
-  float ta, tb, tc;
-  newton_terms(zeta, d, sigma, ta, tb, tc);
+  float ta, tb, tc, te;
+  newton_terms4(zeta, d, sigma, ta, tb, tc, te);
   r[0] += ta;
   r[1] += tb;
   r[2] += tc;
+  r[3] += te;
 }
 
 // Pass 1's group sums: sum z^2, max d, min d, then the Newton sums at the
 // previous sigma s0 when there is one (NOTE: [Warm start]).
-__device__ __forceinline__ void add_pass1(float (&acc)[6], float z, float d, float s0) {
+constexpr int kPass1Sums = 7;
+__device__ __forceinline__ void add_pass1(float (&acc)[kPass1Sums], float z, float d, float s0) {
   acc[0] += z * z;
   acc[1] = fmaxf(acc[1], d);
   acc[2] = fminf(acc[2], d);
   if (s0 > 0.0f) add_newton_terms(acc + 3, z, d, s0);
+}
+
+// The Newton step's parts at s from the unit-norm sums a, b, c:
+// phi has the sign of -f, phi' the sign of -den, delta = phi / phi'.
+struct NewtonEval {
+  float vn, f, den, delta;
+};
+__device__ __forceinline__ NewtonEval newton_eval(float s, float a, float b, float c, float rel_excess) {
+  NewtonEval n;
+  n.vn = sqrtf(a + b);
+  n.f = rel_excess - c / (1.0f + n.vn);
+  n.den = a + n.f * b / n.vn;
+  n.delta = s * n.f * n.vn / n.den;
+  return n;
+}
+
+// Whether the Newton step n.delta from s_from to sigma leaves a predicted
+// error kappa delta^2 / s_from, kappa = s |phi''| / (2 |phi'|) =
+// 1.5 (T/||z||) (||v||^2 e - b^2) / (||v||^3 den) at s_from, under
+// kNewtonTol sigma by kPredictSafety, for a step of at most kPredictMaxStep
+// s_from (NOTE: [two-pass plan]; docs/math.md section 4, item 4).
+__device__ __forceinline__ bool predicted_done(const NewtonEval& n, float b, float e, float rel_excess,
+                                               float s_from, float sigma) {
+  const float curv = fmaxf(n.vn * n.vn * e - b * b, 0.0f);
+  const float kappa = 1.5f * fmaxf(1.0f - rel_excess, 0.0f) * (curv / (n.vn * n.vn * n.vn * n.den));
+  const float err = kappa * n.delta * n.delta / s_from;
+  return fabsf(n.delta) <= s_from * kPredictMaxStep && n.den > 0.0f &&
+         err * kPredictSafety <= kNewtonTol * sigma;
+}
+
+// One Newton step of a pass over memory from the unit-norm sums r = a, b, c, e at
+// sigma: the usual step and stopping rule (newton_update), or done on the predicted error.
+__device__ __forceinline__ float newton_pass_step(float sigma, const float (&r)[4], float rel_excess, bool& done) {
+  const float next = newton_update(sigma, r[0], r[1], r[2], rel_excess, done);
+  if (!done) done = predicted_done(newton_eval(sigma, r[0], r[1], r[2], rel_excess), r[1], r[3], rel_excess,
+                                   sigma, next);
+  return next;
+}
+
+// A Newton pass's share of element o (NOTE: [two-pass plan]): z, d
+// recomputed from the new state, the four sums at sigma added to r.
+template <typename P>
+__device__ __forceinline__ void add_newton_terms_at(float (&r)[4], const TensorArgs& t, const StepArgs& a, int64_t o,
+                                                    float norm, float sigma) {
+  float z, d;
+  element_dz<P>(t, a, o, z, d);
+  add_newton_terms(r, z / norm, d, sigma);
+}
+
+// The last pass of the exact solve for element o: w = z / (d + sigma) from
+// the recomputed z, d, or 0 in a zero group.
+template <typename P>
+__device__ __forceinline__ void write_exact(const TensorArgs& t, const StepArgs& a, int64_t o, bool active,
+                                            float sigma) {
+  float w = 0.0f;
+  if (active) {
+    float z, d;
+    element_dz<P>(t, a, o, z, d);
+    w = newton_solution(z, d, sigma);
+  }
+  write_param<P>(t, a, o, w);
 }
 
 // NOTE: [Warm start] (docs/math.md section 4, item 5). Pass 1 also sums
@@ -208,22 +347,72 @@ __device__ __forceinline__ void add_pass1(float (&acc)[6], float z, float d, flo
 // phi' < 0, and by concavity one Newton step lands at or right of the root;
 // anything else (s0 >= sigma_hi, den <= 0, NaN, no s0) starts at sigma_hi.
 // Every start is clamped to <= sigma_hi (right of the root too), and `done`
-// follows the usual rule: the step from s0 was below kNewtonTol relative.
-__device__ __forceinline__ float warm_start(float s0, const float (&acc)[6], const NewtonStart& st, bool& done) {
-  const float a = acc[3] / acc[0], b = acc[4] / acc[0], c = acc[5] / acc[0];
+// follows the usual rule (the step from s0 was below kNewtonTol relative) or
+// the predicted error (NOTE: [two-pass plan]).
+__device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1Sums], const NewtonStart& st,
+                                            bool& done) {
+  const float a = acc[3] / acc[0], b = acc[4] / acc[0], c = acc[5] / acc[0], e = acc[6] / acc[0];
   done = false;
   // Beyond sigma_hi the step from s0 would cancel (s0 - delta with delta ~ s0):
   // start at sigma_hi, as the rule's clamp allows.
   if (!(s0 > 0.0f) || !(s0 < st.sigma)) return st.sigma;
-  const float vn = sqrtf(a + b);
-  const float f = st.rel_excess - c / (1.0f + vn);
-  const float den = a + f * b / vn;
-  if (!(f >= 0.0f || den > 0.0f)) return st.sigma;  // (f >= 0 implies den > 0)
-  const float delta = s0 * f * vn / den;  // >= 0 right of the root, < 0 left of it
-  const float next = s0 - delta;
+  const NewtonEval n = newton_eval(s0, a, b, c, st.rel_excess);
+  if (!(n.f >= 0.0f || n.den > 0.0f)) return st.sigma;  // (f >= 0 implies den > 0)
+  const float next = s0 - n.delta;  // delta >= 0 right of the root, < 0 left of it
   if (!(next <= st.sigma)) return st.sigma;
-  done = !(fabsf(delta) > kNewtonTol * next);
+  done = !(fabsf(n.delta) > kNewtonTol * next) || predicted_done(n, b, e, st.rel_excess, s0, next);
   return next;
+}
+
+// NOTE: [Register rows]
+// A rows group of at most kCached * blockDim.x elements (exact solve) keeps
+// its z and d in registers: thread i holds elements i + j * blockDim.x,
+// j < kCached (unrolled, so the arrays are registers). Pass 1 is the only read
+// and the last pass writes the parameter from them, whatever the number of
+// Newton steps: RAMDA fp32 32 B per element, the floor. The steps keep the
+// reference's stopping rule (they cost no memory).
+constexpr int kCached = 16;
+
+template <typename P>
+__device__ void cached_rows_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g, int64_t base,
+                                  float s0) {
+  const int64_t n = t.layout.group_size;
+  float zr[kCached], dr[kCached];
+  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t e = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    zr[j] = 0.0f;
+    dr[j] = 1.0f;
+    if (e < n) {
+      element_pass1<P>(t, a, base + element_offset(t, e), zr[j], dr[j]);
+      add_pass1(acc, zr[j], dr[j], s0);
+    }
+  }
+  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
+  block_reduce<kPass1Sums>(acc, ops);
+  const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
+  float sigma = st.sigma;
+  bool done = st.done;
+  if (!done) sigma = warm_start(s0, acc, st, done);
+  const int sum3[3] = {0, 0, 0};
+  for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
+    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < kCached; ++j)
+      if (threadIdx.x + static_cast<int64_t>(j) * blockDim.x < n) add_newton_terms(r, zr[j] / st.norm, dr[j], sigma);
+    float s3[3] = {r[0], r[1], r[2]};
+    block_reduce<3>(s3, sum3);
+    sigma = newton_update(sigma, s3[0], s3[1], s3[2], st.rel_excess, done);
+  }
+#pragma unroll
+  for (int j = 0; j < kCached; ++j) {
+    const int64_t e = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (e < n)
+      write_param<P>(t, a, base + element_offset(t, e), st.active ? newton_solution(zr[j], dr[j], sigma) : 0.0f);
+  }
+  // A zero group keeps its previous sigma.
+  if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
 }
 
 template <typename P>
@@ -231,55 +420,55 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
                             float* scratch) {
   const GroupLayout& L = t.layout;
   const int64_t n = L.group_size;
-  const int64_t base = block_offset(g, L.n_kept, L.kept_size, L.kept_stride);
-  // Slots as plan.h allots them: y only (RMDA/ProxSGD), z and d (exact), z, d and Z (PG).
+  const int64_t base = group_base(t, g);
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
-  float* zs = scratch + t.scratch + g * n;         // z (RAMDA/ProxAdamW) or y (RMDA/ProxSGD)
-  float* ds = zs + t.numel;                        // d
-  float* Zs = zs + 2 * t.numel;                    // PG iterate
   const bool pg = dual && a.solver == Solver::kPg;
+  const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan])
   const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
+  // Slots as plan.h allots them: y only (RMDA/ProxSGD), z, d and Z (PG).
+  float* zs = exact ? nullptr : scratch + t.scratch + g * n;  // z (PG) or y (RMDA/ProxSGD)
+  float* ds = zs + (pg ? t.numel : 0);                        // d
+  float* Zs = zs + (pg ? 2 * t.numel : 0);                    // PG iterate
   // The previous sigma (NOTE: [Warm start]): one lane per warp reads it.
   float s0 = 0.0f;
-  if (dual && !pg && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
+  if (exact && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
+  if (exact && n <= kCached * static_cast<int64_t>(blockDim.x)) return cached_rows_block<P>(t, a, th.thr, g, base, s0);
 
   // sum z^2, max d, min d, and the Newton sums at s0
-  float acc[6] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f};
+  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     float z, d;
-    element_pass1<P>(t, a, base + element_offset(L, e), z, d);
-    gstore(zs + e, z);
-    if (dual) gstore(ds + e, d);
+    element_pass1<P>(t, a, base + element_offset(t, e), z, d);
+    if (!exact) gstore(zs + e, z);
+    if (pg) gstore(ds + e, d);
     add_pass1(acc, z, d, s0);
   }
-  const int ops[6] = {0, 1, 2, 0, 0, 0};
-  block_reduce<6>(acc, ops);
+  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
+  block_reduce<kPass1Sums>(acc, ops);
   const float znorm = sqrtf(acc[0]), dmax = acc[1], dmin = acc[2];
   const float thr = th.thr;
 
   if (!dual) {  // RMDA / ProxSGD: group soft-threshold of y
     const float scale = group_shrink(znorm, thr);
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_param<P>(t, a, base + element_offset(L, e), gload(zs + e) * scale);
+      write_param<P>(t, a, base + element_offset(t, e), gload(zs + e) * scale);
     return;
   }
-  if (!pg) {  // exact Newton (docs/math.md section 4), step without cancellation (ramda_math.h)
+  if (exact) {  // exact Newton (docs/math.md section 4), step without cancellation (ramda_math.h)
     const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
     float sigma = st.sigma;
     bool done = st.done;
     if (!done) sigma = warm_start(s0, acc, st, done);
-    const int sum3[3] = {0, 0, 0};
+    const int sum4[4] = {0, 0, 0, 0};
     for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-      float r[3] = {0.0f, 0.0f, 0.0f};
-      for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        add_newton_terms(r, gload(zs + e) / st.norm, gload(ds + e), sigma);
-      }
-      block_reduce<3>(r, sum3);
-      sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, done);
+      float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+        add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
+      block_reduce<4>(r, sum4);
+      sigma = newton_pass_step(sigma, r, st.rel_excess, done);
     }
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_param<P>(t, a, base + element_offset(L, e),
-                     st.active ? newton_solution(gload(zs + e), gload(ds + e), sigma) : 0.0f);
+      write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
     // A zero group keeps its previous sigma.
     if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
     return;
@@ -287,12 +476,12 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   // Proximal gradient (docs/math.md section 5), warm started at x; screened groups are zero.
   if (!l1 && znorm <= thr) {
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_param<P>(t, a, base + element_offset(L, e), 0.0f);
+      write_param<P>(t, a, base + element_offset(t, e), 0.0f);
     return;
   }
   const float theta = 1.0f / dmax, inv_theta = 1.0f / theta, pthr = theta * thr;
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    gstore(Zs + e, current_x<P>(t, a, base + element_offset(L, e)));
+    gstore(Zs + e, current_x<P>(t, a, base + element_offset(t, e)));
   const int sum1[1] = {0};
   for (int it = 0; it < a.max_iters; ++it) {
     float scale = 1.0f;
@@ -318,7 +507,7 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     if (!(sqrtf(s2[0]) > th.pg_tol)) break;
   }
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    write_param<P>(t, a, base + element_offset(L, e), gload(Zs + e));
+    write_param<P>(t, a, base + element_offset(t, e), gload(Zs + e));
 }
 
 // Per-lane reduction over the warps of a block (column tiles: lane l of every
@@ -351,20 +540,17 @@ __device__ __forceinline__ void tile_reduce(float (&v)[N], const int (&op)[N]) {
 // the warps split the elements (warp w: w, w + 8, ...). Group sums meet in
 // shared memory (tile_reduce); every warp then holds the same per-group
 // values, so a loop over the tile runs while any lane of a warp is not done,
-// a condition uniform over the block. The scratch of a tile is laid out
-// [element][lane], so the Newton sweeps are coalesced too; done groups and
-// lanes past the last group issue no access.
+// a condition uniform over the block. The passes are those of NOTE:
+// [two-pass plan]; in a Newton pass done groups and lanes past the last
+// group issue no access.
 template <typename P>
-__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1,
-                                  float* scratch) {
+__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1) {
   const GroupLayout& L = t.layout;
   const int64_t n = L.group_size;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t g = g0 + lane;
   const bool live = g < g1;
-  const int64_t base = live ? block_offset(g, L.n_kept, L.kept_size, L.kept_stride) : 0;
-  float* zs = scratch + t.scratch + g0 * n + lane;  // element e at zs[e * kTileGroups]
-  float* ds = zs + tile_slot_elems(L);
+  const int64_t base = live ? group_base(t, g) : 0;
   // The previous sigma (NOTE: [Warm start]), read once per group by warp 0.
   float s0 = 0.0f;
   if (t.sigma != nullptr) {
@@ -373,38 +559,32 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
     __syncthreads();
     s0 = prev[lane];
   }
-  float acc[6] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f};
+  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
   if (live) {
     for (int64_t e = warp; e < n; e += warps) {
       float z, d;
-      element_pass1<P>(t, a, base + element_offset(L, e), z, d);
-      gstore(zs + e * kTileGroups, z);
-      gstore(ds + e * kTileGroups, d);
+      element_pass1<P>(t, a, base + element_offset(t, e), z, d);
       add_pass1(acc, z, d, s0);
     }
   }
-  const int ops[6] = {0, 1, 2, 0, 0, 0};
-  tile_reduce<6>(acc, ops);
+  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
+  tile_reduce<kPass1Sums>(acc, ops);
   const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
   float sigma = st.sigma;
   bool done = !live || st.done;
   if (!done) sigma = warm_start(s0, acc, st, done);
-  const int sum3[3] = {0, 0, 0};
+  const int sum4[4] = {0, 0, 0, 0};
   for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
-    float r[3] = {0.0f, 0.0f, 0.0f};
+    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (!done) {
-      for (int64_t e = warp; e < n; e += warps) {
-        add_newton_terms(r, gload(zs + e * kTileGroups) / st.norm, gload(ds + e * kTileGroups), sigma);
-      }
+      for (int64_t e = warp; e < n; e += warps)
+        add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
     }
-    tile_reduce<3>(r, sum3);
-    if (!done) sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, done);
+    tile_reduce<4>(r, sum4);
+    if (!done) sigma = newton_pass_step(sigma, r, st.rel_excess, done);
   }
   if (!live) return;
-  for (int64_t e = warp; e < n; e += warps)
-    write_param<P>(t, a, base + element_offset(L, e),
-                   st.active ? newton_solution(gload(zs + e * kTileGroups), gload(ds + e * kTileGroups), sigma)
-                             : 0.0f);
+  for (int64_t e = warp; e < n; e += warps) write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
   // A zero group keeps its previous sigma.
   if (t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
 }
@@ -416,7 +596,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs
   const BlockItem item = items[blockIdx.x];
   const TensorArgs& t = tensors[item.tensor];
   const Thresholds th = thresholds(t, a);
-  if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end, l.scratch);
+  if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end);
   else if (item.group == 1) group_block<P>(t, a, th, item.begin, l.scratch);
   else elementwise_block<P>(t, a, th.thr, item.begin, item.end);
 }

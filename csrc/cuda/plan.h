@@ -14,12 +14,12 @@
 namespace ramda {
 namespace cuda {
 
-// fp32 scratch slots per element of a grouped tensor: y (RMDA/ProxSGD), z and
-// d (exact), z, d and the PG iterate Z (NOTE: [CUDA tiling] in kernels.cuh).
+// fp32 scratch slots per element of a grouped tensor: y (RMDA/ProxSGD), none
+// (exact: NOTE: [two-pass plan] in kernels.cuh), z, d and the PG iterate Z.
 inline int64_t scratch_per_element(const StepArgs& a) {
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   if (!dual) return 1;
-  return a.solver == Solver::kPg ? 3 : 2;
+  return a.solver == Solver::kPg ? 3 : 0;
 }
 
 // Whether a grouped tensor runs as column tiles (NOTE: [Column tiles] in
@@ -47,11 +47,9 @@ inline PlanLayout lay_out_plan(const StepArgs& a, const std::vector<TensorArgs>&
     if (t.numel == 0) continue;
     const int slot = static_cast<int>(t.dtype);
     const int32_t ti = static_cast<int32_t>(by_dtype[slot].size());
-    // each tensor's scratch starts 128-byte aligned, so a tile's rows are whole sectors
+    // each tensor's scratch starts 128-byte aligned
     plan.scratch_elems = (plan.scratch_elems + 31) / 32 * 32;
-    if (column_tiles(a, t)) {
-      t.scratch = plan.scratch_elems;
-      plan.scratch_elems += per_elem * tile_slot_elems(t.layout);
+    if (column_tiles(a, t)) {  // the exact solve: no scratch
       for (int64_t g = 0; g < t.layout.n_groups; g += kTileGroups)
         items[slot].push_back({ti, 2, g, std::min(t.layout.n_groups, g + kTileGroups)});
     } else if (t.path == Path::kGroups) {

@@ -158,6 +158,8 @@ std::vector<Case> cases(bool quick) {
        {true, false, true, true}},
       {"transposed 9x11 rows", {9, 11}, {1, 9}, {false, true}},
       {"groups of 1", {5, 1}, {1, 1}, {false, true}},
+      // past the rows held in registers (NOTE: [Register rows] in csrc/cuda/kernels.cuh)
+      {"rows 2x4099 (two-pass plan)", {2, 4099}, {4099, 1}, {false, true}},
   };
 }
 

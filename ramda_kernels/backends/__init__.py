@@ -10,10 +10,12 @@ import is recorded with its error and raised only when asked for by name.
 
 ``auto`` picks, per call, the first available backend of
 ``AUTO_ORDER[device.type]``. On CUDA that is Triton, then the CUDA extension:
-the extension's grouped kernels still give column layouts (the default
-grouping: channel-wise Conv, input-wise Linear) one block per strided group,
-which is uncoalesced (NOTE: [CUDA tiling]), and no traffic count or GPU timing
-yet shows it moving fewer bytes per element than Triton (bench/RESULTS.md).
+counted on CPU threads (bench/RESULTS.md), the extension's exact group-lasso
+step moves about as many bytes per element as Triton's, fewer on some
+groupings and more on others (ResNet's 3x3 input-wise runs use fewer of
+their sectors; PG and the RMDA/ProxSGD shrink on column layouts are still one
+block per strided group: NOTE: [CUDA tiling]), no GPU has timed either, and
+only Triton captures (CAPTURABLE_BACKENDS).
 
 Capturable steps (``capturable=True``, NOTE: [capturable optimizer] in
 ``ramda_ref.optim``) run on ``CAPTURABLE_BACKENDS`` only: ``auto`` then picks
