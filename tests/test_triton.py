@@ -63,12 +63,6 @@ def _small_tiles(monkeypatch):
 # param group of one optimizer, on small tensors
 # ---------------------------------------------------------------------------
 
-#: fp32 results are held to 4x the reference's own error plus 1e-5 of the
-#: tensor's scale, the precision these tests have asked of the Triton kernel;
-#: NOTE: the harness's default (a few ulps of the scale) is not met yet in one
-#: case (ProxAdamW, group lasso, fp32: one element of the 37x3 tensor). Low
-#: precision keeps the default.
-FLOORS = {torch.float32: 1e-5}
 
 
 def _groupings(regularizer: str, solver: str):
@@ -86,7 +80,7 @@ def _parity(opt: str, regularizer: str, solver: str, dtype: str, groupings=None,
         hparams = dict(dict(pg_eps=1e-2, max_iters=20), **hparams)
     return run_parity("triton", opt, regularizer, solver, dtype,
                       groupings or _groupings(regularizer, solver), device=DEVICE,
-                      layouts=GROUPINGS, hparams=hparams, floors=FLOORS)
+                      layouts=GROUPINGS, hparams=hparams)
 
 
 def _cases():
