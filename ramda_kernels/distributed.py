@@ -180,7 +180,7 @@ def _write_local(x, full: torch.Tensor) -> None:
 
 
 def gathered_unit_step(step, definition, group, params, states, grads, t, alpha, hp):
-    """``step`` (``ramda_ref.units.step``) of a unit group whose tensors are
+    """``step`` (``ramda_ref.units.step`` or a backend's unit step) of a unit group whose tensors are
     DTensors: every rank gathers the whole tensors, their gradients and state,
     runs the same solve and writes back its own shard. A unit's slices cut
     across every shard, so its norms need all of them; the reference's

@@ -81,13 +81,15 @@ class _BackendChoice:
 
     def _unit_step(self, params):
         # param groups with ``units``: the backend's fused unit step where it has
-        # one; FSDP2's DTensors are gathered and stepped whole on every rank
+        # one; FSDP2's DTensors are gathered and stepped whole by the same step on
+        # every rank (so a sharded run equals the unsharded one)
+        step = _ops.unit_kernel(backends.resolve(self.backend, params[0].device))
         if not any(distributed.is_dtensor(p) for p in params):
-            return _ops.unit_kernel(backends.resolve(self.backend, params[0].device))
+            return step
 
         def gathered(definition, group, params, states, grads, t, alpha, hp):
             functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += len(params)
-            return distributed.gathered_unit_step(ramda_ref.units.step, definition, group, params,
+            return distributed.gathered_unit_step(step, definition, group, params,
                                                   states, grads, t, alpha, hp)
         return gathered
 

@@ -53,6 +53,23 @@ KNOWN_OVER = [
      "PG rows tile of several groups whose sizes are not multiples of 4 (no vector "
      "layout, NOTE: [grouped vector loads]: each thread holds one element of every row): "
      "140 registers at 8 warps (8x256)"),
+    # Found by the first full sweep of the 552 specializations (fresh clone at
+    # 715736f, AMD EPYC); the other optimizers' tiles, not analysed yet:
+    (("OPT=1", "ONE_CHUNK=True", "BG=8 BE=256 ", "SCALAR_D=True", "P_DTYPE=bf16"),
+     "RMDA bf16 rows tile 8 x 256 (scalar d): 64 registers, 12/20 B spill"),
+    (("OPT=2", "SOLVER=0", "ONE_CHUNK=True", "BG=4 BE=512 ", "UNIT_RED=True"),
+     "ProxAdamW rows tile 4 x 512: 64 registers, 8/8 B spill (fp32 and bf16)"),
+    (("OPT=2", "SOLVER=0", "ONE_CHUNK=True", "BG=1 BE=4096 ", "UNIT_RED=True"),
+     "ProxAdamW rows tile 1 x 4096 at 16 warps: 64 registers, 8/4 (fp32) and 12/12 (bf16) B spill"),
+    (("OPT=2", "SOLVER=1", "ONE_CHUNK=True", "BG=32 BE=64 ", "CAPTURABLE=True"),
+     "ProxAdamW PG columns tile 32 x 64, bf16 capturable: 80 registers, 12/24 B spill"),
+    (("OPT=3", "ONE_CHUNK=True", "SCALAR_D=True", "CAPTURABLE=True", "UNIT_KEPT=False"),
+     "ProxSGD capturable rows tiles 32 x 64 and 16 x 128 (scalar d): 40 registers, 4/4 B spill"),
+    (("ONE_CHUNK=False", "BG=1 BE=2048 ", "P_DTYPE=bf16"),
+     "chunked 2048-element rows, bf16 (RAMDA, RMDA, ProxAdamW; exact and PG): 80-128 "
+     "registers, 4/4 to 36/56 B spill"),
+    (("OPT=2", "ONE_CHUNK=False", "BG=1 BE=2048 ", "NRB=2", "CAPTURABLE=True"),
+     "ProxAdamW chunked decoded 2048-element rows, fp32 capturable: 128 registers, 4/4 B spill"),
 ]
 
 
