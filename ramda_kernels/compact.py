@@ -397,9 +397,10 @@ def _fold_constants(model: nn.Module, example_inputs,
 # Torch-Pruning's trace cannot follow a unit through attention (the heads are
 # made by view/transpose and mixed by softmax), and Hugging Face models return
 # caches it cannot walk. The MLP and attention blocks of these models (and the
-# charlm task's q/k/v/out attention) are recognized by their attributes instead and compacted by the rule that needs
-# no trace: a unit whose every weight in the block's output projection is zero
-# contributes nothing to the block's output.
+# charlm task's q/k/v/out attention) are recognized by their attributes instead
+# and compacted by the rule that needs no trace: a unit whose every weight in
+# the block's output projection is zero contributes nothing to the block's
+# output.
 #
 # * MLP ``down(act(up(x)))`` (GPT-2 ``c_fc``/``c_proj``) or
 #   ``down(act(gate(x)) * up(x))`` (LLaMA): neuron ``j`` goes when its input
