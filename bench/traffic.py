@@ -403,6 +403,41 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
     return out
 
 
+def sigma_moves(set_name: str, optimizer: str, grouping: Optional[str], steps: int,
+                target: int) -> List[Tuple[int, List[float], int]]:
+    """How far the warm start is from the root, step by step: per step ``t >= 2``
+    of the reference (exact group lasso, fp32, the meter's data), the quantiles
+    min/10/50/90/max of ``sigma_t / sigma_{t-1}`` over the groups nonzero at
+    both steps (a zero group keeps its sigma: ratio 1), and their count."""
+    import ramda_kernels
+
+    model = Model(set_name, optimizer, "group_lasso", "exact", grouping, torch.float32, target)
+    cls = {"ramda": ramda_kernels.RAMDA, "proxadamw": ramda_kernels.ProxAdamW}[optimizer]
+    opt = cls(model.groups, backend="reference")
+    prev: Dict[int, torch.Tensor] = {}
+    rows = []
+    q = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    for t in range(1, steps + 1):
+        model.new_grads()
+        opt.step()
+        ratios = []
+        for p in model.params:
+            sig = opt.state[p].get("sigma")
+            if not isinstance(sig, torch.Tensor):
+                continue
+            sig = sig.detach().double().flatten().clone()
+            old = prev.get(p.data_ptr())
+            if old is not None:
+                both = (old > 0) & (sig > 0)
+                ratios.append(sig[both] / old[both])
+            prev[p.data_ptr()] = sig
+        if ratios and t >= 2:
+            r = torch.cat(ratios)
+            if r.numel():
+                rows.append((t, torch.quantile(r, q).tolist(), r.numel()))
+    return rows
+
+
 def _summarize(meter: Meter, launch, model: Model) -> Dict[str, Any]:
     """One launch's figures, scaled from the slices to the real tensors."""
     names = meter.by_name()
@@ -508,7 +543,24 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="per-launch figures")
     p.add_argument("--cold", action="store_true",
                    help="no warm start (every Newton solve from sigma_hi)")
+    p.add_argument("--sigma-moves", type=int, metavar="STEPS",
+                   help="instead of metering: sigma_t / sigma_(t-1) quantiles per step of the "
+                        "reference, exact group lasso fp32, for each set and grouping")
     a = p.parse_args(argv)
+    if a.sigma_moves:
+        print("| set | optimizer | grouping | step | sigma_t / sigma_(t-1): min | 10% | 50% | 90% "
+              "| max | groups |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for set_name in a.sets.split(","):
+            for optimizer in a.optimizers.split(","):
+                for grouping in ps.groupings_for(set_name):
+                    if a.groupings and grouping not in a.groupings.split(","):
+                        continue
+                    for t, qs, n in sigma_moves(set_name, optimizer, grouping, a.sigma_moves,
+                                                a.elements):
+                        print(f"| {set_name} | {optimizer} | {grouping} | {t} | "
+                              + " | ".join(f"{x:.3f}" for x in qs) + f" | {n} |", flush=True)
+        return 0
     print(f"bandwidth {a.bandwidth / 1e12:.2f} TB/s; bytes issued per element; passes are "
           "read/write over each tensor kind")
     print("| set | optimizer | reg | grouping | dtype | phase | launches | B/elem | sector eff "
