@@ -29,7 +29,7 @@ from ramda_kernels import testing as T
 from ramda_kernels.backends import _ext, _ops, _units
 from ramda_ref import units as U
 
-from test_cuda_on_cpu import DTYPE, load_lib
+from test_cuda_on_cpu import DTYPE, load_lib, metered
 from test_units_fused import LAMBDA, _check, _problem, _run
 
 pytestmark = pytest.mark.skipif(_ext.EXT is None, reason="the C++ extension is not built (the optimizers' host side)")
@@ -37,8 +37,8 @@ pytestmark = pytest.mark.skipif(_ext.EXT is None, reason="the C++ extension is n
 DESC_FIELDS = 7
 
 
-@pytest.fixture(scope="module")
-def lib():
+def load_units_lib():
+    """The stand-in library (test_cuda_on_cpu.load_lib) with the unit entry point typed."""
     h = load_lib()
     h.ramda_cuda_host_units_step.restype = ctypes.c_int
     h.ramda_cuda_host_units_step.argtypes = [
@@ -48,12 +48,19 @@ def lib():
     return h
 
 
+@pytest.fixture(scope="module")
+def lib():
+    return load_units_lib()
+
+
 class StandIn:
     """The ``run_op`` of ``_units.fused_step`` on the stand-in: the CUDA op's
-    arguments as CPU buffers; a new block order every call."""
+    arguments as CPU buffers; a new block order every call. With ``counts`` (a
+    dict), the meter's figures of every call are added to it per role
+    (``test_cuda_on_cpu.metered``: read, written, sectors read, sectors written, bytes)."""
 
-    def __init__(self, lib, drop_sync=0):
-        self.lib, self.drop_sync, self.calls = lib, drop_sync, 0
+    def __init__(self, lib, drop_sync=0, counts=None):
+        self.lib, self.drop_sync, self.calls, self.counts = lib, drop_sync, 0, counts
 
     def __call__(self, name, params, grads, lists, sigma, table, scalars, amsgrad, reweight):
         desc = []
@@ -64,12 +71,25 @@ class StandIn:
         c_scalars = (ctypes.c_double * len(scalars))(*scalars)
         seg, start, free = table.segments, table.unit_start, table.free
         err = ctypes.create_string_buffer(512)
-        rc = self.lib.ramda_cuda_host_units_step(
-            name.encode(), c_scalars, len(scalars), int(amsgrad), int(reweight), len(params), c_desc,
-            seg.data_ptr(), seg.shape[0], start.data_ptr(), start.numel() - 1, free.data_ptr(), free.shape[0],
-            sigma.data_ptr() if sigma is not None else None, 1000 + self.calls, self.drop_sync, err, 512)
+
+        def run():
+            rc = self.lib.ramda_cuda_host_units_step(
+                name.encode(), c_scalars, len(scalars), int(amsgrad), int(reweight), len(params), c_desc,
+                seg.data_ptr(), seg.shape[0], start.data_ptr(), start.numel() - 1, free.data_ptr(),
+                free.shape[0], sigma.data_ptr() if sigma is not None else None, 1000 + self.calls,
+                self.drop_sync, err, 512)
+            assert rc == 0, err.value.decode()
+
         self.calls += 1
-        assert rc == 0, err.value.decode()
+        if self.counts is None:
+            return run()
+        roles = [(f"param:{i}", p) for i, p in enumerate(params)] + [(f"grad:{i}", g) for i, g in enumerate(grads)]
+        roles += [(f"state{r}:{i}", x) for r, lst in enumerate(lists) for i, x in enumerate(lst)]
+        roles += [("sigma", sigma)] if sigma is not None else []
+        for key, c in metered(self.lib, roles, run).items():
+            acc = self.counts.setdefault(key, [0] * 5)
+            for k in range(5):
+                acc[k] += c[k]
 
 
 @pytest.fixture
@@ -77,8 +97,8 @@ def stand_in(lib, monkeypatch):
     """Routes the cpu backend's unit groups to the stand-in (the CUDA backend's capabilities)."""
     import ramda_kernels.backends.cpu  # noqa: F401  (registers its unit step first)
 
-    def install(drop_sync=0):
-        op = StandIn(lib, drop_sync)
+    def install(drop_sync=0, counts=None):
+        op = StandIn(lib, drop_sync, counts)
         monkeypatch.setitem(_ops.UNIT_KERNELS, "cpu", _units.fused_step(op, _ext.CAPABILITIES))
         return op
     return install
@@ -167,3 +187,34 @@ def test_a_dropped_barrier_is_caught(stand_in, drop):
         assert "barrier" in str(e)
         return
     assert not res.ok
+
+
+def test_counted_traffic_of_row_units_is_the_floor(lib, stand_in):
+    """One RAMDA fp32 step, units of two tensors' rows (register rows) and a free
+    row and bias (elementwise): every element is read once (grad, W0, V, U and the
+    parameter, which the averaging reads) and written once (V, U, parameter):
+    32 B, in whole sectors (a warp's 32 lanes read 128 contiguous bytes); sigma is
+    read once per warp (8 per unit) and written by each nonzero unit."""
+    import ramda_kernels as rk
+
+    counts = {}
+    stand_in(counts=counts)
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.logspace(-1.5, 0.5, 8, dtype=torch.float64)[:, None]
+    params = [torch.nn.Parameter((torch.randn(8, 64, generator=gen, dtype=torch.float64) * ramp).float())
+              for _ in range(2)] + [torch.nn.Parameter(torch.randn(8, generator=gen))]
+    units = [[(0, 0, k), (1, 0, k)] for k in range(7)]  # row 7 and the bias in no unit
+    opt = rk.RAMDA([{"params": params, "units": units, "lambda_": 0.2}], backend="cpu")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    sigma = counts.pop("sigma")
+    counts.pop("other") == [0, 0, 0, 0, 0] or pytest.fail(f"accesses outside the tensors: {counts}")
+    assert counts.pop("scratch")[:4] == [0, 0, 0, 0]
+    per_elem = {"param": 8, "grad": 4, "state0": 4, "state1": 8, "state2": 8}
+    for key, (r, w, sr, sw, size) in counts.items():
+        assert r + w == per_elem[key.split(":")[0]] * size // 4, key
+        assert 32 * (sr + sw) == r + w, key
+    nonzero = sum(bool(torch.cat([params[0][k], params[1][k]]).ne(0).any()) for k in range(7))
+    assert 0 < nonzero < 7
+    assert sigma[0] == 8 * 4 * 7 and sigma[1] == 4 * nonzero

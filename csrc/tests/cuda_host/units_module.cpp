@@ -44,7 +44,8 @@ int ramda_cuda_host_units_step(const char* optimizer, const double* scalars, int
     std::vector<float> buffer(static_cast<size_t>(plan.scratch_elems) + kAlign,
                               std::numeric_limits<float>::quiet_NaN());
     float* scratch = buffer.data() + (kAlign - reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) % kAlign) % kAlign;
-    if (cuda_host::meter().on && plan.scratch_elems > 0)
+    // the scratch is the region after the caller's, as in host_step.h (ramda_cuda_host_meter_start)
+    if (cuda_host::meter().on)
       cuda_host::meter_region(scratch, static_cast<size_t>(plan.scratch_elems) * sizeof(float));
     cuda::UnitLaunch l = plan.launch;
     l.table = plan.bytes.data();
