@@ -13,7 +13,8 @@ unit groups run the unit kernel (csrc/cuda/units.cuh, tests/test_cuda_units.py's
 driver), the per-tensor groups the fused step kernel (csrc/cuda/kernels.cuh,
 bench/cuda_traffic.py's driver), both under the stand-in's meter (NOTE: [Counted
 global memory] in csrc/tests/cuda_host/cuda_runtime.h), at steady state:
-``--warmup`` steps (the last leaves the warm-start sigma), then the measured step.
+``--warmup`` steps (at least one reference step, then one on the stand-in that
+leaves the warm-start sigma), then the measured step.
 Reported over every element of the stack: bytes issued per element (loads +
 stores of the active lanes, sigma and scratch included) and the sector
 efficiency (those bytes over 32 x the distinct 32-byte sectors of each
@@ -88,7 +89,7 @@ def per_tensor_run(lib, params, groups, lam, warmup, seed):
         g.setdefault("lambda_", lam)
     opt = ramda_ref.RAMDA(groups)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(max(0, warmup - 1)):
+    for _ in range(max(1, warmup - 1)):  # at least one: cuda_step reads the state it made
         _grads(params, gen)
         opt.step()
     sigmas = {}
@@ -119,19 +120,26 @@ def main(argv=None) -> int:
     elements = sum(p.numel() for p in params)
     rows = []
     fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    rows.append(("units", _figures(units_run(lib, fresh, units, args.lam, args.warmup, args.seed), elements)))
+    rows.append(_row("units", _figures(units_run(lib, fresh, units, args.lam, args.warmup, args.seed), elements)))
     for name, groups in per_tensor.items():
         fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
         index = {id(p): i for i, p in enumerate(params)}
         mine = [dict({k: v for k, v in g.items() if k != "params"}, params=[fresh[index[id(p)]] for p in g["params"]])
                 for g in copy.copy(groups)]
-        rows.append((name, _figures(per_tensor_run(lib, fresh, mine, args.lam, args.warmup, args.seed), elements)))
+        rows.append(_row(name, _figures(per_tensor_run(lib, fresh, mine, args.lam, args.warmup, args.seed),
+                                        elements)))
     print(f"MLP {args.layers}x{args.width}, RAMDA fp32 group lasso exact, {elements} elements, "
           f"{len(units)} units of {2 * args.width + 1} elements")
     print(f"{'grouping':<12} {'B/elem':>8} {'sector eff':>10}")
     for name, f in rows:
         print(f"{name:<12} {f['bytes_per_elem']:8.2f} {f['sector_eff']:10.3f}")
     return 0
+
+
+def _row(name, f):
+    print(f"{name}: {f['bytes_per_elem']:.2f} B/elem, sector efficiency {f['sector_eff']:.3f}", file=sys.stderr,
+          flush=True)
+    return name, f
 
 
 if __name__ == "__main__":

@@ -52,6 +52,18 @@ struct UnitCursor {
   }
 };
 
+// fn(tensor, storage offset, e) for this thread's elements e = threadIdx.x,
+// threadIdx.x + blockDim.x, ... < n of a unit (rows: its segment rows).
+template <typename Fn>
+__device__ __forceinline__ void for_unit_elements(const TensorArgs* ts, const int64_t* rows, int64_t n, const Fn& fn) {
+  UnitCursor c{rows};
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+    int64_t ti;
+    const int64_t o = c.at(e, ti);
+    fn(ts[ti], o, e);
+  }
+}
+
 // A unit of at most kUnitCachedElems elements: z, d in registers (NOTE:
 // [Register rows]); the Newton steps as cached_rows_block takes them.
 __device__ __forceinline__ void cached_unit(const TensorArgs* ts, const StepArgs& a, const int64_t* rows, int64_t n,
@@ -116,27 +128,18 @@ __device__ __forceinline__ void streamed_unit(const TensorArgs* ts, const StepAr
                                               float thr, float s0, float* sigma_out, float* ys) {
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
-  {
-    UnitCursor c{rows};
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      int64_t ti;
-      const int64_t o = c.at(e, ti);
-      float z, d;
-      unit_pass1(ts[ti], a, o, z, d);
-      if (!dual) gstore(ys + e, z);
-      add_pass1(acc, z, d, s0);
-    }
-  }
+  for_unit_elements(ts, rows, n, [&](const TensorArgs& t, int64_t o, int64_t e) {
+    float z, d;
+    unit_pass1(t, a, o, z, d);
+    if (!dual) gstore(ys + e, z);
+    add_pass1(acc, z, d, s0);
+  });
   const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
   block_reduce<kPass1Sums>(acc, ops);
   if (!dual) {
     const float scale = group_shrink(sqrtf(acc[0]), thr);
-    UnitCursor c{rows};
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      int64_t ti;
-      const int64_t o = c.at(e, ti);
-      unit_write(ts[ti], a, o, gload(ys + e) * scale);
-    }
+    for_unit_elements(ts, rows, n,
+                      [&](const TensorArgs& t, int64_t o, int64_t e) { unit_write(t, a, o, gload(ys + e) * scale); });
     return;
   }
   const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
@@ -146,29 +149,23 @@ __device__ __forceinline__ void streamed_unit(const TensorArgs* ts, const StepAr
   const int sum4[4] = {0, 0, 0, 0};
   for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
     float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    UnitCursor c{rows};
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      int64_t ti;
-      const int64_t o = c.at(e, ti);
+    for_unit_elements(ts, rows, n, [&](const TensorArgs& t, int64_t o, int64_t) {
       float z, d;
-      unit_dz(ts[ti], a, o, z, d);
+      unit_dz(t, a, o, z, d);
       add_newton_terms(r, z / st.norm, d, sigma);
-    }
+    });
     block_reduce<4>(r, sum4);
     sigma = newton_pass_step(sigma, r, st.rel_excess, done);
   }
-  UnitCursor c{rows};
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    int64_t ti;
-    const int64_t o = c.at(e, ti);
+  for_unit_elements(ts, rows, n, [&](const TensorArgs& t, int64_t o, int64_t) {
     float w = 0.0f;
     if (st.active) {
       float z, d;
-      unit_dz(ts[ti], a, o, z, d);
+      unit_dz(t, a, o, z, d);
       w = newton_solution(z, d, sigma);
     }
-    unit_write(ts[ti], a, o, w);
-  }
+    unit_write(t, a, o, w);
+  });
   if (sigma_out != nullptr && st.active && threadIdx.x == 0) gstore(sigma_out, sigma);
 }
 
@@ -180,14 +177,11 @@ __device__ __forceinline__ void unit_block(const UnitLaunch& l, const StepArgs& 
   const int64_t n = m.size;
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   if (a.thr_base == 0.0) {  // unregularized: w = z/d (y for RMDA / ProxSGD), no reduction
-    UnitCursor c{rows};
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      int64_t ti;
-      const int64_t o = c.at(e, ti);
+    for_unit_elements(ts, rows, n, [&](const TensorArgs& t, int64_t o, int64_t) {
       float z, d;
-      unit_pass1(ts[ti], a, o, z, d);
-      unit_write(ts[ti], a, o, dual ? z / d : z);
-    }
+      unit_pass1(t, a, o, z, d);
+      unit_write(t, a, o, dual ? z / d : z);
+    });
     return;
   }
   // T = float(thr_base * c_g) from double, as the reference rounds it
