@@ -30,6 +30,7 @@
 
 #ifdef RAMDA_WITH_CUDA
 #include "cuda/cuda_step.h"
+#include "cuda/units_op.h"
 #endif
 
 namespace ramda {
@@ -435,6 +436,18 @@ void units_(std::string optimizer, TensorList params, TensorList grads, TensorLi
   cpu::run_units(call);
 }
 
+#ifdef RAMDA_WITH_CUDA
+// Unit groups on CUDA (csrc/cuda/units.h): the same arguments, one launch per call.
+void cuda_units_(std::string optimizer, TensorList params, TensorList grads, TensorList state0,
+                 TensorList state1, TensorList state2, const std::optional<Tensor>& unit_sigma,
+                 const Tensor& segments, const Tensor& unit_start, const Tensor& free,
+                 at::ArrayRef<double> scalars, bool amsgrad, bool reweight) {
+  GilRelease nogil;
+  cuda::units_step(optimizer, params, grads, state0, state1, state2, unit_sigma, segments, unit_start, free,
+                   scalars, amsgrad, reweight);
+}
+#endif
+
 }  // namespace
 }  // namespace ramda
 
@@ -465,7 +478,7 @@ TORCH_LIBRARY(ramda_kernels, m) {
   m.def("proxsgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "float keep, float c, float lr, float thr, str regularizer, int[]? dims, int[]? view, "
         "bool reweight) -> ()");
-  // Unit groups (CPU): every tensor of one param group with `units` and its
+  // Unit groups (CPU and CUDA): every tensor of one param group with `units` and its
   // state lists in the order of ramda_ref.definitions (empty where absent),
   // the per-unit warm start, the segment table (NOTE: [Unit segment table] in
   // ramda_kernels/backends/_units.py) and the step scalars of _units.OP_SCALARS.
@@ -489,6 +502,7 @@ TORCH_LIBRARY_IMPL(ramda_kernels, CUDA, m) {
   m.impl("rmda_", &ramda::rmda_);
   m.impl("proxadamw_", &ramda::proxadamw_);
   m.impl("proxsgd_", &ramda::proxsgd_);
+  m.impl("units_", &ramda::cuda_units_);
 }
 #endif
 
