@@ -114,26 +114,31 @@ def _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask, OPT: tl.constexpr, BU: tl.c
         cnt = tl.load(row + RCOL_COUNT, mask=valid, other=1)
         first = tl.load(row + RCOL_START, mask=valid, other=0)
         size = cnt * tl.load(row + RCOL_OUTER, mask=valid, other=0)
-        k = e[None, :] - first[:, None]
-        sel = valid[:, None] & (k >= 0) & (k < size[:, None])
-        k = tl.where(sel, k, 0)
-        eo = (tl.load(row + RCOL_OFFSET, mask=valid, other=0)[:, None]
-              + (k // cnt[:, None]) * tl.load(row + RCOL_OUTER_STRIDE, mask=valid, other=0)[:, None]
-              + (k % cnt[:, None]) * tl.load(row + RCOL_STRIDE, mask=valid, other=0)[:, None])
-        meta = ttab + ti * TTAB_WIDTH
-        dt = tl.load(meta + TCOL_DTYPE, mask=valid, other=0)
-        pb = eo * tl.where(dt == DT_FP32, 4, 2)[:, None]  # bytes into a param-dtype tensor
-        fb = eo * 4  # into an fp32 state tensor
-        pa = tl.where(sel, tl.load(meta + TCOL_P, mask=valid, other=0)[:, None] + pb, pa)
-        ga = tl.where(sel, tl.load(meta + TCOL_G, mask=valid, other=0)[:, None] + pb, ga)
-        if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # W0 in the parameter's dtype
-            s0a = tl.where(sel, tl.load(meta + TCOL_S0, mask=valid, other=0)[:, None] + pb, s0a)
-        else:
-            s0a = tl.where(sel, tl.load(meta + TCOL_S0, mask=valid, other=0)[:, None] + fb, s0a)
-        s1a = tl.where(sel, tl.load(meta + TCOL_S1, mask=valid, other=0)[:, None] + fb, s1a)
-        s2a = tl.where(sel, tl.load(meta + TCOL_S2, mask=valid, other=0)[:, None] + fb, s2a)
-        code = tl.where(sel, dt[:, None], code)
-        inside = inside | sel
+        # rows of the tile's units that overlap the chunk
+        valid = valid & (first < c0 + BE) & (first + size > c0)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            k = e[None, :] - first[:, None]
+            sel = valid[:, None] & (k >= 0) & (k < size[:, None])
+            k = tl.where(sel, k, 0)
+            eo = (tl.load(row + RCOL_OFFSET, mask=valid, other=0)[:, None]
+                  + (k // cnt[:, None]) * tl.load(row + RCOL_OUTER_STRIDE, mask=valid, other=0)[:, None]
+                  + (k % cnt[:, None]) * tl.load(row + RCOL_STRIDE, mask=valid, other=0)[:, None])
+            meta = ttab + ti * TTAB_WIDTH
+            dt = tl.load(meta + TCOL_DTYPE, mask=valid, other=0)
+            pb = eo * tl.where(dt == DT_FP32, 4, 2)[:, None]  # bytes into a param-dtype tensor
+            fb = eo * 4  # into an fp32 state tensor
+            pa = tl.where(sel, tl.load(meta + TCOL_P, mask=valid, other=0)[:, None] + pb, pa)
+            ga = tl.where(sel, tl.load(meta + TCOL_G, mask=valid, other=0)[:, None] + pb, ga)
+            if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # W0 in the parameter's dtype
+                s0a = tl.where(sel, tl.load(meta + TCOL_S0, mask=valid, other=0)[:, None] + pb,
+                               s0a)
+            else:
+                s0a = tl.where(sel, tl.load(meta + TCOL_S0, mask=valid, other=0)[:, None] + fb,
+                               s0a)
+            s1a = tl.where(sel, tl.load(meta + TCOL_S1, mask=valid, other=0)[:, None] + fb, s1a)
+            s2a = tl.where(sel, tl.load(meta + TCOL_S2, mask=valid, other=0)[:, None] + fb, s2a)
+            code = tl.where(sel, dt[:, None], code)
+            inside = inside | sel
     return pa, ga, s0a, s1a, s2a, code, inside
 
 
@@ -278,11 +283,11 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                     sa = tl.zeros([BU], dtype=tl.float32)
                     sb = sa
                     sc = sa
-                    going = (todo != 0)[:, None]
-                    for c0 in range(0, longest, BE):
+                    going = gmask & (todo != 0)  # only units still iterating re-read
+                    for c0 in range(0, tl.max(tl.where(going, size, 0), axis=0), BE):
                         pa, ga, s0a, s1a, s2a, code, inside = _lanes(
-                            rows, ttab, r0, nrow, maxrows, c0, gmask & (todo != 0), OPT, BU, BE)
-                        d, z = _elems(pa, ga, s0a, s1a, s2a, code, inside & going, sigma, scale,
+                            rows, ttab, r0, nrow, maxrows, c0, going, OPT, BU, BE)
+                        d, z = _elems(pa, ga, s0a, s1a, s2a, code, inside, sigma, scale,
                                       active, h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD,
                                       SCALAR_D, SOLVE, MODE_NEW)
                         ta, tb, tc, te = _newton_terms4(z * inv_norm[:, None], d, sigma[:, None])
@@ -381,7 +386,9 @@ class _Tables:
         seg = table.segments.numpy()
         start = table.unit_start.numpy()
         sizes = table.sizes.numpy().astype(np.int64)
-        self.be = min(BLOCK_E, _np2(int(sizes.max())))
+        # chunks as wide as the typical unit (the longer ones take several), as
+        # many units per tile as fill TILE
+        self.be = min(BLOCK_E, max(16, _np2(int(np.median(sizes)))))
         self.bu = max(1, min(TILE // self.be, _np2(table.units)))
         frows, fstart = _pieces(table.free.numpy(), self.be)
         fsizes = np.array([frows[a:b, 2].sum() for a, b in zip(fstart[:-1], fstart[1:])],
