@@ -1,41 +1,47 @@
-"""Unit groups in one Triton launch per param group (docs/math.md section 3,
-"Coupled groups", and section 4).
+"""Unit groups in one Triton launch per param group and step (docs/math.md
+section 3, "Coupled groups", and section 4).
 
 ``units_step_kernel`` runs a whole param group with ``units`` on its segment
 table (NOTE: [Unit segment table] in ``ramda_kernels/backends/_units.py``):
-program ``u < n_units`` owns unit ``u``, the programs after them one chunk of
-the free runs each (elements in no unit: ``w = z/d``, or ``y`` with a scalar
-``d``). The per-element math is step.py's (`_load_update`, `_load_new`,
-`_store_state`, `_store_param`, the Newton pieces), so a unit step is the
-ordinary step on a group that happens to span several tensors.
+the first programs one tile of units each, the others a tile of pieces of the
+free runs (elements in no unit: ``w = z/d``, or ``y`` with a scalar ``d``).
+The per-element math is step.py's (`_load_update`, `_load_new`,
+`_store_state`, `_store_param`) and so is the solve (`_newton_start`,
+`_warm_start`, `_newton_step`, `_newton_terms4`): a unit is a group whose
+elements happen to lie in several tensors.
 
-NOTE: [unit program]
-A unit's program walks its segments in table order, each in chunks of ``BE``
-elements over the segment's ``(outer, inner)`` index (a column, a
-channels_last channel, a head's rows: one chunk of ``BE`` addresses), exactly
-as the two-pass plan of step.py walks a group larger than a chunk (NOTE:
+NOTE: [unit tile]
+A program owns ``BU`` consecutive units (a row of the tile each) and walks
+their unions in chunks of ``BE`` elements: element ``e`` of a unit is found
+in its segment rows (a row's elements start at its ``RCOL_START`` in the
+union, ``(outer, inner)`` order), so each lane carries its own addresses and
+dtype code (`_lanes`) and one chunk may span several rows and tensors.
+Consecutive units are mostly neighbours in memory in their consumer slices
+(columns ``k, k+1, ..`` of a weight), so a tile of at least ``MIN_UNITS``
+reads those in whole sectors. Per step, as step.py's two-pass plan (NOTE:
 [two-pass plan] there):
 
 * pass 1 reads gradient, parameter where ``z`` needs it and the old state,
-  writes the new state and sums over the union ``sum z^2``, ``max d``,
-  ``min d`` and the `_newton_terms4` sums at the unit's warm-start sigma
-  (``unit_sigma``; 0: none), in fp32 lanes reduced once at the end: one
-  program per unit, so the sums are deterministic;
+  writes the new state, and sums per unit ``sum z^2``, ``max d``, ``min d``
+  and the `_newton_terms4` sums at the unit's warm-start sigma
+  (``unit_sigma``, 0: none), each unit's in one program, so they are
+  deterministic;
 * `_newton_start` / `_warm_start` turn them into the start; each further
-  Newton step (the reference's stopping rule, docs/math.md section 4) re-reads
-  the new state of the unit's segments;
-* the last pass reads the new state and the parameter and writes it.
-A unit's tensors may differ in dtype: each segment's dtype code (``ttab``)
-picks the typed loads at run time (`_elems`), so one launch covers every
-dtype. Nothing is read back to the host; the sigma of each nonzero unit is
-written back, a zero unit keeps its previous one.
+  Newton step (with the two-pass plan's predicted stop) re-reads the new
+  state of the units still iterating only;
+* the last pass reads the new state and the parameter and writes it; a
+  nonzero unit's sigma is written back, a zero unit keeps its previous one.
+A unit's tensors may differ in dtype: each chunk runs the typed loads of
+every dtype that some lane has (`_elems`), so one launch covers every dtype.
+Nothing is read back to the host.
 
 Tables (on the tensors' device):
 
 * ``ttab``  int64 ``[n_tensors, TTAB_WIDTH]``: addresses of parameter,
   gradient and state 0..2 (0: none), the dtype code;
-* ``segments`` ``[S, 6]``, ``unit_start`` ``[U + 1]``: the segment table;
-* ``chunks`` int64 ``[C, 3]``: the free runs cut to at most ``BE`` elements;
+* ``rows`` int64 ``[S, ROW_WIDTH]``: the segment rows and their start in the
+  union, ``ustart`` ``[U + 1]`` and ``usize`` ``[U]`` per unit; the free
+  pieces the same way (``frows``, ``fstart``, ``fsize``);
 * ``thr`` fp32 ``[U]``: ``tau * c_g`` per unit, rounded once from float64 (the
   reference's ``(tau * sqrt(size)).to(float32)``).
 
@@ -143,38 +149,45 @@ def _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask, OPT: tl.constexpr, BU: tl.c
 
 
 @triton.jit
-def _typed(pa, ga, s0a, s1a, s2a, mask, sigma, scale, active, h0, h1, h2, h3, h4, h5, h6, h7,
-           OPT: tl.constexpr, AMSGRAD: tl.constexpr, SCALAR_D: tl.constexpr, SOLVE: tl.constexpr,
-           MODE: tl.constexpr, PD: tl.constexpr):
-    """`_elems` on the lanes ``mask`` whose parameter dtype is ``PD``."""
-    p = pa.to(tl.pointer_type(PD))
-    g = ga.to(tl.pointer_type(PD))
-    if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # W0 in the parameter's dtype
-        s0 = s0a.to(tl.pointer_type(PD))
-    else:
-        s0 = s0a.to(tl.pointer_type(tl.float32))
-    s1 = s1a.to(tl.pointer_type(tl.float32))
-    s2 = s2a.to(tl.pointer_type(tl.float32))
-    offs = tl.zeros_like(mask.to(tl.int32))  # the addresses are per lane already
-    if MODE == MODE_FIRST or MODE == MODE_FREE:
-        d, z, x, n0, n1, n2 = _load_update(p, g, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5,
-                                           h6, h7, 1.0, OPT, AMSGRAD, False, MODE == MODE_FREE)
-        if MODE == MODE_FREE:
-            _store(p, s0, s1, s2, offs, mask, x, _closed_form(d, z, 0.0, REG_NONE, SCALAR_D),
-                   n0, n1, n2, h2, h3, OPT, AMSGRAD, PD)
+def _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active,
+           h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+           SCALAR_D: tl.constexpr, SOLVE: tl.constexpr, MODE: tl.constexpr,
+           CODE: tl.constexpr, PD: tl.constexpr):
+    """`_elems` on the lanes of ``mask`` whose dtype code is ``CODE`` (parameter
+    dtype ``PD``): ``d, z`` with those lanes replaced (none: one reduction)."""
+    m = mask & (code == CODE)
+    if tl.max(tl.max(m.to(tl.int32), axis=1), axis=0) > 0:
+        p = pa.to(tl.pointer_type(PD))
+        g = ga.to(tl.pointer_type(PD))
+        if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # W0 in the parameter's dtype
+            s0 = s0a.to(tl.pointer_type(PD))
         else:
-            _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT, AMSGRAD)
-    else:
-        d, z, x = _load_new(p, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7, OPT,
-                            AMSGRAD, MODE == MODE_WRITE)
-        if MODE == MODE_WRITE:
-            if not SOLVE:
-                w = _closed_form(d, z, 0.0, REG_NONE, SCALAR_D)
-            elif SCALAR_D:
-                w = z * scale[:, None]
+            s0 = s0a.to(tl.pointer_type(tl.float32))
+        s1 = s1a.to(tl.pointer_type(tl.float32))
+        s2 = s2a.to(tl.pointer_type(tl.float32))
+        offs = tl.zeros_like(m.to(tl.int32))  # the addresses are per lane already
+        if MODE == MODE_FIRST or MODE == MODE_FREE:
+            cd, cz, x, n0, n1, n2 = _load_update(p, g, s0, s1, s2, offs, m, h0, h1, h2, h3, h4,
+                                                 h5, h6, h7, 1.0, OPT, AMSGRAD, False,
+                                                 MODE == MODE_FREE)
+            if MODE == MODE_FREE:
+                _store(p, s0, s1, s2, offs, m, x, _closed_form(cd, cz, 0.0, REG_NONE, SCALAR_D),
+                       n0, n1, n2, h2, h3, OPT, AMSGRAD, PD)
             else:
-                w = tl.where(active[:, None], _div(z, d + sigma[:, None]), 0.0)
-            _store_param(p, offs, mask, x, w, h2, h3, OPT, PD)
+                _store_state(s0, s1, s2, offs, m, n0, n1, n2, OPT, AMSGRAD)
+        else:
+            cd, cz, x = _load_new(p, s0, s1, s2, offs, m, h0, h1, h2, h3, h4, h5, h6, h7, OPT,
+                                  AMSGRAD, MODE == MODE_WRITE)
+            if MODE == MODE_WRITE:
+                if not SOLVE:
+                    w = _closed_form(cd, cz, 0.0, REG_NONE, SCALAR_D)
+                elif SCALAR_D:
+                    w = cz * scale[:, None]
+                else:
+                    w = tl.where(active[:, None], _div(cz, cd + sigma[:, None]), 0.0)
+                _store_param(p, offs, m, x, w, h2, h3, OPT, PD)
+        d = tl.where(m, cd, d)
+        z = tl.where(m, cz, z)
     return d, z
 
 
@@ -182,29 +195,16 @@ def _typed(pa, ga, s0a, s1a, s2a, mask, sigma, scale, active, h0, h1, h2, h3, h4
 def _elems(pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3, h4, h5, h6,
            h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr, SCALAR_D: tl.constexpr,
            SOLVE: tl.constexpr, MODE: tl.constexpr):
-    """One chunk of a tile in ``MODE``, each lane typed by its dtype code (a
-    dtype no lane has costs one reduction): ``d, z`` (``z`` is the prox input
-    ``y`` with a scalar ``d``; 0 off ``mask``)."""
+    """One chunk of a tile in ``MODE``, each lane typed by its dtype code:
+    ``d, z`` (``z`` is the prox input ``y`` with a scalar ``d``; 0 off ``mask``)."""
     d = tl.zeros(mask.shape, dtype=tl.float32)
     z = d
-    m = mask & (code == DT_FP32)
-    if tl.max(tl.max(m.to(tl.int32), axis=1), axis=0) > 0:
-        d1, z1 = _typed(pa, ga, s0a, s1a, s2a, m, sigma, scale, active, h0, h1, h2, h3, h4, h5,
-                        h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE, tl.float32)
-        d = tl.where(m, d1, d)
-        z = tl.where(m, z1, z)
-    m = mask & (code == DT_BF16)
-    if tl.max(tl.max(m.to(tl.int32), axis=1), axis=0) > 0:
-        d1, z1 = _typed(pa, ga, s0a, s1a, s2a, m, sigma, scale, active, h0, h1, h2, h3, h4, h5,
-                        h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE, tl.bfloat16)
-        d = tl.where(m, d1, d)
-        z = tl.where(m, z1, z)
-    m = mask & (code == DT_FP16)
-    if tl.max(tl.max(m.to(tl.int32), axis=1), axis=0) > 0:
-        d1, z1 = _typed(pa, ga, s0a, s1a, s2a, m, sigma, scale, active, h0, h1, h2, h3, h4, h5,
-                        h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE, tl.float16)
-        d = tl.where(m, d1, d)
-        z = tl.where(m, z1, z)
+    d, z = _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3,
+                  h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE, DT_FP32, tl.float32)
+    d, z = _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3,
+                  h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE, DT_BF16, tl.bfloat16)
+    d, z = _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3,
+                  h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE, DT_FP16, tl.float16)
     return d, z
 
 
@@ -277,12 +277,13 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                 inv_zz = inv_norm * inv_norm
                 sigma, todo, steps = _warm_start(wa * inv_zz, wb * inv_zz, wc * inv_zz,
                                                  we * inv_zz, s_prev, sigma, rel_excess, todo,
-                                                 newton_tol, False)
+                                                 newton_tol, True)
                 it = 0
                 while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
                     sa = tl.zeros([BU], dtype=tl.float32)
                     sb = sa
                     sc = sa
+                    se = sa
                     going = gmask & (todo != 0)  # only units still iterating re-read
                     for c0 in range(0, tl.max(tl.where(going, size, 0), axis=0), BE):
                         pa, ga, s0a, s1a, s2a, code, inside = _lanes(
@@ -294,8 +295,9 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                         sa += _gsum(ta, inside)
                         sb += _gsum(tb, inside)
                         sc += _gsum(tc, inside)
-                    sigma, todo = _newton_step(sa, sb, sc, sa, rel_excess, sigma, todo,
-                                               newton_tol, False)
+                        se += _gsum(te, inside)
+                    sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo,
+                                               newton_tol, True)
                     it += 1
                 # a nonzero unit's sigma is its warm start next step; a zero unit keeps its own
                 tl.store(sigma_ptr + gu, sigma, mask=gmask & active)
@@ -334,6 +336,9 @@ def units_step_kernel(ttab, rows, ustart, usize, n_units, frows, fstart, fsize, 
 #: Elements per program (``BU * BE``) and most elements of a chunk (``BE``).
 TILE = 2048
 BLOCK_E = 1024
+#: Fewest units per tile: 8 fp32 are one 32-byte sector, so the columns of
+#: consecutive units (a consumer's inputs) are read in whole sectors.
+MIN_UNITS = 8
 #: Most free runs in one piece.
 PIECE_ROWS = 8
 _NUM_WARPS = 4
@@ -386,9 +391,9 @@ class _Tables:
         seg = table.segments.numpy()
         start = table.unit_start.numpy()
         sizes = table.sizes.numpy().astype(np.int64)
-        # chunks as wide as the typical unit (the longer ones take several), as
-        # many units per tile as fill TILE
-        self.be = min(BLOCK_E, max(16, _np2(int(np.median(sizes)))))
+        # chunks as wide as the typical unit (the longer ones take several), at
+        # least MIN_UNITS units per tile, as many as fill TILE
+        self.be = min(BLOCK_E, TILE // MIN_UNITS, max(16, _np2(int(np.median(sizes)))))
         self.bu = max(1, min(TILE // self.be, _np2(table.units)))
         frows, fstart = _pieces(table.free.numpy(), self.be)
         fsizes = np.array([frows[a:b, 2].sum() for a, b in zip(fstart[:-1], fstart[1:])],
