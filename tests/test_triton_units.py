@@ -64,8 +64,21 @@ def _norm(params, units):
     return U.normalize_units(units, [p.shape for p in params])
 
 
-@pytest.mark.parametrize("name", F.NAMES)
-def test_units_match_the_reference(on_triton, counts, name):
+def _tile_paths(KU):
+    """Which tile paths (``one_chunk``: units in registers) the cached launch tables took."""
+    return {t.one_chunk for per_device in KU._TABLES.values() for t in per_device.values()}
+
+
+@pytest.mark.parametrize("name, registers", [(n, True) for n in F.NAMES] +
+                         [("RAMDA", False), ("ProxAdamW", False)])
+def test_units_match_the_reference(on_triton, counts, monkeypatch, name, registers):
+    """Units in registers (`_problem`'s fit) and, with no unit held, in chunks
+    re-read per Newton step (NOTE: [unit tile])."""
+    from ramda_kernels.triton_kernels import units as KU
+
+    monkeypatch.setattr(KU, "_TABLES", type(KU._TABLES)())
+    if not registers:
+        monkeypatch.setattr(KU, "REGISTER_E", 0)
     params, units = F._problem(0)
     norm = _norm(params, units)
     assert {len({i for i, _, _ in u}) for u in norm} == set(range(1, 7))
@@ -76,6 +89,7 @@ def test_units_match_the_reference(on_triton, counts, name):
     assert 0 < zeros < len(norm), zeros  # zero and nonzero units compared
     # one launch per step, nothing per tensor, the reference's unit step only for `ref` and `truth`
     assert counts == {"units": 6, "per_tensor": 0, "reference": 12}
+    assert _tile_paths(KU) == {registers}
     if name in ("RAMDA", "ProxAdamW"):
         sigma = fast.state[fast.param_groups[0]["params"][0]][U.SIGMA_KEY]
         assert sigma.dtype == torch.float32 and sigma.shape == (len(norm),)
@@ -135,7 +149,8 @@ def test_units_of_real_models_match_the_reference(on_triton, monkeypatch, kind, 
     from ramda_kernels.grouping import group_parameters
     from ramda_kernels.triton_kernels import units as KU
 
-    monkeypatch.setattr(KU, "TILE", 16384)  # fewer, larger tiles: the interpreter pays per operation
+    # fewer, larger tiles: the interpreter pays per operation
+    monkeypatch.setattr(KU, "REGISTER_TILE", 65536)
     monkeypatch.setattr(KU, "_TABLES", type(KU._TABLES)())
     model, x = F._model(kind)
     groups = group_parameters(model, lambda_=1.0, grouping="units", example_inputs=x)

@@ -93,6 +93,7 @@ MODE_FIRST = tl.constexpr(0)  # update the state, return d, z
 MODE_NEW = tl.constexpr(1)    # d, z from the new state
 MODE_WRITE = tl.constexpr(2)  # the new parameter from the unit's solution
 MODE_FREE = tl.constexpr(3)   # update and write unregularized (no unit)
+MODE_WRITE_HELD = tl.constexpr(4)  # MODE_WRITE from the d, z given (a tile in registers)
 
 
 # ---------------------------------------------------------------------------
@@ -127,7 +128,8 @@ def _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask, OPT: tl.constexpr, BU: tl.c
             sel = valid[:, None] & (k >= 0) & (k < size[:, None])
             k = tl.where(sel, k, 0)
             eo = (tl.load(row + RCOL_OFFSET, mask=valid, other=0)[:, None]
-                  + (k // cnt[:, None]) * tl.load(row + RCOL_OUTER_STRIDE, mask=valid, other=0)[:, None]
+                  + (k // cnt[:, None])
+                  * tl.load(row + RCOL_OUTER_STRIDE, mask=valid, other=0)[:, None]
                   + (k % cnt[:, None]) * tl.load(row + RCOL_STRIDE, mask=valid, other=0)[:, None])
             meta = ttab + ti * TTAB_WIDTH
             dt = tl.load(meta + TCOL_DTYPE, mask=valid, other=0)
@@ -154,7 +156,8 @@ def _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active,
            SCALAR_D: tl.constexpr, SOLVE: tl.constexpr, MODE: tl.constexpr,
            CODE: tl.constexpr, PD: tl.constexpr):
     """`_elems` on the lanes of ``mask`` whose dtype code is ``CODE`` (parameter
-    dtype ``PD``): ``d, z`` with those lanes replaced (none: one reduction)."""
+    dtype ``PD``): ``d, z`` with those lanes replaced (none: one reduction);
+    ``MODE_WRITE_HELD`` writes from the ``d, z`` given."""
     m = mask & (code == CODE)
     if tl.max(tl.max(m.to(tl.int32), axis=1), axis=0) > 0:
         p = pa.to(tl.pointer_type(PD))
@@ -176,9 +179,16 @@ def _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active,
             else:
                 _store_state(s0, s1, s2, offs, m, n0, n1, n2, OPT, AMSGRAD)
         else:
-            cd, cz, x = _load_new(p, s0, s1, s2, offs, m, h0, h1, h2, h3, h4, h5, h6, h7, OPT,
-                                  AMSGRAD, MODE == MODE_WRITE)
-            if MODE == MODE_WRITE:
+            if MODE == MODE_WRITE_HELD:  # RAMDA / RMDA read the parameter for the average only
+                cd = d
+                cz = z
+                x = d * 0.0
+                if OPT == OPT_RAMDA or OPT == OPT_RMDA:
+                    x = tl.load(p + offs, mask=m, other=0.0).to(tl.float32)
+            else:
+                cd, cz, x = _load_new(p, s0, s1, s2, offs, m, h0, h1, h2, h3, h4, h5, h6, h7, OPT,
+                                      AMSGRAD, MODE == MODE_WRITE)
+            if MODE == MODE_WRITE or MODE == MODE_WRITE_HELD:
                 if not SOLVE:
                     w = _closed_form(cd, cz, 0.0, REG_NONE, SCALAR_D)
                 elif SCALAR_D:
@@ -192,13 +202,12 @@ def _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active,
 
 
 @triton.jit
-def _elems(pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3, h4, h5, h6,
-           h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr, SCALAR_D: tl.constexpr,
+def _elems(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3, h4,
+           h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr, SCALAR_D: tl.constexpr,
            SOLVE: tl.constexpr, MODE: tl.constexpr):
     """One chunk of a tile in ``MODE``, each lane typed by its dtype code:
-    ``d, z`` (``z`` is the prox input ``y`` with a scalar ``d``; 0 off ``mask``)."""
-    d = tl.zeros(mask.shape, dtype=tl.float32)
-    z = d
+    ``d, z`` (``z`` is the prox input ``y`` with a scalar ``d``; the given
+    ones off ``mask``, and the ones ``MODE_WRITE_HELD`` writes from)."""
     d, z = _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3,
                   h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE, DT_FP32, tl.float32)
     d, z = _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, h3,
@@ -215,10 +224,11 @@ def _elems(pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active, h0, h1, h2, 
 @triton.jit
 def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
           h0, h1, h2, h3, h4, h5, h6, h7, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
-          SCALAR_D: tl.constexpr, SOLVE: tl.constexpr, FREE: tl.constexpr, BU: tl.constexpr,
-          BE: tl.constexpr):
+          SCALAR_D: tl.constexpr, SOLVE: tl.constexpr, FREE: tl.constexpr,
+          ONE_CHUNK: tl.constexpr, BU: tl.constexpr, BE: tl.constexpr):
     """Units ``t * BU ..`` of ``n`` (NOTE: [unit tile]); ``FREE``: pieces of the
-    free runs instead, one pass, unregularized."""
+    free runs instead, one pass, unregularized. ``ONE_CHUNK``: every unit fits
+    in ``BE``; the tile stays in registers from pass 1 to the write."""
     gu = t * BU + tl.arange(0, BU).to(tl.int64)
     gmask = gu < n
     r0 = tl.load(ustart + gu, mask=gmask, other=0)
@@ -236,12 +246,13 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
     sigma = s_prev
     scale = s_prev + 1.0
     active = gmask
+    zt = tl.zeros([BU, BE], dtype=tl.float32)
     if FREE:
         for c0 in range(0, longest, BE):
             pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask,
                                                          OPT, BU, BE)
-            _elems(pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1, h2, h3, h4,
-                   h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_FREE)
+            _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1, h2,
+                   h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_FREE)
     else:
         zz = tl.zeros([BU], dtype=tl.float32)
         dmax = zz
@@ -250,11 +261,14 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
         wb = zz
         wc = zz
         we = zz
-        for c0 in range(0, longest, BE):
+        d = zt
+        z = zt
+        inside = zt != 0.0
+        for c0 in range(0, longest, BE):  # ONE_CHUNK: once, and d, z, inside are the tile
             pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask,
                                                          OPT, BU, BE)
-            d, z = _elems(pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1, h2,
-                          h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_FIRST)
+            d, z = _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1,
+                          h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_FIRST)
             czz, cmax, cmin = _group_stats(z, d, inside, SCALAR_D)
             zz += czz
             if EXACT:
@@ -277,42 +291,58 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                 inv_zz = inv_norm * inv_norm
                 sigma, todo, steps = _warm_start(wa * inv_zz, wb * inv_zz, wc * inv_zz,
                                                  we * inv_zz, s_prev, sigma, rel_excess, todo,
-                                                 newton_tol, True)
+                                                 newton_tol, not ONE_CHUNK)
                 it = 0
-                while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
-                    sa = tl.zeros([BU], dtype=tl.float32)
-                    sb = sa
-                    sc = sa
-                    se = sa
-                    going = gmask & (todo != 0)  # only units still iterating re-read
-                    for c0 in range(0, tl.max(tl.where(going, size, 0), axis=0), BE):
-                        pa, ga, s0a, s1a, s2a, code, inside = _lanes(
-                            rows, ttab, r0, nrow, maxrows, c0, going, OPT, BU, BE)
-                        d, z = _elems(pa, ga, s0a, s1a, s2a, code, inside, sigma, scale,
-                                      active, h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD,
-                                      SCALAR_D, SOLVE, MODE_NEW)
+                if ONE_CHUNK:  # in registers: Newton steps cost no memory (the reference's rule)
+                    while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
                         ta, tb, tc, te = _newton_terms4(z * inv_norm[:, None], d, sigma[:, None])
-                        sa += _gsum(ta, inside)
-                        sb += _gsum(tb, inside)
-                        sc += _gsum(tc, inside)
-                        se += _gsum(te, inside)
-                    sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo,
-                                               newton_tol, True)
-                    it += 1
+                        sigma, todo = _newton_step(_gsum(ta, inside), _gsum(tb, inside),
+                                                   _gsum(tc, inside), _gsum(te, inside), rel_excess,
+                                                   sigma, todo, newton_tol, False)
+                        it += 1
+                else:
+                    while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
+                        sa = tl.zeros([BU], dtype=tl.float32)
+                        sb = sa
+                        sc = sa
+                        se = sa
+                        going = gmask & (todo != 0)  # only units still iterating re-read
+                        for c0 in range(0, tl.max(tl.where(going, size, 0), axis=0), BE):
+                            pa, ga, s0a, s1a, s2a, code, inside = _lanes(
+                                rows, ttab, r0, nrow, maxrows, c0, going, OPT, BU, BE)
+                            d, z = _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale,
+                                          active, h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD,
+                                          SCALAR_D, SOLVE, MODE_NEW)
+                            ta, tb, tc, te = _newton_terms4(z * inv_norm[:, None], d,
+                                                            sigma[:, None])
+                            sa += _gsum(ta, inside)
+                            sb += _gsum(tb, inside)
+                            sc += _gsum(tc, inside)
+                            se += _gsum(te, inside)
+                        sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo,
+                                                   newton_tol, True)
+                        it += 1
                 # a nonzero unit's sigma is its warm start next step; a zero unit keeps its own
                 tl.store(sigma_ptr + gu, sigma, mask=gmask & active)
-        for c0 in range(0, longest, BE):
-            pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask,
+        if ONE_CHUNK:
+            pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, 0, gmask,
                                                          OPT, BU, BE)
-            _elems(pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1, h2, h3, h4,
-                   h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_WRITE)
+            _elems(d, z, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1, h2,
+                   h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_WRITE_HELD)
+        else:
+            for c0 in range(0, longest, BE):
+                pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, c0,
+                                                             gmask, OPT, BU, BE)
+                _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1,
+                       h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_WRITE)
 
 
 @triton.jit
 def units_step_kernel(ttab, rows, ustart, usize, n_units, frows, fstart, fsize, n_pieces, thr,
                       sigma_ptr, newton_tol, h0, h1, h2, h3, h4, h5, h6, h7,
                       OPT: tl.constexpr, AMSGRAD: tl.constexpr, SCALAR_D: tl.constexpr,
-                      SOLVE: tl.constexpr, BU: tl.constexpr, BE: tl.constexpr):
+                      SOLVE: tl.constexpr, ONE_CHUNK: tl.constexpr, BU: tl.constexpr,
+                      BE: tl.constexpr):
     """One step of optimizer ``OPT`` on a unit group: the first programs one
     tile of ``BU`` units each (NOTE: [unit tile]), the rest ``BU`` pieces of the
     free runs each. ``h0..h7``: the step scalars of step.py's
@@ -323,10 +353,11 @@ def units_step_kernel(ttab, rows, ustart, usize, n_units, frows, fstart, fsize, 
     unit_tiles = (n_units + BU - 1) // BU
     if pid < unit_tiles:
         _tile(pid, rows, ustart, usize, n_units, ttab, thr, sigma_ptr, newton_tol,
-              h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, False, BU, BE)
+              h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, False, ONE_CHUNK, BU,
+              BE)
     else:
         _tile(pid - unit_tiles, frows, fstart, fsize, n_pieces, ttab, thr, sigma_ptr, newton_tol,
-              h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, True, BU, BE)
+              h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, True, False, BU, BE)
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +367,11 @@ def units_step_kernel(ttab, rows, ustart, usize, n_units, frows, fstart, fsize, 
 #: Elements per program (``BU * BE``) and most elements of a chunk (``BE``).
 TILE = 2048
 BLOCK_E = 1024
-#: Fewest units per tile: 8 fp32 are one 32-byte sector, so the columns of
+#: Largest unit (rounded up to a power of two) held in registers, and the
+#: most elements of such a tile (step.py's ``MAX_BLOCK_E``).
+REGISTER_E = 4096
+REGISTER_TILE = 8192
+#: Fewest units per chunked tile: 8 fp32 are one 32-byte sector, so the columns of
 #: consecutive units (a consumer's inputs) are read in whole sectors.
 MIN_UNITS = 8
 #: Most free runs in one piece.
@@ -391,10 +426,14 @@ class _Tables:
         seg = table.segments.numpy()
         start = table.unit_start.numpy()
         sizes = table.sizes.numpy().astype(np.int64)
-        # chunks as wide as the typical unit (the longer ones take several), at
-        # least MIN_UNITS units per tile, as many as fill TILE
-        self.be = min(BLOCK_E, TILE // MIN_UNITS, max(16, _np2(int(np.median(sizes)))))
-        self.bu = max(1, min(TILE // self.be, _np2(table.units)))
+        longest = _np2(int(sizes.max()))
+        self.one_chunk = longest <= REGISTER_E
+        if self.one_chunk:  # every unit in registers, as many as fill REGISTER_TILE
+            self.be = max(16, longest)
+            self.bu = max(1, min(REGISTER_TILE // self.be, _np2(table.units)))
+        else:  # chunks as wide as the typical unit, at least MIN_UNITS per tile
+            self.be = min(BLOCK_E, TILE // MIN_UNITS, max(16, _np2(int(np.median(sizes)))))
+            self.bu = max(1, min(TILE // self.be, _np2(table.units)))
         frows, fstart = _pieces(table.free.numpy(), self.be)
         fsizes = np.array([frows[a:b, 2].sum() for a, b in zip(fstart[:-1], fstart[1:])],
                           dtype=np.int64)
@@ -449,7 +488,8 @@ def run_units(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch.T
         tabs.n_units, tabs.frows, tabs.fstart, tabs.fsize, tabs.n_pieces, thr,
         sigma if sigma is not None else thr, newton_tolerance(torch.float32), *h,
         OPT=_OPT[name], AMSGRAD=bool(amsgrad) and name == "proxadamw", SCALAR_D=scalar_d,
-        SOLVE=solve, BU=tabs.bu, BE=tabs.be, num_warps=_NUM_WARPS)
+        SOLVE=solve, ONE_CHUNK=tabs.one_chunk, BU=tabs.bu, BE=tabs.be,
+        num_warps=_NUM_WARPS if not tabs.one_chunk else 8)
 
 
 __all__ = ["units_step_kernel", "run_units", "TILE", "BLOCK_E"]
