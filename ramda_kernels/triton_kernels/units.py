@@ -18,8 +18,13 @@ union, ``(outer, inner)`` order), so each lane carries its own addresses and
 dtype code (`_lanes`) and one chunk may span several rows and tensors.
 Consecutive units are mostly neighbours in memory in their consumer slices
 (columns ``k, k+1, ..`` of a weight), so a tile of at least ``MIN_UNITS``
-reads those in whole sectors. Per step, as step.py's two-pass plan (NOTE:
-[two-pass plan] there):
+reads those in whole sectors. When every unit of the group fits in
+``REGISTER_E`` elements (``ONE_CHUNK``, step.py's register tiles, NOTE:
+[registers tile live set] there) the tile is one chunk: it is read and
+updated once, the Newton solve iterates on registers with the reference's
+stopping rule, and the write reads only the parameter (RAMDA / RMDA's
+average): one read and one write per element. Larger units run in chunks, as
+step.py's two-pass plan (NOTE: [two-pass plan] there):
 
 * pass 1 reads gradient, parameter where ``z`` needs it and the old state,
   writes the new state, and sums per unit ``sum z^2``, ``max d``, ``min d``
