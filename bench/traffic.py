@@ -528,7 +528,111 @@ def _fmt_passes(passes: Dict[str, Tuple[float, float]]) -> str:
     return " ".join(f"{k}={r:.2g}/{w:.2g}" for k, (r, w) in sorted(passes.items()))
 
 
+# ---------------------------------------------------------------------------
+# Unit groups (ramda_kernels/triton_kernels/units.py) against ordinary groups
+# ---------------------------------------------------------------------------
+
+def _metered_step(opt, params, tables=()) -> Tuple[Meter, int]:
+    """One step of ``opt`` under the meter, every tensor it touches named."""
+    meter = Meter()
+    for i, p in enumerate(params):
+        meter.region("param", p)
+        meter.region("grad", p.grad)
+        for key, st in opt.state[p].items():
+            if isinstance(st, torch.Tensor) and st.numel() > 1:
+                meter.region(f"state {key}", st)
+    for name, t in tables:
+        meter.region(name, t)
+    with meter.counting():
+        opt.step()
+    return meter, sum(r.read + r.written for r in meter.regions + [meter.other])
+
+
+def units_traffic(kind: str, width: int, layers: int, optimizer: str, dtype: torch.dtype,
+                  warmup: int, tiles: int, rows: int) -> Dict[str, Any]:
+    """Steady-state bytes per element of the Triton unit step on bench_step.py's unit
+    stack (``kind`` mlp or conv, ``layers`` x ``width``: hidden neurons / channels as
+    units over their producer rows, biases / BatchNorm entries and consumer columns),
+    metered on its first ``tiles`` tiles of units (the launch cut to them: every unit
+    costs the same, so a slice of whole tiles stands for all); and of per-tensor
+    output-wise groups of the same weights (their first ``rows`` output rows). Both
+    warm up ``warmup`` steps on the reference (the unit sigma is the warm start)."""
+    import bench_step
+    import ramda_kernels as rk
+    from ramda_kernels.backends import _units
+    from ramda_kernels.triton_kernels import units as KU
+
+    cls = {"ramda": rk.RAMDA, "proxadamw": rk.ProxAdamW}[optimizer]
+    hp = dict(lr=LR[optimizer], lambda_=LAMBDA[optimizer]["group_lasso"] / 4)
+    gen = torch.Generator().manual_seed(0)
+    params, units, per_tensor = bench_step._unit_stack(kind, width, layers, torch.device("cpu"), gen)
+    out: Dict[str, Any] = {}
+    cases = {"units": ([{"params": params, "units": units, **hp}], params)}
+    weights = per_tensor["output-wise"][0]
+    small = [torch.nn.Parameter(w.detach()[:rows].clone()) for w in weights["params"]]
+    cases["output-wise"] = ([{"params": small, "dims": weights["dims"], **hp}], small)
+    for case, (groups, ps_) in cases.items():
+        ps_ = [torch.nn.Parameter(p.detach().to(dtype)) for p in ps_]
+        for g in groups:
+            g["params"] = ps_
+        ref = cls(groups, backend="reference")
+        for _ in range(warmup):
+            for p in ps_:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            ref.step()
+        opt = cls([dict(g) for g in groups], backend="triton")
+        opt.load_state_dict(ref.state_dict())
+        for p in ps_:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        tables, elements = [], sum(p.numel() for p in ps_)
+        if case == "units":
+            group = opt.param_groups[0]
+            table = _units.table_of(group, ps_)
+            tabs = KU._tables(table, torch.device("cpu"))
+            n_tiles = min(tiles, -(-tabs.n_units // tabs.bu))
+            tabs.grid = (n_tiles,)  # the slice: whole tiles of units, no free pieces
+            elements = int(table.sizes[:n_tiles * tabs.bu].sum())
+            tables = [("tables", t) for t in (tabs.rows, tabs.ustart, tabs.usize)]
+        meter, issued = _metered_step(opt, ps_, tables)
+        if case == "units":
+            KU._TABLES.pop(table, None)
+        by = meter.by_name()
+        sectors = sum(o["sectors"] for o in by.values())
+        out[case] = dict(elements=elements, bytes_per_elem=issued / elements,
+                         sector_eff=issued / (SECTOR * sectors) if sectors else 0.0,
+                         by={k: (v["read"] + v["written"]) / elements for k, v in by.items()
+                             if v["read"] + v["written"]})
+    return out
+
+
+def units_main(argv) -> int:
+    p = argparse.ArgumentParser(description="Triton unit-group traffic (units_traffic)")
+    p.add_argument("--stacks", default="mlp:512:4,conv:64:4", help="kind:width:layers,...")
+    p.add_argument("--optimizers", default="ramda,proxadamw")
+    p.add_argument("--dtypes", default="fp32")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--tiles", type=int, default=4, help="tiles of units metered")
+    p.add_argument("--rows", type=int, default=32, help="output rows per weight, ordinary groups")
+    a = p.parse_args(argv)
+    print("| stack | optimizer | dtype | grouping | elements | B/elem | sector eff | B/elem by tensor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for stack in a.stacks.split(","):
+        kind, width, layers = stack.split(":")
+        for opt in a.optimizers.split(","):
+            for dt in a.dtypes.split(","):
+                r = units_traffic(kind, int(width), int(layers), opt, DTYPES[dt], a.warmup,
+                                  a.tiles, a.rows)
+                for case, x in r.items():
+                    by = ", ".join(f"{k} {v:.1f}" for k, v in sorted(x["by"].items()))
+                    print(f"| {kind} {layers}x{width} | {opt} | {dt} | {case} | {x['elements']} "
+                          f"| {x['bytes_per_elem']:.1f} | {x['sector_eff']:.0%} | {by} |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["units"]:  # TRITON_INTERPRET=1 python bench/traffic.py units [...]
+        return units_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--optimizers", default="ramda")

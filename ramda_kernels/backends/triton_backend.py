@@ -754,5 +754,26 @@ proxsgd = _functional(_D.PROXSGD)
 _ops.register("triton", ramda=ramda, rmda=rmda, proxadamw=proxadamw, proxsgd=proxsgd)
 
 
+#: What the unit step (`_register_units`) takes: dense tensors whose gradients
+#: have the parameter's dtype and strides.
+UNIT_CAPABILITIES = Capabilities()
+
+
+def _register_units() -> None:
+    """Param groups with ``units`` run as one launch per group and step
+    (``ramda_kernels.triton_kernels.units``, on the segment table of
+    ``_units.py``); what `_rules.unit_group_problem` refuses with
+    `UNIT_CAPABILITIES` runs on the reference."""
+    if _K is None:
+        return
+    from ..triton_kernels import units as unit_kernels
+    from . import _units
+
+    _ops.register_units("triton", _units.fused_step(unit_kernels.run_units, UNIT_CAPABILITIES))
+
+
+_register_units()
+
+
 __all__ = ["ramda", "rmda", "proxadamw", "proxsgd", "why_unavailable", "clear_cache", "TILE",
            "MAX_BLOCK_E", "INTERPRETED", "newton_counts"]
