@@ -81,17 +81,20 @@ class _BackendChoice:
 
     def _unit_step(self, params):
         # param groups with ``units``: the backend's fused unit step where it has
-        # one; FSDP2's DTensors are gathered and stepped whole by the same step on
-        # every rank (so a sharded run equals the unsharded one)
+        # one; for FSDP2's DTensors the same step on the local shards of the units
+        # each rank holds whole, the rest gathered and stepped whole on every rank
+        # (NOTE: [local units] in distributed.py), so a sharded run equals the
+        # unsharded one
         step = _ops.unit_kernel(backends.resolve(self.backend, params[0].device))
         if not any(distributed.is_dtensor(p) for p in params):
             return step
 
-        def gathered(definition, group, params, states, grads, t, alpha, hp):
-            functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += len(params)
-            return distributed.gathered_unit_step(step, definition, group, params,
-                                                  states, grads, t, alpha, hp)
-        return gathered
+        def sharded(definition, group, params, states, grads, t, alpha, hp):
+            def gathered(n):
+                functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += n
+            return distributed.sharded_unit_step(step, definition, group, params, states, grads,
+                                                 t, alpha, hp, gathered)
+        return sharded
 
     #: The NaN/Inf gradient screen: the C++ extension's one pass on CPU
     #: gradients, the reference's otherwise (ramda_kernels.backends._ext), on

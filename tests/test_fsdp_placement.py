@@ -145,12 +145,26 @@ def _gpt2_units():
     return model, groups, list(model.transformer.h)
 
 
-MODELS = {"charlm": _charlm, "convnet": _convnet, "gpt2-units": _gpt2_units}
+def _mlp_units():
+    """An MLP with one unit per hidden neuron (row of the first weight, its bias,
+    column of the second): under the placement every unit lies in one rank's shards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 6))
+    groups = rk.group_parameters(model, lambda_=3e-3, grouping="units",
+                                 example_inputs=torch.randn(2, 2, 8, 8))
+    return model, groups, [model[1], model[3]]
+
+
+MODELS = {"charlm": _charlm, "convnet": _convnet, "gpt2-units": _gpt2_units, "mlp-units": _mlp_units}
+#: the tensors whose units cut across shards, gathered at every step: per GPT-2
+#: block c_attn's weight and bias (a head's q, k and v columns lie a third of
+#: the width apart, a shard is half) and attn.c_proj's weight (in a head's units)
+GATHERED = {"gpt2-units": 3 * 2}
 
 
 def _batches(case):
     g = torch.Generator().manual_seed(5)
-    if case != "convnet":
+    if case not in ("convnet", "mlp-units"):
         return [(torch.randint(0, VOCAB, (4, CONTEXT), generator=g),) * 2 for _ in range(STEPS)]
     return [(torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 6, generator=g)) for _ in range(STEPS)]
 
@@ -159,7 +173,7 @@ def _loss(case, model, x, y):
     out = model(x)
     if case == "gpt2-units":
         out = out.logits
-    if case != "convnet":  # next-token prediction
+    if case not in ("convnet", "mlp-units"):  # next-token prediction
         return nn.functional.cross_entropy(out[:, :-1].reshape(-1, VOCAB), y[:, 1:].reshape(-1))
     return nn.functional.mse_loss(out, y)
 
@@ -256,9 +270,10 @@ def _zero_groups(p, group):
 @needs_fsdp2
 @pytest.mark.parametrize("case,name,placed", [
     ("charlm", "ramda", True), ("convnet", "ramda", True), ("convnet", "proxadamw", True),
-    ("gpt2-units", "ramda", True), ("convnet", "ramda", False)],
-    ids=["charlm-ramda", "convnet-ramda", "convnet-proxadamw", "gpt2-units-ramda",
-         "convnet-ramda-default-placement"])
+    ("gpt2-units", "ramda", True), ("mlp-units", "ramda", True), ("mlp-units", "proxadamw", True),
+    ("convnet", "ramda", False)],
+    ids=["charlm-ramda", "convnet-ramda", "convnet-proxadamw", "gpt2-units-ramda", "mlp-units-ramda",
+         "mlp-units-proxadamw", "convnet-ramda-default-placement"])
 def test_fsdp2_placement_matches_unsharded_steps_locally_and_resumes(tmp_path, case, name, placed):
     from ramda_kernels import backends
     if backends.why_unavailable("cpu", "cpu"):
@@ -301,7 +316,8 @@ def test_fsdp2_placement_matches_unsharded_steps_locally_and_resumes(tmp_path, c
             assert not got["saved_sigmas"], "groups spanning ranks cold-start"
             continue
         assert fused_fallbacks == {}, f"rank {r} stepped tensors on the reference: {got['fallbacks']}"
-        assert (units in got["fallbacks"]) == (case == "gpt2-units")
+        # the units each rank holds whole step on its shards: only the spanning ones gather
+        assert got["fallbacks"].get(units, 0) == GATHERED.get(case, 0) * STEPS, got["fallbacks"]
         assert any(got["placements"][n] == [str(Shard(1))] for n in want)  # not FSDP2's own
         # a warm start per local group, saved and loaded by DCP unchanged
         assert sorted(k for k in got["saved_sigmas"] if "#" not in k) == sorted(grouped)
