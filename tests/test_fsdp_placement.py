@@ -375,3 +375,69 @@ def test_fsdp2_nan_in_one_shard_stops_every_rank(tmp_path):
     for r in range(2):
         got = torch.load(f"{prefix}.{r}")
         assert got == {"raised": True, "unchanged": True}, (r, got)
+
+
+def _full_sigmas(model, opt):
+    """name -> the global warm-start sigma (every rank's groups, in the global order)."""
+    return {n: opt.state[p]["sigma"].full_tensor().clone() for n, p in model.named_parameters()
+            if opt.state[p].get("sigma") is not None}
+
+
+def _reshard_worker(rank, world, rendezvous, mode, ckpt_dir, out_prefix):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init_group(rank, world, rendezvous)
+    try:
+        batches = _batches("convnet")
+        model, groups = _sharded("convnet", True)
+        opt = _optimizer("ramda", groups)
+        if mode == "save":
+            _train("convnet", model, opt, batches[:SAVE_AT])
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+            out = {"sigmas": _full_sigmas(model, opt)}
+        else:
+            _train("convnet", model, opt, batches[:1])  # state for the load to fill
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=ckpt_dir)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            loaded = _full_sigmas(model, opt)
+            _train("convnet", model, opt, batches[SAVE_AT:])
+            out = {"sigmas": loaded, "params": {n: p.full_tensor().detach().clone()
+                                                for n, p in model.named_parameters()},
+                   "fallbacks": dict(functional.DTENSOR_FALLBACKS)}
+        torch.save(out, f"{out_prefix}.{mode}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("save_world,load_world", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_fsdp2_dcp_reload_onto_another_world_size(tmp_path, save_world, load_world):
+    """A DCP checkpoint saved on ``save_world`` ranks resumes on ``load_world``:
+    the sigma is a DTensor sharded like its kept dim, saved by global index, so
+    the load reshards it to the new ranks' groups (no cold start, no wrong
+    sigma) and the run ends where the unsharded one ends."""
+    from ramda_kernels import backends
+    if backends.why_unavailable("cpu", "cpu"):
+        pytest.skip(f"the fused cpu backend: {backends.why_unavailable('cpu', 'cpu')}")
+    ckpt, prefix = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    for mode, world in (("save", save_world), ("load", load_world)):
+        (tmp_path / mode).mkdir()
+        launch(_reshard_worker, tmp_path / mode, mode, ckpt, prefix, world=world)
+    saved = torch.load(f"{prefix}.save.0")["sigmas"]
+    assert saved and any(bool((s > 0).any()) for s in saved.values())
+    model, groups, _ = MODELS["convnet"]()
+    opt = _optimizer("ramda", groups)
+    _train("convnet", model, opt, _batches("convnet"))
+    for r in range(load_world):
+        got = torch.load(f"{prefix}.load.{r}")
+        assert sorted(got["sigmas"]) == sorted(saved)
+        for n, s in saved.items():
+            assert torch.equal(got["sigmas"][n], s), f"rank {r}: sigma of {n} after the reload"
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"rank {r}, resumed {n}: {m}")
+        assert not got["fallbacks"], got["fallbacks"]
