@@ -28,6 +28,15 @@ never in ``to_local()``) and refuses uneven chunks on a dim other than 0, so
 the placement picks among the kept dims that are dim 0 or divisible by the
 world size, the one with the most groups along it.
 
+NOTE: [sharded sigma]
+The warm start's sigma of a local DTensor has the shape of the kept dims,
+sharded on the kept dim that the parameter's shard splits: a shard of
+``[out, in, kh, kw]`` with per-filter groups (``dims=(2, 3)``) on ``Shard(1)``
+holds groups ``[out, in / world]``, which are not a contiguous run of the
+global row-major order but are one DTensor shard of the ``[out, in]`` sigma.
+The fused step reads the local part flat (it is contiguous); DCP saves and
+loads it by global index, onto any world size.
+
 NOTE: [local units]
 A unit group (``units``, docs/math.md section 3, coupled groups) of DTensors
 on a 1-D mesh: a unit whose every slice lies along its tensor's sharded dim
@@ -174,17 +183,22 @@ def _local_view(shape, local_shape, placements, mesh_shape, regularizer, no_lamb
     return True, tuple(vshape)
 
 
-def sigma_layout(p, group: Dict[str, Any]) -> Optional[Tuple[int, int]]:
-    """``(local groups, global groups)`` of DTensor ``p``'s warm-start sigma,
-    or ``None`` where ``p`` keeps none (docs/math.md section 4, warm-start
-    item): its groups span ranks, or they are kept along more than one
-    (view) dimension, whose local order is not a chunk of the global one."""
+def sigma_layout(p, group: Dict[str, Any]) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...],
+                                                               Optional[int]]]:
+    """``(local shape, global shape, sharded dim)`` of DTensor ``p``'s warm-start
+    sigma, or ``None`` where ``p`` keeps none (docs/math.md section 4,
+    warm-start item): its groups span ranks. The sigma has the shape of the
+    kept (view) dims, one value per group in the reference's row-major group
+    order, and is sharded on the kept dim that holds ``p``'s shard (``sharded
+    dim``; ``None`` when no kept dim is split), so that each rank's part is
+    its local groups in their local row-major order, however many dims the
+    groups keep (NOTE: [sharded sigma])."""
     return _sigma_layout(*_layout_key(p, group))
 
 
 @functools.lru_cache(maxsize=4096)
 def _sigma_layout(shape, local_shape, placements, mesh_shape, regularizer, no_lambda, solver, view,
-                  dims) -> Optional[Tuple[int, int]]:
+                  dims):
     ok, lview = _local_view(shape, local_shape, placements, mesh_shape, regularizer, no_lambda,
                             solver, view, dims)
     if not ok:
@@ -192,23 +206,32 @@ def _sigma_layout(shape, local_shape, placements, mesh_shape, regularizer, no_la
     vshape = _resolve_view(shape, view)
     reduced = set(normalize_dims(dims, len(vshape)))
     kept = [i for i in range(len(vshape)) if i not in reduced]
-    if len(kept) > 1:
-        return None
+    if not kept:
+        return (1,), (1,), None
     local = _resolve_view(local_shape, lview)
-    return (local[kept[0]], vshape[kept[0]]) if kept else (1, 1)
+    split = _split_of(shape, vshape)
+    at = None
+    for pl in placements:
+        if pl.is_shard() and pl.dim % len(shape) in split:
+            a = split[pl.dim % len(shape)][0]
+            at = kept.index(a) if a in kept else None
+    return tuple(local[i] for i in kept), tuple(vshape[i] for i in kept), at
 
 
 def new_sigma(p, group: Dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-    """A zero (cold) sigma of DTensor ``p``: a 1-D DTensor over ``p``'s mesh,
-    sharded on mesh dims where ``p`` is sharded, so each rank holds its local
-    groups' values and torch.distributed.checkpoint saves every rank's."""
+    """A zero (cold) sigma of DTensor ``p`` (`sigma_layout`): a DTensor over
+    ``p``'s mesh, sharded where ``p`` is, so each rank holds its local groups'
+    values and torch.distributed.checkpoint saves (and reshards on load) by
+    global index."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    local, total = sigma_layout(p, group)
-    placements = [Shard(0) if pl.is_shard() else Replicate() for pl in p.placements]
+    local, total, at = sigma_layout(p, group)
+    placements = [Shard(0 if at is None else at) if pl.is_shard() else Replicate()
+                  for pl in p.placements]
     data = torch.zeros(local, dtype=dtype, device=p.to_local().device)
-    return DTensor.from_local(data, p.device_mesh, placements, run_check=False, shape=(total,),
-                              stride=(1,))
+    stride = tuple(math.prod(total[i + 1:]) for i in range(len(total)))
+    return DTensor.from_local(data, p.device_mesh, placements, run_check=False, shape=total,
+                              stride=stride)
 
 
 def _write_local(x, full: torch.Tensor) -> None:
