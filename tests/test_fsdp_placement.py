@@ -231,9 +231,22 @@ def _sigmas(model, opt):
     return out
 
 
-def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out_prefix):
+def _dcp_resume(case, model, opt, batches, ckpt_dir):
+    """Load the DCP checkpoint at ``ckpt_dir`` into ``model`` and ``opt`` (after one
+    step, so that the optimizer state the load fills exists)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _train(case, model, opt, batches[:1])
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out_prefix):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     _init_group(rank, world, rendezvous)
     try:
@@ -259,11 +272,7 @@ def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out
 
         resumed, groups2 = _sharded(case, placed)
         opt2 = _optimizer(name, groups2)
-        _train(case, resumed, opt2, batches[:1])  # create state so the load has somewhere to go
-        msd2, osd2 = get_state_dict(resumed, opt2)
-        state = {"model": msd2, "optim": osd2}
-        dcp.load(state, checkpoint_id=ckpt_dir)
-        set_state_dict(resumed, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _dcp_resume(case, resumed, opt2, batches, ckpt_dir)
         loaded_sigmas = _sigmas(resumed, opt2)
         _train(case, resumed, opt2, batches[SAVE_AT:])
         again = {n: p.full_tensor().detach().clone() for n, p in resumed.named_parameters()}
@@ -407,7 +416,7 @@ def _full_sigmas(model, opt):
 
 def _reshard_worker(rank, world, rendezvous, case, mode, ckpt_dir, out_prefix):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     _init_group(rank, world, rendezvous)
     try:
@@ -420,11 +429,7 @@ def _reshard_worker(rank, world, rendezvous, case, mode, ckpt_dir, out_prefix):
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
             out = {"sigmas": _full_sigmas(model, opt)}
         else:
-            _train(case, model, opt, batches[:1])  # state for the load to fill
-            msd, osd = get_state_dict(model, opt)
-            state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=ckpt_dir)
-            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            _dcp_resume(case, model, opt, batches, ckpt_dir)
             loaded = _full_sigmas(model, opt)
             _train(case, model, opt, batches[SAVE_AT:])
             out = {"sigmas": loaded, "params": {n: p.full_tensor().detach().clone()
