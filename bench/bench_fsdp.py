@@ -120,6 +120,8 @@ def _worker(rank, world, rendezvous, mode, args, out):
         _grads(model.parameters(), seed=rank + 1)
         functional.DTENSOR_FALLBACKS.clear()
         times = _time_steps(opt, args.steps, dist.barrier)
+        if args.profile and mode == "placed":
+            _profile_step(opt, rank, args.profile)
         slowest = torch.tensor(times, dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if rank == 0:
@@ -128,6 +130,46 @@ def _worker(rank, world, rendezvous, mode, args, out):
                         "fallbacks": sum(functional.DTENSOR_FALLBACKS.values())}, out)
     finally:
         dist.destroy_process_group()
+
+
+#: Functions whose calls per step `--profile` counts (substrings of cProfile's
+#: ``file:line(function)`` keys): collectives, DTensor/FSDP2 work, our per-tensor Python.
+_COUNTED = {"collectives": ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"),
+            "to_local": ("(to_local)",), "from_local": ("(from_local)",),
+            "DTensor dispatch": ("_dispatch.py", "(__torch_dispatch__)"),
+            "FSDP2 hooks": ("_fsdp_state.py", "_fsdp_param_group.py"),
+            "local_view": ("(local_view)",), "fused op": ("(_run)",),
+            "finite_flags": ("(finite_flags)",)}
+
+
+def _profile_step(opt, rank: int, path: str) -> None:
+    """One more step under cProfile on each rank: ``path.RANK.txt`` gets the
+    calls per step of `_COUNTED` and the 30 functions with the most own time."""
+    import cProfile
+    import io
+    import pstats
+
+    dist.barrier()
+    prof = cProfile.Profile()
+    prof.enable()
+    opt.step()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    counts = {k: 0 for k in _COUNTED}
+    times = {k: 0.0 for k in _COUNTED}
+    for (file, line, fn), (_, ncalls, _, cum, _) in stats.stats.items():
+        key = f"{file}:{line}({fn})"
+        for what, needles in _COUNTED.items():
+            if any(n in key for n in needles):
+                counts[what] += ncalls
+                times[what] = max(times[what], cum)
+    buf = io.StringIO()
+    buf.write(f"rank {rank}: one placed step, {stats.total_tt:.3f} s under cProfile\n")
+    for what in _COUNTED:
+        buf.write(f"  {what:17s} {counts[what]:7d} calls, largest cumulative {times[what]:.3f} s\n")
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    with open(f"{path}.{rank}.txt", "w") as f:
+        f.write(buf.getvalue())
 
 
 def _distributed(mode: str, args) -> dict:
@@ -181,6 +223,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lambda", dest="lambda_", type=float, default=1e-4)
     ap.add_argument("--modes", default="placed,single,single-x2,adamw,spanning")
     ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument("--profile", default=None, metavar="PATH",
+                    help="after the timed placed steps, one step under cProfile per rank: "
+                         "PATH.RANK.txt (calls per step of collectives, DTensor conversions, "
+                         "FSDP2 hooks, fused-op calls; the top functions by own time)")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -11,13 +11,16 @@
 # run). Logs, the CSV, RESULTS.md and the plot go to $OUT (default
 # bench/out); at most 8 files, as the device tool brings back.
 #
+# Stage 3b prints bench/state_bytes.py's table (on a GPU with the allocator's
+# counters: torch.cuda.max_memory_allocated per optimizer and dtype).
+#
 # Stage 5 runs compute-sanitizer (memcheck, racecheck, synccheck, initcheck)
 # on one small RAMDA + group lasso step per backend (cuda, triton) with what
 # time is left, when the tool is on the machine; verdicts in sanitizer.log.
 #
 # Knobs: RAMDA_CHECK_TOTAL, RAMDA_CHECK_T_BUILD (200), RAMDA_CHECK_T_TESTS (140),
 # RAMDA_CHECK_T_SANITIZE (60 per tool and backend),
-# RAMDA_CHECK_T_VALIDATE (80), RAMDA_CHECK_T_BENCH (130); VALIDATE_ARGS (default
+# RAMDA_CHECK_T_VALIDATE (80), RAMDA_CHECK_T_STATE (40), RAMDA_CHECK_T_BENCH (130); VALIDATE_ARGS (default
 # --quick), BENCH_ARGS (extra arguments for bench/bench_step.py), PYTEST_K (default
 # "cuda or triton or gpu"); RAMDA_BENCH_COMMIT names the commit when .git is absent.
 # Merge the results here afterwards with:
@@ -31,7 +34,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --skip-build) SKIP_BUILD=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -123,6 +126,12 @@ stage validate "${RAMDA_CHECK_T_VALIDATE:-80}" "$OUT/validate.log" \
     "$PY" -m ramda_kernels validate --device "$DEVICE" ${VALIDATE_ARGS:---quick}
 VALIDATE_LINE=$(grep -E "cases in|cases pass|cannot run|no CUDA" "$OUT/validate.log" | tr '\n' ';')
 
+# -- 3b. optimizer state bytes per parameter, every optimizer and dtype: summed state tensors
+#        and, on a GPU, torch.cuda.memory_allocated / max_memory_allocated around the first step
+#        (the README's state-bytes table); logged with validate (the tool brings back 8 files)
+stage state-bytes "${RAMDA_CHECK_T_STATE:-40}" "$OUT/validate.log" \
+    "$PY" bench/state_bytes.py --device "$DEVICE"
+
 # -- 4. benchmarks: RAMDA + group lasso exact fp32 on resnet50 and gpt2-medium vs fused AdamW,
 #       copy bandwidth, reference-PG on resnet50, small solver and scaling sweeps
 SETS=""
@@ -178,6 +187,9 @@ fi
     printf '%s\n' "${STATUS[@]}"
     echo "tests:    ${TESTS_LINE:-see tests.log}"
     echo "validate: ${VALIDATE_LINE:-see validate.log}"
+    echo
+    awk '/^state bytes per parameter element/{p=1; print; next} p && /^\|/{print; next} {p=0}' \
+        "$OUT/validate.log"
     echo
     # the bench's copy line and step table (its markdown, from "Copy bandwidth" to the solver section)
     awk '/^Copy bandwidth/{p=1} /^### Solver/{p=0} p' "$OUT/bench.log" | grep -E '^(Copy|\||- `)'

@@ -28,6 +28,8 @@ from typing import List
 
 import torch
 
+from ramda_ref.definitions import DEFINITIONS
+
 from . import backends
 from .backends import _ops
 from .distributed import is_dtensor as _is_dtensor
@@ -69,10 +71,15 @@ def _call(name: str, params, args, kwargs, backend: str) -> List:
             f"inside a shard; {len(spanning)} of them need cross-rank group norms (groups spanning "
             f"the sharded dim, nuclear or the PG solver): use backend='auto' or 'reference'")
     out: List = [None] * len(params)
+    # the warm-start sigmas' local parts, flat (NOTE: [sharded sigma] in distributed.py)
+    state = DEFINITIONS[name].state
+    flat = 1 + state.index("sigma") if "sigma" in state else -1
 
     def run(idx, impl: str, convert, kw):
         sub = [convert(params[i]) for i in idx]
         sub_args = [[convert(a[i]) for i in idx] if len(a) else [] for a in args]  # [] : a list not given
+        if convert is _local and 0 <= flat < len(sub_args):
+            sub_args[flat] = [s.view(-1) for s in sub_args[flat]]
         for i, r in zip(idx, _run(name, impl, sub, sub_args, kw)):
             out[i] = r
 

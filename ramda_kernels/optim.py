@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import ramda_ref
 
@@ -46,7 +47,7 @@ class _BackendChoice:
 
     def _group_count(self, p, group) -> int:
         if distributed.is_dtensor(p):
-            return distributed.sigma_layout(p, group)[1]
+            return math.prod(distributed.sigma_layout(p, group)[1])
         return super()._group_count(p, group)
 
     def _new_sigma(self, p, group):
@@ -55,13 +56,17 @@ class _BackendChoice:
         return super()._new_sigma(p, group)
 
     def _ensure_sigma(self, group, params) -> None:
-        super()._ensure_sigma(group, params)
-        for p in params:  # a loaded sigma of another layout (unsharded, other world size) restarts
+        super()._ensure_sigma(group, [p for p in params if not distributed.is_dtensor(p)])
+        for p in params:  # a sigma of another layout (unsharded, other groups) restarts
+            if not distributed.is_dtensor(p):
+                continue
+            layout = distributed.sigma_layout(p, group)
+            if layout is None:
+                continue
             sig = self.state[p].get("sigma")
-            if sig is not None and distributed.is_dtensor(p):
-                local = distributed.sigma_layout(p, group)[0]
-                if not distributed.is_dtensor(sig) or sig.to_local().shape != (local,):
-                    self.state[p]["sigma"] = self._new_sigma(p, group)
+            if not (distributed.is_dtensor(sig) and tuple(sig.shape) == layout[1]
+                    and tuple(sig.to_local().shape) == layout[0]):
+                self.state[p]["sigma"] = self._new_sigma(p, group)
 
     def _step_bucket(self, group, params, t, alpha, **capture):
         """As the reference's, but a bucket mixing DTensors that keep a sigma
@@ -81,17 +86,20 @@ class _BackendChoice:
 
     def _unit_step(self, params):
         # param groups with ``units``: the backend's fused unit step where it has
-        # one; FSDP2's DTensors are gathered and stepped whole by the same step on
-        # every rank (so a sharded run equals the unsharded one)
+        # one; for FSDP2's DTensors the same step on the local shards of the units
+        # each rank holds whole, the rest gathered and stepped whole on every rank
+        # (NOTE: [local units] in distributed.py), so a sharded run equals the
+        # unsharded one
         step = _ops.unit_kernel(backends.resolve(self.backend, params[0].device))
         if not any(distributed.is_dtensor(p) for p in params):
             return step
 
-        def gathered(definition, group, params, states, grads, t, alpha, hp):
-            functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += len(params)
-            return distributed.gathered_unit_step(step, definition, group, params,
-                                                  states, grads, t, alpha, hp)
-        return gathered
+        def sharded(definition, group, params, states, grads, t, alpha, hp):
+            def gathered(n):
+                functional.DTENSOR_FALLBACKS[f"{definition.name} units"] += n
+            return distributed.sharded_unit_step(step, definition, group, params, states, grads,
+                                                 t, alpha, hp, gathered)
+        return sharded
 
     #: The NaN/Inf gradient screen: the C++ extension's one pass on CPU
     #: gradients, the reference's otherwise (ramda_kernels.backends._ext), on

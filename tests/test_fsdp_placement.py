@@ -130,6 +130,25 @@ def _convnet():
     return model, rk.group_parameters(model, lambda_=1e-3), [model[0], model[2]]
 
 
+def _convnet_filters():
+    """The ConvNet with one group per filter (``dims=(2, 3)``: kept dims out and in).
+    The placement shards the first conv on dim 0 and the second on dim 1, whose
+    sigma shard is ``[out, in / 2]`` (NOTE: [sharded sigma])."""
+    model, groups, blocks = _convnet()
+    names = ["0.weight", "2.weight"]
+    out, conv_group = [], None
+    for g in groups:
+        keep = [i for i, n in enumerate(g["param_names"]) if n not in names]
+        if len(keep) < len(g["param_names"]):
+            conv_group = g
+        if keep:
+            out.append(dict(g, params=[g["params"][i] for i in keep],
+                            param_names=[g["param_names"][i] for i in keep]))
+    out.append(dict(conv_group, params=[model[0].weight, model[2].weight], param_names=names,
+                    dims=(2, 3), lambda_=3e-3))
+    return model, out, blocks
+
+
 def _gpt2_units():
     """A tiny Hugging Face GPT-2 with one unit group per head and MLP neuron."""
     import os
@@ -145,12 +164,26 @@ def _gpt2_units():
     return model, groups, list(model.transformer.h)
 
 
-MODELS = {"charlm": _charlm, "convnet": _convnet, "gpt2-units": _gpt2_units}
+def _mlp_units():
+    """An MLP with one unit per hidden neuron (row of the first weight, its bias,
+    column of the second): under the placement every unit lies in one rank's shards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 6))
+    groups = rk.group_parameters(model, lambda_=3e-3, grouping="units",
+                                 example_inputs=torch.randn(2, 2, 8, 8))
+    return model, groups, [model[1], model[3]]
+
+
+MODELS = {"charlm": _charlm, "convnet": _convnet, "convnet-filters": _convnet_filters, "gpt2-units": _gpt2_units, "mlp-units": _mlp_units}
+#: the tensors whose units cut across shards, gathered at every step: per GPT-2
+#: block c_attn's weight and bias (a head's q, k and v columns lie a third of
+#: the width apart, a shard is half) and attn.c_proj's weight (in a head's units)
+GATHERED = {"gpt2-units": 3 * 2}
 
 
 def _batches(case):
     g = torch.Generator().manual_seed(5)
-    if case != "convnet":
+    if case not in ("convnet", "convnet-filters", "mlp-units"):
         return [(torch.randint(0, VOCAB, (4, CONTEXT), generator=g),) * 2 for _ in range(STEPS)]
     return [(torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 6, generator=g)) for _ in range(STEPS)]
 
@@ -159,7 +192,7 @@ def _loss(case, model, x, y):
     out = model(x)
     if case == "gpt2-units":
         out = out.logits
-    if case != "convnet":  # next-token prediction
+    if case not in ("convnet", "convnet-filters", "mlp-units"):  # next-token prediction
         return nn.functional.cross_entropy(out[:, :-1].reshape(-1, VOCAB), y[:, 1:].reshape(-1))
     return nn.functional.mse_loss(out, y)
 
@@ -192,15 +225,28 @@ def _sigmas(model, opt):
     for name, p in model.named_parameters():
         st = opt.state[p]
         if st.get("sigma") is not None:
-            out[name] = st["sigma"].to_local().clone()
+            out[name] = st["sigma"].to_local().reshape(-1).clone()
         if st.get(UNIT_SIGMA) is not None:
             out[name + "#units"] = st[UNIT_SIGMA].clone()
     return out
 
 
-def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out_prefix):
+def _dcp_resume(case, model, opt, batches, ckpt_dir):
+    """Load the DCP checkpoint at ``ckpt_dir`` into ``model`` and ``opt`` (after one
+    step, so that the optimizer state the load fills exists)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _train(case, model, opt, batches[:1])
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out_prefix):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     _init_group(rank, world, rendezvous)
     try:
@@ -226,17 +272,14 @@ def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out
 
         resumed, groups2 = _sharded(case, placed)
         opt2 = _optimizer(name, groups2)
-        _train(case, resumed, opt2, batches[:1])  # create state so the load has somewhere to go
-        msd2, osd2 = get_state_dict(resumed, opt2)
-        state = {"model": msd2, "optim": osd2}
-        dcp.load(state, checkpoint_id=ckpt_dir)
-        set_state_dict(resumed, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _dcp_resume(case, resumed, opt2, batches, ckpt_dir)
         loaded_sigmas = _sigmas(resumed, opt2)
         _train(case, resumed, opt2, batches[SAVE_AT:])
         again = {n: p.full_tensor().detach().clone() for n, p in resumed.named_parameters()}
         torch.save({"straight": straight, "resumed": again, "fallbacks": fallbacks,
                     "placements": placements, "saved_sigmas": saved_sigmas,
                     "loaded_sigmas": loaded_sigmas, "final_sigmas": _sigmas(model, opt),
+                    "final_full_sigmas": _full_sigmas(model, opt),
                     "local_groups": local_groups}, f"{out_prefix}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -256,9 +299,11 @@ def _zero_groups(p, group):
 @needs_fsdp2
 @pytest.mark.parametrize("case,name,placed", [
     ("charlm", "ramda", True), ("convnet", "ramda", True), ("convnet", "proxadamw", True),
-    ("gpt2-units", "ramda", True), ("convnet", "ramda", False)],
-    ids=["charlm-ramda", "convnet-ramda", "convnet-proxadamw", "gpt2-units-ramda",
-         "convnet-ramda-default-placement"])
+    ("convnet-filters", "ramda", True),
+    ("gpt2-units", "ramda", True), ("mlp-units", "ramda", True), ("mlp-units", "proxadamw", True),
+    ("convnet", "ramda", False)],
+    ids=["charlm-ramda", "convnet-ramda", "convnet-proxadamw", "convnet-filters-ramda", "gpt2-units-ramda", "mlp-units-ramda",
+         "mlp-units-proxadamw", "convnet-ramda-default-placement"])
 def test_fsdp2_placement_matches_unsharded_steps_locally_and_resumes(tmp_path, case, name, placed):
     from ramda_kernels import backends
     if backends.why_unavailable("cpu", "cpu"):
@@ -301,7 +346,8 @@ def test_fsdp2_placement_matches_unsharded_steps_locally_and_resumes(tmp_path, c
             assert not got["saved_sigmas"], "groups spanning ranks cold-start"
             continue
         assert fused_fallbacks == {}, f"rank {r} stepped tensors on the reference: {got['fallbacks']}"
-        assert (units in got["fallbacks"]) == (case == "gpt2-units")
+        # the units each rank holds whole step on its shards: only the spanning ones gather
+        assert got["fallbacks"].get(units, 0) == GATHERED.get(case, 0) * STEPS, got["fallbacks"]
         assert any(got["placements"][n] == [str(Shard(1))] for n in want)  # not FSDP2's own
         # a warm start per local group, saved and loaded by DCP unchanged
         assert sorted(k for k in got["saved_sigmas"] if "#" not in k) == sorted(grouped)
@@ -312,14 +358,15 @@ def test_fsdp2_placement_matches_unsharded_steps_locally_and_resumes(tmp_path, c
         assert any(bool((s > 0).any()) for s in got["saved_sigmas"].values())
     if not placed:
         return
-    # rank 0 holds the first chunk of groups, rank 1 the rest: together the unsharded sigmas
+    # the ranks' sigmas together, in the global group order, are the unsharded ones
     # (a Newton root, stopped where its own rule says: close, not to rounding)
     for group in groups:
         for p, n in zip(group["params"], group["param_names"]):
             if n in grouped:
-                full = torch.cat([ranks[0]["final_sigmas"][n], ranks[1]["final_sigmas"][n]])
-                torch.testing.assert_close(full, opt.state[p]["sigma"], rtol=1e-3, atol=1e-5,
-                                           msg=lambda m: f"sigma of {n}: {m}")
+                for got in ranks:
+                    torch.testing.assert_close(got["final_full_sigmas"][n].reshape(-1),
+                                               opt.state[p]["sigma"], rtol=1e-3, atol=1e-5,
+                                               msg=lambda m: f"sigma of {n}: {m}")
             if UNIT_SIGMA in opt.state[p]:
                 for got in ranks:
                     torch.testing.assert_close(got["final_sigmas"][n + "#units"], opt.state[p][UNIT_SIGMA],
@@ -359,3 +406,68 @@ def test_fsdp2_nan_in_one_shard_stops_every_rank(tmp_path):
     for r in range(2):
         got = torch.load(f"{prefix}.{r}")
         assert got == {"raised": True, "unchanged": True}, (r, got)
+
+
+def _full_sigmas(model, opt):
+    """name -> the global warm-start sigma (every rank's groups, in the global order)."""
+    return {n: opt.state[p]["sigma"].full_tensor().clone() for n, p in model.named_parameters()
+            if opt.state[p].get("sigma") is not None}
+
+
+def _reshard_worker(rank, world, rendezvous, case, mode, ckpt_dir, out_prefix):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    _init_group(rank, world, rendezvous)
+    try:
+        batches = _batches(case)
+        model, groups = _sharded(case, True)
+        opt = _optimizer("ramda", groups)
+        if mode == "save":
+            _train(case, model, opt, batches[:SAVE_AT])
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+            out = {"sigmas": _full_sigmas(model, opt)}
+        else:
+            _dcp_resume(case, model, opt, batches, ckpt_dir)
+            loaded = _full_sigmas(model, opt)
+            _train(case, model, opt, batches[SAVE_AT:])
+            out = {"sigmas": loaded, "params": {n: p.full_tensor().detach().clone()
+                                                for n, p in model.named_parameters()},
+                   "fallbacks": dict(functional.DTENSOR_FALLBACKS)}
+        torch.save(out, f"{out_prefix}.{mode}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("case,save_world,load_world", [
+    ("convnet", 2, 1), ("convnet", 1, 2), ("convnet-filters", 2, 1)],
+    ids=["convnet-2to1", "convnet-1to2", "convnet-filters-2to1"])
+def test_fsdp2_dcp_reload_onto_another_world_size(tmp_path, case, save_world, load_world):
+    """A DCP checkpoint saved on ``save_world`` ranks resumes on ``load_world``:
+    the sigma is a DTensor sharded like its kept dim, saved by global index, so
+    the load reshards it to the new ranks' groups (no cold start, no wrong
+    sigma), also the ``[out, in]`` sigma of per-filter groups, and the run
+    ends where the unsharded one ends."""
+    from ramda_kernels import backends
+    if backends.why_unavailable("cpu", "cpu"):
+        pytest.skip(f"the fused cpu backend: {backends.why_unavailable('cpu', 'cpu')}")
+    ckpt, prefix = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    for mode, world in (("save", save_world), ("load", load_world)):
+        (tmp_path / mode).mkdir()
+        launch(_reshard_worker, tmp_path / mode, case, mode, ckpt, prefix, world=world)
+    saved = torch.load(f"{prefix}.save.0")["sigmas"]
+    assert saved and any(bool((s > 0).any()) for s in saved.values())
+    model, groups, _ = MODELS[case]()
+    opt = _optimizer("ramda", groups)
+    _train(case, model, opt, _batches(case))
+    for r in range(load_world):
+        got = torch.load(f"{prefix}.load.{r}")
+        assert sorted(got["sigmas"]) == sorted(saved)
+        for n, s in saved.items():
+            assert torch.equal(got["sigmas"][n], s), f"rank {r}: sigma of {n} after the reload"
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got["params"][n], p.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"rank {r}, resumed {n}: {m}")
+        assert not got["fallbacks"], got["fallbacks"]

@@ -615,8 +615,10 @@ class ProxOptimizer(torch.optim.Optimizer):
                         if not isinstance(value, torch.Tensor):
                             problem = f"is a {type(value).__name__}, not a tensor"
                         elif key in d.per_group_state:
-                            # one value per group; another count (other dims) cold-starts
-                            if value.dim() != 1 or not value.is_floating_point():
+                            # one value per group; another count (other dims) cold-starts. A
+                            # DTensor's has the kept dims' shape (ramda_kernels' NOTE: [sharded sigma])
+                            flat = value.dim() == 1 or type(value).__name__ == "DTensor"
+                            if not flat or not value.is_floating_point():
                                 problem = (f"has shape {tuple(value.shape)} and dtype "
                                            f"{value.dtype}, not one floating-point value per group")
                         elif value.shape != p.shape:
