@@ -349,9 +349,8 @@ __device__ __forceinline__ void write_exact(const TensorArgs& t, const StepArgs&
 // Every start is clamped to <= sigma_hi (right of the root too), and `done`
 // follows the usual rule (the step from s0 was below kNewtonTol relative) or
 // the predicted error (NOTE: [two-pass plan]).
-__device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1Sums], const NewtonStart& st,
-                                            bool& done) {
-  const float a = acc[3] / acc[0], b = acc[4] / acc[0], c = acc[5] / acc[0], e = acc[6] / acc[0];
+__device__ __forceinline__ float warm_start_at(float s0, float a, float b, float c, float e, const NewtonStart& st,
+                                               bool& done) {
   done = false;
   // Beyond sigma_hi the step from s0 would cancel (s0 - delta with delta ~ s0):
   // start at sigma_hi, as the rule's clamp allows.
@@ -362,6 +361,122 @@ __device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1S
   if (!(next <= st.sigma)) return st.sigma;
   done = !(fabsf(n.delta) > kNewtonTol * next) || predicted_done(n, b, e, st.rel_excess, s0, next);
   return next;
+}
+__device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1Sums], const NewtonStart& st,
+                                            bool& done) {
+  return warm_start_at(s0, acc[3] / acc[0], acc[4] / acc[0], acc[5] / acc[0], acc[6] / acc[0], st, done);
+}
+
+// NOTE: [Moment model]
+// Pass 1 of a solve read from memory (column tiles, rows past the register
+// rows) gathers, with max d, min d, the moments at the previous sigma s0
+//   A_k = sum z^2 sd^k (k <= K + 4),  B_k = sum z^2 dd sd^k (k <= K + 2),
+// sd = s0 / (d + s0), dd = d / (d + s0), both in [0, 1], K = kModelTerms
+// (A_0 = sum z^2). With tau = sigma / s0 - 1, 1 / (d + sigma) = x0 / (1 +
+// tau sd) (x0 = 1 / (d + s0)), so every Newton sum at any sigma is a power
+// series in tau over the moments (model_sums; S(M, j) = sum_{k <= K}
+// C(j + k - 1, k) (-tau)^k M_k):
+//   a = (1 + tau)^2 S(B_2.., 3),  b = (1 + tau)^3 S(A_3.., 3),
+//   c = S(B_0.., 1) + (1 + tau) S(B_1.., 2),  e = (1 + tau)^4 S(A_4.., 4),
+// divided by A_0; at tau = 0 these are newton_terms4's sums. Newton runs on
+// the model, reading no memory, from the exact warm step at s0 (warm_start_at)
+// to the usual stop. As M_{k+j} <= M_k rho^j / |tau|^j, rho = |tau| s0 /
+// (min d + s0), each sum is off by at most model_error(tau) relative, and
+// the root by about 1.5 sigma model_error ||v|| / den; the model's root is
+// taken when that is under kNewtonTol sigma by kPredictSafety (docs/math.md
+// section 4, item 4). Otherwise the solve goes on from memory from the warm
+// step (NOTE: [two-pass plan]). So a group whose sigma moves by a quarter
+// per step (rho <= 1/4) ends in two passes.
+constexpr int kModelTerms = 12;
+constexpr int kMomA = kModelTerms + 5, kMomB = kModelTerms + 3;
+constexpr int kMomIdxA = 2, kMomIdxB = 2 + kMomA;
+constexpr int kMomSums = 2 + kMomA + kMomB;  // max d, min d, A_k, B_k
+
+__device__ __forceinline__ void init_moments(float (&m)[kMomSums], int (&op)[kMomSums]) {
+#pragma unroll
+  for (int k = 0; k < kMomSums; ++k) {
+    m[k] = k == 0 ? -INFINITY : (k == 1 ? INFINITY : 0.0f);
+    op[k] = k == 0 ? 1 : (k == 1 ? 2 : 0);
+  }
+}
+
+__device__ __forceinline__ void add_moments(float (&m)[kMomSums], float z, float d, float s0) {
+  m[0] = fmaxf(m[0], d);
+  m[1] = fminf(m[1], d);
+  float p = z * z;
+  if (!(s0 > 0.0f)) {  // no warm start: sum z^2 only
+    m[kMomIdxA] += p;
+    return;
+  }
+  const float inv = 1.0f / (d + s0);
+  const float sd = s0 * inv, dd = d * inv;
+#pragma unroll
+  for (int k = 0; k < kMomA; ++k) {
+    m[kMomIdxA + k] += p;
+    if (k < kMomB) m[kMomIdxB + k] += p * dd;
+    p *= sd;
+  }
+}
+
+// S(M_first.., j) at mt = -tau: the first kModelTerms + 1 terms.
+template <int First, int J>
+__device__ __forceinline__ float moment_series(const float (&m)[kMomSums], float mt) {
+  float sum = 0.0f, pw = 1.0f, coef = 1.0f;  // coef = C(J + k - 1, k)
+#pragma unroll
+  for (int k = 0; k <= kModelTerms; ++k) {
+    sum += coef * pw * m[First + k];
+    pw *= mt;
+    coef = coef * static_cast<float>(J + k) / static_cast<float>(k + 1);
+  }
+  return sum;
+}
+
+// The unit-norm Newton sums a, b, c, e at sigma = s0 (1 + tau) from the moments.
+__device__ __forceinline__ void model_sums(const float (&m)[kMomSums], float tau, float (&r)[4]) {
+  const float inv0 = 1.0f / m[kMomIdxA], t1 = 1.0f + tau, mt = -tau;
+  r[0] = t1 * t1 * moment_series<kMomIdxB + 2, 3>(m, mt) * inv0;
+  r[1] = t1 * t1 * t1 * moment_series<kMomIdxA + 3, 3>(m, mt) * inv0;
+  r[2] = (moment_series<kMomIdxB, 1>(m, mt) + t1 * moment_series<kMomIdxB + 1, 2>(m, mt)) * inv0;
+  r[3] = t1 * t1 * t1 * t1 * moment_series<kMomIdxA + 4, 4>(m, mt) * inv0;
+}
+
+// Relative error bound of model_sums at tau (rho_max = s0 / (min d + s0)):
+// 2 (1 + |tau|)^4 C(K + 4, 3) rho^(K + 1) / (1 - rho (K + 5) / (K + 2)),
+// the tail of the series with J = 4 (the largest coefficients), twice for c.
+__device__ __forceinline__ float model_error(float tau, float rho_max) {
+  const float rho = fabsf(tau) * rho_max;
+  const float ratio = rho * static_cast<float>(kModelTerms + 5) / static_cast<float>(kModelTerms + 2);
+  if (!(ratio < 1.0f)) return INFINITY;
+  float first = static_cast<float>((kModelTerms + 4) * (kModelTerms + 3) * (kModelTerms + 2) / 6);
+#pragma unroll
+  for (int k = 0; k <= kModelTerms; ++k) first *= rho;
+  const float t1 = 1.0f + fabsf(tau);
+  return 2.0f * t1 * t1 * t1 * t1 * first / (1.0f - ratio);
+}
+
+// The exact solve's start from pass 1's moments (NOTE: [Moment model]):
+// the model's root with done = true when its error bound allows, else the
+// warm step at s0 (warm_start_at), done as its own rule says.
+__device__ __forceinline__ float model_solve(const float (&m)[kMomSums], float s0, const NewtonStart& st,
+                                             bool& done) {
+  float r[4];
+  model_sums(m, 0.0f, r);
+  const float warm = warm_start_at(s0, r[0], r[1], r[2], r[3], st, done);
+  if (done || !(s0 > 0.0f)) return warm;
+  const float rho_max = s0 / (m[1] + s0);
+  float sigma = warm;
+  bool mdone = false;
+  for (int it = 1; it < kNewtonMaxIters && !mdone; ++it) {
+    model_sums(m, sigma / s0 - 1.0f, r);
+    sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, mdone);
+  }
+  const NewtonEval n = newton_eval(sigma, r[0], r[1], r[2], st.rel_excess);
+  const float err = 1.5f * model_error(sigma / s0 - 1.0f, rho_max) * n.vn / n.den;
+  if (mdone && n.den > 0.0f && err * kPredictSafety <= kNewtonTol && sigma <= st.hi) {
+    done = true;
+    return sigma;
+  }
+  return warm;
 }
 
 // NOTE: [Register rows]
@@ -415,6 +530,38 @@ __device__ void cached_rows_block(const TensorArgs& t, const StepArgs& a, float 
   if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
 }
 
+// The exact solve of one rows group past the register rows (NOTE: [two-pass
+// plan], NOTE: [Moment model]), docs/math.md section 4.
+template <typename P>
+__device__ void exact_rows_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g, int64_t base,
+                                 float s0) {
+  const int64_t n = t.layout.group_size;
+  float m[kMomSums];
+  int ops[kMomSums];
+  init_moments(m, ops);
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+    float z, d;
+    element_pass1<P>(t, a, base + element_offset(t, e), z, d);
+    add_moments(m, z, d, s0);
+  }
+  block_reduce<kMomSums>(m, ops);
+  const NewtonStart st = newton_start(sqrtf(m[kMomIdxA]), m[0], m[1], thr);
+  float sigma = st.sigma;
+  bool done = st.done;
+  if (!done) sigma = model_solve(m, s0, st, done);
+  const int sum4[4] = {0, 0, 0, 0};
+  for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
+    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+      add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
+    block_reduce<4>(r, sum4);
+    sigma = newton_pass_step(sigma, r, st.rel_excess, done);
+  }
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
+  // A zero group keeps its previous sigma.
+  if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
+}
+
 template <typename P>
 __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
                             float* scratch) {
@@ -423,28 +570,31 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   const int64_t base = group_base(t, g);
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   const bool pg = dual && a.solver == Solver::kPg;
-  const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan])
+  const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan]): exact_rows_block
   const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
-  // Slots as plan.h allots them: y only (RMDA/ProxSGD), z, d and Z (PG).
-  float* zs = exact ? nullptr : scratch + t.scratch + g * n;  // z (PG) or y (RMDA/ProxSGD)
-  float* ds = zs + (pg ? t.numel : 0);                        // d
-  float* Zs = zs + (pg ? 2 * t.numel : 0);                    // PG iterate
   // The previous sigma (NOTE: [Warm start]): one lane per warp reads it.
   float s0 = 0.0f;
   if (exact && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
   if (exact && n <= kCached * static_cast<int64_t>(blockDim.x)) return cached_rows_block<P>(t, a, th.thr, g, base, s0);
+  if (exact) return exact_rows_block<P>(t, a, th.thr, g, base, s0);
+  // Slots as plan.h allots them: y only (RMDA/ProxSGD), z, d and Z (PG).
+  float* zs = scratch + t.scratch + g * n;  // z (PG) or y (RMDA/ProxSGD)
+  float* ds = zs + (pg ? t.numel : 0);      // d
+  float* Zs = zs + (pg ? 2 * t.numel : 0);  // PG iterate
 
-  // sum z^2, max d, min d, and the Newton sums at s0
-  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+  // PG and the RMDA/ProxSGD shrink: sum z^2, max d, min d
+  float acc[3] = {0.0f, -INFINITY, INFINITY};
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     float z, d;
     element_pass1<P>(t, a, base + element_offset(t, e), z, d);
-    if (!exact) gstore(zs + e, z);
+    gstore(zs + e, z);
     if (pg) gstore(ds + e, d);
-    add_pass1(acc, z, d, s0);
+    acc[0] += z * z;
+    acc[1] = fmaxf(acc[1], d);
+    acc[2] = fminf(acc[2], d);
   }
-  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
-  block_reduce<kPass1Sums>(acc, ops);
+  const int ops[3] = {0, 1, 2};
+  block_reduce<3>(acc, ops);
   const float znorm = sqrtf(acc[0]), dmax = acc[1], dmin = acc[2];
   const float thr = th.thr;
 
@@ -452,25 +602,6 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     const float scale = group_shrink(znorm, thr);
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
       write_param<P>(t, a, base + element_offset(t, e), gload(zs + e) * scale);
-    return;
-  }
-  if (exact) {  // exact Newton (docs/math.md section 4), step without cancellation (ramda_math.h)
-    const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
-    float sigma = st.sigma;
-    bool done = st.done;
-    if (!done) sigma = warm_start(s0, acc, st, done);
-    const int sum4[4] = {0, 0, 0, 0};
-    for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-      float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-        add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
-      block_reduce<4>(r, sum4);
-      sigma = newton_pass_step(sigma, r, st.rel_excess, done);
-    }
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
-    // A zero group keeps its previous sigma.
-    if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
     return;
   }
   // Proximal gradient (docs/math.md section 5), warm started at x; screened groups are zero.
@@ -559,20 +690,21 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
     __syncthreads();
     s0 = prev[lane];
   }
-  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+  float m[kMomSums];
+  int ops[kMomSums];
+  init_moments(m, ops);
   if (live) {
     for (int64_t e = warp; e < n; e += warps) {
       float z, d;
       element_pass1<P>(t, a, base + element_offset(t, e), z, d);
-      add_pass1(acc, z, d, s0);
+      add_moments(m, z, d, s0);
     }
   }
-  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
-  tile_reduce<kPass1Sums>(acc, ops);
-  const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
+  tile_reduce<kMomSums>(m, ops);
+  const NewtonStart st = newton_start(sqrtf(m[kMomIdxA]), m[0], m[1], thr);
   float sigma = st.sigma;
   bool done = !live || st.done;
-  if (!done) sigma = warm_start(s0, acc, st, done);
+  if (!done) sigma = model_solve(m, s0, st, done);
   const int sum4[4] = {0, 0, 0, 0};
   for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
     float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
