@@ -370,7 +370,7 @@ __device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1S
 // NOTE: [Moment model]
 // Pass 1 of a solve read from memory (column tiles, rows past the register
 // rows) gathers, with max d, min d, the moments at the previous sigma s0
-//   A_k = sum z^2 sd^k (k <= K + 4),  B_k = sum z^2 dd sd^k (k <= K + 2),
+//   A_k = sum z^2 sd^k (k <= K + 4),  B_k = sum z^2 dd sd^k (k <= K + 3),
 // sd = s0 / (d + s0), dd = d / (d + s0), both in [0, 1], K = kModelTerms
 // (A_0 = sum z^2). With tau = sigma / s0 - 1, 1 / (d + sigma) = x0 / (1 +
 // tau sd) (x0 = 1 / (d + s0)), so every Newton sum at any sigma is a power
@@ -380,15 +380,18 @@ __device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1S
 //   c = S(B_0.., 1) + (1 + tau) S(B_1.., 2),  e = (1 + tau)^4 S(A_4.., 4),
 // divided by A_0; at tau = 0 these are newton_terms4's sums. Newton runs on
 // the model, reading no memory, from the exact warm step at s0 (warm_start_at)
-// to the usual stop. As M_{k+j} <= M_k rho^j / |tau|^j, rho = |tau| s0 /
-// (min d + s0), each sum is off by at most model_error(tau) relative, and
-// the root by about 1.5 sigma model_error ||v|| / den; the model's root is
-// taken when that is under kNewtonTol sigma by kPredictSafety (docs/math.md
+// to the usual stop. The series' terms shrink at least by rho (J + k) /
+// (k + 1), rho = |tau| s0 / (min d + s0) (M_(k+1) <= M_k s0 / (min d + s0)),
+// so each sum's truncation error is bounded by its first omitted term
+// (series_tail, from the moments one past the series); model_error turns
+// those into a bound on the root's relative error, and the model's root is
+// taken when that is under kNewtonTol by kPredictSafety (docs/math.md
 // section 4, item 4). Otherwise the solve goes on from memory from the warm
-// step (NOTE: [two-pass plan]). So a group whose sigma moves by a quarter
-// per step (rho <= 1/4) ends in two passes.
+// step (NOTE: [two-pass plan]). So a group whose sigma moves by about a
+// tenth per step (tests/test_cuda_on_cpu.py) ends in two passes; at 40-70%
+// (the fifth step of bench/cuda_traffic.py) it does not.
 constexpr int kModelTerms = 12;
-constexpr int kMomA = kModelTerms + 5, kMomB = kModelTerms + 3;
+constexpr int kMomA = kModelTerms + 5, kMomB = kModelTerms + 4;
 constexpr int kMomIdxA = 2, kMomIdxB = 2 + kMomA;
 constexpr int kMomSums = 2 + kMomA + kMomB;  // max d, min d, A_k, B_k
 
@@ -440,18 +443,35 @@ __device__ __forceinline__ void model_sums(const float (&m)[kMomSums], float tau
   r[3] = t1 * t1 * t1 * t1 * moment_series<kMomIdxA + 4, 4>(m, mt) * inv0;
 }
 
-// Relative error bound of model_sums at tau (rho_max = s0 / (min d + s0)):
-// 2 (1 + |tau|)^4 C(K + 4, 3) rho^(K + 1) / (1 - rho (K + 5) / (K + 2)),
-// the tail of the series with J = 4 (the largest coefficients), twice for c.
-__device__ __forceinline__ float model_error(float tau, float rho_max) {
-  const float rho = fabsf(tau) * rho_max;
-  const float ratio = rho * static_cast<float>(kModelTerms + 5) / static_cast<float>(kModelTerms + 2);
+// The truncation error of S(M_first.., J) at tau: the first omitted term
+// C(J + K, K + 1) |tau|^(K + 1) M_(first + K + 1) over 1 - rho (J + K + 1) /
+// (K + 2), a bound on the ratio of the later terms (M_(k+1) <= M_k s0 /
+// (min d + s0)); infinite where that ratio is not below 1.
+template <int First, int J>
+__device__ __forceinline__ float series_tail(const float (&m)[kMomSums], float tau, float rho_max) {
+  const float at = fabsf(tau);
+  const float ratio = at * rho_max * static_cast<float>(J + kModelTerms + 1) / static_cast<float>(kModelTerms + 2);
   if (!(ratio < 1.0f)) return INFINITY;
-  float first = static_cast<float>((kModelTerms + 4) * (kModelTerms + 3) * (kModelTerms + 2) / 6);
+  float coef = 1.0f, pw = 1.0f;  // C(J + k - 1, k) up to k = K + 1, |tau|^(K + 1)
 #pragma unroll
-  for (int k = 0; k <= kModelTerms; ++k) first *= rho;
-  const float t1 = 1.0f + fabsf(tau);
-  return 2.0f * t1 * t1 * t1 * t1 * first / (1.0f - ratio);
+  for (int k = 0; k <= kModelTerms; ++k) {
+    coef = coef * static_cast<float>(J + k) / static_cast<float>(k + 1);
+    pw *= at;
+  }
+  return coef * pw * m[First + kModelTerms + 1] / (1.0f - ratio);
+}
+
+// The root's relative error from truncating model_sums at tau (r: the sums
+// there, n: the step from them): with the sums' errors da, db, dc (over
+// A_0), f is off by at most dc + c (da + db) / (2 ||v||) and the root by
+// that times ||v|| / den (NOTE: [Moment model]).
+__device__ __forceinline__ float model_error(const float (&m)[kMomSums], float tau, float rho_max,
+                                             const float (&r)[4], const NewtonEval& n) {
+  const float inv0 = 1.0f / m[kMomIdxA], t1 = 1.0f + fabsf(tau);
+  const float da = t1 * t1 * series_tail<kMomIdxB + 2, 3>(m, tau, rho_max) * inv0;
+  const float db = t1 * t1 * t1 * series_tail<kMomIdxA + 3, 3>(m, tau, rho_max) * inv0;
+  const float dc = (series_tail<kMomIdxB, 1>(m, tau, rho_max) + t1 * series_tail<kMomIdxB + 1, 2>(m, tau, rho_max)) * inv0;
+  return (dc + r[2] * (da + db) / (2.0f * n.vn)) * n.vn / n.den;
 }
 
 // The exact solve's start from pass 1's moments (NOTE: [Moment model]):
@@ -470,8 +490,10 @@ __device__ __forceinline__ float model_solve(const float (&m)[kMomSums], float s
     model_sums(m, sigma / s0 - 1.0f, r);
     sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, mdone);
   }
+  const float tau = sigma / s0 - 1.0f;
+  model_sums(m, tau, r);
   const NewtonEval n = newton_eval(sigma, r[0], r[1], r[2], st.rel_excess);
-  const float err = 1.5f * model_error(sigma / s0 - 1.0f, rho_max) * n.vn / n.den;
+  const float err = model_error(m, tau, rho_max, r, n);
   if (mdone && n.den > 0.0f && err * kPredictSafety <= kNewtonTol && sigma <= st.hi) {
     done = true;
     return sigma;
