@@ -119,8 +119,8 @@ def cuda_step(lib, opt, sigmas: Dict[int, torch.Tensor], counts=None, name: str 
         if counts is None:
             drv.host_step(lib, fields, tensors)
         else:
-            for name, c in drv.metered(lib, roles, lambda: drv.host_step(lib, fields, tensors)).items():
-                acc = counts.setdefault(name, [0, 0, 0, 0, 0])
+            for role, c in drv.metered(lib, roles, lambda: drv.host_step(lib, fields, tensors)).items():
+                acc = counts.setdefault(role, [0, 0, 0, 0, 0])
                 for k in range(5):
                     acc[k] += c[k]
         for p in params:
