@@ -30,8 +30,9 @@
 // The exact solve, rows and column tiles alike, in the passes of the Triton
 // kernel's plan (NOTE: [two-pass plan] in ramda_kernels/triton_kernels/step.py):
 // * pass 1 reads the gradient, the old state (and the parameter where z
-//   needs it), writes the new state, and gathers per group sum z^2, max d,
-//   min d and the Newton sums a, b, c, e at the warm-start sigma;
+//   needs it), writes the new state, and gathers per group max d, min d and
+//   the moments of NOTE: [Moment model] at the warm-start sigma, whose
+//   series model may end the solve here;
 // * each Newton pass, run only while a group of the block is not done,
 //   recomputes z and d from the state pass 1 wrote (element_dz: the same
 //   arithmetic, so the same bits) instead of storing them: RAMDA reads
@@ -339,7 +340,8 @@ __device__ __forceinline__ void write_exact(const TensorArgs& t, const StepArgs&
 }
 
 // NOTE: [Warm start] (docs/math.md section 4, item 5). Pass 1 also sums
-// newton_terms at the previous sigma s0 (on the raw z: every term is
+// newton_terms at the previous sigma s0 (register rows; the moments of NOTE:
+// [Moment model] give the same sums elsewhere) (on the raw z: every term is
 // quadratic in zeta, so the sums over z divided by ||z||^2 are the sums over
 // zeta). With f and the denominator of newton_update, phi(s0) = -K f and
 // phi'(s0) = -K' den for positive K, K': f >= 0 is right of the root (Newton
