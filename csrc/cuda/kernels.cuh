@@ -554,6 +554,19 @@ __device__ void cached_rows_block(const TensorArgs& t, const StepArgs& a, float 
   if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
 }
 
+// Pass 1 of the exact solve over elements first, first + step, ... of the
+// group at base: the state update and this thread's share of the moments.
+template <typename P>
+__device__ __forceinline__ void pass1_moments(const TensorArgs& t, const StepArgs& a, int64_t base, int64_t first,
+                                              int64_t step, float s0, float (&m)[kMomSums], int (&ops)[kMomSums]) {
+  init_moments(m, ops);
+  for (int64_t e = first; e < t.layout.group_size; e += step) {
+    float z, d;
+    element_pass1<P>(t, a, base + element_offset(t, e), z, d);
+    add_moments(m, z, d, s0);
+  }
+}
+
 // The exact solve of one rows group past the register rows (NOTE: [two-pass
 // plan], NOTE: [Moment model]), docs/math.md section 4.
 template <typename P>
@@ -562,12 +575,7 @@ __device__ void exact_rows_block(const TensorArgs& t, const StepArgs& a, float t
   const int64_t n = t.layout.group_size;
   float m[kMomSums];
   int ops[kMomSums];
-  init_moments(m, ops);
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-    float z, d;
-    element_pass1<P>(t, a, base + element_offset(t, e), z, d);
-    add_moments(m, z, d, s0);
-  }
+  pass1_moments<P>(t, a, base, threadIdx.x, blockDim.x, s0, m, ops);
   block_reduce<kMomSums>(m, ops);
   const NewtonStart st = newton_start(sqrtf(m[kMomIdxA]), m[0], m[1], thr);
   float sigma = st.sigma;
@@ -606,8 +614,8 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   float* ds = zs + (pg ? t.numel : 0);      // d
   float* Zs = zs + (pg ? 2 * t.numel : 0);  // PG iterate
 
-  // PG and the RMDA/ProxSGD shrink: sum z^2, max d, min d
-  float acc[3] = {0.0f, -INFINITY, INFINITY};
+  // PG and the RMDA/ProxSGD shrink: sum z^2, max d
+  float acc[2] = {0.0f, -INFINITY};
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     float z, d;
     element_pass1<P>(t, a, base + element_offset(t, e), z, d);
@@ -615,11 +623,10 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     if (pg) gstore(ds + e, d);
     acc[0] += z * z;
     acc[1] = fmaxf(acc[1], d);
-    acc[2] = fminf(acc[2], d);
   }
-  const int ops[3] = {0, 1, 2};
-  block_reduce<3>(acc, ops);
-  const float znorm = sqrtf(acc[0]), dmax = acc[1], dmin = acc[2];
+  const int ops[2] = {0, 1};
+  block_reduce<2>(acc, ops);
+  const float znorm = sqrtf(acc[0]), dmax = acc[1];
   const float thr = th.thr;
 
   if (!dual) {  // RMDA / ProxSGD: group soft-threshold of y
@@ -716,14 +723,7 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   }
   float m[kMomSums];
   int ops[kMomSums];
-  init_moments(m, ops);
-  if (live) {
-    for (int64_t e = warp; e < n; e += warps) {
-      float z, d;
-      element_pass1<P>(t, a, base + element_offset(t, e), z, d);
-      add_moments(m, z, d, s0);
-    }
-  }
+  pass1_moments<P>(t, a, base, live ? warp : n, warps, s0, m, ops);
   tile_reduce<kMomSums>(m, ops);
   const NewtonStart st = newton_start(sqrtf(m[kMomIdxA]), m[0], m[1], thr);
   float sigma = st.sigma;
