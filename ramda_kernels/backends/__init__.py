@@ -12,10 +12,11 @@ import is recorded with its error and raised only when asked for by name.
 ``AUTO_ORDER[device.type]``. On CUDA that is Triton, then the CUDA extension,
 because the figures do not favour the extension: counted on CPU threads
 (bench/cuda_traffic.py against bench/traffic.py, bench/RESULTS.md, RAMDA
-group lasso exact fp32 at the fifth step) it moves 52.7 B per element on
-GPT-2-medium input-wise and heads against Triton's 43.9 and 49.1, 52.1 B at
-70% sector efficiency on ResNet-50 input-wise against 39.4 at 78%, the same
-32-36 B on output-wise rows; its PG and RMDA/ProxSGD shrink on column layouts
+group lasso exact fp32 at the fifth step) it moves 49.7 B per element on
+GPT-2-medium input-wise (52.8 on heads) against Triton's 43.9 (49.1), 49.7 B
+at 68% sector efficiency on ResNet-50 input-wise against 39.4 at 78%, 53.3
+on LLaMA-7B-layer input-wise against 56.0, the same 32-36 B on output-wise
+rows; its PG and RMDA/ProxSGD shrink on column layouts
 are still one block per strided group (NOTE: [CUDA tiling]); no GPU has
 timed either; and only Triton captures (CAPTURABLE_BACKENDS).
 
