@@ -3,6 +3,7 @@
 
     python bench/cuda_traffic.py                                  # every set, grouping and regularizer
     python bench/cuda_traffic.py --sets resnet50 --regularizers group_lasso:exact
+    python bench/cuda_traffic.py --optimizers proxadamw --regularizers group_lasso:exact
 
 The unchanged kernels of csrc/cuda run on CPU threads under the stand-in for
 the CUDA runtime (csrc/tests/cuda_host, driven as tests/test_cuda_on_cpu.py
@@ -15,10 +16,15 @@ configuration, in bench/traffic.py's terms:
   each instruction;
 * passes over each tensor kind (read / write), the scratch's per element of
   the grouped tensors;
-* state re-reads (exact group lasso): reads of W0 beyond pass 1 per grouped
-  element: 0 for rows held in registers (NOTE: [Register rows] in
-  csrc/cuda/kernels.cuh), 1 + k for k Newton passes of the two-pass plan
-  (NOTE: [two-pass plan]; a zero group skips the last pass's read).
+* state re-reads (exact group lasso): reads of W0 (RAMDA) or m (ProxAdamW)
+  beyond pass 1 per grouped element: 0 for rows held in registers (NOTE:
+  [Register rows] in csrc/cuda/kernels.cuh), 1 + k for k Newton passes of the
+  two-pass plan (NOTE: [two-pass plan]; a zero group skips the last pass's
+  read);
+* how steady the measured step is: the median relative change of sigma over
+  the groups nonzero in both steps (the moment model of NOTE: [Moment model]
+  ends the solve in two passes when it is small), and the share of groups
+  zero this step (cheaper: no state read in the last pass).
 
 The launch table (TensorArgs, BlockItems) is not counted: per-block scalars,
 cached on a device.
@@ -32,7 +38,9 @@ real element counts. The CUDA tiling does not depend on the number of groups
 (one block per group, or a chunk of 4096 elements), so a slice runs the same
 blocks as the full tensor. Steady state: ``--warmup`` - 1 reference steps, one
 CUDA step that leaves the warm-start sigma (docs/math.md section 4), then the
-measured step, with fresh gradient noise each step.
+measured step, with fresh gradient noise each step. At the default fifth
+step sigma still moves by about half per step (RAMDA's threshold grows with
+alpha_t = sum lr sqrt(k)); ``--warmup 20`` measures the 21st.
 """
 
 from __future__ import annotations
@@ -63,9 +71,24 @@ def _sigmas(group) -> List[torch.Tensor]:
     return drv.sigma_like(group["params"], group["dims"], group.get("view"))
 
 
-def cuda_step(lib, opt, sigmas: Dict[int, torch.Tensor], counts=None) -> None:
-    """One RAMDA step of every param group of `opt` (a reference RAMDA whose
-    state it reads and advances) through the CUDA kernels on CPU threads;
+#: Per optimizer: the state tensors the kernels take, in order; the first is
+#: re-read by every pass of the exact solve (the "state re-reads" column).
+STATES = {"ramda": ("initial_point", "grad_sum", "grad_sum_sq"), "proxadamw": ("exp_avg", "exp_avg_sq")}
+
+
+def _hparams(name: str, group, state) -> Dict[str, float]:
+    """The functional hyperparameters of one step (RAMDA: alpha advanced to it)."""
+    if name == "ramda":
+        t = float(state["step"]) + 1
+        alpha = float(state["alpha"]) + group["lr"] * math.sqrt(t)
+        return dict(lr=group["lr"], momentum=group["momentum"], epsilon=group["epsilon"], alpha=alpha)
+    b1, b2 = group["betas"]
+    return dict(lr=group["lr"], beta1=b1, beta2=b2, epsilon=group["epsilon"], weight_decay=group["weight_decay"])
+
+
+def cuda_step(lib, opt, sigmas: Dict[int, torch.Tensor], counts=None, name: str = "ramda") -> None:
+    """One step of every param group of `opt` (a reference RAMDA or ProxAdamW,
+    `name`, whose state it reads and advances) through the CUDA kernels on CPU threads;
     `counts` (role -> [read, written, sectors r, sectors w, size]) collects
     the meter's figures, keyed "role:data_ptr"."""
     for group in opt.param_groups:
@@ -76,42 +99,43 @@ def cuda_step(lib, opt, sigmas: Dict[int, torch.Tensor], counts=None) -> None:
         solver = group.get("solver", "exact")
         st0 = opt.state[params[0]]
         t = float(st0["step"]) + 1
-        alpha = float(st0["alpha"]) + group["lr"] * math.sqrt(t)
-        hp = dict(lr=group["lr"], momentum=group["momentum"], epsilon=group["epsilon"], alpha=alpha)
-        fields = drv.step_fields("ramda", reg, solver, t, group.get("lambda_", 0.0), hp,
+        hp = _hparams(name, group, st0)
+        fields = drv.step_fields(name, reg, solver, t, group.get("lambda_", 0.0), hp,
                                  max_iters=group.get("max_iters", 100), pg_eps=group.get("pg_eps", 1e-3))
         tensors, roles = [], []
         for p in params:
             st = opt.state[p]
-            states = [st["initial_point"], st["grad_sum"], st["grad_sum_sq"]]
+            states = [st[k] for k in STATES[name]] + [None] * (3 - len(STATES[name]))
             sg = sigmas.get(p.data_ptr())
-            desc, w = drv.tensor_fields(p.data, p.grad, states, "ramda", reg, solver, fields[19],
+            desc, w = drv.tensor_fields(p.data, p.grad, states, name, reg, solver, fields[19],
                                         group.get("dims"), group.get("view"),
                                         reweight=group.get("reweight", True), sigma=sg)
             tensors.append((p.data, p.grad, states, desc, w))
             key = p.data_ptr()
             roles += [(f"param:{key}", p.data), (f"grad:{key}", p.grad)]
-            roles += [(f"{n}:{key}", x) for n, x in zip(("initial_point", "grad_sum", "grad_sum_sq"), states)]
+            roles += [(f"{n}:{key}", x) for n, x in zip(STATES[name], states)]
             if sg is not None:
                 roles.append((f"sigma:{key}", sg))
         if counts is None:
             drv.host_step(lib, fields, tensors)
         else:
-            for name, c in drv.metered(lib, roles, lambda: drv.host_step(lib, fields, tensors)).items():
-                acc = counts.setdefault(name, [0, 0, 0, 0, 0])
+            for role, c in drv.metered(lib, roles, lambda: drv.host_step(lib, fields, tensors)).items():
+                acc = counts.setdefault(role, [0, 0, 0, 0, 0])
                 for k in range(5):
                     acc[k] += c[k]
         for p in params:
             opt.state[p]["step"] += 1
-            opt.state[p]["alpha"] = torch.as_tensor(alpha, dtype=torch.float64)
+            if name == "ramda":
+                opt.state[p]["alpha"] = torch.as_tensor(hp["alpha"], dtype=torch.float64)
 
 
 def measure(lib, set_name: str, regularizer: str, solver: str, grouping, warmup: int,
-            target: int) -> Dict[str, Any]:
+            target: int, name: str = "ramda") -> Dict[str, Any]:
     import ramda_kernels
 
-    model = traffic.Model(set_name, "ramda", regularizer, solver, grouping, torch.float32, target)
-    opt = ramda_kernels.RAMDA(model.groups, backend="reference")
+    model = traffic.Model(set_name, name, regularizer, solver, grouping, torch.float32, target)
+    cls = ramda_kernels.RAMDA if name == "ramda" else ramda_kernels.ProxAdamW
+    opt = cls(model.groups, backend="reference")
     for _ in range(max(0, warmup - 1)):
         model.new_grads()
         opt.step()
@@ -122,14 +146,30 @@ def measure(lib, set_name: str, regularizer: str, solver: str, grouping, warmup:
                 sigmas.update({p.data_ptr(): s for p, s in zip(group["params"], _sigmas(group))})
     if warmup > 0:
         model.new_grads()
-        cuda_step(lib, opt, sigmas)  # leaves the warm-start sigma
+        cuda_step(lib, opt, sigmas, name=name)  # leaves the warm-start sigma
     model.new_grads()
     counts: Dict[str, List[int]] = {}
-    cuda_step(lib, opt, sigmas, counts)
-    return summarize(counts, model)
+    before = {k: s.clone() for k, s in sigmas.items()}
+    cuda_step(lib, opt, sigmas, counts, name=name)
+    return dict(summarize(counts, model, STATES[name][0]), **sigma_moves(before, sigmas))
 
 
-def summarize(counts: Dict[str, List[int]], model) -> Dict[str, Any]:
+def sigma_moves(before: Dict[int, torch.Tensor], after: Dict[int, torch.Tensor]) -> Dict[str, Any]:
+    """How far from steady the measured step is: the median relative change
+    of sigma over the groups nonzero in both steps, and the share of groups
+    that are zero this step (a zero group keeps its sigma and skips the last
+    pass's state read, so it makes a step cheaper)."""
+    if not before:
+        return dict(sigma_move=None, zero_groups=None)
+    old = torch.cat([before[k] for k in before])
+    new = torch.cat([after[k] for k in before])
+    kept = new == old
+    both = (old > 0) & ~kept
+    move = float((new[both] / old[both] - 1).abs().median()) if bool(both.any()) else float("nan")
+    return dict(sigma_move=move, zero_groups=float(kept.float().mean()))
+
+
+def summarize(counts: Dict[str, List[int]], model, reread: str = "initial_point") -> Dict[str, Any]:
     """Figures of the slices weighted by the real element counts."""
     roles: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # read, written, size
     issued = sectors = 0.0
@@ -147,12 +187,12 @@ def summarize(counts: Dict[str, List[int]], model) -> Dict[str, Any]:
         rb[1] += w * scale
         rb[2] += size * scale
     grouped = {int(n.split(":")[1]) for n in counts if n.startswith("sigma:")}
-    w0_passes = 0.0  # W0 reads of the grouped tensors, in passes weighted by the real elements
+    w0_passes = 0.0  # reads of `reread` (W0, m) of the grouped tensors, in passes weighted by the real elements
     for p in model.params:
         if p.data_ptr() in grouped:
             grouped_slice += p.numel()
             grouped_real += model.weight[p.data_ptr()]
-            w0_passes += counts[f"initial_point:{p.data_ptr()}"][0] / (4 * p.numel()) * model.weight[p.data_ptr()]
+            w0_passes += counts[f"{reread}:{p.data_ptr()}"][0] / (4 * p.numel()) * model.weight[p.data_ptr()]
     elements = sum(model.weight.values())
     r, w, sr, sw, _ = counts.get("scratch", [0] * 5)
     sweeps = w0_passes / grouped_real - 1 if grouped_real else None
@@ -179,21 +219,27 @@ def main(argv=None) -> int:
     p.add_argument("--groupings", help="comma list (default: every grouping of the set)")
     p.add_argument("--warmup", type=int, default=4, help="steps before the measured (steady-state) step")
     p.add_argument("--elements", type=int, default=4096, help="elements per grouped slice (about)")
+    p.add_argument("--optimizers", default="ramda", help="comma list of ramda, proxadamw")
     a = p.parse_args(argv)
     lib = drv.load_lib()
-    print("CUDA kernels on CPU threads (csrc/tests/cuda_host), RAMDA fp32, steady state; bytes issued "
+    print("CUDA kernels on CPU threads (csrc/tests/cuda_host), fp32, steady state; bytes issued "
           "per element; passes are read/write over each tensor kind")
-    print("| set | reg | grouping | dtype | phase | B/elem | sector eff | state re-reads | passes | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for set_name, _, regularizer, solver, grouping, dt, _ in traffic.configs(
-            a.sets.split(","), a.regularizers.split(","), ["fp32"], ["ramda"], ["steady"],
+    print(f"measured step: {a.warmup + 1}; sigma move: median |sigma / sigma_prev - 1| of the nonzero groups; "
+          "zero: share of groups zero this step")
+    print("| set | optimizer | reg | grouping | dtype | phase | B/elem | sector eff | state re-reads | sigma move "
+          "| zero | passes | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for set_name, name, regularizer, solver, grouping, dt, _ in traffic.configs(
+            a.sets.split(","), a.regularizers.split(","), ["fp32"], a.optimizers.split(","), ["steady"],
             a.groupings.split(",") if a.groupings else None):
         t0 = time.time()
-        r = measure(lib, set_name, regularizer, solver, grouping, a.warmup, a.elements)
+        r = measure(lib, set_name, regularizer, solver, grouping, a.warmup, a.elements, name)
         reg = regularizer if regularizer != "group_lasso" else f"gl-{solver}"
         sweeps = f"{r['sweeps']:.2f}" if r["sweeps"] is not None else "-"
-        print(f"| {set_name} | {reg} | {grouping or '-'} | {dt} | steady | {r['bytes_per_elem']:.1f} "
-              f"| {r['sector_eff']:.0%} | {sweeps} | {traffic._fmt_passes(r['passes'])} "
+        move = f"{r['sigma_move']:.1%}" if r["sigma_move"] is not None else "-"
+        zero = f"{r['zero_groups']:.0%}" if r["zero_groups"] is not None else "-"
+        print(f"| {set_name} | {name} | {reg} | {grouping or '-'} | {dt} | steady | {r['bytes_per_elem']:.1f} "
+              f"| {r['sector_eff']:.0%} | {sweeps} | {move} | {zero} | {traffic._fmt_passes(r['passes'])} "
               f"| {time.time() - t0:.0f} |", flush=True)
     return 0
 

@@ -24,6 +24,7 @@
 
 #include "cpu/cpu_step.h"
 #include "cpu/units_op.h"
+#include "cuda/fused_path.h"
 #include "group_layout.h"
 #include "ramda_args.h"
 #include "tensor_layout.h"
@@ -167,15 +168,12 @@ TensorArgs tensor_args(const Call& c, const StepArgs& a, int64_t i, const Tensor
   t.sigma = nullptr;
   t.numel = p.numel();
   t.dtype = parse_dtype(c.op, i, p.scalar_type());
-  const bool dual = c.optim == Optim::kRamda || c.optim == Optim::kProxAdamW;
-  const bool closed = a.thr_base == 0.0 || c.reg == Reg::kNone ||
-                      (c.reg == Reg::kL1 && !(dual && c.solver == Solver::kPg));
-  t.path = closed ? Path::kElementwise : Path::kGroups;
+  t.path = fused_path(c.optim, c.reg, c.solver, a.thr_base);
   if (t.path == Path::kGroups && t.numel > 0) {
     std::vector<int64_t> shape, strides;
-    if (c.reg == Reg::kL1) {  // whole-tensor PG: one group, in flat storage order
-      shape = {t.numel};
-      strides = {1};
+    if (c.reg == Reg::kL1) {  // whole-tensor PG (its reduced flags are set below)
+      std::vector<bool> whole;
+      whole_tensor_group(t.numel, shape, strides, whole);
     } else {
       viewed(c.op, i, p, c.view, shape, strides);
     }

@@ -30,8 +30,9 @@
 // The exact solve, rows and column tiles alike, in the passes of the Triton
 // kernel's plan (NOTE: [two-pass plan] in ramda_kernels/triton_kernels/step.py):
 // * pass 1 reads the gradient, the old state (and the parameter where z
-//   needs it), writes the new state, and gathers per group sum z^2, max d,
-//   min d and the Newton sums a, b, c, e at the warm-start sigma;
+//   needs it), writes the new state, and gathers per group max d, min d and
+//   the moments of NOTE: [Moment model] at the warm-start sigma, whose
+//   series model may end the solve here;
 // * each Newton pass, run only while a group of the block is not done,
 //   recomputes z and d from the state pass 1 wrote (element_dz: the same
 //   arithmetic, so the same bits) instead of storing them: RAMDA reads
@@ -339,7 +340,8 @@ __device__ __forceinline__ void write_exact(const TensorArgs& t, const StepArgs&
 }
 
 // NOTE: [Warm start] (docs/math.md section 4, item 5). Pass 1 also sums
-// newton_terms at the previous sigma s0 (on the raw z: every term is
+// newton_terms at the previous sigma s0 (register rows; the moments of NOTE:
+// [Moment model] give the same sums elsewhere) (on the raw z: every term is
 // quadratic in zeta, so the sums over z divided by ||z||^2 are the sums over
 // zeta). With f and the denominator of newton_update, phi(s0) = -K f and
 // phi'(s0) = -K' den for positive K, K': f >= 0 is right of the root (Newton
@@ -349,9 +351,8 @@ __device__ __forceinline__ void write_exact(const TensorArgs& t, const StepArgs&
 // Every start is clamped to <= sigma_hi (right of the root too), and `done`
 // follows the usual rule (the step from s0 was below kNewtonTol relative) or
 // the predicted error (NOTE: [two-pass plan]).
-__device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1Sums], const NewtonStart& st,
-                                            bool& done) {
-  const float a = acc[3] / acc[0], b = acc[4] / acc[0], c = acc[5] / acc[0], e = acc[6] / acc[0];
+__device__ __forceinline__ float warm_start_at(float s0, float a, float b, float c, float e, const NewtonStart& st,
+                                               bool& done) {
   done = false;
   // Beyond sigma_hi the step from s0 would cancel (s0 - delta with delta ~ s0):
   // start at sigma_hi, as the rule's clamp allows.
@@ -362,6 +363,144 @@ __device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1S
   if (!(next <= st.sigma)) return st.sigma;
   done = !(fabsf(n.delta) > kNewtonTol * next) || predicted_done(n, b, e, st.rel_excess, s0, next);
   return next;
+}
+__device__ __forceinline__ float warm_start(float s0, const float (&acc)[kPass1Sums], const NewtonStart& st,
+                                            bool& done) {
+  return warm_start_at(s0, acc[3] / acc[0], acc[4] / acc[0], acc[5] / acc[0], acc[6] / acc[0], st, done);
+}
+
+// NOTE: [Moment model]
+// Pass 1 of a solve read from memory (column tiles, rows past the register
+// rows) gathers, with max d, min d, the moments at the previous sigma s0
+//   A_k = sum z^2 sd^k (k <= K + 4),  B_k = sum z^2 dd sd^k (k <= K + 3),
+// sd = s0 / (d + s0), dd = d / (d + s0), both in [0, 1], K = kModelTerms
+// (A_0 = sum z^2). With tau = sigma / s0 - 1, 1 / (d + sigma) = x0 / (1 +
+// tau sd) (x0 = 1 / (d + s0)), so every Newton sum at any sigma is a power
+// series in tau over the moments (model_sums; S(M, j) = sum_{k <= K}
+// C(j + k - 1, k) (-tau)^k M_k):
+//   a = (1 + tau)^2 S(B_2.., 3),  b = (1 + tau)^3 S(A_3.., 3),
+//   c = S(B_0.., 1) + (1 + tau) S(B_1.., 2),  e = (1 + tau)^4 S(A_4.., 4),
+// divided by A_0; at tau = 0 these are newton_terms4's sums. Newton runs on
+// the model, reading no memory, from the exact warm step at s0 (warm_start_at)
+// to the usual stop. The series' terms shrink at least by rho (J + k) /
+// (k + 1), rho = |tau| s0 / (min d + s0) (M_(k+1) <= M_k s0 / (min d + s0)),
+// so each sum's truncation error is bounded by its first omitted term
+// (series_tail, from the moments one past the series); model_error turns
+// those into a bound on the root's relative error, and the model's root is
+// taken when that is under kNewtonTol by kPredictSafety (docs/math.md
+// section 4, item 4). Otherwise the solve goes on from memory from the warm
+// step (NOTE: [two-pass plan]). So a group whose sigma moves by about a
+// tenth per step (tests/test_cuda_on_cpu.py) ends in two passes; at 40-70%
+// (the fifth step of bench/cuda_traffic.py) it does not.
+constexpr int kModelTerms = 12;
+constexpr int kMomA = kModelTerms + 5, kMomB = kModelTerms + 4;
+constexpr int kMomIdxA = 2, kMomIdxB = 2 + kMomA;
+constexpr int kMomSums = 2 + kMomA + kMomB;  // max d, min d, A_k, B_k
+
+__device__ __forceinline__ void init_moments(float (&m)[kMomSums], int (&op)[kMomSums]) {
+#pragma unroll
+  for (int k = 0; k < kMomSums; ++k) {
+    m[k] = k == 0 ? -INFINITY : (k == 1 ? INFINITY : 0.0f);
+    op[k] = k == 0 ? 1 : (k == 1 ? 2 : 0);
+  }
+}
+
+__device__ __forceinline__ void add_moments(float (&m)[kMomSums], float z, float d, float s0) {
+  m[0] = fmaxf(m[0], d);
+  m[1] = fminf(m[1], d);
+  float p = z * z;
+  if (!(s0 > 0.0f)) {  // no warm start: sum z^2 only
+    m[kMomIdxA] += p;
+    return;
+  }
+  const float inv = 1.0f / (d + s0);
+  const float sd = s0 * inv, dd = d * inv;
+#pragma unroll
+  for (int k = 0; k < kMomA; ++k) {
+    m[kMomIdxA + k] += p;
+    if (k < kMomB) m[kMomIdxB + k] += p * dd;
+    p *= sd;
+  }
+}
+
+// S(M_first.., j) at mt = -tau: the first kModelTerms + 1 terms.
+template <int First, int J>
+__device__ __forceinline__ float moment_series(const float (&m)[kMomSums], float mt) {
+  float sum = 0.0f, pw = 1.0f, coef = 1.0f;  // coef = C(J + k - 1, k)
+#pragma unroll
+  for (int k = 0; k <= kModelTerms; ++k) {
+    sum += coef * pw * m[First + k];
+    pw *= mt;
+    coef = coef * static_cast<float>(J + k) / static_cast<float>(k + 1);
+  }
+  return sum;
+}
+
+// The unit-norm Newton sums a, b, c, e at sigma = s0 (1 + tau) from the moments.
+__device__ __forceinline__ void model_sums(const float (&m)[kMomSums], float tau, float (&r)[4]) {
+  const float inv0 = 1.0f / m[kMomIdxA], t1 = 1.0f + tau, mt = -tau;
+  r[0] = t1 * t1 * moment_series<kMomIdxB + 2, 3>(m, mt) * inv0;
+  r[1] = t1 * t1 * t1 * moment_series<kMomIdxA + 3, 3>(m, mt) * inv0;
+  r[2] = (moment_series<kMomIdxB, 1>(m, mt) + t1 * moment_series<kMomIdxB + 1, 2>(m, mt)) * inv0;
+  r[3] = t1 * t1 * t1 * t1 * moment_series<kMomIdxA + 4, 4>(m, mt) * inv0;
+}
+
+// The truncation error of S(M_first.., J) at tau: the first omitted term
+// C(J + K, K + 1) |tau|^(K + 1) M_(first + K + 1) over 1 - rho (J + K + 1) /
+// (K + 2), a bound on the ratio of the later terms (M_(k+1) <= M_k s0 /
+// (min d + s0)); infinite where that ratio is not below 1.
+template <int First, int J>
+__device__ __forceinline__ float series_tail(const float (&m)[kMomSums], float tau, float rho_max) {
+  const float at = fabsf(tau);
+  const float ratio = at * rho_max * static_cast<float>(J + kModelTerms + 1) / static_cast<float>(kModelTerms + 2);
+  if (!(ratio < 1.0f)) return INFINITY;
+  float coef = 1.0f, pw = 1.0f;  // C(J + k - 1, k) up to k = K + 1, |tau|^(K + 1)
+#pragma unroll
+  for (int k = 0; k <= kModelTerms; ++k) {
+    coef = coef * static_cast<float>(J + k) / static_cast<float>(k + 1);
+    pw *= at;
+  }
+  return coef * pw * m[First + kModelTerms + 1] / (1.0f - ratio);
+}
+
+// The root's relative error from truncating model_sums at tau (r: the sums
+// there, n: the step from them): with the sums' errors da, db, dc (over
+// A_0), f is off by at most dc + c (da + db) / (2 ||v||) and the root by
+// that times ||v|| / den (NOTE: [Moment model]).
+__device__ __forceinline__ float model_error(const float (&m)[kMomSums], float tau, float rho_max,
+                                             const float (&r)[4], const NewtonEval& n) {
+  const float inv0 = 1.0f / m[kMomIdxA], t1 = 1.0f + fabsf(tau);
+  const float da = t1 * t1 * series_tail<kMomIdxB + 2, 3>(m, tau, rho_max) * inv0;
+  const float db = t1 * t1 * t1 * series_tail<kMomIdxA + 3, 3>(m, tau, rho_max) * inv0;
+  const float dc = (series_tail<kMomIdxB, 1>(m, tau, rho_max) + t1 * series_tail<kMomIdxB + 1, 2>(m, tau, rho_max)) * inv0;
+  return (dc + r[2] * (da + db) / (2.0f * n.vn)) * n.vn / n.den;
+}
+
+// The exact solve's start from pass 1's moments (NOTE: [Moment model]):
+// the model's root with done = true when its error bound allows, else the
+// warm step at s0 (warm_start_at), done as its own rule says.
+__device__ __forceinline__ float model_solve(const float (&m)[kMomSums], float s0, const NewtonStart& st,
+                                             bool& done) {
+  float r[4];
+  model_sums(m, 0.0f, r);
+  const float warm = warm_start_at(s0, r[0], r[1], r[2], r[3], st, done);
+  if (done || !(s0 > 0.0f)) return warm;
+  const float rho_max = s0 / (m[1] + s0);
+  float sigma = warm;
+  bool mdone = false;
+  for (int it = 1; it < kNewtonMaxIters && !mdone; ++it) {
+    model_sums(m, sigma / s0 - 1.0f, r);
+    sigma = newton_update(sigma, r[0], r[1], r[2], st.rel_excess, mdone);
+  }
+  const float tau = sigma / s0 - 1.0f;
+  model_sums(m, tau, r);
+  const NewtonEval n = newton_eval(sigma, r[0], r[1], r[2], st.rel_excess);
+  const float err = model_error(m, tau, rho_max, r, n);
+  if (mdone && n.den > 0.0f && err * kPredictSafety <= kNewtonTol && sigma <= st.hi) {
+    done = true;
+    return sigma;
+  }
+  return warm;
 }
 
 // NOTE: [Register rows]
@@ -415,6 +554,46 @@ __device__ void cached_rows_block(const TensorArgs& t, const StepArgs& a, float 
   if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
 }
 
+// Pass 1 of the exact solve over elements first, first + step, ... of the
+// group at base: the state update and this thread's share of the moments.
+template <typename P>
+__device__ __forceinline__ void pass1_moments(const TensorArgs& t, const StepArgs& a, int64_t base, int64_t first,
+                                              int64_t step, float s0, float (&m)[kMomSums], int (&ops)[kMomSums]) {
+  init_moments(m, ops);
+  for (int64_t e = first; e < t.layout.group_size; e += step) {
+    float z, d;
+    element_pass1<P>(t, a, base + element_offset(t, e), z, d);
+    add_moments(m, z, d, s0);
+  }
+}
+
+// The exact solve of one rows group past the register rows (NOTE: [two-pass
+// plan], NOTE: [Moment model]), docs/math.md section 4.
+template <typename P>
+__device__ void exact_rows_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g, int64_t base,
+                                 float s0) {
+  const int64_t n = t.layout.group_size;
+  float m[kMomSums];
+  int ops[kMomSums];
+  pass1_moments<P>(t, a, base, threadIdx.x, blockDim.x, s0, m, ops);
+  block_reduce<kMomSums>(m, ops);
+  const NewtonStart st = newton_start(sqrtf(m[kMomIdxA]), m[0], m[1], thr);
+  float sigma = st.sigma;
+  bool done = st.done;
+  if (!done) sigma = model_solve(m, s0, st, done);
+  const int sum4[4] = {0, 0, 0, 0};
+  for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
+    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
+      add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
+    block_reduce<4>(r, sum4);
+    sigma = newton_pass_step(sigma, r, st.rel_excess, done);
+  }
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
+  // A zero group keeps its previous sigma.
+  if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
+}
+
 template <typename P>
 __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
                             float* scratch) {
@@ -423,54 +602,37 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   const int64_t base = group_base(t, g);
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   const bool pg = dual && a.solver == Solver::kPg;
-  const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan])
+  const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan]): exact_rows_block
   const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
-  // Slots as plan.h allots them: y only (RMDA/ProxSGD), z, d and Z (PG).
-  float* zs = exact ? nullptr : scratch + t.scratch + g * n;  // z (PG) or y (RMDA/ProxSGD)
-  float* ds = zs + (pg ? t.numel : 0);                        // d
-  float* Zs = zs + (pg ? 2 * t.numel : 0);                    // PG iterate
   // The previous sigma (NOTE: [Warm start]): one lane per warp reads it.
   float s0 = 0.0f;
   if (exact && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
   if (exact && n <= kCached * static_cast<int64_t>(blockDim.x)) return cached_rows_block<P>(t, a, th.thr, g, base, s0);
+  if (exact) return exact_rows_block<P>(t, a, th.thr, g, base, s0);
+  // Slots as plan.h allots them: y only (RMDA/ProxSGD), z, d and Z (PG).
+  float* zs = scratch + t.scratch + g * n;  // z (PG) or y (RMDA/ProxSGD)
+  float* ds = zs + (pg ? t.numel : 0);      // d
+  float* Zs = zs + (pg ? 2 * t.numel : 0);  // PG iterate
 
-  // sum z^2, max d, min d, and the Newton sums at s0
-  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+  // PG and the RMDA/ProxSGD shrink: sum z^2, max d
+  float acc[2] = {0.0f, -INFINITY};
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
     float z, d;
     element_pass1<P>(t, a, base + element_offset(t, e), z, d);
-    if (!exact) gstore(zs + e, z);
+    gstore(zs + e, z);
     if (pg) gstore(ds + e, d);
-    add_pass1(acc, z, d, s0);
+    acc[0] += z * z;
+    acc[1] = fmaxf(acc[1], d);
   }
-  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
-  block_reduce<kPass1Sums>(acc, ops);
-  const float znorm = sqrtf(acc[0]), dmax = acc[1], dmin = acc[2];
+  const int ops[2] = {0, 1};
+  block_reduce<2>(acc, ops);
+  const float znorm = sqrtf(acc[0]), dmax = acc[1];
   const float thr = th.thr;
 
   if (!dual) {  // RMDA / ProxSGD: group soft-threshold of y
     const float scale = group_shrink(znorm, thr);
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
       write_param<P>(t, a, base + element_offset(t, e), gload(zs + e) * scale);
-    return;
-  }
-  if (exact) {  // exact Newton (docs/math.md section 4), step without cancellation (ramda_math.h)
-    const NewtonStart st = newton_start(znorm, dmax, dmin, thr);
-    float sigma = st.sigma;
-    bool done = st.done;
-    if (!done) sigma = warm_start(s0, acc, st, done);
-    const int sum4[4] = {0, 0, 0, 0};
-    for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-      float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-        add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
-      block_reduce<4>(r, sum4);
-      sigma = newton_pass_step(sigma, r, st.rel_excess, done);
-    }
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-      write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
-    // A zero group keeps its previous sigma.
-    if (t.sigma != nullptr && st.active && threadIdx.x == 0) gstore(t.sigma + g, sigma);
     return;
   }
   // Proximal gradient (docs/math.md section 5), warm started at x; screened groups are zero.
@@ -559,20 +721,14 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
     __syncthreads();
     s0 = prev[lane];
   }
-  float acc[kPass1Sums] = {0.0f, -INFINITY, INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
-  if (live) {
-    for (int64_t e = warp; e < n; e += warps) {
-      float z, d;
-      element_pass1<P>(t, a, base + element_offset(t, e), z, d);
-      add_pass1(acc, z, d, s0);
-    }
-  }
-  const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
-  tile_reduce<kPass1Sums>(acc, ops);
-  const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
+  float m[kMomSums];
+  int ops[kMomSums];
+  pass1_moments<P>(t, a, base, live ? warp : n, warps, s0, m, ops);
+  tile_reduce<kMomSums>(m, ops);
+  const NewtonStart st = newton_start(sqrtf(m[kMomIdxA]), m[0], m[1], thr);
   float sigma = st.sigma;
   bool done = !live || st.done;
-  if (!done) sigma = warm_start(s0, acc, st, done);
+  if (!done) sigma = model_solve(m, s0, st, done);
   const int sum4[4] = {0, 0, 0, 0};
   for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
     float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};

@@ -9,13 +9,16 @@ for lack of a compiled extension or of triton: a backend module that cannot
 import is recorded with its error and raised only when asked for by name.
 
 ``auto`` picks, per call, the first available backend of
-``AUTO_ORDER[device.type]``. On CUDA that is Triton, then the CUDA extension:
-counted on CPU threads (bench/RESULTS.md), the extension's exact group-lasso
-step moves about as many bytes per element as Triton's, fewer on some
-groupings and more on others (ResNet's 3x3 input-wise runs use fewer of
-their sectors; PG and the RMDA/ProxSGD shrink on column layouts are still one
-block per strided group: NOTE: [CUDA tiling]), no GPU has timed either, and
-only Triton captures (CAPTURABLE_BACKENDS).
+``AUTO_ORDER[device.type]``. On CUDA that is Triton, then the CUDA extension,
+because the figures do not favour the extension: counted on CPU threads
+(bench/cuda_traffic.py against bench/traffic.py, bench/RESULTS.md, RAMDA
+group lasso exact fp32 at the fifth step) it moves 49.7 B per element on
+GPT-2-medium input-wise (52.8 on heads) against Triton's 43.9 (49.1), 49.7 B
+at 68% sector efficiency on ResNet-50 input-wise against 39.4 at 78%, 53.3
+on LLaMA-7B-layer input-wise against 56.0, the same 32-36 B on output-wise
+rows; its PG and RMDA/ProxSGD shrink on column layouts
+are still one block per strided group (NOTE: [CUDA tiling]); no GPU has
+timed either; and only Triton captures (CAPTURABLE_BACKENDS).
 
 Capturable steps (``capturable=True``, NOTE: [capturable optimizer] in
 ``ramda_ref.optim``) run on ``CAPTURABLE_BACKENDS`` only: ``auto`` then picks
