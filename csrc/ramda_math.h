@@ -258,6 +258,34 @@ RAMDA_HD float newton_advance(NewtonStart& st, float a, float b, float c, bool& 
   return newton_warm_update(st.sigma, a, b, c, st.rel_excess, st.hi, done);
 }
 
+// Predicted-error stop (docs/math.md section 4, item 4): a Newton step of
+// relative size at most kPredictMaxStep from s leaves an error of about
+// kappa delta^2 / s, kappa = s |phi''| / (2 |phi'|) =
+// 1.5 (T/||z||) (||v||^2 e - b^2) / (||v||^3 (a + f b/||v||)), with e the sum
+// of newton_terms4's fourth term; under kNewtonTol sigma by kPredictSafety
+// the group needs no confirming sweep. The values of the CUDA and Triton
+// kernels' rule (NOTE: [two-pass plan] in csrc/cuda/kernels.cuh).
+constexpr float kPredictSafety = 4.0f;
+constexpr float kPredictMaxStep = 0.125f;
+
+// newton_advance from the sums a, b, c, e at st.sigma, also done when the
+// step it took (a Newton step, not a cap at sigma_hi) leaves a predicted
+// error under the tolerance above.
+RAMDA_HD float newton_advance_predicted(NewtonStart& st, float a, float b, float c, float e, bool& done) {
+  const float from = st.sigma;
+  const float next = newton_advance(st, a, b, c, done);
+  if (done || next == st.hi) return next;
+  const float vn = sqrtf(a + b);
+  const float f = st.rel_excess - c / (1.0f + vn);
+  const float den = a + f * b / vn;
+  const float delta = from - next;
+  const float curv = fmaxf(vn * vn * e - b * b, 0.0f);
+  const float kappa = 1.5f * fmaxf(1.0f - st.rel_excess, 0.0f) * (curv / (vn * vn * vn * den));
+  const float err = kappa * delta * delta / from;
+  done = den > 0.0f && fabsf(delta) <= from * kPredictMaxStep && err * kPredictSafety <= kNewtonTol * next;
+  return next;
+}
+
 // The solution of an active group: w = z / (d + sigma).
 RAMDA_HD float newton_solution(float z, float d, float sigma) { return z / (d + sigma); }
 

@@ -276,15 +276,17 @@ inline __m512 recip16(__m512 x) {
   return r;
 }
 
-// newton_terms on 16 lanes, added to (fa, fb, fc).
-inline void newton_terms16(__m512 zeta, __m512 d, __m512 sigma, __m512& fa, __m512& fb, __m512& fc) {
+// newton_terms4 on 16 lanes, added to (fa, fb, fc, fe).
+inline void newton_terms16(__m512 zeta, __m512 d, __m512 sigma, __m512& fa, __m512& fb, __m512& fc, __m512& fe) {
   const __m512 inv = recip16(_mm512_add_ps(d, sigma));
   const __m512 sd = _mm512_mul_ps(sigma, inv), dd = _mm512_mul_ps(d, inv);
   const __m512 v = _mm512_mul_ps(zeta, sd), u = _mm512_mul_ps(zeta, dd);
   const __m512 v2 = _mm512_mul_ps(v, v);
+  const __m512 tb = _mm512_mul_ps(v2, sd);
   fa = _mm512_add_ps(fa, _mm512_mul_ps(v2, dd));
-  fb = _mm512_add_ps(fb, _mm512_mul_ps(v2, sd));
+  fb = _mm512_add_ps(fb, tb);
   fc = _mm512_add_ps(fc, _mm512_mul_ps(u, _mm512_add_ps(zeta, v)));
+  fe = _mm512_add_ps(fe, _mm512_mul_ps(tb, sd));
 }
 
 // Adds 16 fp32 lanes into two fp64 vectors (lanes 0-7, 8-15).
@@ -293,23 +295,25 @@ inline void add_wide(__m512d& lo, __m512d& hi, __m512 x) {
   hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
 }
 
-// Sums of newton_terms over rows e in [0, E) of 16 lanes at zeta + e*stride,
+// Sums of newton_terms4 over rows e in [0, E) of 16 lanes at zeta + e*stride,
 // d + e*stride, per lane: fp32 over kSumBlock rows, fp64 across blocks.
 inline void newton_sums16(const float* zeta, const float* d, int64_t stride, int64_t E,
-                          __m512 sigma, double* a, double* b, double* c) {
-  __m512d alo = _mm512_setzero_pd(), ahi = alo, blo = alo, bhi = alo, clo = alo, chi = alo;
+                          __m512 sigma, double* a, double* b, double* c, double* ee) {
+  __m512d alo = _mm512_setzero_pd(), ahi = alo, blo = alo, bhi = alo, clo = alo, chi = alo, elo = alo, ehi = alo;
   for (int64_t e0 = 0; e0 < E; e0 += kSumBlock) {
     const int64_t e1 = imin_(E, e0 + kSumBlock);
-    __m512 fa = _mm512_setzero_ps(), fb = fa, fc = fa;
+    __m512 fa = _mm512_setzero_ps(), fb = fa, fc = fa, fe = fa;
     for (int64_t e = e0; e < e1; ++e)
-      newton_terms16(_mm512_loadu_ps(zeta + e * stride), _mm512_loadu_ps(d + e * stride), sigma, fa, fb, fc);
+      newton_terms16(_mm512_loadu_ps(zeta + e * stride), _mm512_loadu_ps(d + e * stride), sigma, fa, fb, fc, fe);
     add_wide(alo, ahi, fa);
     add_wide(blo, bhi, fb);
     add_wide(clo, chi, fc);
+    add_wide(elo, ehi, fe);
   }
   _mm512_storeu_pd(a, alo), _mm512_storeu_pd(a + 8, ahi);
   _mm512_storeu_pd(b, blo), _mm512_storeu_pd(b + 8, bhi);
   _mm512_storeu_pd(c, clo), _mm512_storeu_pd(c + 8, chi);
+  _mm512_storeu_pd(ee, elo), _mm512_storeu_pd(ee + 8, ehi);
 }
 #endif
 
@@ -340,11 +344,75 @@ RAMDA_HD float lane_solution(float z, float d, float sigma) {
   return sigma == sigma ? newton_solution(z, d, sigma) : 0.0f;
 }
 
+// Sums of newton_terms4 at sigma over one contiguous group (x: zeta, or the
+// raw z, NOTE: [Warm sums on the raw z]): fp32 over blocks of kSumBlock
+// elements, added in fp64 (NOTE: [Newton sums]).
+inline void newton_sums_contig(const float* __restrict__ x, const float* __restrict__ d, int64_t n, float sigma,
+                               double (&r)[4]) {
+  double sa = 0.0, sb = 0.0, sc = 0.0, se = 0.0;
+#if RAMDA_CPU_AVX512
+  // Whole rows of 16 elements as lanes (NOTE: [Newton sums with a
+  // reciprocal estimate]); the last n % 16 below.
+  const int64_t n16 = n / 16 * 16;
+  if (n16 > 0) {
+    double la[16], lb[16], lc[16], le[16];
+    newton_sums16(x, d, 16, n16 / 16, _mm512_set1_ps(sigma), la, lb, lc, le);
+    for (int l = 0; l < 16; ++l) sa += la[l], sb += lb[l], sc += lc[l], se += le[l];
+  }
+  for (int64_t i0 = n16; i0 < n; i0 += kSumBlock) {
+#else
+  for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+#endif
+    const int64_t i1 = imin_(n, i0 + kSumBlock);
+    float fa = 0.0f, fb = 0.0f, fc = 0.0f, fe = 0.0f;
+#pragma omp simd reduction(+ : fa, fb, fc, fe)
+    for (int64_t i = i0; i < i1; ++i) {
+      float ta, tb, tc, te;
+      newton_terms4(x[i], d[i], sigma, ta, tb, tc, te);
+      fa += ta;
+      fb += tb;
+      fc += tc;
+      fe += te;
+    }
+    sa += fa;
+    sb += fb;
+    sc += fc;
+    se += fe;
+  }
+  r[0] = sa, r[1] = sb, r[2] = sc, r[3] = se;
+}
+
+// NOTE: [Warm sums on the raw z]
+// A group with a previous sigma takes its first Newton step at that sigma
+// (docs/math.md section 4, item 5), where no bound is needed: the sums of
+// that step can be added over the raw z before ||z|| is known, since every
+// term is quadratic in zeta = z/||z||: the unit-norm sums are the raw ones
+// over ||z||^2. The contiguous solve ("rows", unit groups) takes its first
+// step from them, and with the predicted-error stop
+// (newton_advance_predicted) a group whose z and d changed little since the
+// last step needs no sweep over zeta at all. Raw terms are fp32 (up to z^2),
+// so only groups of norm in [kRawNormLo, kRawNormHi] take this path; the
+// others take the same first step on zeta. "Lanes" tiles do not: adding the
+// sums per lane as pass 1 writes each row costs loads and stores of four
+// fp64 lane arrays per element, more than the gathered sweep (which holds
+// its sums in registers) that it would save (bench/RESULTS.md, s7-cpu).
+constexpr float kRawNormLo = 0x1p-40f, kRawNormHi = 0x1p40f;
+
+RAMDA_HD bool raw_sums_usable(float norm) { return norm >= kRawNormLo && norm <= kRawNormHi; }
+
+// The warm first step of group st from raw sums r (NOTE: [Warm sums on the raw z]).
+RAMDA_HD float warm_step_raw(NewtonStart& st, const double (&r)[4], bool& done) {
+  const double q = 1.0 / (static_cast<double>(st.norm) * st.norm);
+  return newton_advance_predicted(st, static_cast<float>(r[0] * q), static_cast<float>(r[1] * q),
+                                  static_cast<float>(r[2] * q), static_cast<float>(r[3] * q), done);
+}
+
 // Exact group lasso (docs/math.md section 4) for one contiguous group: returns its
 // sigma, NaN for a zero group (w = lane_solution(z, d, sigma)). `zeta` is
 // scratch for the unit-norm group. `kept` (nullptr: none): the group's sigma
 // from the previous step, the warm start, overwritten with the new one by a
-// nonzero group (docs/math.md section 4, item 5).
+// nonzero group (docs/math.md section 4, item 5). Every step may end the
+// solve on its predicted error (newton_advance_predicted).
 inline float newton_contig_sigma(const float* __restrict__ z, const float* __restrict__ d,
                                  float* __restrict__ zeta, int64_t n, float thr, float* kept) {
   const GroupStats st = stats_contig(z, d, n);
@@ -352,44 +420,25 @@ inline float newton_contig_sigma(const float* __restrict__ z, const float* __res
   if (!s0.active) return NAN;
   float sigma = s0.sigma;
   bool done = s0.done;
+  int it = 0;
+  if (!done && s0.warm && raw_sums_usable(s0.norm)) {
+    double r[4];
+    newton_sums_contig(z, d, n, sigma, r);
+    sigma = warm_step_raw(s0, r, done);
+    s0.sigma = sigma;
+    ++it;
+  }
   if (!done) {
     const float inv_norm = s0.inv_norm;  // a product per element, not a division (1 ulp)
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) zeta[i] = z[i] * inv_norm;
   }
-  // Sums accumulate in fp32 over blocks of kSumBlock elements, added in fp64
-  // (NOTE: [Newton sums]).
-  for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-    double sa = 0.0, sb = 0.0, sc = 0.0;
-#if RAMDA_CPU_AVX512
-    // Whole rows of 16 elements as lanes (NOTE: [Newton sums with a
-    // reciprocal estimate]); the last n % 16 below.
-    const int64_t n16 = n / 16 * 16;
-    if (n16 > 0) {
-      double la[16], lb[16], lc[16];
-      newton_sums16(zeta, d, 16, n16 / 16, _mm512_set1_ps(sigma), la, lb, lc);
-      for (int l = 0; l < 16; ++l) sa += la[l], sb += lb[l], sc += lc[l];
-    }
-    for (int64_t i0 = n16; i0 < n; i0 += kSumBlock) {
-#else
-    for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
-#endif
-      const int64_t i1 = imin_(n, i0 + kSumBlock);
-      float fa = 0.0f, fb = 0.0f, fc = 0.0f;
-#pragma omp simd reduction(+ : fa, fb, fc)
-      for (int64_t i = i0; i < i1; ++i) {
-        float ta, tb, tc;
-        newton_terms(zeta[i], d[i], sigma, ta, tb, tc);
-        fa += ta;
-        fb += tb;
-        fc += tc;
-      }
-      sa += fa;
-      sb += fb;
-      sc += fc;
-    }
+  for (; it < kNewtonMaxIters && !done; ++it) {
+    double r[4];
+    newton_sums_contig(zeta, d, n, sigma, r);
     s0.sigma = sigma;
-    sigma = newton_advance(s0, static_cast<float>(sa), static_cast<float>(sb), static_cast<float>(sc), done);
+    sigma = newton_advance_predicted(s0, static_cast<float>(r[0]), static_cast<float>(r[1]),
+                                     static_cast<float>(r[2]), static_cast<float>(r[3]), done);
   }
   if (kept) *kept = sigma;
   return sigma;
@@ -522,7 +571,7 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
                                float thr, const LaneStats& ls, float* __restrict__ sigma_out,
                                float* kept) {
   constexpr int64_t kCap = kMaxLanes + 16;
-  double z2[kMaxLanes], al[kCap], bl[kCap], cl[kCap], ga[kCap], gb[kCap], gc[kCap];
+  double z2[kMaxLanes], al[kCap], bl[kCap], cl[kCap], el[kCap], ga[kCap], gb[kCap], gc[kCap], ge[kCap];
   float sigmal[kCap], normc[kCap + 16];
   int32_t src[kCap], pj[kMaxLanes];
   const float* dmaxl = ls.dmax;
@@ -597,7 +646,7 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
     const float* __restrict__ dn = gather ? dc : d;
     int64_t pending = Jp;
     for (int it = 0; it < kNewtonMaxIters && pending > 0; ++it) {
-      for (int64_t l = 0; l < L; ++l) sigmal[l] = cs[l / R].sigma, al[l] = bl[l] = cl[l] = 0.0;
+      for (int64_t l = 0; l < L; ++l) sigmal[l] = cs[l / R].sigma, al[l] = bl[l] = cl[l] = el[l] = 0.0;
       // Blocks of kBlk lanes, each swept over all e with its partial sums held
       // in registers (not reloaded and stored per e): fp32 over kSumBlock
       // consecutive e, added into fp64 (NOTE: [Newton sums]).
@@ -607,32 +656,35 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
       // Blocks whose groups have all converged are skipped (their sums are not read).
       for (; l0 + kBlk <= L; l0 += kBlk)
         if (block_pending(cs, l0, kBlk, R))
-          newton_sums16(zeta + l0, dn + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0);
+          newton_sums16(zeta + l0, dn + l0, L, s.E, _mm512_loadu_ps(sigmal + l0), al + l0, bl + l0, cl + l0,
+                        el + l0);
 #endif
       for (; l0 + kBlk <= L; l0 += kBlk) {
         if (!block_pending(cs, l0, kBlk, R)) continue;  // converged: its sums are not read
-        double ra[kBlk], rb[kBlk], rc[kBlk];
+        double ra[kBlk], rb[kBlk], rc[kBlk], re[kBlk];
         float sg[kBlk];
-        for (int64_t l = 0; l < kBlk; ++l) ra[l] = rb[l] = rc[l] = 0.0, sg[l] = sigmal[l0 + l];
+        for (int64_t l = 0; l < kBlk; ++l) ra[l] = rb[l] = rc[l] = re[l] = 0.0, sg[l] = sigmal[l0 + l];
         for (int64_t e0 = 0; e0 < s.E; e0 += kSumBlock) {
           const int64_t e1 = imin_(s.E, e0 + kSumBlock);
-          float fa[kBlk], fb[kBlk], fc[kBlk];
-          for (int64_t l = 0; l < kBlk; ++l) fa[l] = fb[l] = fc[l] = 0.0f;
+          float fa[kBlk], fb[kBlk], fc[kBlk], fe[kBlk];
+          for (int64_t l = 0; l < kBlk; ++l) fa[l] = fb[l] = fc[l] = fe[l] = 0.0f;
           for (int64_t e = e0; e < e1; ++e) {
             const float* ze = zeta + e * L + l0;
             const float* de = dn + e * L + l0;
 #pragma omp simd
             for (int64_t l = 0; l < kBlk; ++l) {
-              float ta, tb, tc;
-              newton_terms(ze[l], de[l], sg[l], ta, tb, tc);
+              float ta, tb, tc, te;
+              newton_terms4(ze[l], de[l], sg[l], ta, tb, tc, te);
               fa[l] += ta;
               fb[l] += tb;
               fc[l] += tc;
+              fe[l] += te;
             }
           }
-          for (int64_t l = 0; l < kBlk; ++l) ra[l] += fa[l], rb[l] += fb[l], rc[l] += fc[l];
+          for (int64_t l = 0; l < kBlk; ++l) ra[l] += fa[l], rb[l] += fb[l], rc[l] += fc[l], re[l] += fe[l];
         }
-        for (int64_t l = 0; l < kBlk; ++l) al[l0 + l] = ra[l], bl[l0 + l] = rb[l], cl[l0 + l] = rc[l];
+        for (int64_t l = 0; l < kBlk; ++l)
+          al[l0 + l] = ra[l], bl[l0 + l] = rb[l], cl[l0 + l] = rc[l], el[l0 + l] = re[l];
       }
       // Lanes past the last whole vector: only without gathering (L = Lp).
       for (int64_t e = 0; l0 < L && e < s.E; ++e) {
@@ -640,22 +692,24 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
         const float* de = dn + e * L;
 #pragma omp simd
         for (int64_t l = l0; l < L; ++l) {
-          float ta, tb, tc;
-          newton_terms(ze[l], de[l], sigmal[l], ta, tb, tc);
+          float ta, tb, tc, te;
+          newton_terms4(ze[l], de[l], sigmal[l], ta, tb, tc, te);
           al[l] += ta;
           bl[l] += tb;
           cl[l] += tc;
+          el[l] += te;
         }
       }
       group_sums(al, c, ga);
       group_sums(bl, c, gb);
       group_sums(cl, c, gc);
+      group_sums(el, c, ge);
       pending = 0;
       for (int64_t k = 0; k < Jp; ++k) {
         if (cs[k].done) continue;
         bool dk;
-        cs[k].sigma = newton_advance(cs[k], static_cast<float>(ga[k]), static_cast<float>(gb[k]),
-                                     static_cast<float>(gc[k]), dk);
+        cs[k].sigma = newton_advance_predicted(cs[k], static_cast<float>(ga[k]), static_cast<float>(gb[k]),
+                                               static_cast<float>(gc[k]), static_cast<float>(ge[k]), dk);
         cs[k].done = dk;
         pending += !dk;
       }
@@ -668,6 +722,8 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
       if (st[j].active) kept[j] = st[j].sigma;
 }
 
+// Per-lane statistics and sigma of a panel's width (thread-local); the "rows"
+// path keeps one sigma per group of its tile there.
 // Per-lane statistics and sigma of a panel's width (thread-local); the "rows"
 // path keeps one sigma per group of its tile there.
 struct PanelLanes {
