@@ -233,7 +233,7 @@ __device__ void elementwise_block(const TensorArgs& t, const StepArgs& a, float 
 #else
 #define RAMDA_NOINLINE __attribute__((noinline))
 #endif
-__device__ RAMDA_NOINLINE int64_t decode_offset64(int64_t idx, int32_t n, const int64_t* size, const int64_t* stride) {
+static __device__ RAMDA_NOINLINE int64_t decode_offset64(int64_t idx, int32_t n, const int64_t* size, const int64_t* stride) {
   return block_offset(idx, n, size, stride);
 }
 __device__ __forceinline__ int64_t decode_offset(const TensorArgs& t, int64_t idx, int32_t n, const int64_t* size,
