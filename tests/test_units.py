@@ -283,8 +283,9 @@ def test_missing_gradient_is_refused_before_anything_changes():
 @pytest.mark.parametrize("backend", ["auto", "cpu", "triton"])
 @pytest.mark.parametrize("name", ["RAMDA", "ProxAdamW"])
 def test_fused_backends_send_unit_groups_they_cannot_take_to_the_reference(backend, name):
-    """``_coupled``'s bias is fp64: the cpu backend's unit op takes fp32/bf16/fp16
-    members only (tests/test_units_fused.py runs the rest), triton has no unit step."""
+    """``_coupled``'s bias is fp64: the fused unit steps take fp32/bf16/fp16
+    members only (tests/test_units_fused.py and tests/test_triton_units.py run
+    the rest), so the group runs on the reference and matches it."""
     import ramda_kernels as rk
     from ramda_kernels.backends import BackendUnavailableError
 

@@ -10,32 +10,12 @@
 #include <vector>
 
 #include "../tensor_layout.h"
+#include "../units_checks.h"
 #include "units_op.h"
 
 namespace ramda {
 namespace cpu {
 namespace {
-
-DType param_type(int64_t i, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFp32;
-    case at::kBFloat16: return DType::kBf16;
-    case at::kHalf: return DType::kFp16;
-    default:
-      TORCH_CHECK(false, "units_: params[", i, "] has dtype ", t,
-                  "; the fused step takes float32, bfloat16 or float16 (float64 runs on the reference)");
-  }
-}
-
-// int64, contiguous, on the CPU, of `cols` columns (0: 1-D).
-const int64_t* table_part(const at::Tensor& x, const char* name, int64_t cols) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.is_contiguous() &&
-                  (cols == 0 ? x.dim() == 1 : (x.dim() == 2 && x.size(1) == cols)),
-              "units_: ", name, " must be a contiguous int64 CPU tensor of shape ",
-              cols == 0 ? "(n,)" : "(n, " + std::to_string(cols) + ")", ", got ", x.scalar_type(), " ",
-              x.sizes(), " on ", x.device());
-  return x.data_ptr<int64_t>();
-}
 
 struct UnitItem {
   int64_t first, last;
@@ -157,7 +137,7 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
     t.param = p.data_ptr();
     t.grad = g.data_ptr();
     t.numel = p.numel();
-    t.dtype = param_type(i, p.scalar_type());
+    t.dtype = unit_param_type(i, p.scalar_type());
     float* s[3] = {nullptr, nullptr, nullptr};
     // RAMDA, RMDA: list 0 is W0, kept in the parameter's dtype (TensorArgs::w0)
     const bool has_w0 = a.optim == Optim::kRamda || a.optim == Optim::kRmda;
@@ -179,9 +159,9 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
   }
 
   // The segment table: every element it names inside its tensor.
-  const int64_t* seg = table_part(segments, "segments", 6);
-  const int64_t* start = table_part(unit_start, "unit_start", 0);
-  const int64_t* fr = table_part(free, "free", 3);
+  const int64_t* seg = unit_table_part(segments, "segments", 6);
+  const int64_t* start = unit_table_part(unit_start, "unit_start", 0);
+  const int64_t* fr = unit_table_part(free, "free", 3);
   const int64_t n_rows = segments.size(0), n_units = unit_start.numel() - 1;
   TORCH_CHECK(n_units >= 1 && start[0] == 0 && start[n_units] == n_rows, "units_: unit_start must run from 0 to ",
               n_rows, " (the segment rows) over at least one unit");

@@ -512,6 +512,28 @@ __device__ __forceinline__ float model_solve(const float (&m)[kMomSums], float s
 // reference's stopping rule (they cost no memory).
 constexpr int kCached = 16;
 
+// The exact solve of a block whose z, d sit in registers (kCached per thread,
+// n of them valid): from the warm start at s0 to the reference's stop, every
+// Newton step reduced over the block (it costs no memory).
+__device__ __forceinline__ float register_newton(const float (&zr)[kCached], const float (&dr)[kCached], int64_t n,
+                                                 const NewtonStart& st, float s0,
+                                                 const float (&acc)[kPass1Sums]) {
+  float sigma = st.sigma;
+  bool done = st.done;
+  if (!done) sigma = warm_start(s0, acc, st, done);
+  const int sum3[3] = {0, 0, 0};
+  for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
+    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < kCached; ++j)
+      if (threadIdx.x + static_cast<int64_t>(j) * blockDim.x < n) add_newton_terms(r, zr[j] / st.norm, dr[j], sigma);
+    float s3[3] = {r[0], r[1], r[2]};
+    block_reduce<3>(s3, sum3);
+    sigma = newton_update(sigma, s3[0], s3[1], s3[2], st.rel_excess, done);
+  }
+  return sigma;
+}
+
 template <typename P>
 __device__ void cached_rows_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g, int64_t base,
                                   float s0) {
@@ -531,19 +553,7 @@ __device__ void cached_rows_block(const TensorArgs& t, const StepArgs& a, float 
   const int ops[kPass1Sums] = {0, 1, 2, 0, 0, 0, 0};
   block_reduce<kPass1Sums>(acc, ops);
   const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
-  float sigma = st.sigma;
-  bool done = st.done;
-  if (!done) sigma = warm_start(s0, acc, st, done);
-  const int sum3[3] = {0, 0, 0};
-  for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < kCached; ++j)
-      if (threadIdx.x + static_cast<int64_t>(j) * blockDim.x < n) add_newton_terms(r, zr[j] / st.norm, dr[j], sigma);
-    float s3[3] = {r[0], r[1], r[2]};
-    block_reduce<3>(s3, sum3);
-    sigma = newton_update(sigma, s3[0], s3[1], s3[2], st.rel_excess, done);
-  }
+  const float sigma = register_newton(zr, dr, n, st, s0, acc);
 #pragma unroll
   for (int j = 0; j < kCached; ++j) {
     const int64_t e = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;

@@ -93,19 +93,7 @@ __device__ __forceinline__ void cached_unit(const TensorArgs* ts, const StepArgs
   } else {
     const NewtonStart st = newton_start(sqrtf(acc[0]), acc[1], acc[2], thr);
     active = st.active;
-    sigma = st.sigma;
-    bool done = st.done;
-    if (!done) sigma = warm_start(s0, acc, st, done);
-    const int sum3[3] = {0, 0, 0};
-    for (int it = 0; it < kNewtonMaxIters && !done; ++it) {
-      float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int j = 0; j < kCached; ++j)
-        if (threadIdx.x + static_cast<int64_t>(j) * blockDim.x < n) add_newton_terms(r, zr[j] / st.norm, dr[j], sigma);
-      float s3[3] = {r[0], r[1], r[2]};
-      block_reduce<3>(s3, sum3);
-      sigma = newton_update(sigma, s3[0], s3[1], s3[2], st.rel_excess, done);
-    }
+    sigma = register_newton(zr, dr, n, st, s0, acc);
   }
   UnitCursor w{rows};
 #pragma unroll

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../tensor_layout.h"
+#include "../units_checks.h"
 #include "units.h"
 #include "units_op.h"
 
@@ -72,26 +73,6 @@ TableCache& cache() {
   return c;
 }
 
-DType param_type(int64_t i, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFp32;
-    case at::kBFloat16: return DType::kBf16;
-    case at::kHalf: return DType::kFp16;
-    default:
-      TORCH_CHECK(false, "units_: params[", i, "] has dtype ", t,
-                  "; the fused step takes float32, bfloat16 or float16 (float64 runs on the reference)");
-  }
-}
-
-const int64_t* table_part(const at::Tensor& x, const char* name, int64_t cols) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.is_contiguous() &&
-                  (cols == 0 ? x.dim() == 1 : (x.dim() == 2 && x.size(1) == cols)),
-              "units_: ", name, " must be a contiguous int64 CPU tensor of shape ",
-              cols == 0 ? "(n,)" : "(n, " + std::to_string(cols) + ")", ", got ", x.scalar_type(), " ",
-              x.sizes(), " on ", x.device());
-  return x.data_ptr<int64_t>();
-}
-
 }  // namespace
 
 void units_step(const std::string& optimizer, at::TensorList params, at::TensorList grads, at::TensorList state0,
@@ -138,11 +119,11 @@ void units_step(const std::string& optimizer, at::TensorList params, at::TensorL
     }
     void* const lists_k[3] = {st[0], st[1], st[2]};
     ts.push_back(unit_tensor_args(a.optim, p.data_ptr(), g.data_ptr(), lists_k, p.numel(),
-                                  param_type(i, p.scalar_type())));
+                                  unit_param_type(i, p.scalar_type())));
   }
-  const int64_t* seg = table_part(segments, "segments", 6);
-  const int64_t* start = table_part(unit_start, "unit_start", 0);
-  const int64_t* fr = table_part(free, "free", 3);
+  const int64_t* seg = unit_table_part(segments, "segments", 6);
+  const int64_t* start = unit_table_part(unit_start, "unit_start", 0);
+  const int64_t* fr = unit_table_part(free, "free", 3);
   const int64_t n_rows = segments.size(0), n_units = unit_start.numel() - 1, n_free = free.size(0);
   const std::string bad = check_unit_table(seg, n_rows, start, n_units, fr, n_free, ts);
   TORCH_CHECK(bad.empty(), "units_: ", bad);
