@@ -17,8 +17,11 @@ transposed) for the four optimizers; units of 1, 13, 37, 700, 1031 (over one
 256-thread block) and 5000 elements (over the kernel's register rows: the
 streamed passes, RMDA / ProxSGD through the NaN-filled scratch) in fp32, three
 of them in bf16 and in fp16;
-lambda 0 (every element unregularized); a dropped __syncthreads that the
-comparison catches; the counted traffic of a unit-grouped MLP."""
+lambda 0 (every element unregularized); the counted traffic of a unit-grouped
+MLP. A dropped __syncthreads is caught by ThreadSanitizer in ctest
+(cuda_units_tsan_flags_missing_barrier), which sees the missing happens-before
+edge on every run; a comparison of results catches it only when the threads
+happen to interleave badly, so it is not a test here."""
 
 import ctypes
 import math
@@ -177,23 +180,6 @@ def test_zero_lambda_leaves_every_element_unregularized(stand_in):
     res, zeros, fast = _compare("RAMDA", params, units, lam=0.0)
     assert res.ok and zeros == 0, str(res)
     assert U.SIGMA_KEY not in fast.state[fast.param_groups[0]["params"][0]]
-
-
-def test_a_dropped_barrier_is_caught(stand_in):
-    """The first __syncthreads of every block skipped (cuda_host::drop_sync: the
-    one between the warps' partial sums and their reduction in block_reduce): the
-    block's sums mix stale shared memory, which the comparison (or the stand-in's
-    barrier check) reports. (The second, at the end of that reduction, guards
-    only a later reduction of the same arity, which in a unit block comes after
-    other barriers: dropping it changes nothing.)"""
-    stand_in(drop_sync=1)
-    params, units = _problem(0)
-    try:
-        res, _, _ = _compare("RAMDA", params, units, steps=3, reload_at=None)
-    except AssertionError as e:  # the stand-in refused the launch
-        assert "barrier" in str(e)
-        return
-    assert not res.ok
 
 
 def test_counted_traffic_of_row_units_is_the_floor(lib, stand_in):
