@@ -32,4 +32,20 @@ inline const int64_t* unit_table_part(const at::Tensor& x, const char* name, int
   return x.data_ptr<int64_t>();
 }
 
+// At least one member, one gradient per member, and one tensor per member in
+// each state list the optimizer uses (names[r] empty: list r unused, and empty).
+inline size_t check_unit_lists(at::TensorList params, at::TensorList grads, at::TensorList state0,
+                               at::TensorList state1, at::TensorList state2, const char* const names[3]) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0, "units_: a unit group has at least one tensor");
+  TORCH_CHECK(grads.size() == n, "units_: grads has ", grads.size(), " tensors but params has ", n);
+  const at::TensorList lists[3] = {state0, state1, state2};
+  for (int r = 0; r < 3; ++r) {
+    const size_t want = names[r][0] ? n : 0;
+    TORCH_CHECK(lists[r].size() == want, "units_: state list ", r, " (", names[r][0] ? names[r] : "unused",
+                ") has ", lists[r].size(), " tensors, expected ", want);
+  }
+  return n;
+}
+
 }  // namespace ramda

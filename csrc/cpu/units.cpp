@@ -114,15 +114,8 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
     case Optim::kProxSgd: a.keep = f(0), a.c = f(1), a.lr = f(2), a.thr_base = scalars[3]; break;
   }
 
-  const size_t n = params.size();
-  TORCH_CHECK(n > 0, "units_: a unit group has at least one tensor");
-  TORCH_CHECK(grads.size() == n, "units_: grads has ", grads.size(), " tensors but params has ", n);
+  const size_t n = check_unit_lists(params, grads, state0, state1, state2, names);
   const at::TensorList lists[3] = {state0, state1, state2};
-  for (int r = 0; r < 3; ++r) {
-    const size_t want = names[r][0] ? n : 0;
-    TORCH_CHECK(lists[r].size() == want, "units_: state list ", r, " (", names[r][0] ? names[r] : "unused",
-                ") has ", lists[r].size(), " tensors, expected ", want);
-  }
   for (size_t k = 0; k < n; ++k) {
     const int64_t i = static_cast<int64_t>(k);
     const at::Tensor& p = params[k];

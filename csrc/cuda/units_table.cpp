@@ -83,15 +83,8 @@ void units_step(const std::string& optimizer, at::TensorList params, at::TensorL
   const char* names[3];
   const std::string why = unit_step_args(optimizer, scalars.data(), scalars.size(), amsgrad, a, names);
   TORCH_CHECK(why.empty(), "units_: ", why);
-  const size_t n = params.size();
-  TORCH_CHECK(n > 0, "units_: a unit group has at least one tensor");
-  TORCH_CHECK(grads.size() == n, "units_: grads has ", grads.size(), " tensors but params has ", n);
+  const size_t n = check_unit_lists(params, grads, state0, state1, state2, names);
   const at::TensorList lists[3] = {state0, state1, state2};
-  for (int r = 0; r < 3; ++r) {
-    const size_t want = names[r][0] ? n : 0;
-    TORCH_CHECK(lists[r].size() == want, "units_: state list ", r, " (", names[r][0] ? names[r] : "unused",
-                ") has ", lists[r].size(), " tensors, expected ", want);
-  }
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), "units_: params[0] is on ", device, ", not a CUDA device");
   const bool has_w0 = a.optim == Optim::kRamda || a.optim == Optim::kRmda;
