@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../tensor_layout.h"
+#include "../unit_args.h"
 #include "../units_checks.h"
 #include "units_op.h"
 
@@ -80,39 +81,9 @@ UnitsCall prepare_units(const std::string& optimizer, at::TensorList params, at:
                         at::ArrayRef<double> scalars, bool amsgrad, bool reweight) {
   UnitsCall c;
   StepArgs& a = c.a;
-  const char* names[3] = {"", "", ""};
-  size_t n_scalars = 0;
-  if (optimizer == "ramda") {
-    a.optim = Optim::kRamda, n_scalars = 5;
-    names[0] = "initial_points", names[1] = "grad_sums", names[2] = "grad_sum_sqs";
-  } else if (optimizer == "rmda") {
-    a.optim = Optim::kRmda, n_scalars = 5;
-    names[0] = "initial_points", names[1] = "grad_sums";
-  } else if (optimizer == "proxadamw") {
-    a.optim = Optim::kProxAdamW, n_scalars = 9;
-    names[0] = "exp_avgs", names[1] = "exp_avg_sqs";
-    if (amsgrad) names[2] = "max_exp_avg_sqs";
-  } else if (optimizer == "proxsgd") {
-    a.optim = Optim::kProxSgd, n_scalars = 4;
-    names[0] = "momentum_buffers";
-  } else {
-    TORCH_CHECK(false, "units_: optimizer must be ramda, rmda, proxadamw or proxsgd, got '", optimizer, "'");
-  }
-  TORCH_CHECK(scalars.size() == n_scalars, "units_: ", optimizer, " takes ", n_scalars,
-              " step scalars, got ", scalars.size());
-  const auto f = [&](size_t k) { return static_cast<float>(scalars[k]); };
-  a.reg = Reg::kGroupLasso;
-  a.amsgrad = amsgrad;
-  switch (a.optim) {
-    case Optim::kRamda: a.s = f(0), a.eps = f(1), a.keep = f(2), a.c = f(3), a.thr_base = scalars[4]; break;
-    case Optim::kRmda: a.s = f(0), a.beta = f(1), a.keep = f(2), a.c = f(3), a.thr_base = scalars[4]; break;
-    case Optim::kProxAdamW:
-      a.decay = f(0);
-      a.adam = AdamCoeffs{f(1), f(2), f(3), f(4), f(5), f(6), f(7)};
-      a.thr_base = scalars[8];
-      break;
-    case Optim::kProxSgd: a.keep = f(0), a.c = f(1), a.lr = f(2), a.thr_base = scalars[3]; break;
-  }
+  const char* names[3];
+  const std::string why = unit_step_args(optimizer, scalars.data(), scalars.size(), amsgrad, a, names);
+  TORCH_CHECK(why.empty(), "units_: ", why);
 
   const size_t n = check_unit_lists(params, grads, state0, state1, state2, names);
   const at::TensorList lists[3] = {state0, state1, state2};
