@@ -163,3 +163,41 @@ def test_chunked_group_step_is_two_passes_plus_one_per_newton_pass(monkeypatch):
         assert o["sigma"]["read"] == 4 * n_groups
         assert o["sigma"]["written"] == 4 * int((p.reshape(n_groups, -1).abs().sum(1) > 0).sum())
     tb.clear_cache()
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+def test_short_runs_read_whole_sectors(monkeypatch):
+    """Channel-wise 3x3 groups (W[:, i], runs of 9 fp32 at stride 9 * I): as a
+    rows tile of one group (576 elements in a 1024-element tile), each run of
+    36 B touches two or three sectors (56% used, counted by hand over the
+    tile's addresses); as columns of 8 adjacent groups read in chunks of 128
+    (`triton_backend._short_runs`), the tile's 8 runs of each output channel
+    are 9 whole aligned sectors and only the partial channels at a chunk's
+    ends waste part of a sector (94%)."""
+    from ramda_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "TILE", 1024)
+    monkeypatch.setattr(tb, "MAX_BLOCK_E", 1024)
+    gen = torch.Generator().manual_seed(5)
+    O, I = 64, 16
+    kwargs = dict(alpha=1.0, lr=0.1, momentum=0.1, epsilon=1e-6, lambda_=0.02,
+                  regularizer="group_lasso", dims=(0, 2, 3), view=None, reweight=True,
+                  solver="exact", max_iters=20, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+
+    def efficiency():
+        p = torch.randn(O, I, 3, 3, generator=gen)
+        state = [p.clone(), torch.zeros_like(p), torch.zeros_like(p)]
+        grad = torch.randn(O, I, 3, 3, generator=gen)
+        meter = traffic.Meter()
+        for name, t in zip(["param", "grad", "w0", "v", "u"], [p, grad, *state]):
+            meter.region(name, t)
+        with meter.counting():
+            tb.ramda([p], [grad], *[[s] for s in state], [torch.zeros(I)], step=1, **kwargs)
+        tb.clear_cache()
+        by = meter.by_name()
+        issued = sum(by[k]["read"] + by[k]["written"] for k in ["param", "grad", "w0", "v", "u"])
+        return issued / (32 * sum(by[k]["sectors"] for k in ["param", "grad", "w0", "v", "u"]))
+
+    assert efficiency() >= 0.9
+    monkeypatch.setattr(tb, "SHORT_RUN", 0)  # the rows tiling these groups had before
+    assert efficiency() < 0.6

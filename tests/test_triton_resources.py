@@ -70,6 +70,14 @@ KNOWN_OVER = [
      "registers, 4/4 to 36/56 B spill"),
     (("OPT=2", "ONE_CHUNK=False", "BG=1 BE=2048 ", "NRB=2", "CAPTURABLE=True"),
      "ProxAdamW chunked decoded 2048-element rows, fp32 capturable: 128 registers, 4/4 B spill"),
+    # Since rows of short runs are tiled as columns (triton_backend._short_runs,
+    # ResNet's channel-wise 3x3 groups; measured at 7e0ca78): no 4-element
+    # contiguous axis for the vector layout, offsets decoded over two reduced
+    # blocks. The rows register tiles they replaced spilled 408/476 B.
+    (("ONE_CHUNK=False", "BG=8 BE=256 ", "NRB=2", "UNIT_KEPT=False"),
+     "chunked columns of short runs, 8 x 256: 196-236 registers without spill (RAMDA and "
+     "ProxAdamW, exact and PG, fp32 and bf16); 80-128 registers with 8/8 to 16/16 B spill "
+     "(RMDA scalar d fp32, ProxAdamW PG bf16)"),
 ]
 
 

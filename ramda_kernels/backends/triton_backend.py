@@ -90,6 +90,9 @@ COLUMN_GROUPS = 32
 #: Fewest groups per columns tile that keeps it one chunk: 8 fp32 are one
 #: 32-byte sector, so each row of the tile still reads whole sectors.
 COLUMN_MIN_GROUPS = 8
+#: Rows whose innermost run is shorter than this (elements) are tiled as
+#: columns (`_short_runs`).
+SHORT_RUN = 64
 #: How many launch plans to keep (distinct tensor lists / layouts).
 CACHE_SIZE = 64
 
@@ -382,11 +385,25 @@ def _size_class(st: _TileStats, flat: bool) -> tuple:
     lay = st.lay
     be = _np2(lay.group_size)
     vec = _runs_of_four(lay, lay.inner_reduced)
-    if lay.inner_reduced:
+    short = _short_runs(lay)
+    if lay.inner_reduced and not short:
         return ("rows", be if lay.group_size <= MAX_BLOCK_E else None, vec)
     reg_tile = max(TILE, MAX_BLOCK_E)
     fits = be <= MAX_BLOCK_E and be * min(COLUMN_MIN_GROUPS, _np2(lay.n_groups)) <= reg_tile
-    return ("cols", be if fits else None, vec)
+    return ("cols", be if fits else None, vec and not short, short)
+
+
+def _short_runs(lay) -> bool:
+    """Rows of short runs (NOTE: [Triton tiling]): the innermost block is
+    reduced, of stride 1 and fewer than `SHORT_RUN` elements, and the
+    innermost kept block's stride is that run's length, so neighbouring groups'
+    runs are neighbours in memory (channel-wise k x k convolutions: runs of
+    k*k). Tiled as rows, a group alone reads each run as a partial sector at
+    either end (runs of 9 fp32 use about 55% of the sectors they touch);
+    tiled as columns, the tile's adjacent groups read whole sectors."""
+    return (lay.inner_reduced and lay.red_strides[-1] == 1 and lay.red_sizes[-1] < SHORT_RUN
+            and bool(lay.kept_strides) and lay.kept_strides[-1] == lay.red_sizes[-1]
+            and lay.n_groups > 1)
 
 
 def size_classes(stats: Sequence[_TileStats], flat: bool) -> List[List[int]]:
@@ -404,7 +421,9 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
         bg = min(_np2(max(s.numel for s in stats)), _np2(TILE))
         return bg, 1, True, 1, 1, False, False
     lays = [s.lay for s in stats]
-    kind, be, _ = _size_class(stats[0], flat)
+    cls = _size_class(stats[0], flat)
+    kind, be = cls[0], cls[1]
+    short = kind == "cols" and cls[3]
     max_ng = _np2(max(lay.n_groups for lay in lays))
     one_chunk = be is not None
     if kind == "rows":
@@ -414,7 +433,9 @@ def _tile_shape(stats: Sequence[_TileStats], flat: bool):
     elif one_chunk:
         bg = max(1, min(max_ng, COLUMN_GROUPS, max(TILE, MAX_BLOCK_E) // be))
     else:
-        bg = min(max_ng, COLUMN_GROUPS, _np2(TILE))
+        # short runs: 8 adjacent groups of runs of R fp32 are R whole sectors,
+        # and a longer chunk leaves fewer partial runs at its ends
+        bg = min(max_ng, COLUMN_MIN_GROUPS if short else COLUMN_GROUPS, _np2(TILE))
         be = max(1, _np2(TILE) // bg)
     nkb = max(1, max(len(lay.kept_sizes) for lay in lays))
     nrb = max(1, max(len(lay.red_sizes) for lay in lays))

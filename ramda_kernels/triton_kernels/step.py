@@ -50,7 +50,9 @@ launches per step are bounded by the classes, not by the tensor count:
 * otherwise: NOTE: [two-pass plan].
 Rows vs columns (NOTE: [Group layout]): rows get ``BE`` = the group's power of
 two and ``BG = TILE / BE``; columns get up to ``COLUMN_GROUPS`` adjacent groups
-per tile. When every tensor of the launch has a single unit-stride reduced
+per tile. Rows whose runs are short and neighbouring groups' runs adjacent
+(``triton_backend._short_runs``: channel-wise k x k convolutions) are tiled as
+columns of 8 groups, so that a tile's runs fill whole sectors. When every tensor of the launch has a single unit-stride reduced
 (rows) or kept (columns) block, the ``UNIT_RED`` / ``UNIT_KEPT`` constexprs make
 that stride visible to the compiler, which then orders threads along the
 contiguous axis. ``FLAT`` full tiles are masked by a bound the compiler can
