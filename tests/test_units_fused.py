@@ -300,6 +300,28 @@ def test_threads_split_units_across_a_large_group():
     assert res.ok, str(res)
 
 
+
+@pytest.mark.parametrize("bn", [True, False])
+@pytest.mark.parametrize("name", ["RAMDA", "ProxAdamW"])
+def test_blocks_of_many_conv_channels_match_the_reference(name, bn):
+    """Channel units of a 3 x 3 conv pair, 70 of one shape: laned blocks of
+    more than 16 units (NOTE: [Laned unit blocks]) whose consumer rows are runs
+    of 9 following the previous unit's, read outer index by outer index; with
+    BatchNorm entries (lane rows) and without (no lane row at all)."""
+    gen = torch.Generator().manual_seed(1)
+    c = 70
+    params = [torch.randn(c, 24, 3, 3, generator=gen), torch.randn(32, c, 3, 3, generator=gen)]
+    if bn:
+        params += [torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)]
+    units = [[(0, 0, k), (1, 1, k)] + ([(2, 0, k), (3, 0, k)] if bn else []) for k in range(c)]
+    lam = {"RAMDA": 1.0, "ProxAdamW": 10.0}[name]  # some (not all) units zero
+    fast, ref, truth = _run(name, params, units, steps=4, reload_at=2, lam=lam)
+    res = T.ParityResult({"name": name, "bn": bn})
+    norm = U.normalize_units(units, [p.shape for p in params])
+    zeros = _check(res, fast, ref, truth, norm)
+    assert res.ok, str(res)
+    assert 0 < zeros < len(norm), zeros
+
 # -- what the op does not take (a group with an fp64 member runs whole on the reference:
 # tests/test_units.py, test_fused_backends_send_unit_groups_they_cannot_take_to_the_reference)
 
