@@ -2,7 +2,6 @@
 // (one per unit, chunks of the free runs) and the instruction-set choice.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -41,21 +40,13 @@ bool same_shape(const UnitsArgs& u, int64_t k, int64_t m) {
 // consecutive units allow, else runs of consecutive units up to kUnitItemElems.
 std::vector<UnitItem> unit_items(const UnitsArgs& u) {
   std::vector<UnitItem> items;
-  const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t per_thread = (u.n_units + 2 * threads - 1) / (2 * threads);
   int64_t k = 0;
   while (k < u.n_units) {
     int64_t L = 1;
     if (k + 1 < u.n_units && same_shape(u, k, k + 1)) {
       const int64_t r0 = u.unit_start[k], r1 = u.unit_start[k + 1], R = r1 - r0;
-      const int64_t cap = std::clamp(std::min(kUnitBlockElems / u.unit_size[k], per_thread), kMinUnitLanes,
-                                     kMaxUnitLanes);
-      // a lane row, or a row whose runs (stride 1) follow the previous unit's
       bool any = false;
-      for (int64_t j = 0; j < R; ++j) {
-        const Segment &a = u.segments[r0 + j], &b = u.segments[r1 + j];
-        any |= b.offset - a.offset == 1 || (a.stride == 1 && b.offset - a.offset == a.count);
-      }
+      for (int64_t j = 0; j < R; ++j) any |= u.segments[r1 + j].offset - u.segments[r0 + j].offset == 1;
       // every lane row of unit k + L is row j of unit k shifted by L
       const auto fits = [&](int64_t m) {
         if (!same_shape(u, k, m)) return false;
@@ -66,7 +57,7 @@ std::vector<UnitItem> unit_items(const UnitsArgs& u) {
         return true;
       };
       if (any)
-        while (L < cap && k + L < u.n_units && fits(k + L)) ++L;
+        while (L < kMaxUnitLanes && k + L < u.n_units && fits(k + L)) ++L;
     }
     if (L > 1) {
       items.push_back({k, k + L, true});

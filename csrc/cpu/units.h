@@ -42,12 +42,8 @@ void units_step(const StepArgs& a, const std::vector<TensorArgs>& tensors, const
 // units' strided slices (columns) share cache lines, which one thread then
 // owns instead of two writing them in turn.
 constexpr int64_t kUnitItemElems = 16384;
-// Units of one laned block (NOTE: [Laned unit blocks] in units_impl.h): at
-// most kMaxUnitLanes, at most kUnitBlockElems elements in all where that
-// leaves more than kMinUnitLanes, and few enough for two blocks per thread.
-constexpr int64_t kMaxUnitLanes = 256;
-constexpr int64_t kMinUnitLanes = 16;
-constexpr int64_t kUnitBlockElems = int64_t{1} << 19;
+// Units of one laned block, at most (NOTE: [Laned unit blocks] in units_impl.h).
+constexpr int64_t kMaxUnitLanes = 16;
 
 // Units [first, last) (one laned block, or one by one), and elements [offset, offset + count) of a free run, per instruction set
 // (csrc/cpu/units_impl.h, compiled with the kernels).

@@ -98,18 +98,13 @@ void unit_item(const StepArgs& a, const TensorArgs* ts, const UnitsArgs& ua, int
 }
 
 // NOTE: [Laned unit blocks]
-// L consecutive units of one shape (units.h: kMaxUnitLanes) whose "lane" rows
-// are neighbours in memory (row j of unit first + l at row j's offset + l:
-// the columns k..k+L-1 of a consumer, entries of a bias) run together: such
-// a row is read as L contiguous elements per (outer, inner) index and
-// scattered to the units' compact buffers (unit l's union at l * n). The
-// other rows run outer index by outer index, unit by unit inside it, so the
-// runs of neighbouring units that follow each other (a k x k consumer's
-// input channels k..k+L-1) are read as one stretch of memory. A strided
-// stream of one or a few cache lines per row defeats the hardware
-// prefetcher, so L is large (hundreds of units, a few hundred bytes of each
-// row; the buffers then sit in L2/L3, read back contiguously by the solve).
-// Each unit is then solved on its own buffer.
+// L <= kMaxUnitLanes consecutive units of one shape whose "lane" rows are
+// neighbours in memory (row j of unit first + l at row j's offset + l: the
+// columns k..k+L-1 of a consumer, entries of a bias) run together: such a
+// row is read as L contiguous elements per (outer, inner) index, one cache
+// line for fp32 where a unit alone would read one element per line, and
+// scattered to the units' compact buffers (unit l's union at l * n); the
+// other rows run unit by unit. Each unit is then solved on its own buffer.
 template <typename U>
 void unit_block(const StepArgs& a, const TensorArgs* ts, const UnitsArgs& ua, int64_t first, int64_t L) {
   const U u(a);
@@ -125,11 +120,11 @@ void unit_block(const StepArgs& a, const TensorArgs* ts, const UnitsArgs& ua, in
     for (int64_t j = 0; j < R; ++j) {
       const Segment& s = ua.segments[r0 + j];
       const bool lane = ua.segments[ua.unit_start[first + 1] + j].offset - s.offset == 1;
-      for (int64_t o = 0; o < s.outer_count; ++o)
-        for (int64_t l = 0; l < (lane ? 1 : L); ++l) {
-          const Segment& sl = ua.segments[ua.unit_start[first + l] + j];
+      for (int64_t l = 0; l < (lane ? 1 : L); ++l) {
+        const Segment& sl = ua.segments[ua.unit_start[first + l] + j];
+        for (int64_t o = 0; o < s.outer_count; ++o)
           fn(lane, sl.tensor, sl.offset + o * sl.outer_stride, sl.count, sl.stride, bi + o * s.count, l);
-        }
+      }
       bi += s.outer_count * s.count;
     }
   };
