@@ -265,6 +265,16 @@ def _model(kind):
     return model.eval(), torch.randint(0, 64, (2, 8))
 
 
+def _matches_with_some_zero(name, params, units, case, **run):
+    """`_run`'s fused steps match the reference, and some (not all) units end zero."""
+    fast, ref, truth = _run(name, params, units, **run)
+    res = T.ParityResult(case)
+    norm = U.normalize_units(units, [p.shape for p in params])
+    zeros = _check(res, fast, ref, truth, norm)
+    assert res.ok, str(res)
+    assert 0 < zeros < len(norm), zeros
+
+
 @pytest.mark.parametrize("kind", ["resnet", "gpt2", "llama"])
 @pytest.mark.parametrize("name", ["RAMDA", "ProxAdamW"])
 def test_units_of_real_models_match_the_reference(kind, name):
@@ -278,12 +288,7 @@ def test_units_of_real_models_match_the_reference(kind, name):
     assert len(params) >= 6
     # lambda_ for a share (not all) of zero units in every model within six steps
     lam = {"RAMDA": 0.3, "ProxAdamW": 0.6}[name]
-    fast, ref, truth = _run(name, params, units, steps=6, reload_at=3, lam=lam)
-    res = T.ParityResult({"kind": kind, "name": name})
-    norm = U.normalize_units(units, [p.shape for p in params])
-    zeros = _check(res, fast, ref, truth, norm)
-    assert res.ok, str(res)
-    assert 0 < zeros < len(norm), zeros
+    _matches_with_some_zero(name, params, units, {"kind": kind, "name": name}, steps=6, reload_at=3, lam=lam)
 
 
 def test_threads_split_units_across_a_large_group():
@@ -298,6 +303,24 @@ def test_threads_split_units_across_a_large_group():
     res = T.ParityResult({})
     _check(res, fast, ref, truth, U.normalize_units(units, [p.shape for p in params]))
     assert res.ok, str(res)
+
+
+
+@pytest.mark.parametrize("bn", [True, False])
+@pytest.mark.parametrize("name", ["RAMDA", "ProxAdamW"])
+def test_blocks_of_many_conv_channels_match_the_reference(name, bn):
+    """Channel units of a 3 x 3 conv pair, 70 of one shape, whose consumer
+    rows are runs of 9 that follow the previous unit's: with BatchNorm entries
+    (lane rows: laned blocks, NOTE: [Laned unit blocks], the last one partial)
+    and without (no lane row)."""
+    gen = torch.Generator().manual_seed(1)
+    c = 70
+    params = [torch.randn(c, 24, 3, 3, generator=gen), torch.randn(32, c, 3, 3, generator=gen)]
+    if bn:
+        params += [torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)]
+    units = [[(0, 0, k), (1, 1, k)] + ([(2, 0, k), (3, 0, k)] if bn else []) for k in range(c)]
+    lam = {"RAMDA": 1.0, "ProxAdamW": 10.0}[name]  # some (not all) units zero
+    _matches_with_some_zero(name, params, units, {"name": name, "bn": bn}, steps=4, reload_at=2, lam=lam)
 
 
 # -- what the op does not take (a group with an fp64 member runs whole on the reference:
