@@ -36,8 +36,8 @@
 //   consecutive groups; each group is copied run by run (as z, d, and x for
 //   PG) into the buffer group after group, and the solver sweeps one
 //   contiguous slice per group (in L1 for groups up to a few thousand
-//   elements; the exact solve runs on each group as soon as pass 1 has
-//   written it, NOTE: [Rows solved group by group] in run_item).
+//   elements; the exact solve and pass 2 run on each group as soon as pass
+//   1 has written it, NOTE: [Rows solved group by group] in run_item).
 // A tile's buffers plus the lines of parameter, gradient and state it
 // touches fit in L2, so the second pass (writing the parameter) and every
 // solver sweep hit cache and memory sees each tensor about once per step.
@@ -256,6 +256,10 @@ struct GroupStats { float znorm, dmax, dmin; };
 // every term in fp64 would put a conversion and two double adds per term
 // into the hot loop of the solve.
 constexpr int64_t kSumBlock = 32;
+
+// Average run length (lanes) from which newton_lanes_sigma gathers pending
+// lanes run by run instead of lane by lane.
+constexpr int64_t kMinCopyRun = 8;
 
 #if RAMDA_CPU_AVX512
 // NOTE: [Newton sums with a reciprocal estimate]
@@ -601,6 +605,23 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
       normc[k] = cs[k / R].inv_norm;  // products, not divisions
     }
     for (int64_t k = Lp; k < L + 16; ++k) normc[k] = 0.0f;
+#if !RAMDA_CPU_AVX512
+    // Runs of consecutive source lanes (adjacent pending groups): copied as
+    // contiguous vector loops when they are long enough on average (every
+    // group pending, as in the first steps of training, is one run), else
+    // lane by lane through src, which compiles to scalar inserts.
+    int32_t seg_src[kCap], seg_dst[kCap], seg_len[kCap];
+    int64_t nseg = 0;
+    for (int64_t k = 0; k < Lp; ++k) {
+      if (nseg > 0 && src[k] == seg_src[nseg - 1] + seg_len[nseg - 1]) {
+        ++seg_len[nseg - 1];
+      } else {
+        seg_src[nseg] = src[k], seg_dst[nseg] = static_cast<int32_t>(k), seg_len[nseg] = 1;
+        ++nseg;
+      }
+    }
+    const bool by_runs = nseg * kMinCopyRun <= Lp;
+#endif
 #if RAMDA_CPU_AVX512
     // Pending-lane masks of the source's 16-lane vectors.
     const int64_t nblk = (s.L + 15) / 16;
@@ -635,10 +656,26 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
         k += __builtin_popcount(m);
       }
 #else
+      if (by_runs) {
+        for (int64_t q = 0; q < nseg; ++q) {
+          const float* __restrict__ zs = ze + seg_src[q];
+          const float* __restrict__ ds = de + seg_src[q];
+          float* __restrict__ zq = zo + seg_dst[q];
+          float* __restrict__ dq = dout + seg_dst[q];
+          const float* __restrict__ nq = normc + seg_dst[q];
+          const int64_t n = seg_len[q];
 #pragma omp simd
-      for (int64_t k = 0; k < Lp; ++k) {
-        zo[k] = ze[src[k]] * normc[k];
-        dout[k] = de[src[k]];
+          for (int64_t k = 0; k < n; ++k) {
+            zq[k] = zs[k] * nq[k];
+            dq[k] = ds[k];
+          }
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < Lp; ++k) {
+          zo[k] = ze[src[k]] * normc[k];
+          dout[k] = de[src[k]];
+        }
       }
 #endif
       for (int64_t k = Lp; k < L; ++k) zo[k] = 0.0f, dout[k] = 1.0f;
@@ -980,22 +1017,19 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     for (int64_t r = 0; r < outer; ++r, odo.next()) fn(gbase + odo.off, j * gsize + r * run);
   };
   if (!pg && !U::kScalarD) {
-    // NOTE: [Rows solved group by group]: the exact solve of a group runs
-    // right after pass 1 has written it, while its z and d are in L1 (groups
-    // up to a few thousand elements), and pass 2 computes w = z/(d + sigma)
-    // as it writes the parameter: no sweep over the tile's buffers between
-    // the passes.
-    float* __restrict__ sigma = PanelLanes(groups).sigma;
+    // NOTE: [Rows solved group by group]: each group goes through pass 1,
+    // the exact solve and pass 2 before the next one starts, so its z and d
+    // are written and read again in L1 (groups up to a few thousand
+    // elements; the buffer holds one group at index 0), and pass 2 computes
+    // w = z/(d + sigma) as it writes the parameter: one pass over memory per
+    // tensor, no sweep over a tile's buffers.
     for (int64_t j = 0; j < groups; ++j) {
-      group_runs(j, [&](int64_t o, int64_t bi) { run_pass(0, o, run, bi); });
-      sigma[j] = newton_contig_sigma(B.b[0] + j * gsize, B.b[1] + j * gsize, B.b[3], gsize, t.thr,
-                                     kept ? kept + j : nullptr);
-    }
-    for (int64_t j = 0; j < groups; ++j) {
-      const float sj = sigma[j];
+      const int64_t b0 = j * gsize;  // group_runs' buffer index of the group's first run
+      group_runs(j, [&](int64_t o, int64_t bi) { run_pass(0, o, run, bi - b0); });
+      const float sj = newton_contig_sigma(B.b[0], B.b[1], B.b[3], gsize, t.thr, kept ? kept + j : nullptr);
       group_runs(j, [&](int64_t o, int64_t bi) {
-        const float* __restrict__ zr = B.b[0] + bi;
-        const float* __restrict__ dr = B.b[1] + bi;
+        const float* __restrict__ zr = B.b[0] + (bi - b0);
+        const float* __restrict__ dr = B.b[1] + (bi - b0);
         pass2_with<P>(u, t, o, run, [=](int64_t i) { return lane_solution(zr[i], dr[i], sj); });
       });
     }
