@@ -214,8 +214,7 @@ def test_rows_wider_than_a_panel(shape, dims):
 def test_zero_groups_anywhere_in_a_tile(shape, dims, zero_fraction):
     """NOTE: [Pending lanes only]: the groups of a "lanes" tile that iterate are
     gathered before the Newton sweeps, whatever lanes the zero groups leave
-    (runs of 1, 3 and 9 lanes, a tile and a panel, few to most groups zero:
-    long runs of pending lanes are copied run by run, short ones lane by lane)."""
+    (runs of 1, 3 and 9 lanes, a tile and a panel, few to most groups zero)."""
     _check_zero_groups_against_fp64(shape, dims, zero_fraction)
 
 

@@ -257,10 +257,6 @@ struct GroupStats { float znorm, dmax, dmin; };
 // into the hot loop of the solve.
 constexpr int64_t kSumBlock = 32;
 
-// Average run length (lanes) from which newton_lanes_sigma gathers pending
-// lanes run by run instead of lane by lane.
-constexpr int64_t kMinCopyRun = 8;
-
 #if RAMDA_CPU_AVX512
 // NOTE: [Newton sums with a reciprocal estimate]
 // A Newton sweep is one division per element (1/(d + sigma)), and vdivps on
@@ -605,23 +601,6 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
       normc[k] = cs[k / R].inv_norm;  // products, not divisions
     }
     for (int64_t k = Lp; k < L + 16; ++k) normc[k] = 0.0f;
-#if !RAMDA_CPU_AVX512
-    // Runs of consecutive source lanes (adjacent pending groups): copied as
-    // contiguous vector loops when they are long enough on average (every
-    // group pending, as in the first steps of training, is one run), else
-    // lane by lane through src, which compiles to scalar inserts.
-    int32_t seg_src[kCap], seg_dst[kCap], seg_len[kCap];
-    int64_t nseg = 0;
-    for (int64_t k = 0; k < Lp; ++k) {
-      if (nseg > 0 && src[k] == seg_src[nseg - 1] + seg_len[nseg - 1]) {
-        ++seg_len[nseg - 1];
-      } else {
-        seg_src[nseg] = src[k], seg_dst[nseg] = static_cast<int32_t>(k), seg_len[nseg] = 1;
-        ++nseg;
-      }
-    }
-    const bool by_runs = nseg * kMinCopyRun <= Lp;
-#endif
 #if RAMDA_CPU_AVX512
     // Pending-lane masks of the source's 16-lane vectors.
     const int64_t nblk = (s.L + 15) / 16;
@@ -656,26 +635,10 @@ inline void newton_lanes_sigma(const float* __restrict__ z, const float* __restr
         k += __builtin_popcount(m);
       }
 #else
-      if (by_runs) {
-        for (int64_t q = 0; q < nseg; ++q) {
-          const float* __restrict__ zs = ze + seg_src[q];
-          const float* __restrict__ ds = de + seg_src[q];
-          float* __restrict__ zq = zo + seg_dst[q];
-          float* __restrict__ dq = dout + seg_dst[q];
-          const float* __restrict__ nq = normc + seg_dst[q];
-          const int64_t n = seg_len[q];
 #pragma omp simd
-          for (int64_t k = 0; k < n; ++k) {
-            zq[k] = zs[k] * nq[k];
-            dq[k] = ds[k];
-          }
-        }
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < Lp; ++k) {
-          zo[k] = ze[src[k]] * normc[k];
-          dout[k] = de[src[k]];
-        }
+      for (int64_t k = 0; k < Lp; ++k) {
+        zo[k] = ze[src[k]] * normc[k];
+        dout[k] = de[src[k]];
       }
 #endif
       for (int64_t k = Lp; k < L; ++k) zo[k] = 0.0f, dout[k] = 1.0f;
