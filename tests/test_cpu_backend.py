@@ -207,9 +207,10 @@ def test_rows_wider_than_a_panel(shape, dims):
 
 @pytest.mark.parametrize("shape,dims,zero_fraction", [
     ((300, 40), (0,), 0.1), ((300, 40), (0,), 0.5), ((300, 40), (0,), 0.97),
-    ((24, 50, 3), (0, 2), 0.7), ((16, 40, 3, 3), (0, 2, 3), 0.9), ((1500, 600), (0,), 0.9)],
+    ((24, 50, 3), (0, 2), 0.7), ((16, 40, 3, 3), (0, 2, 3), 0.9), ((1500, 600), (0,), 0.9),
+    ((1500, 600), (0,), 0.1), ((16, 40, 3, 3), (0, 2, 3), 0.1)],
     ids=["columns-10%", "columns-50%", "columns-97%", "conv1d-channel-70%", "conv2d-channel-90%",
-         "panel-columns-90%"])
+         "panel-columns-90%", "panel-columns-10%", "conv2d-channel-10%"])
 def test_zero_groups_anywhere_in_a_tile(shape, dims, zero_fraction):
     """NOTE: [Pending lanes only]: the groups of a "lanes" tile that iterate are
     gathered before the Newton sweeps, whatever lanes the zero groups leave

@@ -36,8 +36,8 @@
 //   consecutive groups; each group is copied run by run (as z, d, and x for
 //   PG) into the buffer group after group, and the solver sweeps one
 //   contiguous slice per group (in L1 for groups up to a few thousand
-//   elements; the exact solve runs on each group as soon as pass 1 has
-//   written it, NOTE: [Rows solved group by group] in run_item).
+//   elements; the exact solve and pass 2 run on each group as soon as pass
+//   1 has written it, NOTE: [Rows solved group by group] in run_item).
 // A tile's buffers plus the lines of parameter, gradient and state it
 // touches fit in L2, so the second pass (writing the parameter) and every
 // solver sweep hit cache and memory sees each tensor about once per step.
@@ -980,22 +980,19 @@ void run_item(const TensorArgs& t, const StepArgs& a, const WorkItem& w) {
     for (int64_t r = 0; r < outer; ++r, odo.next()) fn(gbase + odo.off, j * gsize + r * run);
   };
   if (!pg && !U::kScalarD) {
-    // NOTE: [Rows solved group by group]: the exact solve of a group runs
-    // right after pass 1 has written it, while its z and d are in L1 (groups
-    // up to a few thousand elements), and pass 2 computes w = z/(d + sigma)
-    // as it writes the parameter: no sweep over the tile's buffers between
-    // the passes.
-    float* __restrict__ sigma = PanelLanes(groups).sigma;
+    // NOTE: [Rows solved group by group]: each group goes through pass 1,
+    // the exact solve and pass 2 before the next one starts, so its z and d
+    // are written and read again in L1 (groups up to a few thousand
+    // elements; the buffer holds one group at index 0), and pass 2 computes
+    // w = z/(d + sigma) as it writes the parameter: one pass over memory per
+    // tensor, no sweep over a tile's buffers.
     for (int64_t j = 0; j < groups; ++j) {
-      group_runs(j, [&](int64_t o, int64_t bi) { run_pass(0, o, run, bi); });
-      sigma[j] = newton_contig_sigma(B.b[0] + j * gsize, B.b[1] + j * gsize, B.b[3], gsize, t.thr,
-                                     kept ? kept + j : nullptr);
-    }
-    for (int64_t j = 0; j < groups; ++j) {
-      const float sj = sigma[j];
+      const int64_t b0 = j * gsize;  // group_runs' buffer index of the group's first run
+      group_runs(j, [&](int64_t o, int64_t bi) { run_pass(0, o, run, bi - b0); });
+      const float sj = newton_contig_sigma(B.b[0], B.b[1], B.b[3], gsize, t.thr, kept ? kept + j : nullptr);
       group_runs(j, [&](int64_t o, int64_t bi) {
-        const float* __restrict__ zr = B.b[0] + bi;
-        const float* __restrict__ dr = B.b[1] + bi;
+        const float* __restrict__ zr = B.b[0] + (bi - b0);
+        const float* __restrict__ dr = B.b[1] + (bi - b0);
         pass2_with<P>(u, t, o, run, [=](int64_t i) { return lane_solution(zr[i], dr[i], sj); });
       });
     }
