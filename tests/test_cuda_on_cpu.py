@@ -514,6 +514,17 @@ def test_meter_counts_strided_sectors(lib, grouping):
     assert sec_r == expect
 
 
+def assert_whole_sectors(counts):
+    """The gradient read once and the parameter and state written once, in
+    whole sectors; no scratch traffic."""
+    read, _, sec_r, _, size = counts["grad"]
+    assert (read, 32 * sec_r) == (size, size)
+    for role in ("param", "s1", "s2"):
+        _, written, _, sec_w, size = counts[role]
+        assert (written, 32 * sec_w) == (size, size), role
+    assert counts["scratch"][:4] == [0] * 4
+
+
 def test_meter_column_tiles_coalesce(lib):
     """Columns of 64- and 96-wide weights: pass 1's and the last pass's
     accesses cover 32 adjacent columns, 4 whole sectors: the gradient's reads
@@ -524,12 +535,7 @@ def test_meter_column_tiles_coalesce(lib):
     counts = {}
     run_both(lib, "ramda", "group_lasso", "exact", "sizes-37-700", torch.float32, meter=counts,
              shapes=[(37, 64), (300, 96)])
-    read, _, sec_r, _, size = counts["grad"]
-    assert (read, 32 * sec_r) == (size, size)
-    for role in ("param", "s1", "s2"):
-        _, written, _, sec_w, size = counts[role]
-        assert (written, 32 * sec_w) == (size, size), role
-    assert counts["scratch"][:4] == [0] * 4
+    assert_whole_sectors(counts)
 
 
 # NOTE: [Run tiles] in csrc/cuda/kernels.cuh: NCHW channel-wise Conv weights
@@ -555,12 +561,7 @@ def test_meter_run_tiles_coalesce(lib):
     counts = {}
     run_both(lib, "ramda", "group_lasso", "exact", "conv2d-channel", torch.float32, meter=counts,
              shapes=[(16, 64, 3, 3)])
-    read, _, sec_r, _, size = counts["grad"]
-    assert (read, 32 * sec_r) == (size, size)
-    for role in ("param", "s1", "s2"):
-        _, written, _, sec_w, size = counts[role]
-        assert (written, 32 * sec_w) == (size, size), role
-    assert counts["scratch"][:4] == [0] * 4
+    assert_whole_sectors(counts)
 
 
 # --- warm start (docs/math.md section 4, item 5)
