@@ -514,6 +514,17 @@ def test_meter_counts_strided_sectors(lib, grouping):
     assert sec_r == expect
 
 
+def assert_whole_sectors(counts):
+    """The gradient read once and the parameter and state written once, in
+    whole sectors; no scratch traffic."""
+    read, _, sec_r, _, size = counts["grad"]
+    assert (read, 32 * sec_r) == (size, size)
+    for role in ("param", "s1", "s2"):
+        _, written, _, sec_w, size = counts[role]
+        assert (written, 32 * sec_w) == (size, size), role
+    assert counts["scratch"][:4] == [0] * 4
+
+
 def test_meter_column_tiles_coalesce(lib):
     """Columns of 64- and 96-wide weights: pass 1's and the last pass's
     accesses cover 32 adjacent columns, 4 whole sectors: the gradient's reads
@@ -524,12 +535,33 @@ def test_meter_column_tiles_coalesce(lib):
     counts = {}
     run_both(lib, "ramda", "group_lasso", "exact", "sizes-37-700", torch.float32, meter=counts,
              shapes=[(37, 64), (300, 96)])
-    read, _, sec_r, _, size = counts["grad"]
-    assert (read, 32 * sec_r) == (size, size)
-    for role in ("param", "s1", "s2"):
-        _, written, _, sec_w, size = counts[role]
-        assert (written, 32 * sec_w) == (size, size), role
-    assert counts["scratch"][:4] == [0] * 4
+    assert_whole_sectors(counts)
+
+
+# NOTE: [Run tiles] in csrc/cuda/kernels.cuh: NCHW channel-wise Conv weights
+# (groups W[:, i]) of runs K = 9, 6 and 49, with partial tiles (70 = 32 + 32 + 6
+# groups, 40 = 32 + 8, 13 = 5 + 5 + 3) and two rows per warp.
+RUN_SHAPES = [(16, 70, 3, 3), (6, 40, 2, 3), (5, 13, 7, 7)]
+
+
+@pytest.mark.parametrize("opt", ["ramda", "proxadamw"])
+def test_run_tiles_match_reference(lib, opt):
+    fast, slow, _ = run_both(lib, opt, "group_lasso", "exact", "conv2d-channel", torch.float32,
+                             order_seed=order_seed("runs", opt), shapes=RUN_SHAPES)
+    assert_close_to_ref(fast, slow, torch.float32, "exact")
+
+
+def test_meter_run_tiles_coalesce(lib):
+    """NCHW channel-wise 3x3 Conv, 64 input channels: a run tile of 32 groups
+    reads, per output channel, 288 consecutive floats in 9 warp accesses of 4
+    whole sectors (the tiles and rows start at multiples of 128 bytes): the
+    gradient's reads and every write (state, parameter) use whole sectors,
+    each element written once, against 2-3 sectors per 36-byte run with one
+    group per block. Nothing goes to scratch."""
+    counts = {}
+    run_both(lib, "ramda", "group_lasso", "exact", "conv2d-channel", torch.float32, meter=counts,
+             shapes=[(16, 64, 3, 3)])
+    assert_whole_sectors(counts)
 
 
 # --- warm start (docs/math.md section 4, item 5)

@@ -22,8 +22,11 @@
 // * the exact solve on "columns" layouts (inner block kept: input-wise
 //   Linear, channels-last channel-wise Conv): a column tile of 32 adjacent
 //   groups per block, lane = group (NOTE: [Column tiles]), so a warp's
-//   accesses are neighbouring addresses there too. PG and the RMDA/ProxSGD
-//   shrink on columns layouts still take one group per block (uncoalesced).
+//   accesses are neighbouring addresses there too; on rows layouts of short
+//   runs (NCHW channel-wise Conv: runs of kh kw elements) a run tile of
+//   adjacent groups, read row by row at consecutive addresses (NOTE: [Run
+//   tiles]). PG and the RMDA/ProxSGD shrink on these layouts still take one
+//   group per block (uncoalesced).
 // The exact solve is warm-started from the previous sigma (NOTE: [Warm start]).
 //
 // NOTE: [two-pass plan]
@@ -83,6 +86,8 @@ template <typename T>
 __device__ __forceinline__ void gstore(T* p, T v) {
   *p = v;
 }
+// The end of one round of a loop whose lanes may skip rounds (counted by the stand-in).
+__device__ __forceinline__ void meter_round() {}
 #endif
 
 // The per-step thresholds of one tensor: fill_thresholds' values (ramda_args.h),
@@ -336,6 +341,7 @@ __device__ __forceinline__ void write_exact(const TensorArgs& t, const StepArgs&
     element_dz<P>(t, a, o, z, d);
     w = newton_solution(z, d, sigma);
   }
+  meter_round();  // the lanes of zero groups skipped the state reads
   write_param<P>(t, a, o, w);
 }
 
@@ -682,26 +688,40 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
     write_param<P>(t, a, base + element_offset(t, e), gload(Zs + e));
 }
 
-// Per-lane reduction over the warps of a block (column tiles: lane l of every
-// warp holds a share of group l); every warp gets the same results, summed in
-// warp order.
+// The shared memory of the tiles: tile_reduce's partial sums, and between
+// reductions the run tiles' row buffers (NOTE: [Run tiles]); one buffer, so
+// that the kernel stays under the 48 KB of static shared memory.
+constexpr int kRunSlots = kRunRow / 32;
+constexpr int kTilePool = kMomSums * kThreads;
+static_assert(2 * kRunRow * (kThreads / 32) <= kTilePool, "run rows must fit in the tile pool");
+__device__ __forceinline__ float* tile_pool() {
+  __shared__ float pool[kTilePool];
+  return pool;
+}
+
+// Per-lane reduction over the warps of a block (tiles: lane l of every warp
+// holds a share of group l); every warp gets the same results, summed in
+// warp order. It opens with a barrier: the pool may still hold other warps'
+// row buffers.
 template <int N>
 __device__ __forceinline__ void tile_reduce(float (&v)[N], const int (&op)[N]) {
-  __shared__ float part[N][kThreads / 32][32];
+  static_assert(N * kThreads <= kTilePool, "tile_reduce: too many sums for the pool");
+  float* part = tile_pool();  // [N][warps][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
 #pragma unroll
-  for (int k = 0; k < N; ++k) part[k][warp][lane] = v[k];
+  for (int k = 0; k < N; ++k) part[(k * warps + warp) * 32 + lane] = v[k];
   __syncthreads();
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    float x = part[k][0][lane];
+    float x = part[k * warps * 32 + lane];
     for (int w = 1; w < warps; ++w) {
-      const float y = part[k][w][lane];
+      const float y = part[(k * warps + w) * 32 + lane];
       x = op[k] == 0 ? x + y : (op[k] == 1 ? fmaxf(x, y) : fminf(x, y));
     }
     v[k] = x;
   }
-  __syncthreads();  // part[] is reused by the next reduction
+  __syncthreads();  // the pool is reused next
 }
 
 // NOTE: [Column tiles]
@@ -714,15 +734,120 @@ __device__ __forceinline__ void tile_reduce(float (&v)[N], const int (&op)[N]) {
 // values, so a loop over the tile runs while any lane of a warp is not done,
 // a condition uniform over the block. The passes are those of NOTE:
 // [two-pass plan]; in a Newton pass done groups and lanes past the last
-// group issue no access.
-template <typename P>
-__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1) {
-  const GroupLayout& L = t.layout;
-  const int64_t n = L.group_size;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+// group issue no access. tile_block runs the passes; the walk (ColumnWalk,
+// RunWalk) says which lanes touch which elements.
+struct ColumnWalk {
+  const TensorArgs& t;
+  int64_t base;  // this lane's group
+  bool live;     // this lane has a group
+  int warp, warps;
+
+  // load(offset, z, d) for each element of this lane's group (none when skip),
+  // then use(z, d) on the same lane.
+  template <typename Load, typename Use>
+  __device__ __forceinline__ void gather(bool skip, Load load, Use use) const {
+    if (!live || skip) return;
+    for (int64_t e = warp; e < t.layout.group_size; e += warps) {
+      float z, d;
+      load(base + element_offset(t, e), z, d);
+      use(z, d);
+    }
+  }
+  // put(offset, active, sigma) for each element of this lane's group.
+  template <typename Put>
+  __device__ __forceinline__ void scatter(bool active, float sigma, Put put) const {
+    if (!live) return;
+    for (int64_t e = warp; e < t.layout.group_size; e += warps) put(base + element_offset(t, e), active, sigma);
+  }
+};
+
+// NOTE: [Run tiles]
+// A rows layout whose groups are runs of K < kRunRow / 2 consecutive
+// elements repeated at a larger stride (NCHW channel-wise Conv: group i is
+// W[:, i] and element (o, i, k) sits at o I K + i K + k), with adjacent
+// groups adjacent runs (the innermost kept block has stride K): one group
+// per block would read 2-3 sectors per run of 36 bytes (K = 9). A block
+// takes G = min(32, kRunRow / K) adjacent groups of one innermost kept run;
+// for each outer index r (the reduced blocks outside the run) their G K
+// elements are contiguous. Warp w takes rows r = w, w + 8, ...; lane l
+// reads positions p = l, l + 32, ... of the row (consecutive addresses),
+// computes z, d there and leaves them in its warp's row buffer; after a
+// __syncwarp lane gi takes positions gi K .. gi K + K - 1, the elements of
+// group gi, as in a column tile (lane = group). The last pass writes at
+// position p with the sigma and zero flag of group p / K, shuffled from its
+// lane. A position of a done group issues no access; meter_round keeps the
+// meter's instructions aligned when lanes skip a round in the middle.
+struct RunWalk {
+  const TensorArgs& t;
+  int64_t base;  // the tile's first element
+  int run, len;  // K, and G K positions per row
+  int lane, warp, warps;
+
+  __device__ __forceinline__ int64_t rows() const { return t.layout.group_size / run; }
+  // Group (lane) of the position p = lane + 32 j, or 32 past the row.
+  __device__ __forceinline__ int slot_group(int j) const {
+    const int p = lane + 32 * j;
+    return p < len ? p / run : 32;
+  }
+
+  template <typename Load, typename Use>
+  __device__ __forceinline__ void gather(bool skip, Load load, Use use) const {
+    float* zb = tile_pool() + warp * 2 * kRunRow;
+    float* db = zb + kRunRow;
+    unsigned take = 0;  // bit j: position lane + 32 j is loaded
+#pragma unroll
+    for (int j = 0; j < kRunSlots; ++j) {
+      const int gi = slot_group(j);
+      const bool sk = __shfl_sync(0xffffffffu, static_cast<int>(skip), gi & 31) != 0;
+      if (gi < 32 && !sk) take |= 1u << j;
+    }
+    const bool mine = lane * run < len && !skip;
+    for (int64_t r = warp; r < rows(); r += warps) {
+      const int64_t row = base + element_offset(t, r * run);
+#pragma unroll
+      for (int j = 0; j < kRunSlots; ++j) {
+        if (take >> j & 1u) {
+          const int p = lane + 32 * j;
+          load(row + p, zb[p], db[p]);
+        }
+        meter_round();
+      }
+      __syncwarp();
+      if (mine)
+        for (int k = lane * run; k < lane * run + run; ++k) use(zb[k], db[k]);
+      __syncwarp();
+    }
+  }
+  template <typename Put>
+  __device__ __forceinline__ void scatter(bool active, float sigma, Put put) const {
+    float sg[kRunSlots];
+    unsigned act = 0, in = 0;
+#pragma unroll
+    for (int j = 0; j < kRunSlots; ++j) {
+      const int gi = slot_group(j);
+      sg[j] = __shfl_sync(0xffffffffu, sigma, gi & 31);
+      if (__shfl_sync(0xffffffffu, static_cast<int>(active), gi & 31) != 0) act |= 1u << j;
+      if (gi < 32) in |= 1u << j;
+    }
+    for (int64_t r = warp; r < rows(); r += warps) {
+      const int64_t row = base + element_offset(t, r * run);
+#pragma unroll
+      for (int j = 0; j < kRunSlots; ++j) {
+        if (in >> j & 1u) put(row + lane + 32 * j, (act >> j & 1u) != 0, sg[j]);
+        meter_round();
+      }
+    }
+  }
+};
+
+// The exact solve of the groups g0 .. g1 - 1 of a tile, lane l holding group
+// g0 + l; walk reads and writes the elements (NOTE: [Column tiles]).
+template <typename P, typename Walk>
+__device__ void tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1,
+                           const Walk& walk) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t g = g0 + lane;
   const bool live = g < g1;
-  const int64_t base = live ? group_base(t, g) : 0;
   // The previous sigma (NOTE: [Warm start]), read once per group by warp 0.
   float s0 = 0.0f;
   if (t.sigma != nullptr) {
@@ -733,7 +858,9 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   }
   float m[kMomSums];
   int ops[kMomSums];
-  pass1_moments<P>(t, a, base, live ? warp : n, warps, s0, m, ops);
+  init_moments(m, ops);
+  walk.gather(false, [&](int64_t o, float& z, float& d) { element_pass1<P>(t, a, o, z, d); },
+              [&](float z, float d) { add_moments(m, z, d, s0); });
   tile_reduce<kMomSums>(m, ops);
   const NewtonStart st = newton_start(sqrtf(m[kMomIdxA]), m[0], m[1], thr);
   float sigma = st.sigma;
@@ -742,17 +869,31 @@ __device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float 
   const int sum4[4] = {0, 0, 0, 0};
   for (int it = 0; it < kNewtonMaxIters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
     float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (!done) {
-      for (int64_t e = warp; e < n; e += warps)
-        add_newton_terms_at<P>(r, t, a, base + element_offset(t, e), st.norm, sigma);
-    }
+    walk.gather(done, [&](int64_t o, float& z, float& d) { element_dz<P>(t, a, o, z, d); },
+                [&](float z, float d) { add_newton_terms(r, z / st.norm, d, sigma); });
     tile_reduce<4>(r, sum4);
     if (!done) sigma = newton_pass_step(sigma, r, st.rel_excess, done);
   }
-  if (!live) return;
-  for (int64_t e = warp; e < n; e += warps) write_exact<P>(t, a, base + element_offset(t, e), st.active, sigma);
+  walk.scatter(st.active, sigma, [&](int64_t o, bool active, float s) { write_exact<P>(t, a, o, active, s); });
   // A zero group keeps its previous sigma.
-  if (t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
+  if (live && t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
+}
+
+template <typename P>
+__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1) {
+  const int lane = threadIdx.x & 31;
+  const bool live = g0 + lane < g1;
+  const ColumnWalk walk{t, live ? group_base(t, g0 + lane) : 0, live, static_cast<int>(threadIdx.x >> 5),
+                        static_cast<int>(blockDim.x >> 5)};
+  tile_block<P>(t, a, thr, g0, g1, walk);
+}
+
+template <typename P>
+__device__ void run_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1) {
+  const int k = run_length(t.layout);
+  const RunWalk walk{t, group_base(t, g0), k, static_cast<int>(g1 - g0) * k, static_cast<int>(threadIdx.x & 31),
+                     static_cast<int>(threadIdx.x >> 5), static_cast<int>(blockDim.x >> 5)};
+  tile_block<P>(t, a, thr, g0, g1, walk);
 }
 
 template <typename P>
@@ -762,7 +903,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs
   const BlockItem item = items[blockIdx.x];
   const TensorArgs& t = tensors[item.tensor];
   const Thresholds th = thresholds(t, a);
-  if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end);
+  if (item.group == 3) run_tile_block<P>(t, a, th.thr, item.begin, item.end);
+  else if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end);
   else if (item.group == 1) group_block<P>(t, a, th, item.begin, l.scratch);
   else elementwise_block<P>(t, a, th.thr, item.begin, item.end);
 }

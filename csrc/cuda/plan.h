@@ -32,6 +32,14 @@ inline bool column_tiles(const StepArgs& a, const TensorArgs& t) {
          !t.layout.inner_reduced();
 }
 
+// Whether a grouped tensor runs as run tiles (NOTE: [Run tiles] in
+// kernels.cuh): the exact solve on a rows layout of short runs.
+inline bool run_tiles(const StepArgs& a, const TensorArgs& t) {
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  return t.path == Path::kGroups && dual && a.reg == Reg::kGroupLasso && a.solver == Solver::kExact &&
+         run_length(t.layout) > 0;
+}
+
 struct PlanLayout {
   std::vector<uint8_t> bytes;   // per dtype, 16-byte aligned: TensorArgs then BlockItems
   int64_t offsets[3][3] = {};   // per dtype: byte offset, n_tensors, n_items
@@ -49,7 +57,16 @@ inline PlanLayout lay_out_plan(const StepArgs& a, const std::vector<TensorArgs>&
     const int32_t ti = static_cast<int32_t>(by_dtype[slot].size());
     // each tensor's scratch starts 128-byte aligned
     plan.scratch_elems = (plan.scratch_elems + 31) / 32 * 32;
-    if (column_tiles(a, t)) {  // the exact solve: no scratch
+    if (run_tiles(a, t)) {  // the exact solve: no scratch
+      // G = kRunRow / K adjacent groups, never across the innermost kept block
+      const int64_t per = std::min<int64_t>(kTileGroups, kRunRow / run_length(t.layout));
+      const int64_t inner = t.layout.kept_size[t.layout.n_kept - 1];
+      for (int64_t g = 0; g < t.layout.n_groups;) {
+        const int64_t end = std::min(g + per, (g / inner + 1) * inner);
+        items[slot].push_back({ti, 3, g, end});
+        g = end;
+      }
+    } else if (column_tiles(a, t)) {  // the exact solve: no scratch
       for (int64_t g = 0; g < t.layout.n_groups; g += kTileGroups)
         items[slot].push_back({ti, 2, g, std::min(t.layout.n_groups, g + kTileGroups)});
     } else if (t.path == Path::kGroups) {

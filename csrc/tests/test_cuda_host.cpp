@@ -148,12 +148,15 @@ std::vector<Case> cases(bool quick) {
         {"columns 300x2 (group > block)", {300, 2}, {2, 1}, {true, false}},
         {"channels_last channel-wise 4x2x3x3", {4, 2, 3, 3}, strides_in_order({4, 2, 3, 3}, {0, 2, 3, 1}),
          {true, false, true, true}},
+        {"nchw channel-wise 3x5x3x3 (run tile)", {3, 5, 3, 3}, {45, 9, 3, 1}, {true, false, true, true}},
     };
   return {
       {"rows 7x13", {7, 13}, {13, 1}, {false, true}},
       {"columns 37x5", {37, 5}, {5, 1}, {true, false}},
       {"columns 300x3 (group > block)", {300, 3}, {3, 1}, {true, false}},
       {"nchw channel-wise 8x3x3x3", {8, 3, 3, 3}, {27, 9, 3, 1}, {true, false, true, true}},
+      // run tiles (NOTE: [Run tiles] in csrc/cuda/kernels.cuh): 32 + 8 groups, 20 rows
+      {"nchw channel-wise 20x40x3x3", {20, 40, 3, 3}, {360, 9, 3, 1}, {true, false, true, true}},
       {"channels_last channel-wise 8x3x3x3", {8, 3, 3, 3}, strides_in_order({8, 3, 3, 3}, {0, 2, 3, 1}),
        {true, false, true, true}},
       {"transposed 9x11 rows", {9, 11}, {1, 9}, {false, true}},

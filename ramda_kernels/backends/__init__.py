@@ -12,11 +12,12 @@ import is recorded with its error and raised only when asked for by name.
 ``AUTO_ORDER[device.type]``. On CUDA that is Triton, then the CUDA extension,
 because the figures do not favour the extension: counted on CPU threads
 (bench/cuda_traffic.py against bench/traffic.py, bench/RESULTS.md, RAMDA
-group lasso exact fp32 at the fifth step) it moves 49.7 B per element on
-GPT-2-medium input-wise (52.8 on heads) against Triton's 43.9 (49.1), 49.7 B
-at 68% sector efficiency on ResNet-50 input-wise against 39.4 at 78%, 53.3
-on LLaMA-7B-layer input-wise against 56.0, the same 32-36 B on output-wise
-rows; its PG and RMDA/ProxSGD shrink on column layouts
+group lasso exact fp32 at the 301st step, where sigma moves 0.2% per step)
+it issues 36.9 B per element at 84% sector efficiency on LLaMA-7B-layer
+input-wise (43.9 B of sectors) against Triton's 44.0 B at the same step,
+and 37.3-37.6 B at 88-89% on ResNet-50 and GPT-2-medium input-wise (42.2-42.4 B
+of sectors; Triton not metered there at that step); its PG and RMDA/ProxSGD
+shrink on column layouts
 are still one block per strided group (NOTE: [CUDA tiling]); no GPU has
 timed either; and only Triton captures (CAPTURABLE_BACKENDS).
 

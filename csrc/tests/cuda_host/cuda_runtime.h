@@ -9,8 +9,8 @@
 // * threadIdx/blockIdx are thread_local; blockDim/gridDim are set before the
 //   threads start.
 // * __syncthreads is a std::barrier over the block's threads; __shfl_xor_sync
-//   goes through an exchange buffer between two passes of the same barrier.
-//   Both give ThreadSanitizer the happens-before edges a real barrier gives,
+//   and __shfl_sync go through an exchange buffer between two passes of the
+//   warp's barrier, which __syncwarp passes alone. All give ThreadSanitizer the happens-before edges a real barrier gives,
 //   so a missing __syncthreads shows up as a data race; threads that meet at
 //   different barriers raise an error (see CheckTags) instead of deadlocking.
 // * __shared__ is `static`: one copy per kernel instantiation, reused by the
@@ -72,6 +72,7 @@ namespace cuda_host {
 // reports that (a missing or divergent barrier either way).
 constexpr int kTagShuffle = -1;
 constexpr int kTagBlockEnd = -2;
+constexpr int kTagSyncWarp = -3;
 
 // NOTE: [Counted global memory]
 // While the meter is on, every gload / gstore is logged by its thread with
@@ -96,7 +97,7 @@ struct RegionCount {
 };
 
 struct Access {
-  uint64_t key;
+  unsigned __int128 key;
   uintptr_t addr;
   uint32_t bytes;
   bool store;
@@ -174,12 +175,21 @@ inline size_t meter_region(const void* start, size_t nbytes) {
 }
 inline void meter_stop() { meter().on = false; }
 
-// Per-thread key state (see NOTE: [Counted global memory]).
+// Per-thread key state (see NOTE: [Counted global memory]): barriers passed
+// (the same count in every lane), loop rounds marked since the last one
+// (meter_round; a lane that left the loop marks no more, as a lane that left
+// a loop issues no more accesses), and executions per line since either.
 inline thread_local uint64_t barrier_epoch = 0;
-inline thread_local std::vector<std::pair<int, uint32_t>> line_runs;  // (line, executions) this epoch
+inline thread_local uint64_t loop_round = 0;
+inline thread_local std::vector<std::pair<int, uint32_t>> line_runs;  // (line, executions) this round
 
 inline void next_epoch() {
   ++barrier_epoch;
+  loop_round = 0;
+  line_runs.clear();
+}
+inline void next_round() {
+  ++loop_round;
   line_runs.clear();
 }
 
@@ -190,7 +200,9 @@ inline void record(const void* p, size_t bytes, bool store, int line) {
   auto it = std::find_if(line_runs.begin(), line_runs.end(), [&](const auto& r) { return r.first == line; });
   if (it == line_runs.end()) line_runs.push_back({line, 1});
   else k = it->second++;
-  const uint64_t key = (barrier_epoch << 40) | (static_cast<uint64_t>(line) << 20) | k;
+  using Key = unsigned __int128;
+  const Key key = (static_cast<Key>(barrier_epoch) << 96) | (static_cast<Key>(loop_round) << 64) |
+                  (static_cast<Key>(static_cast<uint32_t>(line)) << 32) | k;
   m.logs[threadIdx.x].push_back({key, reinterpret_cast<uintptr_t>(p), static_cast<uint32_t>(bytes), store});
 }
 
@@ -236,6 +248,7 @@ inline void CheckTags::operator()() noexcept {
       s->broken = true;
       auto what = [](int t) {
         return t == kTagShuffle ? std::string("a warp shuffle")
+               : t == kTagSyncWarp ? std::string("__syncwarp")
                : t == kTagBlockEnd ? std::string("the end of the block")
                                    : "__syncthreads at line " + std::to_string(t);
       };
@@ -272,18 +285,30 @@ inline thread_local unsigned shuffle_parity = 0;
 // a missing __syncthreads. One barrier per shuffle: consecutive shuffles
 // alternate between two slot sets, and a lane can only overwrite a set after
 // the next shuffle's barrier, which every lane reaches after its read.
+// v of lane `src` (0..31) of this thread's warp.
 template <typename T>
-T shfl_xor(T v, int lane_mask) {
+T shfl_from(T v, unsigned src) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   State& s = state();
   next_epoch();
-  const unsigned lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31u;
+  const unsigned warp0 = threadIdx.x & ~31u;
   uint64_t* slots = s.slot.data() + (shuffle_parity ^= 1u) * blockDim.x;
   std::memcpy(&slots[threadIdx.x], &v, sizeof(T));
   arrive(s.warps[threadIdx.x >> 5]->bar, kTagShuffle);  // every lane has written
   T out;
-  std::memcpy(&out, &slots[warp0 + ((lane ^ static_cast<unsigned>(lane_mask)) & 31)], sizeof(T));
+  std::memcpy(&out, &slots[warp0 + (src & 31)], sizeof(T));
   return out;
+}
+template <typename T>
+T shfl_xor(T v, int lane_mask) {
+  return shfl_from(v, (threadIdx.x & 31) ^ static_cast<unsigned>(lane_mask));
+}
+
+// __syncwarp: the warp's barrier (a happens-before edge between its lanes
+// only, as on the device).
+inline void syncwarp() {
+  next_epoch();
+  arrive(state().warps[threadIdx.x >> 5]->bar, kTagSyncWarp);
 }
 
 // Seconds without a completed barrier phase after which a launch is taken to
@@ -376,3 +401,12 @@ template <typename T>
 T __shfl_xor_sync(unsigned /*mask: kernels pass the full warp*/, T v, int lane_mask) {
   return cuda_host::shfl_xor(v, lane_mask);
 }
+template <typename T>
+T __shfl_sync(unsigned /*mask: kernels pass the full warp*/, T v, int src_lane) {
+  return cuda_host::shfl_from(v, static_cast<unsigned>(src_lane));
+}
+inline void __syncwarp(unsigned /*mask: kernels pass the full warp*/ = 0xffffffffu) { cuda_host::syncwarp(); }
+// NOTE: [Counted global memory]: the kernels mark the end of one round of a
+// loop whose lanes may skip rounds in the middle (run tiles), so that the
+// k-th access of a line is the same instruction in every lane; no barrier.
+inline void meter_round() { cuda_host::next_round(); }
