@@ -390,18 +390,20 @@ def _size_class(st: _TileStats, flat: bool) -> tuple:
         return ("rows", be if lay.group_size <= MAX_BLOCK_E else None, vec)
     reg_tile = max(TILE, MAX_BLOCK_E)
     fits = be <= MAX_BLOCK_E and be * min(COLUMN_MIN_GROUPS, _np2(lay.n_groups)) <= reg_tile
-    return ("cols", be if fits else None, vec and not short, short)
+    return ("cols", be if fits else None, vec, short)
 
 
 def _short_runs(lay) -> bool:
-    """Rows of short runs (NOTE: [Triton tiling]): the innermost block is
-    reduced, of stride 1 and fewer than `SHORT_RUN` elements, and the
+    """Rows of short runs (NOTE: [Triton tiling]): a group of several reduced
+    blocks whose innermost one is of stride 1 and fewer than `SHORT_RUN`
+    elements, and the
     innermost kept block's stride is that run's length, so neighbouring groups'
     runs are neighbours in memory (channel-wise k x k convolutions: runs of
     k*k). Tiled as rows, a group alone reads each run as a partial sector at
     either end (runs of 9 fp32 use about 55% of the sectors they touch);
     tiled as columns, the tile's adjacent groups read whole sectors."""
-    return (lay.inner_reduced and lay.red_strides[-1] == 1 and lay.red_sizes[-1] < SHORT_RUN
+    return (lay.inner_reduced and len(lay.red_sizes) > 1 and lay.red_strides[-1] == 1
+            and lay.red_sizes[-1] < SHORT_RUN
             and bool(lay.kept_strides) and lay.kept_strides[-1] == lay.red_sizes[-1]
             and lay.n_groups > 1)
 
