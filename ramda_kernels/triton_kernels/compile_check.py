@@ -60,16 +60,35 @@ def variants(quick: bool = False) -> Iterator[Dict[str, object]]:
                                BE=1024, NKB=1, NRB=1)
 
 
+#: The unit kernel's runtime arguments (units.run_units' launch), by type.
+_UNIT_SCALARS = [("ttab", "*i64"), ("rows", "*i64"), ("ustart", "*i64"), ("usize", "*i64"),
+                 ("n_units", "i32"), ("frows", "*i64"), ("fstart", "*i64"), ("fsize", "*i64"),
+                 ("n_pieces", "i32"), ("thr", "*fp32"), ("sigma_ptr", "*fp32"),
+                 ("newton_tol", "fp32")] + [(f"h{i}", "fp32") for i in range(8)]
+
+#: kernel name -> (module, kernel attribute, runtime argument types); a
+#: specialization's constexprs name its kernel with ``KERNEL`` (default "step").
+_KERNELS = {"step": ("step", "fused_step_kernel", _SCALARS),
+            "units": ("units", "units_step_kernel", _UNIT_SCALARS)}
+
+
+def _kernel_of(constexprs: Dict[str, object]):
+    name = constexprs.get("KERNEL", "step")
+    return name, {k: v for k, v in constexprs.items() if k != "KERNEL"}
+
+
 def compile_variant(constexprs: Dict[str, object], arch: int = 90, num_warps: int = 4):
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
-    from . import step
-
-    fn = step.fused_step_kernel
+    kernel, constexprs = _kernel_of(constexprs)
+    module, attr, scalars = _KERNELS[kernel]
+    fn = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
     signature = {name: "constexpr" for name in fn.arg_names}
-    signature.update(dict(_SCALARS))
+    signature.update(dict(scalars))
     src = ASTSource(fn, signature, constexprs=dict(constexprs))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
 
@@ -159,6 +178,35 @@ def bench_set_specializations(sets=("resnet50", "gpt2-medium", "llama7b-layer"),
     return list(seen.values())
 
 
+def unit_specializations() -> List[tuple]:
+    """The ``(constexprs, num_warps)`` the unit kernel is launched with
+    (units.tile_shape for every largest and median unit size and unit count),
+    at each chunk width ``BE`` the one of the most units ``BU``, for every
+    optimizer, with the solve on and off: a launch of fewer units per tile
+    runs a smaller tile of the same code. The kernel handles every parameter
+    dtype at run time, so dtype is not a specialization."""
+    from . import units as U
+
+    sizes = [1 << k for k in range((4 * U.REGISTER_E).bit_length())]
+    largest: Dict[tuple, int] = {}  # (ONE_CHUNK, BE) -> the most units a tile of them holds
+    for longest in sizes:
+        for median in sizes[:sizes.index(longest) + 1]:
+            for units in (1, 2, 4, 1 << 20):
+                one_chunk, bu, be = U.tile_shape(longest, median, units)
+                largest[one_chunk, be] = max(bu, largest.get((one_chunk, be), 0))
+    shapes = {(one_chunk, bu, be) for (one_chunk, be), bu in largest.items()}
+    out = []
+    for one_chunk, bu, be in sorted(shapes):
+        for opt, name in enumerate(("ramda", "rmda", "proxadamw", "proxsgd")):
+            for amsgrad in ((False, True) if name == "proxadamw" else (False,)):
+                for solve in (False, True):
+                    out.append((dict(KERNEL="units", OPT=opt, AMSGRAD=amsgrad,
+                                     SCALAR_D=name in ("rmda", "proxsgd"), SOLVE=solve,
+                                     ONE_CHUNK=one_chunk, BU=bu, BE=be),
+                                U.launch_warps(one_chunk)))
+    return out
+
+
 #: Registers per thread above which a variant fails the resource check: 128
 #: leaves two 256-thread blocks per SM on sm_90's 64K registers.
 MAX_REGISTERS = 128
@@ -171,41 +219,73 @@ def _cache_path() -> str:
 
 def _cache_key(constexprs: Dict[str, object], num_warps: int, arch: int) -> str:
     """Kernel source, triton version, target and specialization: a result is
-    reused only for the exact same compile."""
+    reused only for the exact same compile. The step kernel's key is the one
+    it had before the unit kernel was checked too (its cached results stay)."""
     import hashlib
 
     import triton
 
+    kernel, _ = _kernel_of(constexprs)
+    source = _source("step") + (_source("units") if kernel == "units" else b"")
     spec = repr(sorted((k, str(v)) for k, v in constexprs.items())) + f"|w{num_warps}|sm{arch}"
-    return hashlib.sha256(_source() + triton.__version__.encode() + spec.encode()).hexdigest()
+    return hashlib.sha256(source + triton.__version__.encode() + spec.encode()).hexdigest()
 
 
-_SOURCE: List[bytes] = []
+_SOURCE: Dict[str, bytes] = {}
 
 
-def _source() -> bytes:
-    """The kernel module's code as imported, without comments and docstrings
+def _source(module: str) -> bytes:
+    """A kernel module's code as imported, without comments and docstrings
     (an edit to those compiles the same kernel), read once: an edit made while
-    a sweep runs must not label the old kernel's numbers with the new code."""
-    if not _SOURCE:
+    a sweep runs must not label the old kernel's numbers with the new code.
+    The unit kernel's key takes step.py's too: it calls step.py's helpers. Of
+    units.py only what the device code is made of counts (imports, ``tl.constexpr``
+    constants, ``@triton.jit`` functions), so that its host side (tile choice,
+    tables) can change without recompiling every unit specialization."""
+    if module not in _SOURCE:
         import ast
+        import importlib
         import inspect
 
-        from . import step
-        tree = ast.parse(inspect.getsource(step))
+        tree = ast.parse(inspect.getsource(importlib.import_module(f"{__package__}.{module}")))
+        if module != "step":
+            def device(node) -> bool:
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    return True
+                if isinstance(node, ast.Assign):
+                    return "constexpr" in ast.dump(node.value)
+                return isinstance(node, ast.FunctionDef) and any(
+                    "jit" in ast.dump(d) for d in node.decorator_list)
+            tree.body = [node for node in tree.body if device(node)]
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
             if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
                     and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
                 body[0] = ast.Pass()
-        _SOURCE.append(ast.dump(tree).encode())
-    return _SOURCE[0]
+        _SOURCE[module] = ast.dump(tree).encode()
+    return _SOURCE[module]
 
 
-def resources(specs, arch: int = 90, log=None) -> List[Dict[str, object]]:
+def _compile_resources(constexprs: Dict[str, object], num_warps: int, arch: int) -> Dict[str, int]:
+    return ptxas_resources(compile_variant(constexprs, arch, num_warps), arch)
+
+
+def _save_cache(path: str, cache: Dict[str, object]) -> None:
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(cache, f)
+    os.replace(path + ".tmp", path)
+
+
+def resources(specs, arch: int = 90, log=None, workers: int = 1) -> List[Dict[str, object]]:
     """Compile every ``(constexprs, num_warps)`` of ``specs`` and read its
     registers and spills (``ptxas_resources``), reusing the results cached at
-    ``$RAMDA_RESOURCE_CACHE`` (default ``~/.cache/ramda_kernels/ptx_resources.json``)."""
+    ``$RAMDA_RESOURCE_CACHE`` (default ``~/.cache/ramda_kernels/ptx_resources.json``).
+    ``workers`` > 1 compiles the uncached ones in that many spawned processes
+    (each compile is single-threaded); the caller's main module must then be
+    importable (a script guarded by ``if __name__ == "__main__"``, or ``-m``)."""
     import json
 
     path = _cache_path()
@@ -214,15 +294,35 @@ def resources(specs, arch: int = 90, log=None) -> List[Dict[str, object]]:
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
-    out = []
-    for constexprs, warps in specs:
-        key = _cache_key(constexprs, warps, arch)
+    keys = [_cache_key(constexprs, warps, arch) for constexprs, warps in specs]
+    missing = {}
+    for key, spec in zip(keys, specs):
         if key not in cache:
-            cache[key] = ptxas_resources(compile_variant(constexprs, arch, warps), arch)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(cache, f)
-            os.replace(path + ".tmp", path)
+            missing.setdefault(key, spec)
+    if missing and workers <= 1:
+        for done, (key, (c, w)) in enumerate(missing.items(), start=1):
+            cache[key] = _compile_resources(c, w, arch)
+            _save_cache(path, cache)
+            if log is not None:
+                print(f"compiled {done} of {len(missing)}", file=log, flush=True)
+    elif missing:
+        import concurrent.futures
+        import multiprocessing
+
+        workers = min(len(missing), workers)
+        save_every = workers
+        with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_compile_resources, c, w, arch): key
+                       for key, (c, w) in missing.items()}
+            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                cache[futures[future]] = future.result()
+                if log is not None:
+                    print(f"compiled {done} of {len(futures)}", file=log, flush=True)
+                if done % save_every == 0 or done == len(futures):
+                    _save_cache(path, cache)
+    out = []
+    for key, (constexprs, warps) in zip(keys, specs):
         name = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items())
         row = dict(variant=f"{name} num_warps={warps}", **cache[key])
         if log is not None:
@@ -257,8 +357,9 @@ def main(argv: List[str] | None = None) -> int:
 
         import torch
 
-        specs = bench_set_specializations(dtypes=(torch.float32, torch.bfloat16))
-        rows = resources(specs, args.arch, log=sys.stdout)
+        specs = bench_set_specializations(dtypes=(torch.float32, torch.bfloat16)) + unit_specializations()
+        # a cold cache compiles for about 45 min on one core: use them all
+        rows = resources(specs, args.arch, log=sys.stdout, workers=len(os.sched_getaffinity(0)))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -370,12 +370,18 @@ def units_step_kernel(ttab, rows, ustart, usize, n_units, frows, fstart, fsize, 
 # ---------------------------------------------------------------------------
 
 #: Elements per program (``BU * BE``) and most elements of a chunk (``BE``).
-TILE = 2048
+#: Each lane of a tile holds the 64-bit addresses of its element in five
+#: tensors and its dtype code (`_lanes`), about 14 registers per element
+#: before any math: ptxas (sm_90) fits two elements per thread in 128
+#: registers without spill, so a chunked tile (4 warps) is 256 elements and a
+#: tile held in registers (8 warps) 512. (At 16 and 32 elements per thread
+#: the tiles spilled 5.6 KB and 46-97 KB per thread.)
+TILE = 256
 BLOCK_E = 1024
 #: Largest unit (rounded up to a power of two) held in registers, and the
-#: most elements of such a tile (step.py's ``MAX_BLOCK_E``).
-REGISTER_E = 4096
-REGISTER_TILE = 8192
+#: most elements of such a tile.
+REGISTER_E = 512
+REGISTER_TILE = 512
 #: Fewest units per chunked tile: 8 fp32 are one 32-byte sector, so the columns of
 #: consecutive units (a consumer's inputs) are read in whole sectors.
 MIN_UNITS = 8
@@ -424,6 +430,24 @@ def _pieces(free: np.ndarray, be: int) -> Tuple[np.ndarray, np.ndarray]:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 6), np.asarray(start, dtype=np.int64)
 
 
+def tile_shape(longest: int, median: int, units: int) -> Tuple[bool, int, int]:
+    """``(ONE_CHUNK, BU, BE)`` of the launch for ``units`` units whose largest
+    has ``longest`` elements and the median ``median`` (NOTE: [unit tile])."""
+    be = max(16, _np2(longest))
+    # every unit in registers, as many as fill REGISTER_TILE, if that is at
+    # least MIN_UNITS of them (or all there are): the consumer columns in sectors
+    if _np2(longest) <= REGISTER_E and be * min(MIN_UNITS, _np2(units)) <= REGISTER_TILE:
+        return True, max(1, min(REGISTER_TILE // be, _np2(units))), be
+    # chunks as wide as the typical unit, at least MIN_UNITS per tile
+    be = min(BLOCK_E, TILE // MIN_UNITS, max(16, _np2(median)))
+    return False, max(1, min(TILE // be, _np2(units))), be
+
+
+def launch_warps(one_chunk: bool) -> int:
+    """Warps of a launch: a registers tile holds up to REGISTER_TILE elements."""
+    return 8 if one_chunk else _NUM_WARPS
+
+
 class _Tables:
     """A segment table's launch tables on one device, and its tile shape."""
 
@@ -431,14 +455,8 @@ class _Tables:
         seg = table.segments.numpy()
         start = table.unit_start.numpy()
         sizes = table.sizes.numpy().astype(np.int64)
-        longest = _np2(int(sizes.max()))
-        self.one_chunk = longest <= REGISTER_E
-        if self.one_chunk:  # every unit in registers, as many as fill REGISTER_TILE
-            self.be = max(16, longest)
-            self.bu = max(1, min(REGISTER_TILE // self.be, _np2(table.units)))
-        else:  # chunks as wide as the typical unit, at least MIN_UNITS per tile
-            self.be = min(BLOCK_E, TILE // MIN_UNITS, max(16, _np2(int(np.median(sizes)))))
-            self.bu = max(1, min(TILE // self.be, _np2(table.units)))
+        self.one_chunk, self.bu, self.be = tile_shape(int(sizes.max()), int(np.median(sizes)),
+                                                      table.units)
         frows, fstart = _pieces(table.free.numpy(), self.be)
         fsizes = np.array([frows[a:b, 2].sum() for a, b in zip(fstart[:-1], fstart[1:])],
                           dtype=np.int64)
@@ -494,7 +512,7 @@ def run_units(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch.T
         sigma if sigma is not None else thr, newton_tolerance(torch.float32), *h,
         OPT=_OPT[name], AMSGRAD=bool(amsgrad) and name == "proxadamw", SCALAR_D=scalar_d,
         SOLVE=solve, ONE_CHUNK=tabs.one_chunk, BU=tabs.bu, BE=tabs.be,
-        num_warps=_NUM_WARPS if not tabs.one_chunk else 8)
+        num_warps=launch_warps(tabs.one_chunk))
 
 
-__all__ = ["units_step_kernel", "run_units", "TILE", "BLOCK_E"]
+__all__ = ["units_step_kernel", "run_units", "tile_shape", "launch_warps", "TILE", "BLOCK_E"]
