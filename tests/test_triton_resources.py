@@ -81,17 +81,9 @@ KNOWN_OVER = [
      "ProxAdamW, exact and PG, fp32 and bf16); 80-128 registers with 8/8 to 16/16 B spill "
      "(RMDA scalar d fp32, ProxAdamW PG bf16)"),
     # The unit kernel (units.py; its tiles sized to two elements per thread, where
-    # 16-32 spilled 5.6-97 KB a thread): small spills left, measured at this
-    # kernel source (ptxas sm_90, Triton 3.8).
-    (("KERNEL=units", "OPT=2", "SOLVE=True", "ONE_CHUNK=False"),
-     "ProxAdamW unit chunks with the exact solve (8 x 32, 16 x 16): 128 registers, 12/12 B spill"),
-    (("KERNEL=units", "ONE_CHUNK=True", "BU=2 BE=256 "),
-     "unit tile 2 x 256 in registers: 80 registers, 12/16 to 16/28 B spill (RMDA and ProxSGD "
-     "with the shrink, ProxAdamW without a solve)"),
-    (("KERNEL=units", "OPT=2", "AMSGRAD=True", "SOLVE=True", "ONE_CHUNK=True", "BU=1 BE=512 "),
-     "ProxAdamW amsgrad unit tile 1 x 512 in registers: 80 registers, 16/20 B spill"),
-    (("KERNEL=units", "OPT=0", "SOLVE=False", "ONE_CHUNK=False", "BU=8 BE=32 "),
-     "RAMDA unit chunks 8 x 32 without a solve: 96 registers, 4/8 B spill"),
+    # 16-32 spilled 5.6-97 KB a thread), measured at this kernel source:
+    (("KERNEL=units", "OPT=3", "SOLVE=True", "ONE_CHUNK=True", "BU=1 BE=1024 "),
+     "ProxSGD unit tile 1 x 1024 in registers with the shrink: 64 registers, 8/8 B spill"),
 ]
 
 

@@ -373,21 +373,23 @@ def units_step_kernel(ttab, rows, ustart, usize, n_units, frows, fstart, fsize, 
 #: Each lane of a tile holds the 64-bit addresses of its element in five
 #: tensors and its dtype code (`_lanes`), about 14 registers per element
 #: before any math: ptxas (sm_90) fits two elements per thread in 128
-#: registers without spill, so a chunked tile (4 warps) is 256 elements and a
-#: tile held in registers (8 warps) 512. (At 16 and 32 elements per thread
-#: the tiles spilled 5.6 KB and 46-97 KB per thread.)
-TILE = 256
+#: registers without spill, so a tile is 1024 elements at 16 warps, chunked
+#: or held in registers. (At 16 and 32 elements per thread the tiles spilled
+#: 5.6 KB and 46-97 KB per thread.) The widest chunks that still put
+#: MIN_UNITS units in a tile: each chunk re-reads the tile's segment rows,
+#: 3.5 B per element and row at 256-element tiles.
+TILE = 1024
 BLOCK_E = 1024
 #: Largest unit (rounded up to a power of two) held in registers, and the
 #: most elements of such a tile.
-REGISTER_E = 512
-REGISTER_TILE = 512
+REGISTER_E = 1024
+REGISTER_TILE = 1024
 #: Fewest units per chunked tile: 8 fp32 are one 32-byte sector, so the columns of
 #: consecutive units (a consumer's inputs) are read in whole sectors.
 MIN_UNITS = 8
 #: Most free runs in one piece.
 PIECE_ROWS = 8
-_NUM_WARPS = 4
+_NUM_WARPS = 16
 _OPT = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: per segment table: {device: _Tables}
@@ -444,8 +446,8 @@ def tile_shape(longest: int, median: int, units: int) -> Tuple[bool, int, int]:
 
 
 def launch_warps(one_chunk: bool) -> int:
-    """Warps of a launch: a registers tile holds up to REGISTER_TILE elements."""
-    return 8 if one_chunk else _NUM_WARPS
+    """Warps of a launch: two elements of a TILE or REGISTER_TILE per thread."""
+    return _NUM_WARPS
 
 
 class _Tables:
