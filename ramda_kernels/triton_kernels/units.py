@@ -44,9 +44,9 @@ Tables (on the tensors' device):
 
 * ``ttab``  int64 ``[n_tensors, TTAB_WIDTH]``: addresses of parameter,
   gradient and state 0..2 (0: none), the dtype code;
-* ``rows`` int64 ``[S, ROW_WIDTH]``: the segment rows and their start in the
-  union, ``ustart`` ``[U + 1]`` and ``usize`` ``[U]`` per unit; the free
-  pieces the same way (``frows``, ``fstart``, ``fsize``);
+* ``rows`` int64 ``[S, ROW_WIDTH]``: the segment rows, their start in the
+  union and their element count, ``ustart`` ``[U + 1]`` and ``usize`` ``[U]``
+  per unit; the free pieces the same way (``frows``, ``fstart``, ``fsize``);
 * ``thr`` fp32 ``[U]``: ``tau * c_g`` per unit, rounded once from float64 (the
   reference's ``(tau * sqrt(size)).to(float32)``).
 
@@ -88,6 +88,7 @@ RCOL_STRIDE = tl.constexpr(3)
 RCOL_OUTER = tl.constexpr(4)
 RCOL_OUTER_STRIDE = tl.constexpr(5)
 RCOL_START = tl.constexpr(6)
+RCOL_SIZE = tl.constexpr(7)  # RCOL_COUNT * RCOL_OUTER: the row's elements
 ROW_WIDTH = tl.constexpr(8)
 # dtype codes.
 DT_FP32 = tl.constexpr(0)
@@ -122,13 +123,13 @@ def _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask, OPT: tl.constexpr, BU: tl.c
     for j in range(0, maxrows):
         valid = gmask & (j < nrow)
         row = rows + (r0 + j) * ROW_WIDTH
-        ti = tl.load(row + RCOL_TENSOR, mask=valid, other=0)
-        cnt = tl.load(row + RCOL_COUNT, mask=valid, other=1)
         first = tl.load(row + RCOL_START, mask=valid, other=0)
-        size = cnt * tl.load(row + RCOL_OUTER, mask=valid, other=0)
-        # rows of the tile's units that overlap the chunk
+        size = tl.load(row + RCOL_SIZE, mask=valid, other=0)
+        # rows of the tile's units that overlap the chunk: only those read the rest
         valid = valid & (first < c0 + BE) & (first + size > c0)
         if tl.max(valid.to(tl.int32), axis=0) > 0:
+            ti = tl.load(row + RCOL_TENSOR, mask=valid, other=0)
+            cnt = tl.load(row + RCOL_COUNT, mask=valid, other=1)
             k = e[None, :] - first[:, None]
             sel = valid[:, None] & (k >= 0) & (k < size[:, None])
             k = tl.where(sel, k, 0)
@@ -404,13 +405,15 @@ def _np2(n: int) -> int:
 
 
 def _row_table(rows: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """``[R, ROW_WIDTH]``: segment rows and each one's first element in its union."""
+    """``[R, ROW_WIDTH]``: segment rows, each one's first element in its union
+    and its element count."""
     out = np.zeros((rows.shape[0], 8), dtype=np.int64)
     out[:, :6] = rows
     sizes = rows[:, 2] * rows[:, 4]
     first = np.concatenate(([0], np.cumsum(sizes)[:-1])) if len(sizes) else sizes
     unit_of = np.repeat(np.arange(len(start) - 1), np.diff(start))
     out[:, 6] = first - first[start[:-1]][unit_of] if len(sizes) else first
+    out[:, 7] = sizes
     return out
 
 
