@@ -155,7 +155,7 @@ def measure(lib, set_name: str, regularizer: str, solver: str, grouping, warmup:
         model.new_grads()
         opt.step()
     sigmas = {}
-    if regularizer == "group_lasso" and solver == "exact":
+    if regularizer == "group_lasso" and solver == "exact" and DEFINITIONS[name].solves:
         for group in opt.param_groups:
             if group["regularizer"] == "group_lasso":
                 sigmas.update({p.data_ptr(): s for p, s in zip(group["params"], _sigmas(group))})

@@ -198,6 +198,16 @@ __device__ __forceinline__ void element_dz(const TensorArgs& t, const StepArgs& 
   }
 }
 
+// y of element o for RMDA / ProxSGD, recomputed from the state pass 1 wrote
+// this step (NOTE: [Shrink tiles]): rmda_y's and proxsgd_y's last line on
+// the new V / buf, the same arithmetic, so the same bits; the parameter is
+// not written before the last pass.
+template <typename P>
+__device__ __forceinline__ float element_y(const TensorArgs& t, const StepArgs& a, int64_t o) {
+  if (a.optim == Optim::kRmda) return load_w0<P>(t, o) - gload(t.s1 + o) / a.beta;
+  return load<P>(t.param, o) - a.lr * gload(t.s0 + o);
+}
+
 // The point the parameter moves from: x (RAMDA/RMDA averaging, PG warm start).
 template <typename P>
 __device__ __forceinline__ float current_x(const TensorArgs& t, const StepArgs& a, int64_t o) {
@@ -840,14 +850,44 @@ struct RunWalk {
   }
 };
 
-// The exact solve of the groups g0 .. g1 - 1 of a tile, lane l holding group
-// g0 + l; walk reads and writes the elements (NOTE: [Column tiles]).
+// NOTE: [Shrink tiles]
+// The RMDA / ProxSGD group shrink (w = y max(0, 1 - T / ||y||), closed form)
+// runs on the column and run tiles of the exact solve, in two passes over
+// the walk: pass 1 updates the state and sums y^2 per lane (= group),
+// tile_reduce gives every group its factor, and the last pass recomputes y
+// from the state pass 1 wrote (element_y) and writes the parameter. The
+// recompute reads W0, V (RMDA) or x, buf (ProxSGD): 8 B per fp32 element, 6
+// B with 16-bit parameters, where a y in scratch would cost 4 B written and
+// 4 B read; and a zero group (||y|| <= T: w = 0) reads nothing there. So no
+// scratch: RMDA fp32 32 B per element (24 B in a zero group), ProxSGD 28 B
+// (20 B). Groups of any size: each lane walks all its group's elements.
+template <typename P, typename Walk>
+__device__ void shrink_tile(const TensorArgs& t, const StepArgs& a, float thr, bool live, const Walk& walk) {
+  float y2[1] = {0.0f};
+  walk.gather(false, [&](int64_t o, float& y, float& d) { element_pass1<P>(t, a, o, y, d); },
+              [&](float y, float) { y2[0] += y * y; });
+  const int sum1[1] = {0};
+  tile_reduce<1>(y2, sum1);
+  const float norm = sqrtf(y2[0]);
+  // NaN and inf norms stay active, so that they reach the parameter
+  const bool active = live && !(norm <= thr);
+  walk.scatter(active, group_shrink(norm, thr), [&](int64_t o, bool act, float scale) {
+    const float w = act ? element_y<P>(t, a, o) * scale : 0.0f;
+    meter_round();  // the lanes of zero groups skipped the state reads
+    write_param<P>(t, a, o, w);
+  });
+}
+
+// The groups g0 .. g1 - 1 of a tile, lane l holding group g0 + l; walk
+// reads and writes the elements: the exact solve (NOTE: [Column tiles]) or
+// the RMDA / ProxSGD shrink (NOTE: [Shrink tiles]).
 template <typename P, typename Walk>
 __device__ void tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1,
                            const Walk& walk) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t g = g0 + lane;
   const bool live = g < g1;
+  if (a.optim == Optim::kRmda || a.optim == Optim::kProxSgd) return shrink_tile<P>(t, a, thr, live, walk);
   // The previous sigma (NOTE: [Warm start]), read once per group by warp 0.
   float s0 = 0.0f;
   if (t.sigma != nullptr) {
