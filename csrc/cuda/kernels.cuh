@@ -752,22 +752,28 @@ struct ColumnWalk {
   bool live;     // this lane has a group
   int warp, warps;
 
+  // f(e) for each element index e of this lane's group (none when skip).
+  template <typename F>
+  __device__ __forceinline__ void each(bool skip, F f) const {
+    if (!live || skip) return;
+    for (int64_t e = warp; e < t.layout.group_size; e += warps) f(e);
+  }
+  // Storage offset of element e of this lane's group.
+  __device__ __forceinline__ int64_t offset(int64_t e) const { return base + element_offset(t, e); }
   // load(offset, z, d) for each element of this lane's group (none when skip),
   // then use(z, d) on the same lane.
   template <typename Load, typename Use>
   __device__ __forceinline__ void gather(bool skip, Load load, Use use) const {
-    if (!live || skip) return;
-    for (int64_t e = warp; e < t.layout.group_size; e += warps) {
+    each(skip, [&](int64_t e) {
       float z, d;
-      load(base + element_offset(t, e), z, d);
+      load(offset(e), z, d);
       use(z, d);
-    }
+    });
   }
   // put(offset, active, sigma) for each element of this lane's group.
   template <typename Put>
   __device__ __forceinline__ void scatter(bool active, float sigma, Put put) const {
-    if (!live) return;
-    for (int64_t e = warp; e < t.layout.group_size; e += warps) put(base + element_offset(t, e), active, sigma);
+    each(false, [&](int64_t e) { put(offset(e), active, sigma); });
   }
 };
 
@@ -919,13 +925,73 @@ __device__ void tile_block(const TensorArgs& t, const StepArgs& a, float thr, in
   if (live && t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
 }
 
+// NOTE: [PG column tiles]
+// PG (docs/math.md section 5) on a column tile, lane l holding group g0 + l
+// as in NOTE: [Column tiles]. Pass 1 writes z, d to the scratch and the
+// iterations keep Z there (plan.h's three slots); the tile's slots are laid
+// out [element][lane] (element e of lane l at e W + l, W = g1 - g0 groups,
+// from g0's first element on), so that a warp's scratch accesses are
+// consecutive addresses like its parameter and state accesses. Every group
+// keeps the reference's own stopping rule (||s_g|| <= its tolerance, at most
+// max_iters iterations, screened groups zero without one): a done lane
+// issues no access, and the tile iterates while any group is not done, a
+// condition uniform over the block (every warp holds the same sums).
 template <typename P>
-__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1) {
+__device__ void pg_column_tile(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g0, int64_t g1,
+                               const ColumnWalk& walk, float* scratch) {
+  const int64_t width = g1 - g0, lane = threadIdx.x & 31;
+  float* zs = scratch + t.scratch + g0 * t.layout.group_size;  // z, then [element][lane]
+  float* ds = zs + t.numel;                                    // d
+  float* Zs = zs + 2 * t.numel;                                // the iterate
+  auto slot = [&](int64_t e) { return e * width + lane; };
+  float acc[2] = {0.0f, -INFINITY};
+  walk.each(false, [&](int64_t e) {
+    float z, d;
+    element_pass1<P>(t, a, walk.offset(e), z, d);
+    gstore(zs + slot(e), z);
+    gstore(ds + slot(e), d);
+    acc[0] += z * z;
+    acc[1] = fmaxf(acc[1], d);
+  });
+  const int ops[2] = {0, 1}, sum1[1] = {0};
+  tile_reduce<2>(acc, ops);
+  const float znorm = sqrtf(acc[0]), thr = th.thr;
+  const bool active = walk.live && !(znorm <= thr);  // screened groups are zero
+  const float theta = 1.0f / acc[1], inv_theta = 1.0f / theta, pthr = theta * thr;
+  walk.each(!active, [&](int64_t e) { gstore(Zs + slot(e), current_x<P>(t, a, walk.offset(e))); });
+  bool done = !active;
+  for (int it = 0; it < a.max_iters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
+    float y2[1] = {0.0f};
+    walk.each(done, [&](int64_t e) {
+      const float y = pg_gradient_point(gload(Zs + slot(e)), gload(zs + slot(e)), gload(ds + slot(e)), theta);
+      y2[0] += y * y;
+    });
+    tile_reduce<1>(y2, sum1);
+    const float scale = group_shrink(sqrtf(y2[0]), pthr);
+    float s2[1] = {0.0f};
+    walk.each(done, [&](int64_t e) {
+      const float Z = gload(Zs + slot(e)), dd = gload(ds + slot(e));
+      const float zn = pg_gradient_point(Z, gload(zs + slot(e)), dd, theta) * scale;
+      const float r = pg_residual(Z, zn, dd, inv_theta);
+      s2[0] += r * r;
+      gstore(Zs + slot(e), zn);
+    });
+    tile_reduce<1>(s2, sum1);
+    if (!(sqrtf(s2[0]) > th.pg_tol)) done = true;
+  }
+  walk.each(false, [&](int64_t e) { write_param<P>(t, a, walk.offset(e), active ? gload(Zs + slot(e)) : 0.0f); });
+}
+
+template <typename P>
+__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g0, int64_t g1,
+                                  float* scratch) {
   const int lane = threadIdx.x & 31;
   const bool live = g0 + lane < g1;
   const ColumnWalk walk{t, live ? group_base(t, g0 + lane) : 0, live, static_cast<int>(threadIdx.x >> 5),
                         static_cast<int>(blockDim.x >> 5)};
-  tile_block<P>(t, a, thr, g0, g1, walk);
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  if (dual && a.solver == Solver::kPg) return pg_column_tile<P>(t, a, th, g0, g1, walk, scratch);
+  tile_block<P>(t, a, th.thr, g0, g1, walk);
 }
 
 template <typename P>
@@ -944,7 +1010,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs
   const TensorArgs& t = tensors[item.tensor];
   const Thresholds th = thresholds(t, a);
   if (item.group == 3) run_tile_block<P>(t, a, th.thr, item.begin, item.end);
-  else if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end);
+  else if (item.group == 2) column_tile_block<P>(t, a, th, item.begin, item.end, l.scratch);
   else if (item.group == 1) group_block<P>(t, a, th, item.begin, l.scratch);
   else elementwise_block<P>(t, a, th.thr, item.begin, item.end);
 }
