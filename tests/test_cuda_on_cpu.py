@@ -17,11 +17,14 @@ and state with python/ramda_ref:
 * every optimizer and solver (exact, PG, closed form) on channels_last,
   16-bit parameters on grouped paths, none / l1 / whole-tensor PG in fp32,
   bf16 and fp16;
+* the RMDA / ProxSGD shrink and PG on column tiles (input-wise Linear,
+  channels_last Conv) and the shrink on run tiles (NCHW channel-wise), in
+  fp32, bf16 and fp16, with some groups zero;
 * the zero groups exactly zero, the same bits for two block orders, and the
   stand-in's 16-bit conversions against torch's;
 * the meter (NOTE: [Counted global memory]): bytes and sectors of an
-  elementwise step, of row groups and of column tiles, derived from the
-  addresses;
+  elementwise step, of row groups and of column and run tiles (exact,
+  shrink, PG), derived from the addresses;
 * the warm start of the exact solve (docs/math.md section 4, item 5): the
   written sigma is T/||w_g||, zero groups keep theirs, bad starts still
   solve, a start at the root saves Newton sweeps, and a tensor whose groups

@@ -7,26 +7,29 @@
 // item b of the cached table (cuda_step.h: BlockItem):
 // * elementwise paths (none, l1 exact, tau == 0): a chunk of kElemChunk
 //   consecutive storage elements, coalesced;
-// * grouped paths (group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
-//   group shrink): one block per group. The exact solve keeps nothing in
-//   scratch: rows of up to kCached * kThreads elements hold z, d in
-//   registers (NOTE: [Register rows]), longer ones follow NOTE: [two-pass
-//   plan]. PG and the shrink have pass 1 write z and d (or y) for the group
-//   to an fp32 scratch laid out group by group (allocated once per plan,
-//   only the slots the path uses: plan.h), which PG's iterations re-read.
-//   The solver reduces over the block (warp shuffles, then shared memory);
-//   the last pass writes the parameter. Element offsets are decoded from
-//   the canonical layout (NOTE: [Group layout], NOTE: [32-bit offsets]), so
-//   any dims and strides are read in place. For "rows" layouts (inner block
-//   reduced) neighbouring threads read neighbouring addresses;
-// * the exact solve on "columns" layouts (inner block kept: input-wise
-//   Linear, channels-last channel-wise Conv): a column tile of 32 adjacent
-//   groups per block, lane = group (NOTE: [Column tiles]), so a warp's
-//   accesses are neighbouring addresses there too; on rows layouts of short
-//   runs (NCHW channel-wise Conv: runs of kh kw elements) a run tile of
-//   adjacent groups, read row by row at consecutive addresses (NOTE: [Run
-//   tiles]). PG and the RMDA/ProxSGD shrink on these layouts still take one
-//   group per block (uncoalesced).
+// * grouped paths on "rows" layouts (inner block reduced: output-wise
+//   Linear, heads; group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
+//   group shrink): one block per group, neighbouring threads on
+//   neighbouring addresses. The exact solve keeps nothing in scratch: rows
+//   of up to kCached * kThreads elements hold z, d in registers (NOTE:
+//   [Register rows]), longer ones follow NOTE: [two-pass plan]. PG and the
+//   shrink have pass 1 write z and d (or y) for the group to an fp32
+//   scratch laid out group by group (allocated once per plan, only the slots
+//   the path uses: plan.h), which PG's iterations re-read. The solver
+//   reduces over the block (warp shuffles, then shared memory); the last
+//   pass writes the parameter. Element offsets are decoded from the
+//   canonical layout (NOTE: [Group layout], NOTE: [32-bit offsets]), so any
+//   dims and strides are read in place;
+// * group lasso on "columns" layouts (inner block kept: input-wise Linear,
+//   channels-last channel-wise Conv): a column tile of 32 adjacent groups
+//   per block, lane = group (NOTE: [Column tiles]), so a warp's accesses are
+//   neighbouring addresses there too: the exact solve, the RMDA/ProxSGD
+//   shrink (NOTE: [Shrink tiles], no scratch) and PG (NOTE: [PG column
+//   tiles], its scratch laid out [element][lane] per tile). On rows layouts
+//   of short runs (NCHW channel-wise Conv: runs of kh kw elements) the exact
+//   solve and the shrink take a run tile of adjacent groups, read row by row
+//   at consecutive addresses (NOTE: [Run tiles]); PG there still takes one
+//   group per block (2-3 sectors per run).
 // The exact solve is warm-started from the previous sigma (NOTE: [Warm start]).
 //
 // NOTE: [two-pass plan]
