@@ -226,10 +226,10 @@ def build_case(opt, grouping, dtype, gen, shapes=None, spread=False):
     return params, grads, states, dims, view
 
 
-def run_ref(opt, reg, solver, step, lambda_, hp, params, grads, states, dims, view):
+def run_ref(opt, reg, solver, step, lambda_, hp, params, grads, states, dims, view, max_iters=100):
     common = dict(step=step, lambda_=lambda_, regularizer=reg, dims=list(dims) if dims else None,
                   view=list(view) if view else None, reweight=True)
-    pg = dict(solver=solver, max_iters=100, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+    pg = dict(solver=solver, max_iters=max_iters, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
     s = [[x[i] for x in states] for i in range(3)]
     if opt == "ramda":
         ref.ramda(params, grads, s[0], s[1], s[2], alpha=hp["alpha"], lr=hp["lr"],
@@ -251,19 +251,19 @@ def clone_all(params, grads, states):
 
 
 def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=0, hp=None,
-             lambda_=None, sigmas=None, meter=None, shapes=None, spread=False):
+             lambda_=None, sigmas=None, meter=None, shapes=None, spread=False, max_iters=100):
     """One step of the reference and of the CUDA kernels on CPU threads. sigmas:
     one warm-start tensor per parameter (or None), updated in place; meter: a
     dict that receives the step's counts per tensor role (`metered`); spread:
-    build_case's."""
+    build_case's; max_iters: PG's cap."""
     gen = torch.Generator().manual_seed(seed)
     hp = hp or HP[opt]
     if lambda_ is None:
         lambda_ = 0.0 if reg == "none" else LAMBDA[opt]
     params, grads, states, dims, view = build_case(opt, grouping, dtype, gen, shapes, spread)
     rp, rg, rs = clone_all(params, grads, states)
-    run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view)
-    fields = step_fields(opt, reg, solver, step, lambda_, hp)
+    run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view, max_iters)
+    fields = step_fields(opt, reg, solver, step, lambda_, hp, max_iters=max_iters)
     tensors = []
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
         sg = sigmas[i] if sigmas is not None else None
@@ -434,6 +434,19 @@ def test_tiles_match_reference(lib, opt, solver, grouping, dtype):
         assert torch.equal(a == 0, b == 0)
         zeros += int((b == 0).sum())
     assert 0 < zeros < sum(b.numel() for b in rp), "no zero group, or all: the case checks less"
+
+
+@pytest.mark.parametrize("max_iters", [1, 3])
+@pytest.mark.parametrize("opt", ["ramda", "proxadamw"])
+def test_pg_tiles_stop_at_the_cap(lib, opt, max_iters):
+    """PG capped at 1 and 3 iterations on column tiles (NOTE: [PG column
+    tiles]): every group stops where the reference's does, at its tolerance
+    or at the cap, whatever the other groups of its tile do."""
+    hp = dict(HP[opt], momentum=1.0) if "momentum" in HP[opt] else HP[opt]
+    fast, slow, _ = run_both(lib, opt, "group_lasso", "pg", "sizes-37-700", torch.float32, spread=True, hp=hp,
+                             lambda_=ZERO_LAMBDA[opt], max_iters=max_iters,
+                             order_seed=order_seed("cap", opt, str(max_iters)))
+    assert_close_to_ref(fast, slow, torch.float32, "exact")
 
 
 @pytest.mark.parametrize("opt,grouping", [("ramda", "linear-input"), ("ramda", "conv2d-channels-last"),
