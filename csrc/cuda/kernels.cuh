@@ -670,32 +670,40 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
       write_param<P>(t, a, base + element_offset(t, e), 0.0f);
     return;
   }
+  // NOTE: [One sweep per PG iteration]
+  // Group lasso's shrink of Z_(j+1) needs ||y|| over the group at Z_j; the
+  // sweep that writes Z_(j+1) also sums y at it (the same arithmetic as a
+  // sweep over the stored Z_(j+1), so the same bits), and the sweep that
+  // writes Z_0 = x sums it at Z_0: every iteration reads Z, z, d once and
+  // writes Z (16 B per element), not twice (28 B).
   const float theta = 1.0f / dmax, inv_theta = 1.0f / theta, pthr = theta * thr;
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    gstore(Zs + e, current_x<P>(t, a, base + element_offset(t, e)));
-  const int sum1[1] = {0};
+  float y2[1] = {0.0f};
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+    const float x = current_x<P>(t, a, base + element_offset(t, e));
+    gstore(Zs + e, x);
+    if (l1) continue;
+    const float y = pg_gradient_point(x, gload(zs + e), gload(ds + e), theta);
+    y2[0] += y * y;
+  }
+  const int sum1[1] = {0}, sum2[2] = {0, 0};
+  if (!l1) block_reduce<1>(y2, sum1);
   for (int it = 0; it < a.max_iters; ++it) {
-    float scale = 1.0f;
-    if (!l1) {
-      float y2[1] = {0.0f};
-      for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        const float y = pg_gradient_point(gload(Zs + e), gload(zs + e), gload(ds + e), theta);
-        y2[0] += y * y;
-      }
-      block_reduce<1>(y2, sum1);
-      scale = group_shrink(sqrtf(y2[0]), pthr);
-    }
-    float s2[1] = {0.0f};
+    const float scale = l1 ? 1.0f : group_shrink(sqrtf(y2[0]), pthr);
+    float r[2] = {0.0f, 0.0f};  // ||s||^2, ||y||^2 at the new iterate
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const float Z = gload(Zs + e), dd = gload(ds + e);
-      const float y = pg_gradient_point(Z, gload(zs + e), dd, theta);
+      const float Z = gload(Zs + e), z = gload(zs + e), dd = gload(ds + e);
+      const float y = pg_gradient_point(Z, z, dd, theta);
       const float zn = l1 ? soft_threshold(y, pthr) : y * scale;
       const float s = pg_residual(Z, zn, dd, inv_theta);
-      s2[0] += s * s;
+      r[0] += s * s;
       gstore(Zs + e, zn);
+      if (l1) continue;
+      const float yn = pg_gradient_point(zn, z, dd, theta);
+      r[1] += yn * yn;
     }
-    block_reduce<1>(s2, sum1);
-    if (!(sqrtf(s2[0]) > th.pg_tol)) break;
+    block_reduce<2>(r, sum2);
+    if (!(sqrtf(r[0]) > th.pg_tol)) break;
+    y2[0] = r[1];
   }
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
     write_param<P>(t, a, base + element_offset(t, e), gload(Zs + e));
@@ -961,26 +969,32 @@ __device__ void pg_column_tile(const TensorArgs& t, const StepArgs& a, Threshold
   const float znorm = sqrtf(acc[0]), thr = th.thr;
   const bool active = walk.live && !(znorm <= thr);  // screened groups are zero
   const float theta = 1.0f / acc[1], inv_theta = 1.0f / theta, pthr = theta * thr;
-  walk.each(!active, [&](int64_t e) { gstore(Zs + slot(e), current_x<P>(t, a, walk.offset(e))); });
+  // One sweep per iteration (NOTE: [One sweep per PG iteration]).
+  float y2[1] = {0.0f};
+  walk.each(!active, [&](int64_t e) {
+    const float x = current_x<P>(t, a, walk.offset(e));
+    gstore(Zs + slot(e), x);
+    const float y = pg_gradient_point(x, gload(zs + slot(e)), gload(ds + slot(e)), theta);
+    y2[0] += y * y;
+  });
+  tile_reduce<1>(y2, sum1);
+  const int sum2[2] = {0, 0};
   bool done = !active;
   for (int it = 0; it < a.max_iters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
-    float y2[1] = {0.0f};
-    walk.each(done, [&](int64_t e) {
-      const float y = pg_gradient_point(gload(Zs + slot(e)), gload(zs + slot(e)), gload(ds + slot(e)), theta);
-      y2[0] += y * y;
-    });
-    tile_reduce<1>(y2, sum1);
     const float scale = group_shrink(sqrtf(y2[0]), pthr);
-    float s2[1] = {0.0f};
+    float r[2] = {0.0f, 0.0f};  // ||s||^2, ||y||^2 at the new iterate
     walk.each(done, [&](int64_t e) {
-      const float Z = gload(Zs + slot(e)), dd = gload(ds + slot(e));
-      const float zn = pg_gradient_point(Z, gload(zs + slot(e)), dd, theta) * scale;
-      const float r = pg_residual(Z, zn, dd, inv_theta);
-      s2[0] += r * r;
+      const float Z = gload(Zs + slot(e)), z = gload(zs + slot(e)), dd = gload(ds + slot(e));
+      const float zn = pg_gradient_point(Z, z, dd, theta) * scale;
+      const float s = pg_residual(Z, zn, dd, inv_theta);
+      r[0] += s * s;
       gstore(Zs + slot(e), zn);
+      const float yn = pg_gradient_point(zn, z, dd, theta);
+      r[1] += yn * yn;
     });
-    tile_reduce<1>(s2, sum1);
-    if (!(sqrtf(s2[0]) > th.pg_tol)) done = true;
+    tile_reduce<2>(r, sum2);
+    if (!(sqrtf(r[0]) > th.pg_tol)) done = true;
+    y2[0] = r[1];
   }
   walk.each(false, [&](int64_t e) { write_param<P>(t, a, walk.offset(e), active ? gload(Zs + slot(e)) : 0.0f); });
 }
