@@ -624,6 +624,10 @@ __device__ void exact_rows_block(const TensorArgs& t, const StepArgs& a, float t
 }
 
 template <typename P>
+__device__ RAMDA_NOINLINE void scratch_rows_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
+                                                  int64_t base, float* scratch);
+
+template <typename P>
 __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
                             float* scratch) {
   const GroupLayout& L = t.layout;
@@ -632,12 +636,24 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   const bool pg = dual && a.solver == Solver::kPg;
   const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan]): exact_rows_block
-  const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
   // The previous sigma (NOTE: [Warm start]): one lane per warp reads it.
   float s0 = 0.0f;
   if (exact && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
   if (exact && n <= kCached * static_cast<int64_t>(blockDim.x)) return cached_rows_block<P>(t, a, th.thr, g, base, s0);
   if (exact) return exact_rows_block<P>(t, a, th.thr, g, base, s0);
+  scratch_rows_block<P>(t, a, th, g, base, scratch);
+}
+
+// PG and the RMDA / ProxSGD shrink of one rows group, through the scratch;
+// out of line (as decode_offset64), so that its registers do not weigh on
+// the other paths of the kernel.
+template <typename P>
+__device__ RAMDA_NOINLINE void scratch_rows_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
+                                                  int64_t base, float* scratch) {
+  const int64_t n = t.layout.group_size;
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  const bool pg = dual && a.solver == Solver::kPg;
+  const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
   // Slots as plan.h allots them: y only (RMDA/ProxSGD), z, d and Z (PG).
   float* zs = scratch + t.scratch + g * n;  // z (PG) or y (RMDA/ProxSGD)
   float* ds = zs + (pg ? t.numel : 0);      // d
@@ -946,10 +962,11 @@ __device__ void tile_block(const TensorArgs& t, const StepArgs& a, float thr, in
 // keeps the reference's own stopping rule (||s_g|| <= its tolerance, at most
 // max_iters iterations, screened groups zero without one): a done lane
 // issues no access, and the tile iterates while any group is not done, a
-// condition uniform over the block (every warp holds the same sums).
+// condition uniform over the block (every warp holds the same sums). Out
+// of line, as scratch_rows_block.
 template <typename P>
-__device__ void pg_column_tile(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g0, int64_t g1,
-                               const ColumnWalk& walk, float* scratch) {
+__device__ RAMDA_NOINLINE void pg_column_tile(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g0,
+                                              int64_t g1, const ColumnWalk& walk, float* scratch) {
   const int64_t width = g1 - g0, lane = threadIdx.x & 31;
   float* zs = scratch + t.scratch + g0 * t.layout.group_size;  // z, then [element][lane]
   float* ds = zs + t.numel;                                    // d
