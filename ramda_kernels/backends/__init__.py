@@ -20,7 +20,7 @@ of sectors; Triton not metered there at that step); its RMDA/ProxSGD group
 shrink and its group-lasso PG run on column tiles on column layouts (and
 the shrink on NCHW run tiles: NOTE: [CUDA tiling]; issue 13 in
 bench/RESULTS.md: the shrink 100% sector efficiency at the same bytes, PG
-36-41% fewer bytes at 72-84%), PG on NCHW channel-wise Conv still one block
+36-42% fewer bytes at 72-84%), PG on NCHW channel-wise Conv still one block
 per group; no GPU has timed either; and only Triton captures
 (CAPTURABLE_BACKENDS).
 
