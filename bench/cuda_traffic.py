@@ -4,6 +4,8 @@
     python bench/cuda_traffic.py                                  # every set, grouping and regularizer
     python bench/cuda_traffic.py --sets resnet50 --regularizers group_lasso:exact
     python bench/cuda_traffic.py --optimizers proxadamw --regularizers group_lasso:exact
+    python bench/cuda_traffic.py --optimizers rmda,proxsgd --regularizers group_lasso   # the closed-form shrink
+    python bench/cuda_traffic.py --optimizers ramda --regularizers group_lasso:pg
 
 The unchanged kernels of csrc/cuda run on CPU threads under the stand-in for
 the CUDA runtime (csrc/tests/cuda_host, driven as tests/test_cuda_on_cpu.py
@@ -75,15 +77,22 @@ def _sigmas(group) -> List[torch.Tensor]:
 
 #: Per optimizer: the state tensors the kernels take, in order; the first is
 #: re-read by every pass of the exact solve (the "state re-reads" column).
-STATES = {"ramda": ("initial_point", "grad_sum", "grad_sum_sq"), "proxadamw": ("exp_avg", "exp_avg_sq")}
+STATES = {"ramda": ("initial_point", "grad_sum", "grad_sum_sq"), "proxadamw": ("exp_avg", "exp_avg_sq"),
+          "rmda": ("initial_point", "grad_sum"), "proxsgd": ("momentum_buffer",)}
+#: The optimizer whose shrunk model (bench/traffic.py: lr, lambda) RMDA and
+#: ProxSGD borrow (RAMDA's averaging, ProxAdamW's plain step).
+MODEL_OF = {"ramda": "ramda", "rmda": "ramda", "proxadamw": "proxadamw", "proxsgd": "proxadamw"}
 
 
 def _hparams(name: str, group, state) -> Dict[str, float]:
     """The functional hyperparameters of one step (RAMDA: alpha advanced to it)."""
-    if name == "ramda":
+    if name in ("ramda", "rmda"):
         t = float(state["step"]) + 1
         alpha = float(state["alpha"]) + group["lr"] * math.sqrt(t)
-        return dict(lr=group["lr"], momentum=group["momentum"], epsilon=group["epsilon"], alpha=alpha)
+        hp = dict(lr=group["lr"], momentum=group["momentum"], alpha=alpha)
+        return dict(hp, epsilon=group["epsilon"]) if name == "ramda" else hp
+    if name == "proxsgd":
+        return dict(lr=group["lr"], momentum=group["momentum"])
     b1, b2 = group["betas"]
     return dict(lr=group["lr"], beta1=b1, beta2=b2, epsilon=group["epsilon"], weight_decay=group["weight_decay"])
 
@@ -127,7 +136,7 @@ def cuda_step(lib, opt, sigmas: Dict[int, torch.Tensor], counts=None, name: str 
                     acc[k] += c[k]
         for p in params:
             opt.state[p]["step"] += 1
-            if name == "ramda":
+            if name in ("ramda", "rmda"):
                 opt.state[p]["alpha"] = torch.as_tensor(hp["alpha"], dtype=torch.float64)
 
 
@@ -135,14 +144,18 @@ def measure(lib, set_name: str, regularizer: str, solver: str, grouping, warmup:
             target: int, name: str = "ramda", warmup_backend: str = "reference") -> Dict[str, Any]:
     import ramda_kernels
 
-    model = traffic.Model(set_name, name, regularizer, solver, grouping, torch.float32, target)
-    cls = ramda_kernels.RAMDA if name == "ramda" else ramda_kernels.ProxAdamW
-    opt = cls(model.groups, backend=warmup_backend)
+    from ramda_ref.definitions import DEFINITIONS
+
+    model = traffic.Model(set_name, MODEL_OF[name], regularizer, solver, grouping, torch.float32, target)
+    if not DEFINITIONS[name].solves:  # RMDA, ProxSGD: the closed-form shrink, no solver keys
+        for group in model.groups:
+            group.pop("solver", None)
+    opt = getattr(ramda_kernels, DEFINITIONS[name].title)(model.groups, backend=warmup_backend)
     for _ in range(max(0, warmup - 1)):
         model.new_grads()
         opt.step()
     sigmas = {}
-    if regularizer == "group_lasso" and solver == "exact":
+    if regularizer == "group_lasso" and solver == "exact" and DEFINITIONS[name].solves:
         for group in opt.param_groups:
             if group["regularizer"] == "group_lasso":
                 sigmas.update({p.data_ptr(): s for p, s in zip(group["params"], _sigmas(group))})
@@ -153,7 +166,8 @@ def measure(lib, set_name: str, regularizer: str, solver: str, grouping, warmup:
     counts: Dict[str, List[int]] = {}
     before = {k: s.clone() for k, s in sigmas.items()}
     cuda_step(lib, opt, sigmas, counts, name=name)
-    return dict(summarize(counts, model, STATES[name][0]), **sigma_moves(before, sigmas))
+    grouped = {p.data_ptr() for g in opt.param_groups if g["regularizer"] == "group_lasso" for p in g["params"]}
+    return dict(summarize(counts, model, STATES[name][0], grouped), **sigma_moves(before, sigmas))
 
 
 def sigma_moves(before: Dict[int, torch.Tensor], after: Dict[int, torch.Tensor]) -> Dict[str, Any]:
@@ -171,8 +185,10 @@ def sigma_moves(before: Dict[int, torch.Tensor], after: Dict[int, torch.Tensor])
     return dict(sigma_move=move, zero_groups=float(kept.float().mean()))
 
 
-def summarize(counts: Dict[str, List[int]], model, reread: str = "initial_point") -> Dict[str, Any]:
-    """Figures of the slices weighted by the real element counts."""
+def summarize(counts: Dict[str, List[int]], model, reread: str = "initial_point", grouped=None) -> Dict[str, Any]:
+    """Figures of the slices weighted by the real element counts; `grouped`:
+    the data_ptrs of the group-lasso tensors (default: those with a sigma),
+    whose elements the scratch scales with."""
     roles: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # read, written, size
     issued = sectors = 0.0
     grouped_slice = grouped_real = 0.0
@@ -188,7 +204,8 @@ def summarize(counts: Dict[str, List[int]], model, reread: str = "initial_point"
         rb[0] += r * scale
         rb[1] += w * scale
         rb[2] += size * scale
-    grouped = {int(n.split(":")[1]) for n in counts if n.startswith("sigma:")}
+    with_sigma = {int(n.split(":")[1]) for n in counts if n.startswith("sigma:")}
+    grouped = with_sigma if grouped is None else grouped
     w0_passes = 0.0  # reads of `reread` (W0, m) of the grouped tensors, in passes weighted by the real elements
     for p in model.params:
         if p.data_ptr() in grouped:
@@ -197,7 +214,7 @@ def summarize(counts: Dict[str, List[int]], model, reread: str = "initial_point"
             w0_passes += counts[f"{reread}:{p.data_ptr()}"][0] / (4 * p.numel()) * model.weight[p.data_ptr()]
     elements = sum(model.weight.values())
     r, w, sr, sw, _ = counts.get("scratch", [0] * 5)
-    sweeps = w0_passes / grouped_real - 1 if grouped_real else None
+    sweeps = w0_passes / grouped_real - 1 if grouped_real and with_sigma else None
     if r + w:
         # the scratch scales with the grouped tensors' elements
         shrink = grouped_real / grouped_slice if grouped_slice else 1.0
@@ -217,11 +234,12 @@ def summarize(counts: Dict[str, List[int]], model, reread: str = "initial_point"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", default=",".join(SETS))
-    p.add_argument("--regularizers", default=",".join(REGS), help="comma list of none, l1, group_lasso:exact")
+    p.add_argument("--regularizers", default=",".join(REGS), help="comma list of none, l1, group_lasso:exact, group_lasso:pg "
+                   "(RMDA, ProxSGD: group_lasso, their closed-form shrink)")
     p.add_argument("--groupings", help="comma list (default: every grouping of the set)")
     p.add_argument("--warmup", type=int, default=4, help="steps before the measured (steady-state) step")
     p.add_argument("--elements", type=int, default=4096, help="elements per grouped slice (about)")
-    p.add_argument("--optimizers", default="ramda", help="comma list of ramda, proxadamw")
+    p.add_argument("--optimizers", default="ramda", help="comma list of ramda, proxadamw, rmda, proxsgd")
     p.add_argument("--warmup-backend", default="reference", choices=("reference", "cpu"),
                    help="backend of the warm-up steps before the CUDA ones (cpu: the C++ extension, "
                         "~10x faster than the reference here, for --warmup in the hundreds)")
@@ -239,7 +257,10 @@ def main(argv=None) -> int:
             a.groupings.split(",") if a.groupings else None):
         t0 = time.time()
         r = measure(lib, set_name, regularizer, solver, grouping, a.warmup, a.elements, name, a.warmup_backend)
-        reg = regularizer if regularizer != "group_lasso" else f"gl-{solver}"
+        from ramda_ref.definitions import DEFINITIONS
+
+        reg = regularizer if regularizer != "group_lasso" else (
+            f"gl-{solver}" if DEFINITIONS[name].solves else "gl-shrink")
         sweeps = f"{r['sweeps']:.2f}" if r["sweeps"] is not None else "-"
         move = f"{r['sigma_move']:.1%}" if r["sigma_move"] is not None else "-"
         zero = f"{r['zero_groups']:.0%}" if r["zero_groups"] is not None else "-"

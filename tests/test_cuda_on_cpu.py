@@ -17,11 +17,14 @@ and state with python/ramda_ref:
 * every optimizer and solver (exact, PG, closed form) on channels_last,
   16-bit parameters on grouped paths, none / l1 / whole-tensor PG in fp32,
   bf16 and fp16;
+* the RMDA / ProxSGD shrink and PG on column tiles (input-wise Linear,
+  channels_last Conv) and the shrink on run tiles (NCHW channel-wise), in
+  fp32, bf16 and fp16, with some groups zero;
 * the zero groups exactly zero, the same bits for two block orders, and the
   stand-in's 16-bit conversions against torch's;
 * the meter (NOTE: [Counted global memory]): bytes and sectors of an
-  elementwise step, of row groups and of column tiles, derived from the
-  addresses;
+  elementwise step, of row groups and of column and run tiles (exact,
+  shrink, PG), derived from the addresses;
 * the warm start of the exact solve (docs/math.md section 4, item 5): the
   written sigma is T/||w_g||, zero groups keep theirs, bad starts still
   solve, a start at the root saves Newton sweeps, and a tensor whose groups
@@ -101,6 +104,8 @@ HP = {
     "proxsgd": dict(lr=0.1, momentum=0.5),
 }
 LAMBDA = {"ramda": 0.4, "rmda": 0.5, "proxadamw": 1.5, "proxsgd": 1.0}
+#: lambda_ of the zero-group checks (momentum 1): some groups zero, not all.
+ZERO_LAMBDA = {"ramda": 1.2, "rmda": 2.0, "proxsgd": 2.0, "proxadamw": 20.0}
 
 
 #: StepArgs slots (module.cpp's field order) of the named per-step scalars of
@@ -188,8 +193,10 @@ def like(p, fill):
     return s
 
 
-def build_case(opt, grouping, dtype, gen, shapes=None):
-    """The grouping's tensors (or `shapes` with its dims, view and format)."""
+def build_case(opt, grouping, dtype, gen, shapes=None, spread=False):
+    """The grouping's tensors (or `shapes` with its dims, view and format);
+    spread: dim 1 scaled too (the groups of the input-wise and channel-wise
+    layouts), so that their norms differ and a threshold zeroes some."""
     default, dims, view, fmt = {**GROUPINGS, **EXTRA}[grouping]
     shapes = shapes or default
     params, grads, states = [], [], []
@@ -198,6 +205,9 @@ def build_case(opt, grouping, dtype, gen, shapes=None):
         p = make_tensor(shape, fmt, gen, dtype, 0.5)
         rows = torch.rand(p.shape[:1] + (1,) * (p.dim() - 1), generator=gen, dtype=torch.float64)
         p.copy_((p.double() * (0.3 + rows)).to(dtype))
+        if spread and p.dim() >= 2:
+            cols = torch.rand((1, p.shape[1]) + (1,) * (p.dim() - 2), generator=gen, dtype=torch.float64)
+            p.copy_((p.double() * 2 * cols).to(dtype))
         g = like(p, torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(dtype)
         rnd = lambda: torch.randn(p.shape, generator=gen, dtype=torch.float64)  # noqa: E731
         # W0 in the parameter's dtype (ramda_ref.definitions: Definition.state_dtype)
@@ -216,10 +226,10 @@ def build_case(opt, grouping, dtype, gen, shapes=None):
     return params, grads, states, dims, view
 
 
-def run_ref(opt, reg, solver, step, lambda_, hp, params, grads, states, dims, view):
+def run_ref(opt, reg, solver, step, lambda_, hp, params, grads, states, dims, view, max_iters=100):
     common = dict(step=step, lambda_=lambda_, regularizer=reg, dims=list(dims) if dims else None,
                   view=list(view) if view else None, reweight=True)
-    pg = dict(solver=solver, max_iters=100, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
+    pg = dict(solver=solver, max_iters=max_iters, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
     s = [[x[i] for x in states] for i in range(3)]
     if opt == "ramda":
         ref.ramda(params, grads, s[0], s[1], s[2], alpha=hp["alpha"], lr=hp["lr"],
@@ -241,18 +251,19 @@ def clone_all(params, grads, states):
 
 
 def run_both(lib, opt, reg, solver, grouping, dtype, step=3, seed=0, order_seed=0, hp=None,
-             lambda_=None, sigmas=None, meter=None, shapes=None):
+             lambda_=None, sigmas=None, meter=None, shapes=None, spread=False, max_iters=100):
     """One step of the reference and of the CUDA kernels on CPU threads. sigmas:
     one warm-start tensor per parameter (or None), updated in place; meter: a
-    dict that receives the step's counts per tensor role (`metered`)."""
+    dict that receives the step's counts per tensor role (`metered`); spread:
+    build_case's; max_iters: PG's cap."""
     gen = torch.Generator().manual_seed(seed)
     hp = hp or HP[opt]
     if lambda_ is None:
         lambda_ = 0.0 if reg == "none" else LAMBDA[opt]
-    params, grads, states, dims, view = build_case(opt, grouping, dtype, gen, shapes)
+    params, grads, states, dims, view = build_case(opt, grouping, dtype, gen, shapes, spread)
     rp, rg, rs = clone_all(params, grads, states)
-    run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view)
-    fields = step_fields(opt, reg, solver, step, lambda_, hp)
+    run_ref(opt, reg, solver, step, lambda_, hp, rp, rg, rs, dims, view, max_iters)
+    fields = step_fields(opt, reg, solver, step, lambda_, hp, max_iters=max_iters)
     tensors = []
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
         sg = sigmas[i] if sigmas is not None else None
@@ -400,13 +411,56 @@ def test_elementwise_and_l1_match_reference(lib, opt, reg, solver, dtype):
     assert_close_to_ref(fast, slow, DTYPES[dtype], solver)
 
 
-@pytest.mark.parametrize("grouping", ["linear-input", "conv2d-channels-last"])
-def test_zero_groups_exact(lib, grouping):
-    """Momentum 1: the parameter is the subproblem's solution, so the groups the
-    reference zeroes must be exactly zero here, and no others."""
-    hp = dict(HP["ramda"], momentum=1.0)
-    (fp, _), (rp, _), _ = run_both(lib, "ramda", "group_lasso", "exact", grouping, torch.float32,
-                                   hp=hp, lambda_=1.2)
+# The RMDA / ProxSGD shrink and PG on column tiles (NOTE: [Shrink tiles],
+# NOTE: [PG column tiles] in csrc/cuda/kernels.cuh): input-wise Linear
+# (groups of 13, 1, 1031 > 8 warps' rows and 9 elements, an empty tensor), 37
+# and 700, channels_last 3x3, 1x1 and 5x5 Conv, in every parameter dtype.
+TILE_LAYOUTS = ["linear-input", "sizes-37-700", "conv2d-channels-last"]
+TILE_SOLVERS = [("rmda", "exact"), ("proxsgd", "exact"), ("ramda", "pg"), ("proxadamw", "pg")]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("grouping", TILE_LAYOUTS)
+@pytest.mark.parametrize("opt,solver", TILE_SOLVERS)
+def test_tiles_match_reference(lib, opt, solver, grouping, dtype):
+    """Groups of spread norms, some of them zero (momentum 1 for RAMDA, RMDA:
+    the parameter is w), against the reference; the zero groups exactly zero."""
+    hp = dict(HP[opt], momentum=1.0) if "momentum" in HP[opt] else HP[opt]
+    (fp, fs), (rp, rs), _ = run_both(lib, opt, "group_lasso", solver, grouping, DTYPES[dtype], spread=True, hp=hp,
+                                     lambda_=ZERO_LAMBDA[opt], order_seed=order_seed("tiles", opt, grouping, dtype))
+    assert_close_to_ref((fp, fs), (rp, rs), DTYPES[dtype], solver)
+    zeros = 0
+    for a, b in zip(fp, rp):
+        assert torch.equal(a == 0, b == 0)
+        zeros += int((b == 0).sum())
+    assert 0 < zeros < sum(b.numel() for b in rp), "no zero group, or all: the case checks less"
+
+
+@pytest.mark.parametrize("max_iters", [1, 3])
+@pytest.mark.parametrize("opt", ["ramda", "proxadamw"])
+def test_pg_tiles_stop_at_the_cap(lib, opt, max_iters):
+    """PG capped at 1 and 3 iterations on column tiles (NOTE: [PG column
+    tiles]): every group stops where the reference's does, at its tolerance
+    or at the cap, whatever the other groups of its tile do."""
+    hp = dict(HP[opt], momentum=1.0) if "momentum" in HP[opt] else HP[opt]
+    fast, slow, _ = run_both(lib, opt, "group_lasso", "pg", "sizes-37-700", torch.float32, spread=True, hp=hp,
+                             lambda_=ZERO_LAMBDA[opt], max_iters=max_iters,
+                             order_seed=order_seed("cap", opt, str(max_iters)))
+    assert_close_to_ref(fast, slow, torch.float32, "exact")
+
+
+@pytest.mark.parametrize("opt,grouping", [("ramda", "linear-input"), ("ramda", "conv2d-channels-last"),
+                                          ("rmda", "linear-input"), ("rmda", "conv2d-channels-last"),
+                                          ("rmda", "conv2d-channel"), ("proxsgd", "linear-input"),
+                                          ("proxsgd", "conv2d-channels-last"), ("proxsgd", "conv2d-channel")])
+def test_zero_groups_exact(lib, opt, grouping):
+    """Momentum 1: the parameter is the subproblem's solution (RMDA, ProxSGD:
+    the shrink's), so the groups the reference zeroes must be exactly zero
+    here, and no others."""
+    hp = dict(HP[opt], momentum=1.0)
+    (fp, _), (rp, _), _ = run_both(lib, opt, "group_lasso", "exact", grouping, torch.float32,
+                                   hp=hp, lambda_=ZERO_LAMBDA[opt], order_seed=order_seed("zero", opt, grouping),
+                                   spread=opt != "ramda")
     zeros = total = 0
     for a, b in zip(fp, rp):
         assert torch.equal(a == 0, b == 0)
@@ -514,28 +568,44 @@ def test_meter_counts_strided_sectors(lib, grouping):
     assert sec_r == expect
 
 
-def assert_whole_sectors(counts):
-    """The gradient read once and the parameter and state written once, in
-    whole sectors; no scratch traffic."""
+#: The state each optimizer writes (run_both's roles: s0, s1, s2 in the kernels' order).
+WRITTEN_STATE = {"ramda": ("s1", "s2"), "rmda": ("s1",), "proxadamw": ("s0", "s1"), "proxsgd": ("s0",)}
+
+
+def assert_whole_sectors(counts, state=WRITTEN_STATE["ramda"], scratch=False):
+    """The gradient read once and the parameter and `state` written once, in
+    whole sectors; no scratch traffic (scratch: some)."""
     read, _, sec_r, _, size = counts["grad"]
     assert (read, 32 * sec_r) == (size, size)
-    for role in ("param", "s1", "s2"):
+    for role in ("param", *state):
         _, written, _, sec_w, size = counts[role]
         assert (written, 32 * sec_w) == (size, size), role
-    assert counts["scratch"][:4] == [0] * 4
+    assert (counts["scratch"][:4] != [0] * 4) == scratch
 
 
-def test_meter_column_tiles_coalesce(lib):
+@pytest.mark.parametrize("opt,solver", [("ramda", "exact"), ("rmda", "exact"), ("proxsgd", "exact"),
+                                        ("ramda", "pg"), ("proxadamw", "pg")])
+def test_meter_column_tiles_coalesce(lib, opt, solver):
     """Columns of 64- and 96-wide weights: pass 1's and the last pass's
     accesses cover 32 adjacent columns, 4 whole sectors: the gradient's reads
-    and every write (state, parameter), each element written once. A Newton
-    pass re-reads the state only for the lanes whose group is not done, so
-    those reads may use part of a sector. Nothing goes to scratch (NOTE:
-    [two-pass plan] in csrc/cuda/kernels.cuh)."""
+    and every write (state, parameter), each element written once, where one
+    group per block (the RMDA / ProxSGD shrink and PG before NOTE: [Shrink
+    tiles], NOTE: [PG column tiles] in csrc/cuda/kernels.cuh) used one 4-byte
+    lane per sector of every strided column. A Newton pass re-reads the state
+    only for the lanes whose group is not done, so those reads may use part
+    of a sector. Nothing goes to scratch (NOTE: [two-pass plan]) but PG's z,
+    d and iterate, laid out [element][lane]: pass 1 writes them in whole
+    sectors, and the iterations' accesses miss only the lanes of done groups
+    (here 71-86% of each sector used; one group per block: ~100%, its
+    scratch is contiguous per group)."""
     counts = {}
-    run_both(lib, "ramda", "group_lasso", "exact", "sizes-37-700", torch.float32, meter=counts,
+    run_both(lib, opt, "group_lasso", solver, "sizes-37-700", torch.float32, meter=counts,
              shapes=[(37, 64), (300, 96)])
-    assert_whole_sectors(counts)
+    assert_whole_sectors(counts, WRITTEN_STATE[opt], scratch=solver == "pg")
+    if solver == "pg":
+        read, written, sec_r, sec_w, _ = counts["scratch"]
+        print(f"scratch sector efficiency: read {read / (32 * sec_r):.1%}, written {written / (32 * sec_w):.1%}")
+        assert read >= 0.6 * 32 * sec_r and written >= 0.6 * 32 * sec_w
 
 
 # NOTE: [Run tiles] in csrc/cuda/kernels.cuh: NCHW channel-wise Conv weights
@@ -544,14 +614,22 @@ def test_meter_column_tiles_coalesce(lib):
 RUN_SHAPES = [(16, 70, 3, 3), (6, 40, 2, 3), (5, 13, 7, 7)]
 
 
-@pytest.mark.parametrize("opt", ["ramda", "proxadamw"])
-def test_run_tiles_match_reference(lib, opt):
-    fast, slow, _ = run_both(lib, opt, "group_lasso", "exact", "conv2d-channel", torch.float32,
-                             order_seed=order_seed("runs", opt), shapes=RUN_SHAPES)
-    assert_close_to_ref(fast, slow, torch.float32, "exact")
+# The RMDA / ProxSGD shrink runs on the same tiles (NOTE: [Shrink tiles]),
+# also with groups longer than a row buffer (40 x 9 = 360 > 288 positions).
+RUN_TILE_CASES = [("ramda", "fp32"), ("proxadamw", "fp32"), ("rmda", "fp32"), ("rmda", "bf16"),
+                  ("proxsgd", "fp32"), ("proxsgd", "fp16")]
 
 
-def test_meter_run_tiles_coalesce(lib):
+@pytest.mark.parametrize("opt,dtype", RUN_TILE_CASES)
+def test_run_tiles_match_reference(lib, opt, dtype):
+    shapes = RUN_SHAPES if opt in ("ramda", "proxadamw") else RUN_SHAPES + [(40, 20, 3, 3)]
+    fast, slow, _ = run_both(lib, opt, "group_lasso", "exact", "conv2d-channel", DTYPES[dtype],
+                             order_seed=order_seed("runs", opt, dtype), shapes=shapes)
+    assert_close_to_ref(fast, slow, DTYPES[dtype], "exact")
+
+
+@pytest.mark.parametrize("opt", ["ramda", "rmda", "proxsgd"])
+def test_meter_run_tiles_coalesce(lib, opt):
     """NCHW channel-wise 3x3 Conv, 64 input channels: a run tile of 32 groups
     reads, per output channel, 288 consecutive floats in 9 warp accesses of 4
     whole sectors (the tiles and rows start at multiples of 128 bytes): the
@@ -559,9 +637,9 @@ def test_meter_run_tiles_coalesce(lib):
     each element written once, against 2-3 sectors per 36-byte run with one
     group per block. Nothing goes to scratch."""
     counts = {}
-    run_both(lib, "ramda", "group_lasso", "exact", "conv2d-channel", torch.float32, meter=counts,
+    run_both(lib, opt, "group_lasso", "exact", "conv2d-channel", torch.float32, meter=counts,
              shapes=[(16, 64, 3, 3)])
-    assert_whole_sectors(counts)
+    assert_whole_sectors(counts, WRITTEN_STATE[opt])
 
 
 # --- warm start (docs/math.md section 4, item 5)

@@ -7,26 +7,29 @@
 // item b of the cached table (cuda_step.h: BlockItem):
 // * elementwise paths (none, l1 exact, tau == 0): a chunk of kElemChunk
 //   consecutive storage elements, coalesced;
-// * grouped paths (group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
-//   group shrink): one block per group. The exact solve keeps nothing in
-//   scratch: rows of up to kCached * kThreads elements hold z, d in
-//   registers (NOTE: [Register rows]), longer ones follow NOTE: [two-pass
-//   plan]. PG and the shrink have pass 1 write z and d (or y) for the group
-//   to an fp32 scratch laid out group by group (allocated once per plan,
-//   only the slots the path uses: plan.h), which PG's iterations re-read.
-//   The solver reduces over the block (warp shuffles, then shared memory);
-//   the last pass writes the parameter. Element offsets are decoded from
-//   the canonical layout (NOTE: [Group layout], NOTE: [32-bit offsets]), so
-//   any dims and strides are read in place. For "rows" layouts (inner block
-//   reduced) neighbouring threads read neighbouring addresses;
-// * the exact solve on "columns" layouts (inner block kept: input-wise
-//   Linear, channels-last channel-wise Conv): a column tile of 32 adjacent
-//   groups per block, lane = group (NOTE: [Column tiles]), so a warp's
-//   accesses are neighbouring addresses there too; on rows layouts of short
-//   runs (NCHW channel-wise Conv: runs of kh kw elements) a run tile of
-//   adjacent groups, read row by row at consecutive addresses (NOTE: [Run
-//   tiles]). PG and the RMDA/ProxSGD shrink on these layouts still take one
-//   group per block (uncoalesced).
+// * grouped paths on "rows" layouts (inner block reduced: output-wise
+//   Linear, heads; group lasso exact / PG, whole-tensor l1 PG, RMDA/ProxSGD
+//   group shrink): one block per group, neighbouring threads on
+//   neighbouring addresses. The exact solve keeps nothing in scratch: rows
+//   of up to kCached * kThreads elements hold z, d in registers (NOTE:
+//   [Register rows]), longer ones follow NOTE: [two-pass plan]. PG and the
+//   shrink have pass 1 write z and d (or y) for the group to an fp32
+//   scratch laid out group by group (allocated once per plan, only the slots
+//   the path uses: plan.h), which PG's iterations re-read. The solver
+//   reduces over the block (warp shuffles, then shared memory); the last
+//   pass writes the parameter. Element offsets are decoded from the
+//   canonical layout (NOTE: [Group layout], NOTE: [32-bit offsets]), so any
+//   dims and strides are read in place;
+// * group lasso on "columns" layouts (inner block kept: input-wise Linear,
+//   channels-last channel-wise Conv): a column tile of 32 adjacent groups
+//   per block, lane = group (NOTE: [Column tiles]), so a warp's accesses are
+//   neighbouring addresses there too: the exact solve, the RMDA/ProxSGD
+//   shrink (NOTE: [Shrink tiles], no scratch) and PG (NOTE: [PG column
+//   tiles], its scratch laid out [element][lane] per tile). On rows layouts
+//   of short runs (NCHW channel-wise Conv: runs of kh kw elements) the exact
+//   solve and the shrink take a run tile of adjacent groups, read row by row
+//   at consecutive addresses (NOTE: [Run tiles]); PG there still takes one
+//   group per block (2-3 sectors per run).
 // The exact solve is warm-started from the previous sigma (NOTE: [Warm start]).
 //
 // NOTE: [two-pass plan]
@@ -196,6 +199,16 @@ __device__ __forceinline__ void element_dz(const TensorArgs& t, const StepArgs& 
     const float x = load<P>(t.param, o) * a.decay;
     proxadamw_dz_of_state(x, gload(t.s0 + o), gload((a.amsgrad ? t.s2 : t.s1) + o), a.adam, d, z);
   }
+}
+
+// y of element o for RMDA / ProxSGD, recomputed from the state pass 1 wrote
+// this step (NOTE: [Shrink tiles]): rmda_y's and proxsgd_y's last line on
+// the new V / buf, the same arithmetic, so the same bits; the parameter is
+// not written before the last pass.
+template <typename P>
+__device__ __forceinline__ float element_y(const TensorArgs& t, const StepArgs& a, int64_t o) {
+  if (a.optim == Optim::kRmda) return load_w0<P>(t, o) - gload(t.s1 + o) / a.beta;
+  return load<P>(t.param, o) - a.lr * gload(t.s0 + o);
 }
 
 // The point the parameter moves from: x (RAMDA/RMDA averaging, PG warm start).
@@ -611,6 +624,10 @@ __device__ void exact_rows_block(const TensorArgs& t, const StepArgs& a, float t
 }
 
 template <typename P>
+__device__ RAMDA_NOINLINE void scratch_rows_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
+                                                  int64_t base, float* scratch);
+
+template <typename P>
 __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
                             float* scratch) {
   const GroupLayout& L = t.layout;
@@ -619,12 +636,24 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
   const bool pg = dual && a.solver == Solver::kPg;
   const bool exact = dual && !pg;  // no scratch (NOTE: [two-pass plan]): exact_rows_block
-  const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
   // The previous sigma (NOTE: [Warm start]): one lane per warp reads it.
   float s0 = 0.0f;
   if (exact && t.sigma != nullptr) s0 = warp_sum((threadIdx.x & 31) == 0 ? gload(t.sigma + g) : 0.0f);
   if (exact && n <= kCached * static_cast<int64_t>(blockDim.x)) return cached_rows_block<P>(t, a, th.thr, g, base, s0);
   if (exact) return exact_rows_block<P>(t, a, th.thr, g, base, s0);
+  scratch_rows_block<P>(t, a, th, g, base, scratch);
+}
+
+// PG and the RMDA / ProxSGD shrink of one rows group, through the scratch;
+// out of line (as decode_offset64), so that its registers do not weigh on
+// the other paths of the kernel.
+template <typename P>
+__device__ RAMDA_NOINLINE void scratch_rows_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g,
+                                                  int64_t base, float* scratch) {
+  const int64_t n = t.layout.group_size;
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  const bool pg = dual && a.solver == Solver::kPg;
+  const bool l1 = a.reg == Reg::kL1;  // whole-tensor PG
   // Slots as plan.h allots them: y only (RMDA/ProxSGD), z, d and Z (PG).
   float* zs = scratch + t.scratch + g * n;  // z (PG) or y (RMDA/ProxSGD)
   float* ds = zs + (pg ? t.numel : 0);      // d
@@ -657,32 +686,40 @@ __device__ void group_block(const TensorArgs& t, const StepArgs& a, Thresholds t
       write_param<P>(t, a, base + element_offset(t, e), 0.0f);
     return;
   }
+  // NOTE: [One sweep per PG iteration]
+  // Group lasso's shrink of Z_(j+1) needs ||y|| over the group at Z_j; the
+  // sweep that writes Z_(j+1) also sums y at it (the same arithmetic as a
+  // sweep over the stored Z_(j+1), so the same bits), and the sweep that
+  // writes Z_0 = x sums it at Z_0: every iteration reads Z, z, d once and
+  // writes Z (16 B per element), not twice (28 B).
   const float theta = 1.0f / dmax, inv_theta = 1.0f / theta, pthr = theta * thr;
-  for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
-    gstore(Zs + e, current_x<P>(t, a, base + element_offset(t, e)));
-  const int sum1[1] = {0};
+  float y2[1] = {0.0f};
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+    const float x = current_x<P>(t, a, base + element_offset(t, e));
+    gstore(Zs + e, x);
+    if (l1) continue;
+    const float y = pg_gradient_point(x, gload(zs + e), gload(ds + e), theta);
+    y2[0] += y * y;
+  }
+  const int sum1[1] = {0}, sum2[2] = {0, 0};
+  if (!l1) block_reduce<1>(y2, sum1);
   for (int it = 0; it < a.max_iters; ++it) {
-    float scale = 1.0f;
-    if (!l1) {
-      float y2[1] = {0.0f};
-      for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-        const float y = pg_gradient_point(gload(Zs + e), gload(zs + e), gload(ds + e), theta);
-        y2[0] += y * y;
-      }
-      block_reduce<1>(y2, sum1);
-      scale = group_shrink(sqrtf(y2[0]), pthr);
-    }
-    float s2[1] = {0.0f};
+    const float scale = l1 ? 1.0f : group_shrink(sqrtf(y2[0]), pthr);
+    float r[2] = {0.0f, 0.0f};  // ||s||^2, ||y||^2 at the new iterate
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const float Z = gload(Zs + e), dd = gload(ds + e);
-      const float y = pg_gradient_point(Z, gload(zs + e), dd, theta);
+      const float Z = gload(Zs + e), z = gload(zs + e), dd = gload(ds + e);
+      const float y = pg_gradient_point(Z, z, dd, theta);
       const float zn = l1 ? soft_threshold(y, pthr) : y * scale;
       const float s = pg_residual(Z, zn, dd, inv_theta);
-      s2[0] += s * s;
+      r[0] += s * s;
       gstore(Zs + e, zn);
+      if (l1) continue;
+      const float yn = pg_gradient_point(zn, z, dd, theta);
+      r[1] += yn * yn;
     }
-    block_reduce<1>(s2, sum1);
-    if (!(sqrtf(s2[0]) > th.pg_tol)) break;
+    block_reduce<2>(r, sum2);
+    if (!(sqrtf(r[0]) > th.pg_tol)) break;
+    y2[0] = r[1];
   }
   for (int64_t e = threadIdx.x; e < n; e += blockDim.x)
     write_param<P>(t, a, base + element_offset(t, e), gload(Zs + e));
@@ -742,22 +779,28 @@ struct ColumnWalk {
   bool live;     // this lane has a group
   int warp, warps;
 
+  // f(e) for each element index e of this lane's group (none when skip).
+  template <typename F>
+  __device__ __forceinline__ void each(bool skip, F f) const {
+    if (!live || skip) return;
+    for (int64_t e = warp; e < t.layout.group_size; e += warps) f(e);
+  }
+  // Storage offset of element e of this lane's group.
+  __device__ __forceinline__ int64_t offset(int64_t e) const { return base + element_offset(t, e); }
   // load(offset, z, d) for each element of this lane's group (none when skip),
   // then use(z, d) on the same lane.
   template <typename Load, typename Use>
   __device__ __forceinline__ void gather(bool skip, Load load, Use use) const {
-    if (!live || skip) return;
-    for (int64_t e = warp; e < t.layout.group_size; e += warps) {
+    each(skip, [&](int64_t e) {
       float z, d;
-      load(base + element_offset(t, e), z, d);
+      load(offset(e), z, d);
       use(z, d);
-    }
+    });
   }
   // put(offset, active, sigma) for each element of this lane's group.
   template <typename Put>
   __device__ __forceinline__ void scatter(bool active, float sigma, Put put) const {
-    if (!live) return;
-    for (int64_t e = warp; e < t.layout.group_size; e += warps) put(base + element_offset(t, e), active, sigma);
+    each(false, [&](int64_t e) { put(offset(e), active, sigma); });
   }
 };
 
@@ -840,14 +883,44 @@ struct RunWalk {
   }
 };
 
-// The exact solve of the groups g0 .. g1 - 1 of a tile, lane l holding group
-// g0 + l; walk reads and writes the elements (NOTE: [Column tiles]).
+// NOTE: [Shrink tiles]
+// The RMDA / ProxSGD group shrink (w = y max(0, 1 - T / ||y||), closed form)
+// runs on the column and run tiles of the exact solve, in two passes over
+// the walk: pass 1 updates the state and sums y^2 per lane (= group),
+// tile_reduce gives every group its factor, and the last pass recomputes y
+// from the state pass 1 wrote (element_y) and writes the parameter. The
+// recompute reads W0, V (RMDA) or x, buf (ProxSGD): 8 B per fp32 element, 6
+// B with 16-bit parameters, where a y in scratch would cost 4 B written and
+// 4 B read; and a zero group (||y|| <= T: w = 0) reads nothing there. So no
+// scratch: RMDA fp32 32 B per element (24 B in a zero group), ProxSGD 28 B
+// (20 B). Groups of any size: each lane walks all its group's elements.
+template <typename P, typename Walk>
+__device__ void shrink_tile(const TensorArgs& t, const StepArgs& a, float thr, bool live, const Walk& walk) {
+  float y2[1] = {0.0f};
+  walk.gather(false, [&](int64_t o, float& y, float& d) { element_pass1<P>(t, a, o, y, d); },
+              [&](float y, float) { y2[0] += y * y; });
+  const int sum1[1] = {0};
+  tile_reduce<1>(y2, sum1);
+  const float norm = sqrtf(y2[0]);
+  // NaN and inf norms stay active, so that they reach the parameter
+  const bool active = live && !(norm <= thr);
+  walk.scatter(active, group_shrink(norm, thr), [&](int64_t o, bool act, float scale) {
+    const float w = act ? element_y<P>(t, a, o) * scale : 0.0f;
+    meter_round();  // the lanes of zero groups skipped the state reads
+    write_param<P>(t, a, o, w);
+  });
+}
+
+// The groups g0 .. g1 - 1 of a tile, lane l holding group g0 + l; walk
+// reads and writes the elements: the exact solve (NOTE: [Column tiles]) or
+// the RMDA / ProxSGD shrink (NOTE: [Shrink tiles]).
 template <typename P, typename Walk>
 __device__ void tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1,
                            const Walk& walk) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t g = g0 + lane;
   const bool live = g < g1;
+  if (a.optim == Optim::kRmda || a.optim == Optim::kProxSgd) return shrink_tile<P>(t, a, thr, live, walk);
   // The previous sigma (NOTE: [Warm start]), read once per group by warp 0.
   float s0 = 0.0f;
   if (t.sigma != nullptr) {
@@ -879,13 +952,80 @@ __device__ void tile_block(const TensorArgs& t, const StepArgs& a, float thr, in
   if (live && t.sigma != nullptr && st.active && warp == 0) gstore(t.sigma + g, sigma);
 }
 
+// NOTE: [PG column tiles]
+// PG (docs/math.md section 5) on a column tile, lane l holding group g0 + l
+// as in NOTE: [Column tiles]. Pass 1 writes z, d to the scratch and the
+// iterations keep Z there (plan.h's three slots); the tile's slots are laid
+// out [element][lane] (element e of lane l at e W + l, W = g1 - g0 groups,
+// from g0's first element on), so that a warp's scratch accesses are
+// consecutive addresses like its parameter and state accesses. Every group
+// keeps the reference's own stopping rule (||s_g|| <= its tolerance, at most
+// max_iters iterations, screened groups zero without one): a done lane
+// issues no access, and the tile iterates while any group is not done, a
+// condition uniform over the block (every warp holds the same sums). Out
+// of line, as scratch_rows_block.
 template <typename P>
-__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, float thr, int64_t g0, int64_t g1) {
+__device__ RAMDA_NOINLINE void pg_column_tile(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g0,
+                                              int64_t g1, const ColumnWalk& walk, float* scratch) {
+  const int64_t width = g1 - g0, lane = threadIdx.x & 31;
+  float* zs = scratch + t.scratch + g0 * t.layout.group_size;  // z, then [element][lane]
+  float* ds = zs + t.numel;                                    // d
+  float* Zs = zs + 2 * t.numel;                                // the iterate
+  auto slot = [&](int64_t e) { return e * width + lane; };
+  float acc[2] = {0.0f, -INFINITY};
+  walk.each(false, [&](int64_t e) {
+    float z, d;
+    element_pass1<P>(t, a, walk.offset(e), z, d);
+    gstore(zs + slot(e), z);
+    gstore(ds + slot(e), d);
+    acc[0] += z * z;
+    acc[1] = fmaxf(acc[1], d);
+  });
+  const int ops[2] = {0, 1}, sum1[1] = {0};
+  tile_reduce<2>(acc, ops);
+  const float znorm = sqrtf(acc[0]), thr = th.thr;
+  const bool active = walk.live && !(znorm <= thr);  // screened groups are zero
+  const float theta = 1.0f / acc[1], inv_theta = 1.0f / theta, pthr = theta * thr;
+  // One sweep per iteration (NOTE: [One sweep per PG iteration]).
+  float y2[1] = {0.0f};
+  walk.each(!active, [&](int64_t e) {
+    const float x = current_x<P>(t, a, walk.offset(e));
+    gstore(Zs + slot(e), x);
+    const float y = pg_gradient_point(x, gload(zs + slot(e)), gload(ds + slot(e)), theta);
+    y2[0] += y * y;
+  });
+  tile_reduce<1>(y2, sum1);
+  const int sum2[2] = {0, 0};
+  bool done = !active;
+  for (int it = 0; it < a.max_iters && warp_max(done ? 0.0f : 1.0f) > 0.0f; ++it) {
+    const float scale = group_shrink(sqrtf(y2[0]), pthr);
+    float r[2] = {0.0f, 0.0f};  // ||s||^2, ||y||^2 at the new iterate
+    walk.each(done, [&](int64_t e) {
+      const float Z = gload(Zs + slot(e)), z = gload(zs + slot(e)), dd = gload(ds + slot(e));
+      const float zn = pg_gradient_point(Z, z, dd, theta) * scale;
+      const float s = pg_residual(Z, zn, dd, inv_theta);
+      r[0] += s * s;
+      gstore(Zs + slot(e), zn);
+      const float yn = pg_gradient_point(zn, z, dd, theta);
+      r[1] += yn * yn;
+    });
+    tile_reduce<2>(r, sum2);
+    if (!(sqrtf(r[0]) > th.pg_tol)) done = true;
+    y2[0] = r[1];
+  }
+  walk.each(false, [&](int64_t e) { write_param<P>(t, a, walk.offset(e), active ? gload(Zs + slot(e)) : 0.0f); });
+}
+
+template <typename P>
+__device__ void column_tile_block(const TensorArgs& t, const StepArgs& a, Thresholds th, int64_t g0, int64_t g1,
+                                  float* scratch) {
   const int lane = threadIdx.x & 31;
   const bool live = g0 + lane < g1;
   const ColumnWalk walk{t, live ? group_base(t, g0 + lane) : 0, live, static_cast<int>(threadIdx.x >> 5),
                         static_cast<int>(blockDim.x >> 5)};
-  tile_block<P>(t, a, thr, g0, g1, walk);
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  if (dual && a.solver == Solver::kPg) return pg_column_tile<P>(t, a, th, g0, g1, walk, scratch);
+  tile_block<P>(t, a, th.thr, g0, g1, walk);
 }
 
 template <typename P>
@@ -904,7 +1044,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(Launch l, StepArgs
   const TensorArgs& t = tensors[item.tensor];
   const Thresholds th = thresholds(t, a);
   if (item.group == 3) run_tile_block<P>(t, a, th.thr, item.begin, item.end);
-  else if (item.group == 2) column_tile_block<P>(t, a, th.thr, item.begin, item.end);
+  else if (item.group == 2) column_tile_block<P>(t, a, th, item.begin, item.end, l.scratch);
   else if (item.group == 1) group_block<P>(t, a, th, item.begin, l.scratch);
   else elementwise_block<P>(t, a, th.thr, item.begin, item.end);
 }

@@ -22,23 +22,31 @@ inline int64_t scratch_per_element(const StepArgs& a) {
   return a.solver == Solver::kPg ? 3 : 0;
 }
 
-// Whether a grouped tensor runs as column tiles (NOTE: [Column tiles] in
-// kernels.cuh): the exact group-lasso solve of RAMDA / ProxAdamW on a layout
-// whose innermost memory block is kept (input-wise Linear, channels-last
-// channel-wise Conv). The other grouped paths keep one group per block.
-inline bool column_tiles(const StepArgs& a, const TensorArgs& t) {
+// Whether a group-lasso tensor's path runs on tiles without scratch: the
+// exact solve of RAMDA / ProxAdamW (NOTE: [Column tiles] in kernels.cuh) and
+// the RMDA / ProxSGD shrink (NOTE: [Shrink tiles]).
+inline bool tiled_path(const StepArgs& a, const TensorArgs& t) {
   const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
-  return t.path == Path::kGroups && dual && a.reg == Reg::kGroupLasso && a.solver == Solver::kExact &&
-         !t.layout.inner_reduced();
+  return t.path == Path::kGroups && a.reg == Reg::kGroupLasso && (!dual || a.solver == Solver::kExact);
+}
+
+// PG on group lasso (RAMDA / ProxAdamW): column tiles with the scratch laid
+// out per tile (NOTE: [PG column tiles]); one group per block elsewhere.
+inline bool pg_group_lasso(const StepArgs& a, const TensorArgs& t) {
+  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
+  return t.path == Path::kGroups && a.reg == Reg::kGroupLasso && dual && a.solver == Solver::kPg;
+}
+
+// Whether a grouped tensor runs as column tiles (NOTE: [Column tiles] in
+// kernels.cuh): a tiled path or PG on a layout whose innermost memory block
+// is kept (input-wise Linear, channels-last channel-wise Conv).
+inline bool column_tiles(const StepArgs& a, const TensorArgs& t) {
+  return (tiled_path(a, t) || pg_group_lasso(a, t)) && !t.layout.inner_reduced();
 }
 
 // Whether a grouped tensor runs as run tiles (NOTE: [Run tiles] in
-// kernels.cuh): the exact solve on a rows layout of short runs.
-inline bool run_tiles(const StepArgs& a, const TensorArgs& t) {
-  const bool dual = a.optim == Optim::kRamda || a.optim == Optim::kProxAdamW;
-  return t.path == Path::kGroups && dual && a.reg == Reg::kGroupLasso && a.solver == Solver::kExact &&
-         run_length(t.layout) > 0;
-}
+// kernels.cuh): a tiled path on a rows layout of short runs.
+inline bool run_tiles(const StepArgs& a, const TensorArgs& t) { return tiled_path(a, t) && run_length(t.layout) > 0; }
 
 struct PlanLayout {
   std::vector<uint8_t> bytes;   // per dtype, 16-byte aligned: TensorArgs then BlockItems
@@ -57,7 +65,12 @@ inline PlanLayout lay_out_plan(const StepArgs& a, const std::vector<TensorArgs>&
     const int32_t ti = static_cast<int32_t>(by_dtype[slot].size());
     // each tensor's scratch starts 128-byte aligned
     plan.scratch_elems = (plan.scratch_elems + 31) / 32 * 32;
-    if (run_tiles(a, t)) {  // the exact solve: no scratch
+    // every grouped path has scratch but the exact solve and the tiled shrink
+    if (t.path == Path::kGroups && !(run_tiles(a, t) || (column_tiles(a, t) && !pg_group_lasso(a, t)))) {
+      t.scratch = plan.scratch_elems;
+      plan.scratch_elems += per_elem * t.numel;
+    }
+    if (run_tiles(a, t)) {
       // G = kRunRow / K adjacent groups, never across the innermost kept block
       const int64_t per = std::min<int64_t>(kTileGroups, kRunRow / run_length(t.layout));
       const int64_t inner = t.layout.kept_size[t.layout.n_kept - 1];
@@ -66,12 +79,10 @@ inline PlanLayout lay_out_plan(const StepArgs& a, const std::vector<TensorArgs>&
         items[slot].push_back({ti, 3, g, end});
         g = end;
       }
-    } else if (column_tiles(a, t)) {  // the exact solve: no scratch
+    } else if (column_tiles(a, t)) {
       for (int64_t g = 0; g < t.layout.n_groups; g += kTileGroups)
         items[slot].push_back({ti, 2, g, std::min(t.layout.n_groups, g + kTileGroups)});
     } else if (t.path == Path::kGroups) {
-      t.scratch = plan.scratch_elems;
-      plan.scratch_elems += per_elem * t.numel;
       for (int64_t g = 0; g < t.layout.n_groups; ++g) items[slot].push_back({ti, 1, g, g + 1});
     } else {
       for (int64_t o = 0; o < t.numel; o += kElemChunk)

@@ -16,10 +16,13 @@ group lasso exact fp32 at the 301st step, where sigma moves 0.2% per step)
 it issues 36.9 B per element at 84% sector efficiency on LLaMA-7B-layer
 input-wise (43.9 B of sectors) against Triton's 44.0 B at the same step,
 and 37.3-37.6 B at 88-89% on ResNet-50 and GPT-2-medium input-wise (42.2-42.4 B
-of sectors; Triton not metered there at that step); its PG and RMDA/ProxSGD
-shrink on column layouts
-are still one block per strided group (NOTE: [CUDA tiling]); no GPU has
-timed either; and only Triton captures (CAPTURABLE_BACKENDS).
+of sectors; Triton not metered there at that step); its RMDA/ProxSGD group
+shrink and its group-lasso PG run on column tiles on column layouts (and
+the shrink on NCHW run tiles: NOTE: [CUDA tiling]; issue 13 in
+bench/RESULTS.md: the shrink 100% sector efficiency at the same bytes, PG
+36-42% fewer bytes at 72-84%), PG on NCHW channel-wise Conv still one block
+per group; no GPU has timed either; and only Triton captures
+(CAPTURABLE_BACKENDS).
 
 Capturable steps (``capturable=True``, NOTE: [capturable optimizer] in
 ``ramda_ref.optim``) run on ``CAPTURABLE_BACKENDS`` only: ``auto`` then picks
