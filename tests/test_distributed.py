@@ -74,6 +74,7 @@ def _worker(rank, world, rendezvous, name, out_path):
         params = _train(ddp, opt, xs[:, local], ys[:, local])
         if rank == 0:
             torch.save(params, out_path)
+        dist.barrier()  # as in _fsdp_worker
     finally:
         dist.destroy_process_group()
 
@@ -156,6 +157,9 @@ def _fsdp_worker(rank, world, rendezvous, dims, ckpt_dir, out_path, backend):
         again = [p.full_tensor().detach().clone() for p in resumed.parameters()]
         if rank == 0:
             torch.save({"straight": straight, "resumed": again}, out_path)
+        # no rank tears gloo down while another still runs (rank 1 used to
+        # abort now and then, "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
