@@ -189,8 +189,8 @@ def unit_specializations() -> List[tuple]:
 
     sizes = [1 << k for k in range((4 * U.REGISTER_E).bit_length())]
     largest: Dict[tuple, int] = {}  # (ONE_CHUNK, BE) -> the most units a tile of them holds
-    for longest in sizes:
-        for median in sizes[:sizes.index(longest) + 1]:
+    for i, longest in enumerate(sizes):
+        for median in sizes[:i + 1]:
             for units in (1, 2, 4, 1 << 20):
                 one_chunk, bu, be = U.tile_shape(longest, median, units)
                 largest[one_chunk, be] = max(bu, largest.get((one_chunk, be), 0))
@@ -203,7 +203,7 @@ def unit_specializations() -> List[tuple]:
                     out.append((dict(KERNEL="units", OPT=opt, AMSGRAD=amsgrad,
                                      SCALAR_D=name in ("rmda", "proxsgd"), SOLVE=solve,
                                      ONE_CHUNK=one_chunk, BU=bu, BE=be),
-                                U.launch_warps(one_chunk)))
+                                U.NUM_WARPS))
     return out
 
 
@@ -270,6 +270,24 @@ def _compile_resources(constexprs: Dict[str, object], num_warps: int, arch: int)
     return ptxas_resources(compile_variant(constexprs, arch, num_warps), arch)
 
 
+def _compiled(missing: Dict[str, tuple], arch: int, workers: int) -> Iterator[tuple]:
+    """``(key, resources)`` of each ``key -> (constexprs, num_warps)`` of
+    ``missing``, as they finish: here, or in ``workers`` spawned processes."""
+    if workers <= 1 or len(missing) <= 1:
+        for key, (c, w) in missing.items():
+            yield key, _compile_resources(c, w, arch)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(
+            min(len(missing), workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile_resources, c, w, arch): key
+                   for key, (c, w) in missing.items()}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+
 def _save_cache(path: str, cache: Dict[str, object]) -> None:
     import json
 
@@ -299,28 +317,13 @@ def resources(specs, arch: int = 90, log=None, workers: int = 1) -> List[Dict[st
     for key, spec in zip(keys, specs):
         if key not in cache:
             missing.setdefault(key, spec)
-    if missing and workers <= 1:
-        for done, (key, (c, w)) in enumerate(missing.items(), start=1):
-            cache[key] = _compile_resources(c, w, arch)
+    save_every = max(1, workers)  # a result per worker between saves of the cache
+    for done, (key, result) in enumerate(_compiled(missing, arch, workers), start=1):
+        cache[key] = result
+        if log is not None:
+            print(f"compiled {done} of {len(missing)}", file=log, flush=True)
+        if done % save_every == 0 or done == len(missing):
             _save_cache(path, cache)
-            if log is not None:
-                print(f"compiled {done} of {len(missing)}", file=log, flush=True)
-    elif missing:
-        import concurrent.futures
-        import multiprocessing
-
-        workers = min(len(missing), workers)
-        save_every = workers
-        with concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_compile_resources, c, w, arch): key
-                       for key, (c, w) in missing.items()}
-            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                cache[futures[future]] = future.result()
-                if log is not None:
-                    print(f"compiled {done} of {len(futures)}", file=log, flush=True)
-                if done % save_every == 0 or done == len(futures):
-                    _save_cache(path, cache)
     out = []
     for key, (constexprs, warps) in zip(keys, specs):
         name = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items())

@@ -390,7 +390,8 @@ REGISTER_TILE = 1024
 MIN_UNITS = 8
 #: Most free runs in one piece.
 PIECE_ROWS = 8
-_NUM_WARPS = 16
+#: Warps of every launch: two elements of a TILE or REGISTER_TILE per thread.
+NUM_WARPS = 16
 _OPT = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: per segment table: {device: _Tables}
@@ -441,16 +442,11 @@ def tile_shape(longest: int, median: int, units: int) -> Tuple[bool, int, int]:
     be = max(16, _np2(longest))
     # every unit in registers, as many as fill REGISTER_TILE, if that is at
     # least MIN_UNITS of them (or all there are): the consumer columns in sectors
-    if _np2(longest) <= REGISTER_E and be * min(MIN_UNITS, _np2(units)) <= REGISTER_TILE:
+    if be <= REGISTER_E and be * min(MIN_UNITS, _np2(units)) <= REGISTER_TILE:
         return True, max(1, min(REGISTER_TILE // be, _np2(units))), be
     # chunks as wide as the typical unit, at least MIN_UNITS per tile
     be = min(BLOCK_E, TILE // MIN_UNITS, max(16, _np2(median)))
     return False, max(1, min(TILE // be, _np2(units))), be
-
-
-def launch_warps(one_chunk: bool) -> int:
-    """Warps of a launch: two elements of a TILE or REGISTER_TILE per thread."""
-    return _NUM_WARPS
 
 
 class _Tables:
@@ -517,7 +513,7 @@ def run_units(name: str, params: Sequence[torch.Tensor], grads: Sequence[torch.T
         sigma if sigma is not None else thr, newton_tolerance(torch.float32), *h,
         OPT=_OPT[name], AMSGRAD=bool(amsgrad) and name == "proxadamw", SCALAR_D=scalar_d,
         SOLVE=solve, ONE_CHUNK=tabs.one_chunk, BU=tabs.bu, BE=tabs.be,
-        num_warps=launch_warps(tabs.one_chunk))
+        num_warps=NUM_WARPS)
 
 
-__all__ = ["units_step_kernel", "run_units", "tile_shape", "launch_warps", "TILE", "BLOCK_E"]
+__all__ = ["units_step_kernel", "run_units", "tile_shape", "NUM_WARPS", "TILE", "BLOCK_E"]
