@@ -5,6 +5,7 @@ averages the gradients, and each rank's optimizer must end where a single
 process that saw the whole batch ends (up to the all-reduce's summation order).
 """
 
+import contextlib
 import sys
 
 import pytest
@@ -55,6 +56,21 @@ def _init_group(rank: int, world: int, rendezvous: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
+@contextlib.contextmanager
+def process_group(rank: int, world: int, rendezvous: str):
+    """`_init_group` for the body of a worker; on the way out every rank meets
+    at a barrier before gloo is torn down. A rank that destroys its group
+    while another is still in a collective or still closing its pairs aborts
+    now and then ("terminate called without an active exception"). After an
+    exception there is no barrier: the other rank may never get there."""
+    _init_group(rank, world, rendezvous)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def launch(worker, tmp_path, *args, world: int = 2) -> None:
     """Run ``worker(rank, world, rendezvous, *args)`` in ``world`` spawned
     processes; each calls `_init_group` with the rendezvous file it is given."""
@@ -63,8 +79,7 @@ def launch(worker, tmp_path, *args, world: int = 2) -> None:
 
 
 def _worker(rank, world, rendezvous, name, out_path):
-    _init_group(rank, world, rendezvous)
-    try:
+    with process_group(rank, world, rendezvous):
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = _optimizer(name, model)
@@ -74,9 +89,6 @@ def _worker(rank, world, rendezvous, name, out_path):
         params = _train(ddp, opt, xs[:, local], ys[:, local])
         if rank == 0:
             torch.save(params, out_path)
-        dist.barrier()  # as in _fsdp_worker
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["ramda", "proxadamw"])
@@ -133,8 +145,7 @@ def _fsdp_worker(rank, world, rendezvous, dims, ckpt_dir, out_path, backend):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    _init_group(rank, world, rendezvous)
-    try:
+    with process_group(rank, world, rendezvous):
         batches = _mlp_data(6)
         model = _mlp()
         fully_shard(model)
@@ -157,11 +168,6 @@ def _fsdp_worker(rank, world, rendezvous, dims, ckpt_dir, out_path, backend):
         again = [p.full_tensor().detach().clone() for p in resumed.parameters()]
         if rank == 0:
             torch.save({"straight": straight, "resumed": again}, out_path)
-        # no rank tears gloo down while another still runs (rank 1 used to
-        # abort now and then, "terminate called without an active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("dims,backend", [((0,), "auto"), ((1,), "auto"), ((1,), "cpu")],
@@ -205,8 +211,7 @@ def test_fsdp2_dispatch_sends_groups_inside_a_shard_to_the_fast_backend(monkeypa
         pytest.skip(f"cpu backend: {backends.why_unavailable('cpu', 'cpu')}")
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
-    _init_group(0, 1, str(tmp_path / "rendezvous"))
-    try:
+    with process_group(0, 1, str(tmp_path / "rendezvous")):
         mesh = init_device_mesh("cpu", (1,))
         calls = []
         real_resolve = backends.resolve
@@ -235,5 +240,3 @@ def test_fsdp2_dispatch_sends_groups_inside_a_shard_to_the_fast_backend(monkeypa
         shards = [DTensor.from_local(x.clone(), mesh, [Shard(0)]) for x in plain]
         with pytest.raises(backends.BackendUnavailableError, match="cross-rank group norms"):
             functional.ramda(*[[x] for x in shards], dims=(0,), backend="cpu", **kw)
-    finally:
-        dist.destroy_process_group()

@@ -22,7 +22,7 @@ from ramda_kernels import functional
 from ramda_kernels.distributed import local_dims, local_view, rebind
 from ramda_ref.units import SIGMA_KEY as UNIT_SIGMA
 from ramda_ref.units import UNITS_KEY
-from test_distributed import _init_group, launch
+from test_distributed import launch, process_group
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available")
@@ -248,8 +248,7 @@ def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    _init_group(rank, world, rendezvous)
-    try:
+    with process_group(rank, world, rendezvous):
         batches = _batches(case)
         model, groups = _sharded(case, placed)
         opt = _optimizer(name, groups)
@@ -281,8 +280,6 @@ def _placement_worker(rank, world, rendezvous, case, name, placed, ckpt_dir, out
                     "loaded_sigmas": loaded_sigmas, "final_sigmas": _sigmas(model, opt),
                     "final_full_sigmas": _full_sigmas(model, opt),
                     "local_groups": local_groups}, f"{out_prefix}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def group_count(shape, view, dims):
@@ -374,8 +371,7 @@ def test_fsdp2_placement_matches_unsharded_steps_locally_and_resumes(tmp_path, c
 
 
 def _nan_worker(rank, world, rendezvous, out_prefix):
-    _init_group(rank, world, rendezvous)
-    try:
+    with process_group(rank, world, rendezvous):
         batches = _batches("convnet")
         model, groups = _sharded("convnet", True)
         opt = _optimizer("ramda", groups)
@@ -393,8 +389,6 @@ def _nan_worker(rank, world, rendezvous, out_prefix):
         unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
         dist.barrier()  # both ranks get here: no rank waits in a collective the other skipped
         torch.save({"raised": raised, "unchanged": unchanged}, f"{out_prefix}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @needs_fsdp2
@@ -418,8 +412,7 @@ def _reshard_worker(rank, world, rendezvous, case, mode, ckpt_dir, out_prefix):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    _init_group(rank, world, rendezvous)
-    try:
+    with process_group(rank, world, rendezvous):
         batches = _batches(case)
         model, groups = _sharded(case, True)
         opt = _optimizer("ramda", groups)
@@ -436,8 +429,6 @@ def _reshard_worker(rank, world, rendezvous, case, mode, ckpt_dir, out_prefix):
                                                 for n, p in model.named_parameters()},
                    "fallbacks": dict(functional.DTENSOR_FALLBACKS)}
         torch.save(out, f"{out_prefix}.{mode}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @needs_fsdp2
