@@ -69,11 +69,14 @@ def _tile_paths(KU):
     return {t.one_chunk for per_device in KU._TABLES.values() for t in per_device.values()}
 
 
-@pytest.mark.parametrize("name, registers", [(n, True) for n in F.NAMES] +
-                         [("RAMDA", False), ("ProxAdamW", False)])
-def test_units_match_the_reference(on_triton, counts, monkeypatch, name, registers):
+@pytest.mark.parametrize("name, registers, chunk", [(n, True, None) for n in F.NAMES] +
+                         [("RAMDA", False, None), ("ProxAdamW", False, None),
+                          ("RMDA", False, 16), ("ProxAdamW", False, 16)])
+def test_units_match_the_reference(on_triton, counts, monkeypatch, name, registers, chunk):
     """Units in registers (`_problem`'s fit) and, with no unit held, in chunks
-    re-read per Newton step (NOTE: [unit tile])."""
+    re-read per Newton step (NOTE: [unit tile]); 16-element chunks put many
+    chunks in one row and several rows in one chunk, which the row cursor of
+    `_lanes` must walk in order."""
     from ramda_kernels.triton_kernels import units as KU
 
     monkeypatch.setattr(KU, "_TABLES", type(KU._TABLES)())
@@ -81,6 +84,8 @@ def test_units_match_the_reference(on_triton, counts, monkeypatch, name, registe
         monkeypatch.setattr(KU, "MIN_UNITS", 1)
     else:
         monkeypatch.setattr(KU, "REGISTER_E", 0)
+    if chunk:
+        monkeypatch.setattr(KU, "BLOCK_E", chunk)
     params, units = F._problem(0)
     norm = _norm(params, units)
     assert {len({i for i, _, _ in u}) for u in norm} == set(range(1, 7))

@@ -15,7 +15,10 @@ A program owns ``BU`` consecutive units (a row of the tile each) and walks
 their unions in chunks of ``BE`` elements: element ``e`` of a unit is found
 in its segment rows (a row's elements start at its ``RCOL_START`` in the
 union, ``(outer, inner)`` order), so each lane carries its own addresses and
-dtype code (`_lanes`) and one chunk may span several rows and tensors.
+dtype code (`_lanes`) and one chunk may span several rows and tensors. A pass
+walks its chunks in order, so each unit keeps a cursor on its current row
+(the row's fields and its tensor's addresses, loaded when the cursor reaches
+it): the tables are read once per row and pass, not once per row and chunk.
 Consecutive units are mostly neighbours in memory in their consumer slices
 (columns ``k, k+1, ..`` of a weight), so a tile of at least ``MIN_UNITS``
 reads those in whole sectors. When every unit of the group fits in
@@ -67,8 +70,8 @@ import triton.language as tl
 
 from ramda_ref.prox import newton_tolerance
 
-from .step import (NEWTON_MAX_ITERS, OPT_RAMDA, OPT_RMDA, REG_NONE, _closed_form, _div,
-                   _group_stats, _gsum, _load_new, _load_update, _newton_start, _newton_step,
+from .step import (NEWTON_MAX_ITERS, OPT_PROXSGD, OPT_RAMDA, OPT_RMDA, REG_NONE, _closed_form,
+                   _div, _group_stats, _gsum, _load_new, _load_update, _newton_start, _newton_step,
                    _newton_terms4, _shrink_scale, _store, _store_param, _store_state, _warm_start)
 
 # ttab columns.
@@ -107,11 +110,50 @@ MODE_WRITE_HELD = tl.constexpr(4)  # MODE_WRITE from the d, z given (a tile in r
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask, OPT: tl.constexpr, BU: tl.constexpr,
-           BE: tl.constexpr):
+def _row(rows, ttab, r0, j, load, old, OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+    """Row ``j`` of each unit where ``load`` (``old``'s fields elsewhere): the
+    cursor of `_lanes`, ``(j, first, size, count, offset, outer_stride, stride,
+    dtype code, p, g, s0, s1, s2)``; the state addresses an optimizer never
+    touches stay 0."""
+    row = rows + (r0 + j) * ROW_WIDTH
+    ti = tl.load(row + RCOL_TENSOR, mask=load, other=0)
+    meta = ttab + ti * TTAB_WIDTH
+    _, first, size, cnt, off, ostr, istr, dt, bp, bg, b0, b1, b2 = old
+    first = tl.where(load, tl.load(row + RCOL_START, mask=load, other=0), first)
+    size = tl.where(load, tl.load(row + RCOL_SIZE, mask=load, other=0), size)
+    cnt = tl.where(load, tl.load(row + RCOL_COUNT, mask=load, other=1), cnt)
+    off = tl.where(load, tl.load(row + RCOL_OFFSET, mask=load, other=0), off)
+    ostr = tl.where(load, tl.load(row + RCOL_OUTER_STRIDE, mask=load, other=0), ostr)
+    istr = tl.where(load, tl.load(row + RCOL_STRIDE, mask=load, other=0), istr)
+    dt = tl.where(load, tl.load(meta + TCOL_DTYPE, mask=load, other=0), dt)
+    bp = tl.where(load, tl.load(meta + TCOL_P, mask=load, other=0), bp)
+    bg = tl.where(load, tl.load(meta + TCOL_G, mask=load, other=0), bg)
+    b0 = tl.where(load, tl.load(meta + TCOL_S0, mask=load, other=0), b0)
+    if OPT != OPT_PROXSGD:  # V (RAMDA, RMDA), v (ProxAdamW)
+        b1 = tl.where(load, tl.load(meta + TCOL_S1, mask=load, other=0), b1)
+    if OPT == OPT_RAMDA or AMSGRAD:  # U, vmax
+        b2 = tl.where(load, tl.load(meta + TCOL_S2, mask=load, other=0), b2)
+    return (j, first, size, cnt, off, ostr, istr, dt, bp, bg, b0, b1, b2)
+
+
+@triton.jit
+def _first_rows(rows, ttab, r0, nrow, OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+    """`_lanes`' cursor before a pass's first chunk: each unit's row 0 (units of
+    ``nrow`` 0 take part in none of the pass)."""
+    z = r0 * 0
+    return _row(rows, ttab, r0, z, nrow > 0, (z, z, z, z + 1, z, z, z, z, z, z, z, z, z),
+                OPT, AMSGRAD)
+
+
+@triton.jit
+def _lanes(rows, ttab, r0, nrow, c0, cursor, OPT: tl.constexpr, AMSGRAD: tl.constexpr,
+           BU: tl.constexpr, BE: tl.constexpr):
     """Where elements ``c0 .. c0 + BE`` of each unit of a tile are (NOTE: [unit
     tile]): per lane the addresses of its parameter, gradient and state 0..2
-    elements, its dtype code, and whether the unit has that element."""
+    elements, its dtype code, and whether the unit has that element; and the
+    cursor for the next chunk. A pass visits its chunks in order from 0, so
+    each unit's cursor is the first of its rows that ends past ``c0``: every
+    row is read from the tables once per pass, when the cursor reaches it."""
     e = c0 + tl.arange(0, BE).to(tl.int64)
     pa = tl.zeros([BU, BE], dtype=tl.int64)
     ga = pa
@@ -120,40 +162,35 @@ def _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask, OPT: tl.constexpr, BU: tl.c
     s2a = pa
     code = pa
     inside = pa != 0
-    for j in range(0, maxrows):
-        valid = gmask & (j < nrow)
-        row = rows + (r0 + j) * ROW_WIDTH
-        first = tl.load(row + RCOL_START, mask=valid, other=0)
-        size = tl.load(row + RCOL_SIZE, mask=valid, other=0)
-        # rows of the tile's units that overlap the chunk: only those read the rest
-        valid = valid & (first < c0 + BE) & (first + size > c0)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:
-            ti = tl.load(row + RCOL_TENSOR, mask=valid, other=0)
-            cnt = tl.load(row + RCOL_COUNT, mask=valid, other=1)
-            k = e[None, :] - first[:, None]
-            sel = valid[:, None] & (k >= 0) & (k < size[:, None])
-            k = tl.where(sel, k, 0)
-            eo = (tl.load(row + RCOL_OFFSET, mask=valid, other=0)[:, None]
-                  + (k // cnt[:, None])
-                  * tl.load(row + RCOL_OUTER_STRIDE, mask=valid, other=0)[:, None]
-                  + (k % cnt[:, None]) * tl.load(row + RCOL_STRIDE, mask=valid, other=0)[:, None])
-            meta = ttab + ti * TTAB_WIDTH
-            dt = tl.load(meta + TCOL_DTYPE, mask=valid, other=0)
-            pb = eo * tl.where(dt == DT_FP32, 4, 2)[:, None]  # bytes into a param-dtype tensor
-            fb = eo * 4  # into an fp32 state tensor
-            pa = tl.where(sel, tl.load(meta + TCOL_P, mask=valid, other=0)[:, None] + pb, pa)
-            ga = tl.where(sel, tl.load(meta + TCOL_G, mask=valid, other=0)[:, None] + pb, ga)
-            if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # W0 in the parameter's dtype
-                s0a = tl.where(sel, tl.load(meta + TCOL_S0, mask=valid, other=0)[:, None] + pb,
-                               s0a)
-            else:
-                s0a = tl.where(sel, tl.load(meta + TCOL_S0, mask=valid, other=0)[:, None] + fb,
-                               s0a)
-            s1a = tl.where(sel, tl.load(meta + TCOL_S1, mask=valid, other=0)[:, None] + fb, s1a)
-            s2a = tl.where(sel, tl.load(meta + TCOL_S2, mask=valid, other=0)[:, None] + fb, s2a)
-            code = tl.where(sel, dt[:, None], code)
-            inside = inside | sel
-    return pa, ga, s0a, s1a, s2a, code, inside
+    end = c0 + BE
+    going = cursor[0] < nrow
+    while tl.max(going.to(tl.int32), axis=0) > 0:
+        j, first, size, cnt, off, ostr, istr, dt, bp, bg, b0, b1, b2 = cursor
+        k = e[None, :] - first[:, None]
+        sel = going[:, None] & (k >= 0) & (k < size[:, None])
+        k = tl.where(sel, k, 0)
+        eo = off[:, None] + (k // cnt[:, None]) * ostr[:, None] + (k % cnt[:, None]) * istr[:, None]
+        pb = eo * tl.where(dt == DT_FP32, 4, 2)[:, None]  # bytes into a param-dtype tensor
+        fb = eo * 4  # into an fp32 state tensor
+        pa = tl.where(sel, bp[:, None] + pb, pa)
+        ga = tl.where(sel, bg[:, None] + pb, ga)
+        if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # W0 in the parameter's dtype
+            s0a = tl.where(sel, b0[:, None] + pb, s0a)
+        else:
+            s0a = tl.where(sel, b0[:, None] + fb, s0a)
+        if OPT != OPT_PROXSGD:
+            s1a = tl.where(sel, b1[:, None] + fb, s1a)
+        if OPT == OPT_RAMDA or AMSGRAD:
+            s2a = tl.where(sel, b2[:, None] + fb, s2a)
+        code = tl.where(sel, dt[:, None], code)
+        inside = inside | sel
+        # units whose row ends in this chunk move on to their next row
+        step = going & (first + size <= end)
+        j = tl.where(step, j + 1, j)
+        going = step & (j < nrow)
+        cursor = _row(rows, ttab, r0, j, going, (j, first, size, cnt, off, ostr, istr, dt, bp, bg,
+                                                  b0, b1, b2), OPT, AMSGRAD)
+    return pa, ga, s0a, s1a, s2a, code, inside, cursor
 
 
 @triton.jit
@@ -240,7 +277,6 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
     r0 = tl.load(ustart + gu, mask=gmask, other=0)
     nrow = tl.load(ustart + gu + 1, mask=gmask, other=0) - r0
     size = tl.load(usize + gu, mask=gmask, other=0)
-    maxrows = tl.max(nrow, axis=0)
     longest = tl.max(size, axis=0)
     EXACT: tl.constexpr = SOLVE and not SCALAR_D and not FREE
     T = tl.zeros([BU], dtype=tl.float32)
@@ -254,9 +290,10 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
     active = gmask
     zt = tl.zeros([BU, BE], dtype=tl.float32)
     if FREE:
+        cursor = _first_rows(rows, ttab, r0, nrow, OPT, AMSGRAD)
         for c0 in range(0, longest, BE):
-            pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask,
-                                                         OPT, BU, BE)
+            pa, ga, s0a, s1a, s2a, code, inside, cursor = _lanes(rows, ttab, r0, nrow, c0, cursor,
+                                                                 OPT, AMSGRAD, BU, BE)
             _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1, h2,
                    h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_FREE)
     else:
@@ -270,9 +307,10 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
         d = zt
         z = zt
         inside = zt != 0.0
+        cursor = _first_rows(rows, ttab, r0, nrow, OPT, AMSGRAD)
         for c0 in range(0, longest, BE):  # ONE_CHUNK: once, and d, z, inside are the tile
-            pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, c0, gmask,
-                                                         OPT, BU, BE)
+            pa, ga, s0a, s1a, s2a, code, inside, cursor = _lanes(rows, ttab, r0, nrow, c0, cursor,
+                                                                 OPT, AMSGRAD, BU, BE)
             d, z = _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1,
                           h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_FIRST)
             czz, cmax, cmin = _group_stats(z, d, inside, SCALAR_D)
@@ -312,10 +350,12 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                         sb = sa
                         sc = sa
                         se = sa
-                        going = gmask & (todo != 0)  # only units still iterating re-read
-                        for c0 in range(0, tl.max(tl.where(going, size, 0), axis=0), BE):
-                            pa, ga, s0a, s1a, s2a, code, inside = _lanes(
-                                rows, ttab, r0, nrow, maxrows, c0, going, OPT, BU, BE)
+                        # only units still iterating re-read
+                        nrow_going = tl.where(gmask & (todo != 0), nrow, 0)
+                        cursor = _first_rows(rows, ttab, r0, nrow_going, OPT, AMSGRAD)
+                        for c0 in range(0, tl.max(tl.where(nrow_going > 0, size, 0), axis=0), BE):
+                            pa, ga, s0a, s1a, s2a, code, inside, cursor = _lanes(
+                                rows, ttab, r0, nrow_going, c0, cursor, OPT, AMSGRAD, BU, BE)
                             d, z = _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale,
                                           active, h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD,
                                           SCALAR_D, SOLVE, MODE_NEW)
@@ -331,14 +371,16 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                 # a nonzero unit's sigma is its warm start next step; a zero unit keeps its own
                 tl.store(sigma_ptr + gu, sigma, mask=gmask & active)
         if ONE_CHUNK:
-            pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, 0, gmask,
-                                                         OPT, BU, BE)
+            cursor = _first_rows(rows, ttab, r0, nrow, OPT, AMSGRAD)
+            pa, ga, s0a, s1a, s2a, code, inside, cursor = _lanes(rows, ttab, r0, nrow, 0, cursor,
+                                                                 OPT, AMSGRAD, BU, BE)
             _elems(d, z, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1, h2,
                    h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_WRITE_HELD)
         else:
+            cursor = _first_rows(rows, ttab, r0, nrow, OPT, AMSGRAD)
             for c0 in range(0, longest, BE):
-                pa, ga, s0a, s1a, s2a, code, inside = _lanes(rows, ttab, r0, nrow, maxrows, c0,
-                                                             gmask, OPT, BU, BE)
+                pa, ga, s0a, s1a, s2a, code, inside, cursor = _lanes(rows, ttab, r0, nrow, c0,
+                                                                     cursor, OPT, AMSGRAD, BU, BE)
                 _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale, active, h0, h1,
                        h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, SCALAR_D, SOLVE, MODE_WRITE)
 
@@ -370,19 +412,20 @@ def units_step_kernel(ttab, rows, ustart, usize, n_units, frows, fstart, fsize, 
 # Host side: the op `_units.fused_step` wraps
 # ---------------------------------------------------------------------------
 
-#: Elements per program (``BU * BE``) and most elements of a chunk (``BE``).
-#: Each lane of a tile holds the 64-bit addresses of its element in five
-#: tensors and its dtype code (`_lanes`), about 14 registers per element
-#: before any math: ptxas (sm_90) fits two elements per thread in 128
-#: registers without spill, so a tile is 1024 elements at 16 warps, chunked
-#: or held in registers. (At 16 and 32 elements per thread the tiles spilled
-#: 5.6 KB and 46-97 KB per thread.) The widest chunks that still put
-#: MIN_UNITS units in a tile: each chunk re-reads the tile's segment rows,
-#: 3.5 B per element and row at 256-element tiles.
-TILE = 1024
+#: Elements per chunked program (``BU * BE``) and most elements of a chunk
+#: (``BE``). Each lane of a tile holds the 64-bit addresses of its element in
+#: five tensors and its dtype code (`_lanes`), about 14 registers per element
+#: before any math, and a chunked tile also carries each unit's row cursor
+#: (13 values per unit) from chunk to chunk: ptxas (sm_90) fits one element
+#: per thread of a chunked tile in 128 registers without spill (two spilled
+#: 64-124 B with the cursor), so a chunked tile is 512 elements at 16 warps.
+#: The tables are read once per row and pass whatever the chunk width, so
+#: narrower chunks cost no table bytes, only loop trips.
+TILE = 512
 BLOCK_E = 1024
 #: Largest unit (rounded up to a power of two) held in registers, and the
-#: most elements of such a tile.
+#: most elements of such a tile: two elements per thread (at 16 and 32 the
+#: tiles spilled 5.6 KB and 46-97 KB per thread).
 REGISTER_E = 1024
 REGISTER_TILE = 1024
 #: Fewest units per chunked tile: 8 fp32 are one 32-byte sector, so the columns of
@@ -390,7 +433,7 @@ REGISTER_TILE = 1024
 MIN_UNITS = 8
 #: Most free runs in one piece.
 PIECE_ROWS = 8
-#: Warps of every launch: two elements of a TILE or REGISTER_TILE per thread.
+#: Warps of every launch: one element of a TILE, two of a REGISTER_TILE per thread.
 NUM_WARPS = 16
 _OPT = {"ramda": 0, "rmda": 1, "proxadamw": 2, "proxsgd": 3}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
