@@ -236,10 +236,11 @@ class Model:
     """A set's parameter groups as shrunk, deduplicated CPU tensors."""
 
     def __init__(self, set_name: str, optimizer: str, regularizer: str, solver: str,
-                 grouping: Optional[str], dtype: torch.dtype, target: int, seed: int = 0):
+                 grouping: Optional[str], dtype: torch.dtype, target: int, seed: int = 0,
+                 lambda_scale: float = 1.0):
         with torch.device("meta"):
             module = ps.SETS[set_name].build()
-        lam = LAMBDA[optimizer].get(regularizer, 0.0)
+        lam = LAMBDA[optimizer].get(regularizer, 0.0) * lambda_scale
         hp: Dict[str, Any] = dict(lr=LR[optimizer])
         if regularizer != "none":
             hp["solver"] = solver
@@ -338,14 +339,18 @@ def warm_started(tb, name: str, sigmas: Dict[int, torch.Tensor]) -> Iterator[Non
 
 def measure(set_name: str, optimizer: str, regularizer: str, solver: str, grouping: Optional[str],
             dtype: torch.dtype, steady: bool, warmup: int, target: int,
-            bandwidth: float = BANDWIDTH, warm: bool = True) -> Dict[str, Any]:
+            bandwidth: float = BANDWIDTH, warm: bool = True,
+            lambda_scale: float = 1.0) -> Dict[str, Any]:
     """One configuration. ``warm``: the Triton steps keep the per-group warm
     start (`warm_started`); the steady state's last warm-up step then runs on
-    Triton (not metered) so that the metered step starts from its sigma."""
+    Triton (not metered) so that the metered step starts from its sigma.
+    ``lambda_scale`` multiplies `LAMBDA`; ``zero_groups`` in the result is the
+    share of the grouped tensors' groups that the metered step left at zero."""
     import ramda_kernels
     from ramda_kernels.backends import triton_backend as tb
 
-    model = Model(set_name, optimizer, regularizer, solver, grouping, dtype, target)
+    model = Model(set_name, optimizer, regularizer, solver, grouping, dtype, target,
+                  lambda_scale=lambda_scale)
     cls = {"ramda": ramda_kernels.RAMDA, "proxadamw": ramda_kernels.ProxAdamW}[optimizer]
     opt = cls(model.groups, backend="reference")
     sigmas: Dict[int, torch.Tensor] = {}
@@ -406,7 +411,26 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
     steps, groups, passes, tiles = counts.tolist()
     out["newton_per_group"] = steps / groups if groups else float("nan")
     out["passes_per_tile"] = passes / tiles if tiles else float("nan")
+    out["zero_groups"] = zero_groups(model)
     return out
+
+
+def zero_groups(model: Model) -> float:
+    """Share of the groups of the group-lasso tensors (weighted as the tensors
+    they stand for) whose elements are all zero; NaN without such tensors."""
+    from ramda_ref.groups import group_norm, grouped_view, normalize_dims
+
+    zero = total = 0.0
+    for g in model.groups:
+        if g.get("regularizer") != "group_lasso":
+            continue
+        for p in g["params"]:
+            pv = grouped_view(p.detach(), g.get("view"))
+            norms = group_norm(pv.float(), normalize_dims(g["dims"], pv.dim())).flatten()
+            w = model.weight[p.data_ptr()] / p.numel()
+            zero += w * float((norms == 0).sum())
+            total += w * norms.numel()
+    return zero / total if total else float("nan")
 
 
 def sigma_moves(set_name: str, optimizer: str, grouping: Optional[str], steps: int,
@@ -654,6 +678,8 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="per-launch figures")
     p.add_argument("--cold", action="store_true",
                    help="no warm start (every Newton solve from sigma_hi)")
+    p.add_argument("--lambda-scale", type=float, default=1.0,
+                   help="multiplies the meter's lambda (LAMBDA); the zero column says what it left")
     p.add_argument("--sigma-moves", type=int, metavar="STEPS",
                    help="instead of metering: sigma_t / sigma_(t-1) quantiles per step of the "
                         "reference, exact group lasso fp32, for each set and grouping")
@@ -675,20 +701,23 @@ def main(argv=None) -> int:
     print(f"bandwidth {a.bandwidth / 1e12:.2f} TB/s; bytes issued per element; passes are "
           "read/write over each tensor kind")
     print("| set | optimizer | reg | grouping | dtype | phase | launches | B/elem | sector eff "
-          "| lanes busy | pred. us | x AdamW | Newton/group | passes/tile | passes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| lanes busy | pred. us | x AdamW | Newton/group | zero groups | passes/tile | passes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for set_name, optimizer, regularizer, solver, grouping, dt, phase in configs(
             a.sets.split(","), a.regularizers.split(","), a.dtypes.split(","),
             a.optimizers.split(","), a.phases.split(","),
             a.groupings.split(",") if a.groupings else None):
         r = measure(set_name, optimizer, regularizer, solver, grouping, DTYPES[dt],
-                    phase == "steady", a.warmup, a.elements, a.bandwidth, warm=not a.cold)
+                    phase == "steady", a.warmup, a.elements, a.bandwidth, warm=not a.cold,
+                    lambda_scale=a.lambda_scale)
         lanes = [l["lanes"] for l in r["launches"] if "FLAT" not in l["variant"]]
         reg = regularizer if regularizer != "group_lasso" else f"gl-{solver}"
         print(f"| {set_name} | {optimizer} | {reg} | {grouping or '-'} | {dt} | {phase} "
               f"| {len(r['launches'])} | {r['bytes_per_elem']:.1f} | {r['sector_eff']:.0%} "
               f"| {f'{min(lanes):.0%}' if lanes else '-'} | {r['predicted_us']:.0f} "
-              f"| {r['x_adamw']:.2f} | {r['newton_per_group']:.2f} | {r['passes_per_tile']:.2f} "
+              f"| {r['x_adamw']:.2f} | {r['newton_per_group']:.2f} "
+              f"| {'-' if math.isnan(r['zero_groups']) else format(r['zero_groups'], '.0%')} "
+              f"| {r['passes_per_tile']:.2f} "
               f"| {_fmt_passes(r['passes'])} |", flush=True)
         if a.verbose:
             for l in r["launches"]:
