@@ -5,6 +5,7 @@ the per-tensor group lasso where the two coincide, and the optimizer's unit
 path (state reload, restart, errors)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -194,6 +195,38 @@ def test_zero_units_are_exactly_zero_everywhere(cls):
     assert bool(zero.any())
     # a unit is zero in every one of its slices or in none
     assert torch.equal(zero, b1 == 0) and torch.equal(zero, w2.abs().sum(0) == 0)
+
+
+@pytest.mark.parametrize("change", ["no units", "units key dropped", "fewer units"])
+def test_a_checkpoint_that_does_not_fit_the_unit_groups_loads_nothing(change):
+    """torch's load takes the saved param groups whole: one without 'units'
+    would silently turn the unit groups off, and a unit sigma of another
+    length would only fail at the next step. Both are refused before anything
+    is loaded."""
+    params, units = _coupled()
+    opt = ramda_ref.RAMDA([{"params": params, "units": units, "lambda_": 0.05}])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    group = dict(saved["param_groups"][0])
+    if change == "no units":
+        group["units"] = None
+    elif change == "units key dropped":
+        del group["units"]
+    else:
+        group["units"] = group["units"][:-1]
+    bad = dict(saved, param_groups=[group])
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    again = ramda_ref.RAMDA([{"params": fresh, "units": units, "lambda_": 0.05}])
+    want = ("has 8 unit groups ('units') and the checkpoint's group has none"
+            if change != "fewer units" else "'unit_sigma' has shape (8,), and the checkpoint's "
+            "group has 7 units")
+    with pytest.raises(ValueError, match=re.escape(want) + ".*nothing was loaded"):
+        again.load_state_dict(bad)
+    assert not again.state and len(again.param_groups[0]["units"]) == 8
+    again.load_state_dict(saved)  # the checkpoint as saved still loads
+    assert torch.equal(again.state[fresh[0]][U.SIGMA_KEY], saved["state"][0][U.SIGMA_KEY])
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)

@@ -605,10 +605,29 @@ class ProxOptimizer(torch.optim.Optimizer):
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 continue  # torch's load refuses it with its own message
+            units = saved.get(U.UNITS_KEY)
+            if group.get(U.UNITS_KEY) is not None and units is None:
+                # torch's load takes the saved group whole: its tensors would
+                # silently lose their unit groups and be regularized another way
+                raise ValueError(
+                    f"param_groups[{gi}]: this optimizer's group has "
+                    f"{len(group[U.UNITS_KEY])} unit groups ({U.UNITS_KEY!r}) and the "
+                    f"checkpoint's group has none, so loading it would drop them; nothing was "
+                    f"loaded (load it into an optimizer built with the checkpoint's grouping)")
             for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
                 for key, value in (saved_state.get(pid) or {}).items():
                     problem = None
-                    if key in d.counters:
+                    if key == U.SIGMA_KEY:
+                        if units is None:
+                            problem = (f"belongs to a param group with {U.UNITS_KEY!r}, and the "
+                                       f"checkpoint's group has none")
+                        elif (not isinstance(value, torch.Tensor)
+                              or tuple(value.shape) != (len(units),)):
+                            shape = (tuple(value.shape) if isinstance(value, torch.Tensor)
+                                     else type(value).__name__)
+                            problem = (f"has shape {shape}, and the checkpoint's group has "
+                                       f"{len(units)} units")
+                    elif key in d.counters:
                         if isinstance(value, torch.Tensor) and value.numel() != 1:
                             problem = f"is a tensor of shape {tuple(value.shape)}, not one number"
                     elif key in d.state:
