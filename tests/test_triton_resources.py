@@ -80,10 +80,17 @@ KNOWN_OVER = [
      "chunked columns of short runs, 8 x 256: 196-236 registers without spill (RAMDA and "
      "ProxAdamW, exact and PG, fp32 and bf16); 80-128 registers with 8/8 to 16/16 B spill "
      "(RMDA scalar d fp32, ProxAdamW PG bf16)"),
-    # The unit kernel (units.py; its tiles sized to two elements per thread, where
-    # 16-32 spilled 5.6-97 KB a thread), measured at this kernel source:
+    # The unit kernel (units.py: register tiles of two elements per thread, chunked
+    # tiles of one, where 16-32 spilled 5.6-97 KB a thread), measured at 420bce7:
     (("KERNEL=units", "OPT=3", "SOLVE=True", "ONE_CHUNK=True", "BU=1 BE=1024 "),
      "ProxSGD unit tile 1 x 1024 in registers with the shrink: 64 registers, 8/8 B spill"),
+    # ptxas allots these 64 registers (two 512-thread blocks per SM) and spills,
+    # where the same code for the other shapes and optimizers takes 74-84 without
+    # spill; they run only at a zero threshold (no shrink), the spill an L1 round trip.
+    (("KERNEL=units", "OPT=1", "SOLVE=False", "ONE_CHUNK=False", "BU=8 BE=64 "),
+     "RMDA chunked unit tile 8 x 64 without the shrink: 64 registers, 28/36 B spill"),
+    (("KERNEL=units", "OPT=3", "SOLVE=False", "ONE_CHUNK=False", "BU=16 BE=32 "),
+     "ProxSGD chunked unit tile 16 x 32 without the shrink: 64 registers, 24/32 B spill"),
 ]
 
 
