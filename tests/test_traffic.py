@@ -23,6 +23,7 @@ import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import traffic  # noqa: E402
+import ramda_ref.functional as ref  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the meter counts the Triton interpreter's loads and stores")
@@ -125,43 +126,70 @@ def test_fused_flat_step_is_one_pass_per_tensor():
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 def test_chunked_group_step_is_two_passes_plus_one_per_newton_pass(monkeypatch):
     """RAMDA group lasso on rows read in chunks (NOTE: [two-pass plan]): pass 1
-    reads g, W0, V, U and writes V, U; every Newton pass reads W0, V, U; the
-    last pass reads W0, V, U, p and writes p. With ``P`` passes over a tile
-    counted by the kernel (``newton_counts``), per element: g 4 B, p 4 + 4,
-    V and U written 4 each, W0, V, U read ``4 P`` each; the warm-start sigma
-    is read once per group and written once per nonzero group."""
+    reads g, W0, V, U and writes V, U; every Newton pass reads W0, V, U of the
+    groups still iterating; the last pass reads W0, V, U of the nonzero groups
+    and p of every group, and writes p. Per group (each row metered on its
+    own), W0, V and U are read ``1 + k + 1`` times over for a nonzero group that
+    took ``k`` Newton passes and once for a zero group (zero in the reference's
+    step; momentum 1 makes p the subproblem's solution). The ``k`` add up to the
+    kernel's Newton-step count less the warm starts (``newton_counts``: none
+    at step 1), and no group takes more passes than the tiles made. Per
+    element: g 4 B, p 4 + 4, V and U written 4 each; the warm-start sigma is
+    read once per group and written once per nonzero group."""
     from ramda_kernels.backends import triton_backend as tb
 
     monkeypatch.setattr(tb, "TILE", 128)
     monkeypatch.setattr(tb, "MAX_BLOCK_E", 64)
     gen = torch.Generator().manual_seed(4)
     n_groups, gsize = 6, 300  # two groups per tile, five chunks of 64 per group
-    p = torch.randn(n_groups, gsize, generator=gen)
+    small = torch.tensor([1.0, 1.0, 1e-3, 1.0, 1e-3, 1e-3])[:, None]  # rows 2, 4, 5 go to zero
+    p = torch.randn(n_groups, gsize, generator=gen) * small
     state = [p.clone(), torch.zeros_like(p), torch.zeros_like(p)]
     sigma = torch.zeros(n_groups)
-    kwargs = dict(alpha=1.0, lr=0.1, momentum=0.1, epsilon=1e-6, lambda_=0.02,
+    kwargs = dict(alpha=1.0, lr=0.1, momentum=1.0, epsilon=1e-6, lambda_=0.02,
                   regularizer="group_lasso", dims=(1,), view=None, reweight=True, solver="exact",
                   max_iters=20, rtol=1e-8, pg_stop="inexact", pg_eps=1e-3)
-    signal = torch.randn(n_groups, gsize, generator=gen)
+    signal = torch.randn(n_groups, gsize, generator=gen) * small
     for step in (1, 2):
-        grad = signal + 0.1 * torch.randn(n_groups, gsize, generator=gen)
+        grad = signal + 0.1 * torch.randn(n_groups, gsize, generator=gen) * small
+        expected = [p.clone()]
+        ref.ramda(expected, [grad.clone()], *[[s.clone()] for s in state], [sigma.clone()],
+                  step=step, **kwargs)
+        zero = (expected[0] == 0).all(1)
+        assert 0 < int(zero.sum()) < n_groups
         meter = traffic.Meter()
-        for name, t in zip(["param", "grad", "w0", "v", "u", "sigma"], [p, grad, *state, sigma]):
+        for name, t in zip(["param", "grad", "sigma"], [p, grad, sigma]):
             meter.region(name, t)
+        for name, t in zip(["w0", "v", "u"], state):
+            for i in range(n_groups):
+                meter.region(f"{name}:{i}", t[i])
         with meter.counting(), tb.newton_counts("cpu") as counts:
             tb.ramda([p], [grad], *[[s] for s in state], [sigma], step=step, **kwargs)
+        assert torch.equal(p == 0, expected[0] == 0)
         steps, groups, passes, tiles = counts.tolist()
         assert tiles == 3 and groups > 0
         n = p.numel()
         o = meter.by_name()
-        per_tile = n // tiles
         assert (o["grad"]["read"], o["grad"]["written"]) == (4 * n, 0)
         assert (o["param"]["read"], o["param"]["written"]) == (4 * n, 4 * n)
-        for k in ("w0", "v", "u"):
-            assert o[k]["read"] == 4 * per_tile * passes, (k, o[k]["read"], passes)
-        assert o["w0"]["written"] == 0 and o["v"]["written"] == o["u"]["written"] == 4 * n
+        reads = []
+        for i in range(n_groups):
+            r = {k: o[f"{k}:{i}"]["read"] / (4 * gsize) for k in ("w0", "v", "u")}
+            assert r["w0"] == r["v"] == r["u"] and r["w0"] == int(r["w0"]), (i, r)
+            assert o[f"w0:{i}"]["written"] == 0
+            assert o[f"v:{i}"]["written"] == o[f"u:{i}"]["written"] == 4 * gsize
+            reads.append(int(r["w0"]))
+        for i in range(n_groups):
+            assert reads[i] == 1 if zero[i] else reads[i] >= 2, (i, reads)
+        # a tile (groups 2t, 2t + 1) passes over memory while one of its groups reads
+        assert passes == sum(max(2, *reads[t:t + 2]) for t in range(0, n_groups, 2)), reads
+        newton = sum(r - 2 for r, z in zip(reads, zero.tolist()) if not z)
+        if step == 1:
+            assert newton == steps
+        else:  # a warm start counts a step and costs no pass
+            assert steps - groups <= newton <= steps
         assert o["sigma"]["read"] == 4 * n_groups
-        assert o["sigma"]["written"] == 4 * int((p.reshape(n_groups, -1).abs().sum(1) > 0).sum())
+        assert o["sigma"]["written"] == 4 * int((~zero).sum())
     tb.clear_cache()
 
 

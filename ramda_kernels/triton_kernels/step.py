@@ -72,13 +72,16 @@ output (RAMDA fp32: 32 B per element). Groups larger than a chunk run as:
   group at the itab column ``COL_SIGMA``, 0 = none). `_warm_start` turns them
   into the first Newton step (or ``sigma_hi`` without a warm start);
 * each further pass (a Newton step, `_newton_solve`, or a PG iteration) reads
-  only the new state (`_load_new`: for RAMDA ``W0, V, U``, 12 B) and
-  recomputes ``d``, ``z`` with the same arithmetic as pass 1; it runs only
-  while some group of the tile is not done;
-* the last pass reads the new state and the parameter and writes the
-  parameter (RAMDA: 16 B read, 4 written).
-So RAMDA fp32 costs ``44 + 12 k`` B per element for ``k`` Newton passes
-(was ``48 + 16 k``), ProxAdamW ``40 + 12 k``. A Newton step read from memory
+  only the new state (`_load_new`: for RAMDA ``W0, V, U``, 12 B) of the groups
+  still iterating and recomputes ``d``, ``z`` with the same arithmetic as
+  pass 1; it runs only while some group of the tile is not done;
+* the last pass reads the new state of the nonzero groups (a zero group's
+  solution is 0) and, where the update needs it, the parameter, and writes
+  the parameter (RAMDA: 16 B read, 4 written; a zero group 4 and 4).
+So RAMDA fp32 costs ``44 + 12 k`` B per element of a group that took ``k``
+Newton passes (was ``48 + 16 k``), ProxAdamW ``40 + 12 k``; a zero group is
+at the floor (RAMDA 32 B, ProxAdamW 28 B). Columns of adjacent groups share
+sectors, so there a pass costs a sector wherever one of its groups reads. A Newton step read from memory
 also ends the solve when its predicted error is under the tolerance
 (`_predicted_done`: ``kappa delta^2 / s`` with ``kappa = s |phi''| /
 (2 |phi'|)`` from one more sum in the same pass, a safety factor of 4 and
@@ -743,9 +746,10 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
             sb = tl.zeros([BG], dtype=tl.float32)
             sc = tl.zeros([BG], dtype=tl.float32)
             se = tl.zeros([BG], dtype=tl.float32)
+            going = gmask & (todo != 0)  # only groups still iterating re-read
             for c0 in range(0, gsize, BE):
                 offs, cmask, cd, cz, cx = _load_new_chunk(
-                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                    c0, goff, going, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
                     h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False, VEC)
                 ta, tb, tc, te = _newton_terms4(cz * inv_norm[:, None], cd, sigma[:, None])
                 sa += _gsum(ta, cmask)
@@ -806,11 +810,12 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
                 pscale = _shrink_scale(tl.sqrt_rn(_gsum(Y * Y, mask)), theta * T)
             Z, ss = _pg_step(Z, d, z, theta, T, run, mask, pscale, REG)
         else:
+            going = gmask & (run != 0)  # only groups still iterating re-read
             if REG == REG_GROUP:
                 yy = tl.zeros([BG], dtype=tl.float32)
                 for c0 in range(0, gsize, BE):
                     offs, cmask, cd, cz, cx = _load_new_chunk(
-                        c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                        c0, goff, going, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
                         h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False, VEC)
                     cZ = tl.load(zs + offs, mask=cmask, other=0.0)
                     Y = cZ - theta[:, None] * (cd * cZ - cz)
@@ -820,7 +825,7 @@ def _pg_solve(d, z, x, mask, znorm, dmax, T, gmask, tol_g, max_iters, zs,
             ss = tl.zeros([BG], dtype=tl.float32)
             for c0 in range(0, gsize, BE):
                 offs, cmask, cd, cz, cx = _load_new_chunk(
-                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
+                    c0, goff, going, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
                     h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False, VEC)
                 cZ, css = _pg_step(tl.load(zs + offs, mask=cmask, other=0.0), cd, cz, theta, T,
                                    run, cmask, pscale, REG)
@@ -1046,13 +1051,22 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
                 x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT, P_DTYPE)
         else:
-            # last pass: read the new state, write the parameter
+            # last pass: read the new state of the nonzero groups (a zero group's
+            # solution is 0), write the parameter
+            if SCALAR_D:
+                live = gmask & (scale > 0.0)
+            else:
+                live = active
             for c0 in range(0, gsize, BE):
-                offs, mask, d, z, x = _load_new_chunk(
-                    c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
-                    h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, True, VEC)
+                offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
+                                    UNIT_RED, VEC)
+                lmask = mask & live[:, None]
+                d, z, x = _load_new(p_ptr, s0, s1, s2, offs, lmask, h0, h1, h2, h3, h4, h5, h6, h7,
+                                    OPT, AMSGRAD, False)
+                if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # the average reads every group's
+                    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if SOLVER == SOLVER_PG and not SCALAR_D:
-                    Z = tl.load(zs + offs, mask=mask, other=0.0)
+                    Z = tl.load(zs + offs, mask=lmask, other=0.0)
                 w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
                 _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT, P_DTYPE)
         if COUNT:  # passes over memory: one in registers, else pass 1 + solver passes + last

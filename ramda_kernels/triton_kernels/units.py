@@ -229,8 +229,16 @@ def _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active,
                 if OPT == OPT_RAMDA or OPT == OPT_RMDA:
                     x = tl.load(p + offs, mask=m, other=0.0).to(tl.float32)
             else:
-                cd, cz, x = _load_new(p, s0, s1, s2, offs, m, h0, h1, h2, h3, h4, h5, h6, h7, OPT,
-                                      AMSGRAD, MODE == MODE_WRITE)
+                live = m
+                if MODE == MODE_WRITE and SOLVE:  # a zero unit's solution is 0: no state read
+                    if SCALAR_D:
+                        live = m & (scale > 0.0)[:, None]
+                    else:
+                        live = m & active[:, None]
+                cd, cz, x = _load_new(p, s0, s1, s2, offs, live, h0, h1, h2, h3, h4, h5, h6, h7,
+                                      OPT, AMSGRAD, False)
+                if MODE == MODE_WRITE and (OPT == OPT_RAMDA or OPT == OPT_RMDA):
+                    x = tl.load(p + offs, mask=m, other=0.0).to(tl.float32)  # for the average
             if MODE == MODE_WRITE or MODE == MODE_WRITE_HELD:
                 if not SOLVE:
                     w = _closed_form(cd, cz, 0.0, REG_NONE, SCALAR_D)
