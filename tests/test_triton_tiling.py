@@ -128,6 +128,22 @@ def test_cold_start_without_sigma_is_unchanged(monkeypatch):
     torch.testing.assert_close(w, w_ref.double(), rtol=1e-4, atol=1e-6)
 
 
+def _moved(monkeypatch, layout, move):
+    """A steady state on ``layout``'s tiles: ``z, d`` (float64) moved by about
+    ``move`` since the step that left ``sigma`` (fp32, on DEVICE). Returns
+    ``(z, d, dims, sigma)``."""
+    gsize, n_groups, dims, block_e = LAYOUTS[layout]
+    monkeypatch.setattr(tb, "TILE", 512)
+    monkeypatch.setattr(tb, "MAX_BLOCK_E", block_e)
+    gen = torch.Generator().manual_seed(7)
+    z, d = _subproblem(gsize, n_groups, gen)
+    prev_z = z * (1 + move * torch.randn(z.shape, generator=gen, dtype=torch.float64))
+    prev_d = d * (1 + move * torch.rand(d.shape, generator=gen, dtype=torch.float64))
+    sigma = torch.zeros(n_groups, device=DEVICE)
+    _solve(prev_z, prev_d, 1.0, dims, sigma)  # leaves the previous step's sigma
+    return z, d, dims, sigma
+
+
 @pytest.mark.parametrize("layout", ["rows-registers", "columns-chunks"])
 def test_warm_start_needs_fewer_newton_steps(monkeypatch, layout):
     """A steady state: ``z`` and ``d`` moved by 1% since the step that left
@@ -136,15 +152,7 @@ def test_warm_start_needs_fewer_newton_steps(monkeypatch, layout):
     at most three per tile here (``d`` spread over 1..1e3 makes ``phi`` curved
     enough that one step from the warm start is not predicted converged: pass
     1, one Newton pass, the last pass; NOTE: [two-pass plan])."""
-    gsize, n_groups, dims, block_e = LAYOUTS[layout]
-    monkeypatch.setattr(tb, "TILE", 512)
-    monkeypatch.setattr(tb, "MAX_BLOCK_E", block_e)
-    gen = torch.Generator().manual_seed(7)
-    z, d = _subproblem(gsize, n_groups, gen)
-    prev_z = z * (1 + 0.01 * torch.randn(z.shape, generator=gen, dtype=torch.float64))
-    prev_d = d * (1 + 0.01 * torch.rand(d.shape, generator=gen, dtype=torch.float64))
-    sigma = torch.zeros(n_groups, device=DEVICE)
-    _solve(prev_z, prev_d, 1.0, dims, sigma)  # leaves the previous step's sigma
+    z, d, dims, sigma = _moved(monkeypatch, layout, 0.01)
     _, _, cold = _solve(z, d, 1.0, dims, count=True)
     w, _, warm = _solve(z, d, 1.0, dims, sigma, count=True)
     z64, d64 = _exact(z, d)
@@ -155,6 +163,39 @@ def test_warm_start_needs_fewer_newton_steps(monkeypatch, layout):
     if layout.endswith("chunks"):
         assert warm[2] <= 3 * warm[3], f"{warm[2] / warm[3]:.2f} passes per tile"
         assert warm[2] < cold[2]
+
+
+@pytest.mark.parametrize("layout", ["rows-chunks", "columns-chunks"])
+def test_second_order_point_ends_a_moving_warm_start(monkeypatch, layout):
+    """Sigma moved by a few percent since the last step (z, d 2% apart): in
+    float64 one Newton step from the warm start leaves most nonzero groups
+    above the fp32 tolerance, so a solve that stops only on the Newton step's
+    predicted error pays a Newton pass for each of them. `_predicted`'s
+    second-order point (NOTE: [two-pass plan]) ends all but a few of them
+    without one, within the KKT bound, with ``sigma = T/||w||`` written."""
+    z, d, dims, sigma = _moved(monkeypatch, layout, 0.02)
+    n_groups = z.shape[0]
+    s0 = sigma.cpu().double()
+    w, sigma, warm = _solve(z, d, 1.0, dims, sigma, count=True)
+    z64, d64 = _exact(z, d)
+    # one plain Newton step from s0, in float64 (ramda_ref.prox._warm_step)
+    w64, _ = ramda_ref.prox.exact_group_lasso(z64, d64, 1.0, (1,))
+    nz = w64.norm(dim=1) > 0
+    root = 1.0 / w64.norm(dim=1).clamp_min(1e-300)
+    zn = z64.norm(dim=1, keepdim=True)
+    rel = (zn - 1.0) / zn
+    sigma_hi = d64.max(1).values[:, None] / (zn - 1.0)
+    s1, _ = ramda_ref.prox._warm_step(z64 / zn, d64, s0[:, None], sigma_hi, rel, (1,), 0.0)
+    err_newton = (s1.squeeze(1) - root).abs() / root
+    tol = 4 * torch.finfo(torch.float32).eps
+    need = int((nz & (s0 > 0) & (err_newton > tol)).sum())
+    assert need >= n_groups // 3, need
+    extra = warm[0] - warm[1]  # Newton steps after each group's warm step
+    assert extra <= need // 4, (extra, need)
+    res = ramda_ref.prox.kkt_residual(w, z64, d64, 1.0, (1,))
+    assert float(res.max()) < KKT_BOUND
+    sig = sigma.cpu().double()
+    torch.testing.assert_close(sig[nz], 1.0 / w.norm(dim=1)[nz], rtol=1e-5, atol=0)
 
 
 def test_bad_sigma_is_refused_before_anything_runs(monkeypatch):

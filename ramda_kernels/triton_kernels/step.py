@@ -67,7 +67,7 @@ output (RAMDA fp32: 32 B per element). Groups larger than a chunk run as:
 
 * pass 1 (`_first_pass`) reads gradient, parameter where ``z`` needs it and
   the old state once, writes the new state, and gathers per group ``sum z^2``,
-  ``max d``, ``min d`` and, for the exact solve, the sums of `_newton_terms4`
+  ``max d``, ``min d`` and, for the exact solve, the sums of `_newton_terms5`
   at the warm-start ``sigma`` (docs/math.md section 4, item 5: one fp32 per
   group at the itab column ``COL_SIGMA``, 0 = none). `_warm_start` turns them
   into the first Newton step (or ``sigma_hi`` without a warm start);
@@ -81,13 +81,18 @@ output (RAMDA fp32: 32 B per element). Groups larger than a chunk run as:
 So RAMDA fp32 costs ``44 + 12 k`` B per element of a group that took ``k``
 Newton passes (was ``48 + 16 k``), ProxAdamW ``40 + 12 k``; a zero group is
 at the floor (RAMDA 32 B, ProxAdamW 28 B). Columns of adjacent groups share
-sectors, so there a pass costs a sector wherever one of its groups reads. A Newton step read from memory
-also ends the solve when its predicted error is under the tolerance
-(`_predicted_done`: ``kappa delta^2 / s`` with ``kappa = s |phi''| /
-(2 |phi'|)`` from one more sum in the same pass, a safety factor of 4 and
-steps of at most 1/8 of sigma; docs/math.md section 4, item 4 allows it as
-long as the KKT bounds hold), instead of paying a confirming pass: from a
-warm start on slowly changing ``z``, ``d`` that is ``k = 0``, two passes.
+sectors, so there a pass costs a sector wherever one of its groups reads.
+A Newton step read from memory also ends the solve when its predicted
+error is under the tolerance (`_predicted`, from the Taylor series of
+``phi`` at the step's start, whose second and third derivatives come from
+two more sums of the same pass: the step itself leaves about ``kappa
+delta^2 / s``; its second-order point, one more term of the series, about
+``|2 kappa^2 - beta| |delta / s|^3 s``, and is taken when that is under
+the tolerance; a safety factor of 4 and steps of at most 1/8 of sigma;
+docs/math.md section 4, item 4 allows it as long as the KKT bounds hold),
+instead of paying a confirming pass: from a warm start on slowly changing
+``z``, ``d`` that is ``k = 0``, two passes. A group whose sigma moved by a
+few percent since the last step needs the second-order point for that.
 Registers tiles keep the reference's stopping rule (their steps are free).
 A group is never split over programs (each program walks all chunks of its
 groups), so no partial sums need combining; the price is less parallelism
@@ -234,25 +239,26 @@ def _gsum(x, mask):
 
 
 @triton.jit
-def _newton_terms4(zeta, d, sigma):
+def _newton_terms5(zeta, d, sigma):
     """Per-element terms of `_newton_step`'s three group sums, from the unit-norm
     group ``zeta = z * (1/||z_g||)``: ``a = v^2 d/(d+sigma)``, ``b = v^2 sigma/(d+sigma)``
     and ``c = u (zeta + v)`` with ``v = sigma zeta/(d+sigma)``, ``u = d zeta/(d+sigma)``;
-    and ``e = v^2 (sigma/(d+sigma))^2``, the curvature term of `_warm_start`.
-    All four are homogeneous of degree 2 in ``zeta``: from ``z`` itself they are
-    ``||z_g||^2`` times those of ``zeta``."""
+    and ``e = v^2 (sigma/(d+sigma))^2``, ``g = v^2 (sigma/(d+sigma))^3``, the
+    curvature terms of `_predicted`. All five are homogeneous of degree 2 in
+    ``zeta``: from ``z`` itself they are ``||z_g||^2`` times those of ``zeta``."""
     inv = _recip(d + sigma)
     ps = sigma * inv
     pd = d * inv
     v = zeta * ps
     vv = v * v
-    return vv * pd, vv * ps, (zeta * pd) * (zeta + v), vv * ps * ps
+    te = vv * ps * ps
+    return vv * pd, vv * ps, (zeta * pd) * (zeta + v), te, te * ps
 
 
 @triton.jit
 def _newton_terms(zeta, d, sigma):
-    """The terms ``a, b, c`` of `_newton_terms4`."""
-    ta, tb, tc, te = _newton_terms4(zeta, d, sigma)
+    """The terms ``a, b, c`` of `_newton_terms5`."""
+    ta, tb, tc, te, tg = _newton_terms5(zeta, d, sigma)
     return ta, tb, tc
 
 
@@ -285,51 +291,72 @@ def _newton_delta(a, b, c, rel_excess, sigma):
 
 
 @triton.jit
-def _predicted_done(b, e, vn, den, rel_excess, delta, s_from, sigma, tol):
-    """A Newton step ``delta`` taken from ``s_from`` to ``sigma`` leaves an error of
-    about ``kappa delta^2 / s_from`` with ``kappa = s |phi''| / (2 |phi'|)``
-    measured at ``s_from``: ``1.5 (T/||z||) (||v||^2 e - b^2) / (||v||^3 den)``
-    (from ``phi' = -den/(||v||^2 T)`` and ``phi'' = 3 (b^2 - ||v||^2 e)/(||z|| s
-    ||v||^5)``). True where that error is under ``tol * sigma`` by
-    ``PREDICT_SAFETY`` and the step is at most ``PREDICT_MAX_STEP * s_from``
-    (docs/math.md section 4, item 4; NOTE: [two-pass plan])."""
-    curv = tl.maximum(vn * vn * e - b * b, 0.0)
-    kappa = 1.5 * tl.maximum(1.0 - rel_excess, 0.0) * _div(curv, vn * vn * vn * den)
-    err = _div(kappa * delta * delta, s_from)
-    small = tl.abs(delta) <= s_from * PREDICT_MAX_STEP
-    return small & (den > 0.0) & (err * PREDICT_SAFETY <= tol * sigma)
+def _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol):
+    """A Newton step ``delta`` from ``s_from`` to ``sigma`` read from memory, and
+    the Taylor series of ``phi`` at ``s_from`` (docs/math.md section 4, item 4):
+    the step leaves an error of about ``kappa delta^2 / s_from``, and the
+    second-order point ``sigma - kappa delta^2 / s_from`` one of about ``|2
+    kappa^2 - beta| |delta / s_from|^3 s_from``, with ``kappa = s phi^(2) / (2
+    phi')`` and ``beta = s^2 phi^(3) / (6 phi')`` at ``s_from``:
+    ``kappa = 1.5 (T/||z||) ||v|| (e' - b'^2) / den`` and ``beta = -(T/||z||)
+    ||v|| (12 g' - 27 b' e' + 15 b'^3) / (6 den)``, where ``b', e', g'`` are
+    ``b, e, g`` over ``||v||^2`` (from ``phi' = -den/(||v||^2 T)``, ``phi^(2) =
+    3 (b^2 - ||v||^2 e)/(||z|| s ||v||^5)``, ``phi^(3) = (12 g ||v||^4 - 27 b e
+    ||v||^2 + 15 b^3)/(||z|| s^2 ||v||^7)``). Returns ``(point, done)``: the
+    second-order point where its error is under ``tol * point`` by
+    ``PREDICT_SAFETY``, else ``sigma``, done where that holds for the point
+    returned; both only for steps of at most ``PREDICT_MAX_STEP * s_from``."""
+    inv_vv = _recip(vn * vn)
+    bq = b * inv_vv
+    eq = e * inv_vv
+    gq = g * inv_vv
+    lead = tl.maximum(1.0 - rel_excess, 0.0) * _div(vn, den)
+    kappa = 1.5 * lead * tl.maximum(eq - bq * bq, 0.0)
+    beta = -lead * (12.0 * gq - 27.0 * bq * eq + 15.0 * bq * bq * bq) * (1.0 / 6.0)
+    r = _div(delta, s_from)
+    trusted = (tl.abs(r) <= PREDICT_MAX_STEP) & (den > 0.0)
+    newton_ok = trusted & (kappa * delta * r * PREDICT_SAFETY <= tol * sigma)
+    point = sigma - kappa * delta * r
+    ar = tl.abs(r)
+    second_ok = trusted & (point > 0.0) & (
+        tl.abs(2.0 * kappa * kappa - beta) * ar * ar * ar * s_from * PREDICT_SAFETY <= tol * point)
+    return tl.where(second_ok, point, sigma), second_ok | newton_ok
 
 
 @triton.jit
-def _newton_step(a, b, c, e, rel_excess, sigma, todo, tol, PREDICT: tl.constexpr):
+def _newton_step(a, b, c, e, g, rel_excess, sigma, todo, tol, PREDICT: tl.constexpr):
     """One Newton step on the secular equation (`_newton_delta`).
     Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
     step, and a group is done once not ``delta > tol * sigma`` (same rules as
     ``ramda_ref.prox.exact_group_lasso``), or with ``PREDICT`` once
-    `_predicted_done` (``e``: the curvature sum of `_newton_terms4`)."""
+    `_predicted` (``e``, ``g``: the curvature sums of `_newton_terms5`), at
+    its second-order point if that is the one predicted converged."""
     delta, vn, f, den = _newton_delta(a, b, c, rel_excess, sigma)
     step = todo != 0
     s_from = sigma
     sigma = tl.where(step & (delta > 0.0), sigma - delta, sigma)
     going = step & (delta > tol * sigma)
     if PREDICT:
-        going = going & (_predicted_done(b, e, vn, den, rel_excess, delta, s_from, sigma,
-                                         tol) == 0)
+        point, done = _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol)
+        done = going & done
+        sigma = tl.where(done, point, sigma)
+        going = going & (done == 0)
     todo = tl.where(going, todo, 0)
     return sigma, todo
 
 
 @triton.jit
-def _warm_start(a, b, c, e, s_prev, sigma_hi, rel_excess, todo, tol, PREDICT: tl.constexpr):
+def _warm_start(a, b, c, e, g, s_prev, sigma_hi, rel_excess, todo, tol, PREDICT: tl.constexpr):
     """The warm start of docs/math.md section 4 (item 5), per group, from the sums
-    ``a, b, c, e`` of `_newton_terms4` at ``s_prev`` (the previous step's sigma,
+    ``a, b, c, e, g`` of `_newton_terms5` at ``s_prev`` (the previous step's sigma,
     0 for none): ``phi(s0) <= 0`` (``f >= 0``) is a Newton step from ``s0``, with
     the reference's stopping rule; ``phi(s0) > 0`` and ``phi'(s0) < 0``
     (``f < 0``, ``den > 0``) one Newton step, which lands at or right of the
     root by concavity; otherwise ``sigma_hi``. Every start is clamped to
     ``<= sigma_hi``; a group whose step was clamped keeps iterating. With
     ``PREDICT`` (groups re-read from memory per Newton step) a step also ends
-    the solve when `_predicted_done`. Returns ``(sigma, todo, steps)``."""
+    the solve when `_predicted`, at its second-order point if that is the one
+    predicted converged. Returns ``(sigma, todo, steps)``."""
     delta, vn, f, den = _newton_delta(a, b, c, rel_excess, s_prev)
     warm = (todo != 0) & (s_prev > 0.0) & (delta == delta)
     right = warm & (f >= 0.0)
@@ -340,8 +367,10 @@ def _warm_start(a, b, c, e, s_prev, sigma_hi, rel_excess, todo, tol, PREDICT: tl
     sigma = tl.where(inside, s1, sigma_hi)
     done = inside & right & (delta <= tol * sigma)
     if PREDICT:
-        done = done | (inside & _predicted_done(b, e, vn, den, rel_excess, delta, s_prev, sigma,
-                                                tol))
+        point, predicted = _predicted(b, e, g, vn, den, rel_excess, delta, s_prev, sigma, tol)
+        predicted = inside & (done == 0) & predicted
+        sigma = tl.where(predicted, point, sigma)
+        done = done | predicted
     todo = tl.where(done, 0, todo)
     return sigma, todo, moved.to(tl.int32)
 
@@ -687,10 +716,10 @@ def _first_pass(p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_stride
                 VEC: tl.constexpr = False):
     """Pass 1 over groups larger than a chunk (NOTE: [two-pass plan]): read the
     inputs once, write the new state, and gather per group ``sum z^2``, ``max d``,
-    ``min d`` and, for the exact solve, the sums of `_newton_terms4` at the warm
+    ``min d`` and, for the exact solve, the sums of `_newton_terms5` at the warm
     start ``s_prev`` (from ``z`` itself: ``||z_g||^2`` times the unit-norm sums).
     PG's iterate starts as the (decayed) point in ``zs``.
-    Returns ``zz, dmax, dmin, wa, wb, wc, we``."""
+    Returns ``zz, dmax, dmin, wa, wb, wc, we, wg``."""
     zz = tl.zeros([BG], dtype=tl.float32)
     dmax = tl.zeros([BG], dtype=tl.float32)
     dmin = tl.zeros([BG], dtype=tl.float32) + float("inf")
@@ -698,6 +727,7 @@ def _first_pass(p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_stride
     wb = wa
     wc = wa
     we = wa
+    wg = wa
     for c0 in range(0, gsize, BE):
         offs, mask, d, z, x, n0, n1, n2 = _load_chunk(
             c0, goff, gmask, red_sizes, red_strides, gsize, p_ptr, g_ptr, s0, s1, s2, h0, h1, h2,
@@ -710,15 +740,16 @@ def _first_pass(p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_stride
             dmax = tl.maximum(dmax, cmax)
             dmin = tl.minimum(dmin, cmin)
             if SOLVER == SOLVER_EXACT:
-                ta, tb, tc, te = _newton_terms4(z, d, s_prev[:, None])
+                ta, tb, tc, te, tg = _newton_terms5(z, d, s_prev[:, None])
                 wa += _gsum(ta, mask)
                 wb += _gsum(tb, mask)
                 wc += _gsum(tc, mask)
                 we += _gsum(te, mask)
+                wg += _gsum(tg, mask)
             else:
                 tl.store(zs + offs, x, mask=mask)
     tl.debug_barrier()  # the later passes read what this one wrote
-    return zz, dmax, dmin, wa, wb, wc, we
+    return zz, dmax, dmin, wa, wb, wc, we, wg
 
 
 @triton.jit
@@ -741,23 +772,26 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
             sb = _gsum(tb, mask)
             sc = _gsum(tc, mask)
             se = sa
+            sg = sa
         else:
             sa = tl.zeros([BG], dtype=tl.float32)
             sb = tl.zeros([BG], dtype=tl.float32)
             sc = tl.zeros([BG], dtype=tl.float32)
             se = tl.zeros([BG], dtype=tl.float32)
+            sg = tl.zeros([BG], dtype=tl.float32)
             going = gmask & (todo != 0)  # only groups still iterating re-read
             for c0 in range(0, gsize, BE):
                 offs, cmask, cd, cz, cx = _load_new_chunk(
                     c0, goff, going, red_sizes, red_strides, gsize, p_ptr, s0, s1, s2,
                     h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD, BE, NRB, UNIT_RED, False, VEC)
-                ta, tb, tc, te = _newton_terms4(cz * inv_norm[:, None], cd, sigma[:, None])
+                ta, tb, tc, te, tg = _newton_terms5(cz * inv_norm[:, None], cd, sigma[:, None])
                 sa += _gsum(ta, cmask)
                 sb += _gsum(tb, cmask)
                 sc += _gsum(tc, cmask)
                 se += _gsum(te, cmask)
+                sg += _gsum(tg, cmask)
         iters += todo
-        sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo, newton_tol,
+        sigma, todo = _newton_step(sa, sb, sc, se, sg, rel_excess, sigma, todo, newton_tol,
                                    not ONE_CHUNK)
         it += 1
     return sigma, iters, it
@@ -995,11 +1029,12 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
             wb = zz
             wc = zz
             we = zz
+            wg = zz
         else:
             d = tl.zeros([BG, BE], dtype=tl.float32)
             z = d
             x = d
-            zz, dmax, dmin, wa, wb, wc, we = _first_pass(
+            zz, dmax, dmin, wa, wb, wc, we, wg = _first_pass(
                 p_ptr, g_ptr, s0, s1, s2, zs, goff, gmask, red_sizes, red_strides, gsize, s_prev,
                 h0, h1, h2, h3, h4, h5, h6, h7, gs, OPT, SOLVER, AMSGRAD, CAPTURABLE, SCALAR_D,
                 BG, BE, NRB, UNIT_RED, VEC)
@@ -1016,19 +1051,21 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
                                                                           gmask)
                 iterating = todo
                 if ONE_CHUNK:
-                    ta, tb, tc, te = _newton_terms4(z * inv_norm[:, None], d, s_prev[:, None])
+                    ta, tb, tc, te, tg = _newton_terms5(z * inv_norm[:, None], d, s_prev[:, None])
                     wa = _gsum(ta, mask)
                     wb = _gsum(tb, mask)
                     wc = _gsum(tc, mask)
-                    we = _gsum(te, mask)
+                    we = wa  # the curvature sums serve the prediction of chunked solves only
+                    wg = wa
                 else:  # pass 1 summed over z itself: scale to the unit-norm group
                     inv_zz = inv_norm * inv_norm
                     wa = wa * inv_zz
                     wb = wb * inv_zz
                     wc = wc * inv_zz
                     we = we * inv_zz
-                sigma, todo, iters = _warm_start(wa, wb, wc, we, s_prev, sigma, rel_excess, todo,
-                                                 newton_tol, not ONE_CHUNK)
+                    wg = wg * inv_zz
+                sigma, todo, iters = _warm_start(wa, wb, wc, we, wg, s_prev, sigma, rel_excess,
+                                                 todo, newton_tol, not ONE_CHUNK)
                 sigma, iters, passes = _newton_solve(
                     d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, iters, p_ptr, s0,
                     s1, s2, goff, gmask, red_sizes, red_strides, gsize, h0, h1, h2, h3, h4, h5,

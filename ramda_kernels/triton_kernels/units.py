@@ -7,7 +7,7 @@ the first programs one tile of units each, the others a tile of pieces of the
 free runs (elements in no unit: ``w = z/d``, or ``y`` with a scalar ``d``).
 The per-element math is step.py's (`_load_update`, `_load_new`,
 `_store_state`, `_store_param`) and so is the solve (`_newton_start`,
-`_warm_start`, `_newton_step`, `_newton_terms4`): a unit is a group whose
+`_warm_start`, `_newton_step`, `_newton_terms5`): a unit is a group whose
 elements happen to lie in several tensors.
 
 NOTE: [unit tile]
@@ -31,7 +31,7 @@ step.py's two-pass plan (NOTE: [two-pass plan] there):
 
 * pass 1 reads gradient, parameter where ``z`` needs it and the old state,
   writes the new state, and sums per unit ``sum z^2``, ``max d``, ``min d``
-  and the `_newton_terms4` sums at the unit's warm-start sigma
+  and the `_newton_terms5` sums at the unit's warm-start sigma
   (``unit_sigma``, 0: none), each unit's in one program, so they are
   deterministic;
 * `_newton_start` / `_warm_start` turn them into the start; each further
@@ -72,7 +72,8 @@ from ramda_ref.prox import newton_tolerance
 
 from .step import (NEWTON_MAX_ITERS, OPT_PROXSGD, OPT_RAMDA, OPT_RMDA, REG_NONE, _closed_form,
                    _div, _group_stats, _gsum, _load_new, _load_update, _newton_start, _newton_step,
-                   _newton_terms4, _shrink_scale, _store, _store_param, _store_state, _warm_start)
+                   _newton_terms, _newton_terms5, _shrink_scale, _store, _store_param,
+                   _store_state, _warm_start)
 
 # ttab columns.
 TCOL_P = tl.constexpr(0)
@@ -312,6 +313,7 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
         wb = zz
         wc = zz
         we = zz
+        wg = zz
         d = zt
         z = zt
         inside = zt != 0.0
@@ -326,11 +328,12 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
             if EXACT:
                 dmax = tl.maximum(dmax, cmax)
                 dmin = tl.minimum(dmin, cmin)
-                ta, tb, tc, te = _newton_terms4(z, d, s_prev[:, None])
+                ta, tb, tc, te, tg = _newton_terms5(z, d, s_prev[:, None])
                 wa += _gsum(ta, inside)
                 wb += _gsum(tb, inside)
                 wc += _gsum(tc, inside)
                 we += _gsum(te, inside)
+                wg += _gsum(tg, inside)
         tl.debug_barrier()  # the later passes read the state this one wrote
         if SOLVE:
             znorm = tl.sqrt_rn(zz)
@@ -342,15 +345,15 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                 # pass 1 summed the terms over z itself: scale to the unit-norm union
                 inv_zz = inv_norm * inv_norm
                 sigma, todo, steps = _warm_start(wa * inv_zz, wb * inv_zz, wc * inv_zz,
-                                                 we * inv_zz, s_prev, sigma, rel_excess, todo,
-                                                 newton_tol, not ONE_CHUNK)
+                                                 we * inv_zz, wg * inv_zz, s_prev, sigma,
+                                                 rel_excess, todo, newton_tol, not ONE_CHUNK)
                 it = 0
                 if ONE_CHUNK:  # in registers: Newton steps cost no memory (the reference's rule)
                     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
-                        ta, tb, tc, te = _newton_terms4(z * inv_norm[:, None], d, sigma[:, None])
-                        sigma, todo = _newton_step(_gsum(ta, inside), _gsum(tb, inside),
-                                                   _gsum(tc, inside), _gsum(te, inside), rel_excess,
-                                                   sigma, todo, newton_tol, False)
+                        ta, tb, tc = _newton_terms(z * inv_norm[:, None], d, sigma[:, None])
+                        sa = _gsum(ta, inside)
+                        sigma, todo = _newton_step(sa, _gsum(tb, inside), _gsum(tc, inside), sa,
+                                                   sa, rel_excess, sigma, todo, newton_tol, False)
                         it += 1
                 else:
                     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
@@ -358,6 +361,7 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                         sb = sa
                         sc = sa
                         se = sa
+                        sg = sa
                         # only units still iterating re-read
                         nrow_going = tl.where(gmask & (todo != 0), nrow, 0)
                         cursor = _first_rows(rows, ttab, r0, nrow_going, OPT, AMSGRAD)
@@ -367,13 +371,14 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                             d, z = _elems(zt, zt, pa, ga, s0a, s1a, s2a, code, inside, sigma, scale,
                                           active, h0, h1, h2, h3, h4, h5, h6, h7, OPT, AMSGRAD,
                                           SCALAR_D, SOLVE, MODE_NEW)
-                            ta, tb, tc, te = _newton_terms4(z * inv_norm[:, None], d,
-                                                            sigma[:, None])
+                            ta, tb, tc, te, tg = _newton_terms5(z * inv_norm[:, None], d,
+                                                                sigma[:, None])
                             sa += _gsum(ta, inside)
                             sb += _gsum(tb, inside)
                             sc += _gsum(tc, inside)
                             se += _gsum(te, inside)
-                        sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo,
+                            sg += _gsum(tg, inside)
+                        sigma, todo = _newton_step(sa, sb, sc, se, sg, rel_excess, sigma, todo,
                                                    newton_tol, True)
                         it += 1
                 # a nonzero unit's sigma is its warm start next step; a zero unit keeps its own
