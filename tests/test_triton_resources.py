@@ -81,9 +81,7 @@ KNOWN_OVER = [
      "ProxAdamW, exact and PG, fp32 and bf16); 80-128 registers with 8/8 to 16/16 B spill "
      "(RMDA scalar d fp32, ProxAdamW PG bf16)"),
     # The unit kernel (units.py: register tiles of two elements per thread, chunked
-    # tiles of one, where 16-32 spilled 5.6-97 KB a thread), measured at 420bce7:
-    (("KERNEL=units", "OPT=3", "SOLVE=True", "ONE_CHUNK=True", "BU=1 BE=1024 "),
-     "ProxSGD unit tile 1 x 1024 in registers with the shrink: 64 registers, 8/8 B spill"),
+    # tiles of one, where 16-32 spilled 5.6-97 KB a thread), measured at 420bce7;
     # ptxas allots these 64 registers (two 512-thread blocks per SM) and spills,
     # where the same code for the other shapes and optimizers takes 74-84 without
     # spill; they run only at a zero threshold (no shrink), the spill an L1 round trip.

@@ -86,9 +86,11 @@ A Newton step read from memory also ends the solve when its predicted
 error is under the tolerance (`_predicted`, from the Taylor series of
 ``phi`` at the step's start, whose second and third derivatives come from
 two more sums of the same pass: the step itself leaves about ``kappa
-delta^2 / s``; its second-order point, one more term of the series, about
-``|2 kappa^2 - beta| |delta / s|^3 s``, and is taken when that is under
-the tolerance; a safety factor of 4 and steps of at most 1/8 of sigma;
+delta^2 / s``; the warm step's second-order point, one more term of the
+series (pass 1 gathers the third sum; a Newton pass has no registers
+left for it), about ``|2 kappa^2 - beta| |delta / s|^3 s``, and is taken
+when that is under the tolerance; a safety factor of 4 and steps of at
+most 1/8 of sigma;
 docs/math.md section 4, item 4 allows it as long as the KKT bounds hold),
 instead of paying a confirming pass: from a warm start on slowly changing
 ``z``, ``d`` that is ``k = 0``, two passes. A group whose sigma moved by a
@@ -291,7 +293,8 @@ def _newton_delta(a, b, c, rel_excess, sigma):
 
 
 @triton.jit
-def _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol):
+def _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol,
+               SECOND: tl.constexpr):
     """A Newton step ``delta`` from ``s_from`` to ``sigma`` read from memory, and
     the Taylor series of ``phi`` at ``s_from`` (docs/math.md section 4, item 4):
     the step leaves an error of about ``kappa delta^2 / s_from``, and the
@@ -302,10 +305,13 @@ def _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol):
     ||v|| (12 g' - 27 b' e' + 15 b'^3) / (6 den)``, where ``b', e', g'`` are
     ``b, e, g`` over ``||v||^2`` (from ``phi' = -den/(||v||^2 T)``, ``phi^(2) =
     3 (b^2 - ||v||^2 e)/(||z|| s ||v||^5)``, ``phi^(3) = (12 g ||v||^4 - 27 b e
-    ||v||^2 + 15 b^3)/(||z|| s^2 ||v||^7)``). Returns ``(point, done)``: the
-    second-order point where its error is under ``tol * point`` by
-    ``PREDICT_SAFETY``, else ``sigma``, done where that holds for the point
-    returned; both only for steps of at most ``PREDICT_MAX_STEP * s_from``."""
+    ||v||^2 + 15 b^3)/(||z|| s^2 ||v||^7)``). Returns ``(point, done)``: with
+    ``SECOND`` the second-order point where its error is under ``tol * point``
+    by ``PREDICT_SAFETY``, else ``sigma``; done where that holds for the point
+    returned; both only for steps of at most ``PREDICT_MAX_STEP * s_from``.
+    Without ``SECOND`` (``g`` unused) the Newton point only: the fifth sum
+    costs a chunked Newton pass of RAMDA's 32 x 64 columns tile 24-72 B of
+    spill at 128 registers (sm_90), where pass 1 has room for it."""
     inv_vv = _recip(vn * vn)
     bq = b * inv_vv
     eq = e * inv_vv
@@ -316,6 +322,8 @@ def _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol):
     r = _div(delta, s_from)
     trusted = (tl.abs(r) <= PREDICT_MAX_STEP) & (den > 0.0)
     newton_ok = trusted & (kappa * delta * r * PREDICT_SAFETY <= tol * sigma)
+    if not SECOND:
+        return sigma, newton_ok
     point = sigma - kappa * delta * r
     ar = tl.abs(r)
     second_ok = trusted & (point > 0.0) & (
@@ -324,22 +332,20 @@ def _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol):
 
 
 @triton.jit
-def _newton_step(a, b, c, e, g, rel_excess, sigma, todo, tol, PREDICT: tl.constexpr):
+def _newton_step(a, b, c, e, rel_excess, sigma, todo, tol, PREDICT: tl.constexpr):
     """One Newton step on the secular equation (`_newton_delta`).
     Groups with ``todo == 0`` keep their sigma; sigma moves only by a positive
     step, and a group is done once not ``delta > tol * sigma`` (same rules as
     ``ramda_ref.prox.exact_group_lasso``), or with ``PREDICT`` once
-    `_predicted` (``e``, ``g``: the curvature sums of `_newton_terms5`), at
-    its second-order point if that is the one predicted converged."""
+    `_predicted` for the Newton point (``e``: the curvature sum of
+    `_newton_terms5`)."""
     delta, vn, f, den = _newton_delta(a, b, c, rel_excess, sigma)
     step = todo != 0
     s_from = sigma
     sigma = tl.where(step & (delta > 0.0), sigma - delta, sigma)
     going = step & (delta > tol * sigma)
     if PREDICT:
-        point, done = _predicted(b, e, g, vn, den, rel_excess, delta, s_from, sigma, tol)
-        done = going & done
-        sigma = tl.where(done, point, sigma)
+        point, done = _predicted(b, e, e, vn, den, rel_excess, delta, s_from, sigma, tol, False)
         going = going & (done == 0)
     todo = tl.where(going, todo, 0)
     return sigma, todo
@@ -367,7 +373,8 @@ def _warm_start(a, b, c, e, g, s_prev, sigma_hi, rel_excess, todo, tol, PREDICT:
     sigma = tl.where(inside, s1, sigma_hi)
     done = inside & right & (delta <= tol * sigma)
     if PREDICT:
-        point, predicted = _predicted(b, e, g, vn, den, rel_excess, delta, s_prev, sigma, tol)
+        point, predicted = _predicted(b, e, g, vn, den, rel_excess, delta, s_prev, sigma, tol,
+                                      True)
         predicted = inside & (done == 0) & predicted
         sigma = tl.where(predicted, point, sigma)
         done = done | predicted
@@ -772,13 +779,11 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
             sb = _gsum(tb, mask)
             sc = _gsum(tc, mask)
             se = sa
-            sg = sa
         else:
             sa = tl.zeros([BG], dtype=tl.float32)
             sb = tl.zeros([BG], dtype=tl.float32)
             sc = tl.zeros([BG], dtype=tl.float32)
             se = tl.zeros([BG], dtype=tl.float32)
-            sg = tl.zeros([BG], dtype=tl.float32)
             going = gmask & (todo != 0)  # only groups still iterating re-read
             for c0 in range(0, gsize, BE):
                 offs, cmask, cd, cz, cx = _load_new_chunk(
@@ -789,9 +794,8 @@ def _newton_solve(d, z, mask, sigma, todo, rel_excess, inv_norm, newton_tol, ite
                 sb += _gsum(tb, cmask)
                 sc += _gsum(tc, cmask)
                 se += _gsum(te, cmask)
-                sg += _gsum(tg, cmask)
         iters += todo
-        sigma, todo = _newton_step(sa, sb, sc, se, sg, rel_excess, sigma, todo, newton_tol,
+        sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo, newton_tol,
                                    not ONE_CHUNK)
         it += 1
     return sigma, iters, it

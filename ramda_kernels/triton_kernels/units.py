@@ -353,7 +353,7 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                         ta, tb, tc = _newton_terms(z * inv_norm[:, None], d, sigma[:, None])
                         sa = _gsum(ta, inside)
                         sigma, todo = _newton_step(sa, _gsum(tb, inside), _gsum(tc, inside), sa,
-                                                   sa, rel_excess, sigma, todo, newton_tol, False)
+                                                   rel_excess, sigma, todo, newton_tol, False)
                         it += 1
                 else:
                     while (it < NEWTON_MAX_ITERS) & (tl.sum(todo, axis=0) > 0):
@@ -361,7 +361,6 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                         sb = sa
                         sc = sa
                         se = sa
-                        sg = sa
                         # only units still iterating re-read
                         nrow_going = tl.where(gmask & (todo != 0), nrow, 0)
                         cursor = _first_rows(rows, ttab, r0, nrow_going, OPT, AMSGRAD)
@@ -377,8 +376,7 @@ def _tile(t, rows, ustart, usize, n, ttab, thr, sigma_ptr, newton_tol,
                             sb += _gsum(tb, inside)
                             sc += _gsum(tc, inside)
                             se += _gsum(te, inside)
-                            sg += _gsum(tg, inside)
-                        sigma, todo = _newton_step(sa, sb, sc, se, sg, rel_excess, sigma, todo,
+                        sigma, todo = _newton_step(sa, sb, sc, se, rel_excess, sigma, todo,
                                                    newton_tol, True)
                         it += 1
                 # a nonzero unit's sigma is its warm start next step; a zero unit keeps its own
