@@ -579,21 +579,25 @@ def _metered_step(opt, params, tables=()) -> Tuple[Meter, int]:
 
 
 def units_traffic(kind: str, width: int, layers: int, optimizer: str, dtype: torch.dtype,
-                  warmup: int, tiles: int, rows: int) -> Dict[str, Any]:
+                  warmup: int, tiles: int, rows: int, lambda_scale: float = 1.0) -> Dict[str, Any]:
     """Steady-state bytes per element of the Triton unit step on bench_step.py's unit
     stack (``kind`` mlp or conv, ``layers`` x ``width``: hidden neurons / channels as
     units over their producer rows, biases / BatchNorm entries and consumer columns),
     metered on its first ``tiles`` tiles of units (the launch cut to them: every unit
     costs the same, so a slice of whole tiles stands for all); and of per-tensor
     output-wise groups of the same weights (their first ``rows`` output rows). Both
-    warm up ``warmup`` steps on the reference (the unit sigma is the warm start)."""
+    warm up ``warmup`` steps on the reference (the unit sigma is the warm start).
+    ``lambda_scale`` multiplies the lambda; ``zero_units`` is the share of the
+    metered units the step left at zero: the units whose ``unit_sigma`` it did
+    not write (a nonzero unit's root moves with every new gradient; RAMDA's
+    averaged parameter is not zero where its subproblem's solution is)."""
     import bench_step
     import ramda_kernels as rk
     from ramda_kernels.backends import _units
     from ramda_kernels.triton_kernels import units as KU
 
     cls = {"ramda": rk.RAMDA, "proxadamw": rk.ProxAdamW}[optimizer]
-    hp = dict(lr=LR[optimizer], lambda_=LAMBDA[optimizer]["group_lasso"] / 4)
+    hp = dict(lr=LR[optimizer], lambda_=LAMBDA[optimizer]["group_lasso"] / 4 * lambda_scale)
     gen = torch.Generator().manual_seed(0)
     params, units, per_tensor = bench_step._unit_stack(kind, width, layers, torch.device("cpu"), gen)
     out: Dict[str, Any] = {}
@@ -615,6 +619,7 @@ def units_traffic(kind: str, width: int, layers: int, optimizer: str, dtype: tor
         for p in ps_:
             p.grad = torch.randn(p.shape, generator=gen).to(dtype)
         tables, elements = [], sum(p.numel() for p in ps_)
+        zero = float("nan")
         if case == "units":
             group = opt.param_groups[0]
             table = _units.table_of(group, ps_)
@@ -623,12 +628,16 @@ def units_traffic(kind: str, width: int, layers: int, optimizer: str, dtype: tor
             tabs.grid = (n_tiles,)  # the slice: whole tiles of units, no free pieces
             elements = int(table.sizes[:n_tiles * tabs.bu].sum())
             tables = [("tables", t) for t in (tabs.rows, tabs.ustart, tabs.usize)]
+            before = opt.state[ps_[0]]["unit_sigma"].clone()  # the group's first tensor holds it
         meter, issued = _metered_step(opt, ps_, tables)
         if case == "units":
             KU._TABLES.pop(table, None)
+            metered = n_tiles * tabs.bu
+            after = opt.state[ps_[0]]["unit_sigma"]
+            zero = float((after[:metered] == before[:metered]).float().mean())
         by = meter.by_name()
         sectors = sum(o["sectors"] for o in by.values())
-        out[case] = dict(elements=elements, bytes_per_elem=issued / elements,
+        out[case] = dict(elements=elements, bytes_per_elem=issued / elements, zero_units=zero,
                          sector_eff=issued / (SECTOR * sectors) if sectors else 0.0,
                          by={k: (v["read"] + v["written"]) / elements for k, v in by.items()
                              if v["read"] + v["written"]})
@@ -643,19 +652,24 @@ def units_main(argv) -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--tiles", type=int, default=4, help="tiles of units metered")
     p.add_argument("--rows", type=int, default=32, help="output rows per weight, ordinary groups")
+    p.add_argument("--lambda-scale", type=float, default=1.0,
+                   help="multiplies the lambda; the zero-units column says what it left")
     a = p.parse_args(argv)
-    print("| stack | optimizer | dtype | grouping | elements | B/elem | sector eff | B/elem by tensor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| stack | optimizer | dtype | grouping | elements | zero units | B/elem | sector eff "
+          "| B/elem by tensor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for stack in a.stacks.split(","):
         kind, width, layers = stack.split(":")
         for opt in a.optimizers.split(","):
             for dt in a.dtypes.split(","):
                 r = units_traffic(kind, int(width), int(layers), opt, DTYPES[dt], a.warmup,
-                                  a.tiles, a.rows)
+                                  a.tiles, a.rows, a.lambda_scale)
                 for case, x in r.items():
                     by = ", ".join(f"{k} {v:.1f}" for k, v in sorted(x["by"].items()))
+                    zero = "-" if math.isnan(x["zero_units"]) else f"{x['zero_units']:.0%}"
                     print(f"| {kind} {layers}x{width} | {opt} | {dt} | {case} | {x['elements']} "
-                          f"| {x['bytes_per_elem']:.1f} | {x['sector_eff']:.0%} | {by} |", flush=True)
+                          f"| {zero} | {x['bytes_per_elem']:.1f} | {x['sector_eff']:.0%} | {by} |",
+                          flush=True)
     return 0
 
 

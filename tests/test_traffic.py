@@ -229,3 +229,21 @@ def test_short_runs_read_whole_sectors(monkeypatch):
     assert efficiency() >= 0.9
     monkeypatch.setattr(tb, "SHORT_RUN", 0)  # the rows tiling these groups had before
     assert efficiency() < 0.6
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+def test_unit_kernel_reads_a_zero_unit_once_and_a_nonzero_unit_per_pass():
+    """The Triton unit kernel on chunked units (MLP neurons of 1041 elements,
+    NOTE: [unit tile]) after three reference steps: at a lambda that zeroes
+    every unit the step is at RAMDA's floor (read g, p, W0, V, U once, write p,
+    V, U once: 32 B per element), the write pass reading no state of a zero
+    unit; at a lambda that zeroes none, W0, V and U are read once per pass
+    (pass 1, any Newton passes, the write pass) and V, U written once."""
+    for scale, zero in ((1e3, 1.0), (1e-3, 0.0)):
+        r = traffic.units_traffic("mlp", 520, 2, "ramda", torch.float32, 3, 1, 4, scale)["units"]
+        by = r["by"]
+        assert r["zero_units"] == zero
+        assert by["grad"] == 4.0 and by["param"] == 8.0, by
+        passes = by["state initial_point"] / 4.0
+        assert passes == int(passes) and (passes == 1 if zero else passes >= 2), by
+        assert by["state grad_sum"] == by["state grad_sum_sq"] == 4.0 * passes + 4.0, by
