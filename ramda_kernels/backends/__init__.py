@@ -14,9 +14,10 @@ because the figures do not favour the extension: counted on CPU threads
 (bench/cuda_traffic.py against bench/traffic.py, bench/RESULTS.md, RAMDA
 group lasso exact fp32 at the 301st step, where sigma moves 0.2% per step)
 it issues 36.9 B per element at 84% sector efficiency on LLaMA-7B-layer
-input-wise (43.9 B of sectors) against Triton's 44.0 B at the same step,
-and 37.3-37.6 B at 88-89% on ResNet-50 and GPT-2-medium input-wise (42.2-42.4 B
-of sectors, against Triton's 39.7 B at 99% and 38.0 B at 100%); its RMDA/ProxSGD group
+input-wise (43.9 B of sectors), as Triton does since it skips zero groups'
+reads too (d5518eb: 36.9 B at 84%), and 37.3-37.6 B at 88-89% on ResNet-50
+and GPT-2-medium input-wise (42.2-42.4 B of sectors, against Triton's 38.5
+and 38.1 B: 35.8 and 35.4 B at 93%); its RMDA/ProxSGD group
 shrink and its group-lasso PG run on column tiles on column layouts (and
 the shrink on NCHW run tiles: NOTE: [CUDA tiling]; issue 13 in
 bench/RESULTS.md: the shrink 100% sector efficiency at the same bytes, PG
