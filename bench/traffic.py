@@ -397,6 +397,15 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
         launches.append(_summarize(meter, launch, model))
 
     tb._build_plan, tb._launch = build_like, counted_launch
+    def current_sigmas() -> Dict[int, torch.Tensor]:  # the optimizer's own, or warm_started's
+        out = {}
+        for p in model.params:
+            sig = sigmas.get(p.data_ptr(), opt.state[p].get("sigma"))
+            if isinstance(sig, torch.Tensor):
+                out[p.data_ptr()] = sig
+        return out
+
+    before = {k: v.clone() for k, v in current_sigmas().items()}
     try:
         if warm:
             with warm_started(tb, optimizer, sigmas), tb.newton_counts("cpu") as counts:
@@ -411,13 +420,18 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
     steps, groups, passes, tiles = counts.tolist()
     out["newton_per_group"] = steps / groups if groups else float("nan")
     out["passes_per_tile"] = passes / tiles if tiles else float("nan")
-    out["zero_groups"] = zero_groups(model)
+    out["zero_groups"] = zero_groups(model, before, current_sigmas()) if warm else zero_groups(model)
     return out
 
 
-def zero_groups(model: Model) -> float:
+def zero_groups(model: Model, sigmas_before: Optional[Dict[int, torch.Tensor]] = None,
+                sigmas: Optional[Dict[int, torch.Tensor]] = None) -> float:
     """Share of the groups of the group-lasso tensors (weighted as the tensors
-    they stand for) whose elements are all zero; NaN without such tensors."""
+    they stand for) that the step left at zero; NaN without such tensors.
+    With the warm-start sigmas before and after the step, the groups whose
+    sigma the step did not write (a nonzero group's root moves with every new
+    gradient): RAMDA's averaged parameter ``(1 - c) p + c w`` is not zero where
+    its subproblem's ``w`` is. Otherwise the groups whose elements are all zero."""
     from ramda_ref.groups import group_norm, grouped_view, normalize_dims
 
     zero = total = 0.0
@@ -425,11 +439,15 @@ def zero_groups(model: Model) -> float:
         if g.get("regularizer") != "group_lasso":
             continue
         for p in g["params"]:
-            pv = grouped_view(p.detach(), g.get("view"))
-            norms = group_norm(pv.float(), normalize_dims(g["dims"], pv.dim())).flatten()
-            w = model.weight[p.data_ptr()] / p.numel()
-            zero += w * float((norms == 0).sum())
-            total += w * norms.numel()
+            key = p.data_ptr()
+            if sigmas_before is not None and key in sigmas_before:
+                kept = (sigmas[key] == sigmas_before[key]).flatten()
+            else:
+                pv = grouped_view(p.detach(), g.get("view"))
+                kept = group_norm(pv.float(), normalize_dims(g["dims"], pv.dim())).flatten() == 0
+            w = model.weight[key] / p.numel()
+            zero += w * float(kept.sum())
+            total += w * kept.numel()
     return zero / total if total else float("nan")
 
 
