@@ -190,8 +190,10 @@ def test_second_order_point_ends_a_moving_warm_start(monkeypatch, layout):
     tol = 4 * torch.finfo(torch.float32).eps
     need = int((nz & (s0 > 0) & (err_newton > tol)).sum())
     assert need >= n_groups // 3, need
-    extra = warm[0] - warm[1]  # Newton steps after each group's warm step
-    assert extra <= need // 4, (extra, need)
+    # Newton steps after each group's warm step: 2 here, 15 with the Newton
+    # point alone; the margin leaves room for a GPU's summation order
+    extra = warm[0] - warm[1]
+    assert extra <= need // 2, (extra, need)
     res = ramda_ref.prox.kkt_residual(w, z64, d64, 1.0, (1,))
     assert float(res.max()) < KKT_BOUND
     sig = sigma.cpu().double()
