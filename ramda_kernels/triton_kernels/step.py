@@ -576,6 +576,29 @@ def _load_new(p_ptr, s0, s1, s2, offs, mask, h0, h1, h2, h3, h4, h5, h6, h7,
 
 
 @triton.jit
+def _nonzero(active, scale, SCALAR_D: tl.constexpr):
+    """Per group, whether the solve left it nonzero: ``active`` for the exact and
+    PG solves, a positive shrink ``scale`` with a scalar ``d``."""
+    if SCALAR_D:
+        return active & (scale > 0.0)
+    return active
+
+
+@triton.jit
+def _load_for_write(p_ptr, s0, s1, s2, offs, mask, live, h0, h1, h2, h3, h4, h5, h6, h7,
+                    OPT: tl.constexpr, AMSGRAD: tl.constexpr):
+    """`_load_new` for the pass that writes the parameter: the state only on the
+    lanes of ``live`` (a zero group's solution is 0, whatever its state), the
+    parameter on every lane of ``mask`` where the update averages it (RAMDA,
+    RMDA). Returns ``d, z, x``."""
+    d, z, x = _load_new(p_ptr, s0, s1, s2, offs, mask & live, h0, h1, h2, h3, h4, h5, h6, h7,
+                        OPT, AMSGRAD, False)
+    if OPT == OPT_RAMDA or OPT == OPT_RMDA:
+        x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return d, z, x
+
+
+@triton.jit
 def _store_state(s0, s1, s2, offs, mask, n0, n1, n2, OPT: tl.constexpr, AMSGRAD: tl.constexpr):
     """Write the state tensors the optimizer updates."""
     if OPT == OPT_RAMDA:
@@ -1092,22 +1115,15 @@ def fused_step_kernel(items, itab, ftab, scratch, stab, counters, tau, eps_t, ne
                 x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT, P_DTYPE)
         else:
-            # last pass: read the new state of the nonzero groups (a zero group's
-            # solution is 0), write the parameter
-            if SCALAR_D:
-                live = gmask & (scale > 0.0)
-            else:
-                live = active
+            # last pass: read the new state of the nonzero groups, write the parameter
+            live = _nonzero(active, scale, SCALAR_D)[:, None]
             for c0 in range(0, gsize, BE):
                 offs, mask = _chunk(c0, goff, gmask, red_sizes, red_strides, gsize, BE, NRB,
                                     UNIT_RED, VEC)
-                lmask = mask & live[:, None]
-                d, z, x = _load_new(p_ptr, s0, s1, s2, offs, lmask, h0, h1, h2, h3, h4, h5, h6, h7,
-                                    OPT, AMSGRAD, False)
-                if OPT == OPT_RAMDA or OPT == OPT_RMDA:  # the average reads every group's
-                    x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                d, z, x = _load_for_write(p_ptr, s0, s1, s2, offs, mask, live, h0, h1, h2, h3, h4,
+                                          h5, h6, h7, OPT, AMSGRAD)
                 if SOLVER == SOLVER_PG and not SCALAR_D:
-                    Z = tl.load(zs + offs, mask=lmask, other=0.0)
+                    Z = tl.load(zs + offs, mask=mask & live, other=0.0)
                 w = _solution(d, z, Z, active, sigma, scale, SCALAR_D, SOLVER)
                 _store_param(p_ptr, offs, mask, x, w, h2, h3, OPT, P_DTYPE)
         if COUNT:  # passes over memory: one in registers, else pass 1 + solver passes + last

@@ -71,9 +71,9 @@ import triton.language as tl
 from ramda_ref.prox import newton_tolerance
 
 from .step import (NEWTON_MAX_ITERS, OPT_PROXSGD, OPT_RAMDA, OPT_RMDA, REG_NONE, _closed_form,
-                   _div, _group_stats, _gsum, _load_new, _load_update, _newton_start, _newton_step,
-                   _newton_terms, _newton_terms5, _shrink_scale, _store, _store_param,
-                   _store_state, _warm_start)
+                   _div, _group_stats, _gsum, _load_for_write, _load_new, _load_update,
+                   _newton_start, _newton_step, _newton_terms, _newton_terms5, _nonzero,
+                   _shrink_scale, _store, _store_param, _store_state, _warm_start)
 
 # ttab columns.
 TCOL_P = tl.constexpr(0)
@@ -229,17 +229,15 @@ def _typed(d, z, pa, ga, s0a, s1a, s2a, code, mask, sigma, scale, active,
                 x = d * 0.0
                 if OPT == OPT_RAMDA or OPT == OPT_RMDA:
                     x = tl.load(p + offs, mask=m, other=0.0).to(tl.float32)
-            else:
+            elif MODE == MODE_WRITE:
                 live = m
-                if MODE == MODE_WRITE and SOLVE:  # a zero unit's solution is 0: no state read
-                    if SCALAR_D:
-                        live = m & (scale > 0.0)[:, None]
-                    else:
-                        live = m & active[:, None]
-                cd, cz, x = _load_new(p, s0, s1, s2, offs, live, h0, h1, h2, h3, h4, h5, h6, h7,
-                                      OPT, AMSGRAD, False)
-                if MODE == MODE_WRITE and (OPT == OPT_RAMDA or OPT == OPT_RMDA):
-                    x = tl.load(p + offs, mask=m, other=0.0).to(tl.float32)  # for the average
+                if SOLVE:
+                    live = _nonzero(active, scale, SCALAR_D)[:, None]
+                cd, cz, x = _load_for_write(p, s0, s1, s2, offs, m, live, h0, h1, h2, h3, h4, h5,
+                                            h6, h7, OPT, AMSGRAD)
+            else:
+                cd, cz, x = _load_new(p, s0, s1, s2, offs, m, h0, h1, h2, h3, h4, h5, h6, h7, OPT,
+                                      AMSGRAD, False)
             if MODE == MODE_WRITE or MODE == MODE_WRITE_HELD:
                 if not SOLVE:
                     w = _closed_form(cd, cz, 0.0, REG_NONE, SCALAR_D)
