@@ -396,7 +396,6 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
             launch_fn(launch, scalars, stab)
         launches.append(_summarize(meter, launch, model))
 
-    tb._build_plan, tb._launch = build_like, counted_launch
     def current_sigmas() -> Dict[int, torch.Tensor]:  # the optimizer's own, or warm_started's
         out = {}
         for p in model.params:
@@ -406,6 +405,7 @@ def measure(set_name: str, optimizer: str, regularizer: str, solver: str, groupi
         return out
 
     before = {k: v.clone() for k, v in current_sigmas().items()}
+    tb._build_plan, tb._launch = build_like, counted_launch
     try:
         if warm:
             with warm_started(tb, optimizer, sigmas), tb.newton_counts("cpu") as counts:
